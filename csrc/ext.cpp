@@ -1,0 +1,99 @@
+// fusedlayers._C: entry point of the C++/CUDA extension, and its CPU kernels.
+//
+// Built by setup.py (torch BuildExtension, g++ -O3 -fopenmp) into fusedlayers/_C*.so,
+// together with every other csrc/**/*.cpp and, when CUDA is built, csrc/**/*.cu and
+// csrc/**/*_cuda.cpp. The module itself is empty (no pybind11): importing it runs the
+// static registrations below, and the ops are called as torch.ops.fusedlayers.<name>,
+// which torch.compile traces without graph breaks.
+//
+// All C++ op schemas are declared here, in one list; kernels register per dispatch key
+// with TORCH_LIBRARY_IMPL next to their code (CUDA ones in the .cu files).
+//
+// Macros set by setup.py (describe what was built; see _ext_info):
+//   FUSEDLAYERS_WITH_CUDA        1 when the CUDA sources are compiled in, else 0
+//   FUSEDLAYERS_CUDA_ARCHS       "8.0"-style TORCH_CUDA_ARCH_LIST, when WITH_CUDA
+//   FUSEDLAYERS_NO_CUDA_REASON   why CUDA was not built, when not WITH_CUDA
+
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <string>
+
+#ifndef FUSEDLAYERS_WITH_CUDA
+#define FUSEDLAYERS_WITH_CUDA 0
+#endif
+#ifndef FUSEDLAYERS_CUDA_ARCHS
+#define FUSEDLAYERS_CUDA_ARCHS "unknown"
+#endif
+#ifndef FUSEDLAYERS_NO_CUDA_REASON
+#define FUSEDLAYERS_NO_CUDA_REASON "unknown (built without setup.py)"
+#endif
+
+// The extension module: empty, as in pytorch/extension-cpp. The name must match the last
+// component of the extension name in setup.py ("fusedlayers._C").
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      "fusedlayers C++/CUDA ops, registered as torch.ops.fusedlayers.*",  // doc
+      -1,    // no per-interpreter state
+      nullptr,  // no methods
+  };
+  return PyModule_Create(&module_def);
+}
+
+namespace fusedlayers {
+namespace {
+
+// What this binary contains, e.g. "cpu,cuda(archs=8.0)" or "cpu; cuda: nvcc not found".
+std::string ext_info() {
+#if FUSEDLAYERS_WITH_CUDA
+  return "cpu,cuda(archs=" FUSEDLAYERS_CUDA_ARCHS ")";
+#else
+  return "cpu; cuda: " FUSEDLAYERS_NO_CUDA_REASON;
+#endif
+}
+
+// Trivial op proving the CPU registration (and OpenMP linkage): x * 2 + 1.
+at::Tensor ext_smoke_cpu(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat,
+              "fusedlayers::_ext_smoke: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(x.is_contiguous(), "fusedlayers::_ext_smoke: x must be contiguous");
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const float* in = x.const_data_ptr<float>();
+  float* o = out.mutable_data_ptr<float>();
+  const int64_t n = x.numel();
+#pragma omp parallel for if (n > (1 << 16))
+  for (int64_t i = 0; i < n; ++i) {
+    o[i] = in[i] * 2.0f + 1.0f;
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace fusedlayers
+
+// TORCH_LIBRARY_FRAGMENT, not TORCH_LIBRARY: the Python side defines ops in the same
+// namespace. torch.library.custom_op("fusedlayers::...") uses a FRAGMENT library and would
+// coexist with TORCH_LIBRARY in either import order (tested, torch 2.14.1), but a Python
+// torch.library.Library("fusedlayers", "DEF") created before this module is imported makes
+// TORCH_LIBRARY throw during static initialisation, which aborts the interpreter (no
+// Python exception to catch). As a fragment this module can be imported in any case.
+TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
+  m.def("_ext_info() -> str");
+  m.def("_ext_smoke(Tensor x) -> Tensor");
+}
+
+// _ext_info has no tensor argument, so no backend key: CompositeExplicitAutograd serves
+// every call.
+TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) {
+  m.impl("_ext_info", &fusedlayers::ext_info);
+}
+
+TORCH_LIBRARY_IMPL(fusedlayers, CPU, m) {
+  m.impl("_ext_smoke", &fusedlayers::ext_smoke_cpu);
+}

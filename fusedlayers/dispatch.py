@@ -1,0 +1,152 @@
+"""Which backend serves a call: the one table of fusedlayers.
+
+Backends: ``cuda`` (hand-written CUDA C++, ``csrc/``), ``triton`` (``kernels/``), ``cpu``
+(C++ with OpenMP and SIMD, ``csrc/``), ``reference`` (naive PyTorch,
+``fusedlayers/reference.py``). ``IMPLEMENTATIONS`` says which backend implements which
+op family; adding a backend for a family is one line there. ``AUTO_ORDER`` says which
+backends ``backend="auto"`` tries for tensors on each device type, first match wins.
+
+An implementation is any object (usually a module) with these members:
+
+attention family
+    ``why_not(call: AttentionCall) -> str | None``: None when it can serve the call, else
+    a short reason ("head dim 300 > 256"), shown to the user.
+    ``forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p)
+    -> (out, lse)`` and ``backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale,
+    causal, bottom_right, dropout_p, deterministic, bias_grad) -> (dq, dk, dv, dbias)``,
+    ``varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    seed, scale, causal, bottom_right, dropout_p)`` and ``varlen_backward`` likewise, and
+    ``dropout_keep_mask(seed, shape, dropout_p, device) -> bool Tensor`` (its own random
+    stream, so tests can check dropout against the reference). Shapes and conventions:
+    ``fusedlayers.registration``.
+norm family
+    ``why_not(call: NormCall)``, ``forward``, ``backward``, ``dropout_keep_mask``, see
+    ``fusedlayers.registration``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+
+# (op family, backend) -> "module:attribute" implementing that family on that backend.
+IMPLEMENTATIONS = {
+    ("attention", "reference"): "fusedlayers.reference_backend:attention",
+    ("norm", "reference"): "fusedlayers.reference_backend:norm",
+}
+
+# Backends that backend="auto" tries, in order, by the device type of the inputs. The
+# Triton interpreter is never chosen by auto on CPU: it exists for tests.
+AUTO_ORDER = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+
+
+class BackendError(RuntimeError):
+    """No backend can serve a call; the message gives every backend's reason."""
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What a backend needs to know to accept or refuse an attention call."""
+
+    device: torch.device
+    dtype: torch.dtype
+    batch: int  # B (number of sequences for varlen)
+    heads_q: int  # Hq
+    heads_kv: int  # Hkv
+    seqlen_q: int  # Nq (max_seqlen_q for varlen)
+    seqlen_k: int  # Nk (max_seqlen_k for varlen)
+    head_dim: int  # D of q and k
+    head_dim_v: int  # D of v
+    mask: Optional[str]  # None, "bool" or "float"
+    mask_grad: bool  # the float bias requires grad
+    causal: bool
+    dropout_p: float
+    deterministic: bool
+    varlen: bool
+
+    def __str__(self) -> str:
+        dt = str(self.dtype).replace("torch.", "")
+        return (f"{self.device.type} {dt}, B={self.batch} Hq={self.heads_q} Hkv={self.heads_kv} "
+                f"Nq={self.seqlen_q} Nk={self.seqlen_k} D={self.head_dim}"
+                + (f" Dv={self.head_dim_v}" if self.head_dim_v != self.head_dim else "")
+                + (f", {self.mask} mask" if self.mask else "") + (", causal" if self.causal else "")
+                + (f", dropout {self.dropout_p}" if self.dropout_p else "") + (", varlen" if self.varlen else ""))
+
+
+@dataclass(frozen=True)
+class NormCall:
+    """What a backend needs to know to accept or refuse a (residual-add +) norm call."""
+
+    device: torch.device
+    dtype: torch.dtype  # of x
+    weight_dtype: Optional[torch.dtype]
+    residual_dtype: Optional[torch.dtype]
+    rows: int
+    hidden: int
+    rms: bool
+    dropout_p: float
+
+    def __str__(self) -> str:
+        dt = str(self.dtype).replace("torch.", "")
+        return (f"{self.device.type} {dt}, rows={self.rows} hidden={self.hidden}"
+                + (", rms" if self.rms else "") + (", residual" if self.residual_dtype else "")
+                + (f", dropout {self.dropout_p}" if self.dropout_p else ""))
+
+
+def _load(path: str) -> tuple[Any, Optional[str]]:
+    module, _, attr = path.partition(":")
+    try:
+        obj = importlib.import_module(module)
+        return (getattr(obj, attr) if attr else obj), None
+    except Exception as e:  # a broken optional backend must never break import
+        return None, f"failed to load {module}: {type(e).__name__}: {e}"
+
+
+# Resolved once at import, so that choosing a backend is plain attribute access (which
+# torch.compile traces without a graph break).
+_IMPLS: dict[tuple[str, str], tuple[Any, Optional[str]]] = {key: _load(p) for key, p in IMPLEMENTATIONS.items()}
+
+
+def why_not(family: str, backend: str, call) -> Optional[str]:
+    """None if ``backend`` can serve ``call`` of op ``family``, else the reason."""
+    impl, error = _IMPLS.get((family, backend), (None, f"no {family} implementation yet"))
+    return error if impl is None else impl.why_not(call)
+
+
+def implementation(family: str, backend: str):
+    """The object implementing ``family`` on ``backend`` (raises if there is none)."""
+    impl, error = _IMPLS.get((family, backend), (None, f"no {family} implementation yet"))
+    if impl is None:
+        raise BackendError(f"{family}: backend {backend!r} is unavailable: {error}")
+    return impl
+
+
+def select(family: str, call, backend: str = "auto") -> str:
+    """Name of the backend that serves ``call``: the one asked for, or the first that
+    accepts it in ``AUTO_ORDER``. Raises ``BackendError`` listing every backend's reason."""
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+        reason = why_not(family, backend, call)
+        if reason is not None:
+            raise BackendError(f"backend {backend!r} cannot serve this {family} call ({call}): {reason}")
+        return backend
+    order = AUTO_ORDER.get(call.device.type, ())
+    reasons = {}
+    for name in order:
+        reasons[name] = why_not(family, name, call)
+        if reasons[name] is None:
+            return name
+    for name in BACKENDS:
+        if name not in order:
+            reasons[name] = f"not tried by backend='auto' for {call.device.type} tensors"
+    lines = "\n".join(f"  {name}: {reasons[name]}" for name in BACKENDS)
+    raise BackendError(f"no backend can serve this {family} call ({call}):\n{lines}")

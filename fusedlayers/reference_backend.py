@@ -1,0 +1,193 @@
+"""The ``reference`` backend: the naive reference (``fusedlayers.reference``) behind the
+backend interface of ``fusedlayers.dispatch``.
+
+Forward runs the reference. Backward is the textbook gradient, spelled out with the
+score matrix materialised, in the names the kernels use (P, dP, Delta, dS): it runs under
+any dispatch mode (autograd is off inside a custom op's body) and is itself tested against
+autograd through the float64 reference. Dropout keep-masks come from a ``torch.Generator`` on the inputs' device seeded with the
+op's seed, so backward regenerates exactly the forward's mask.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+
+def _keep_mask(seed: int, shape, dropout_p: float, device) -> Tensor:
+    """Bool keep-mask (True = keep) of the reference backend's random stream."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.rand(shape, generator=gen, device=device) >= dropout_p
+
+
+def _align(bottom_right: bool) -> str:
+    return "bottom_right" if bottom_right else "top_left"
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the backward: float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _sum_to(t: Tensor, shape) -> Tensor:
+    """Sums t over the dims where ``shape`` broadcasts (size 1)."""
+    dims = [i for i, n in enumerate(shape) if n == 1 and t.shape[i] != 1]
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+def _contiguous(*tensors):
+    return tuple(t.contiguous() if t is not None else None for t in tensors)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _attention_why_not(call) -> Optional[str]:
+    return None
+
+
+def _attention_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p):
+    acc = _acc(q.dtype)  # float32 accumulation, as every backend promises
+    b, hq, nq = q.shape[:3]
+    keep = _keep_mask(seed, (b, hq, nq, k.shape[2]), dropout_p, q.device) if dropout_p > 0 else None
+    mask = attn_mask.to(acc) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
+    out, lse = reference.attention(q.to(acc), k.to(acc), v.to(acc), mask, causal=causal,
+                                   causal_align=_align(bottom_right), dropout_p=dropout_p, dropout_mask=keep,
+                                   scale=scale)
+    return out.to(q.dtype).contiguous(), lse.float().contiguous()
+
+
+def _attention_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right, dropout_p,
+                        deterministic, bias_grad):
+    acc = _acc(q.dtype)
+    b, hq, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    qf, kf, vf, do = (t.to(acc) for t in (q, k, v, dout))
+    kf = kf.repeat_interleave(group, dim=1)  # (B, Hq, Nk, D)
+    vf = vf.repeat_interleave(group, dim=1)  # (B, Hq, Nk, Dv)
+
+    # Recompute P from the saved lse: P = exp(S - lse), 0 on rows that see no key.
+    s = (qf @ kf.transpose(-2, -1)) * scale  # S: (B, Hq, Nq, Nk)
+    allowed = reference.causal_mask(nq, nk, _align(bottom_right), q.device) if causal else None
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        allowed = attn_mask if allowed is None else allowed & attn_mask
+    elif attn_mask is not None:
+        s = s + attn_mask.to(acc)
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    seen = torch.isfinite(lse).unsqueeze(-1)
+    p = torch.where(seen, torch.exp(s - torch.where(seen, lse.unsqueeze(-1), 0).to(acc)), 0)  # P
+    drop = 1.0
+    if dropout_p > 0:
+        drop = _keep_mask(seed, (b, hq, nq, nk), dropout_p, q.device) / (1.0 - dropout_p)
+
+    dv = (p * drop).transpose(-2, -1) @ do  # dV = (P * keep / (1-p))^T dO
+    dp = (do @ vf.transpose(-2, -1)) * drop  # dP
+    delta = (p * dp).sum(dim=-1, keepdim=True)  # Delta_i = sum_j P_ij dP_ij (= rowsum(dO * O))
+    ds = p * (dp - delta + dlse.to(acc).unsqueeze(-1))  # dS; lse's own gradient adds P * dlse
+    dq = (ds @ kf) * scale
+    dk = (ds.transpose(-2, -1) @ qf) * scale
+    # GQA: a KV head's gradient sums over the query heads of its group
+    dk = dk.view(b, hkv, group, nk, -1).sum(dim=2)
+    dv = dv.view(b, hkv, group, nk, -1).sum(dim=2)
+    dbias = _sum_to(ds, attn_mask.shape).to(attn_mask.dtype) if bias_grad else None
+    return _contiguous(dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias)
+
+
+def _varlen_as_dense(q, k, v, cu_q, cu_k, causal, bottom_right):
+    """Packed (T, H, D) inputs as one dense (1, H, T, D) problem with a block-diagonal mask."""
+    allowed = reference.varlen_mask(cu_q, cu_k, causal=causal, causal_align=_align(bottom_right))
+    return [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)], allowed
+
+
+def _varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, seed, scale, causal, bottom_right, dropout_p):
+    from .ops import check_cu_seqlens_values  # the op body runs eagerly: values can be read
+
+    check_cu_seqlens_values(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
+    (qd, kd, vd), allowed = _varlen_as_dense(q, k, v, cu_q, cu_k, causal, bottom_right)
+    out, lse = _attention_forward(qd, kd, vd, allowed, seed, scale, False, False, dropout_p)
+    return out[0].transpose(0, 1).contiguous(), lse[0].contiguous()  # (Tq, Hq, Dv), (Hq, Tq)
+
+
+def _varlen_backward(dout, dlse, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, seed, scale, causal, bottom_right,
+                     dropout_p, deterministic):
+    (qd, kd, vd), allowed = _varlen_as_dense(q, k, v, cu_q, cu_k, causal, bottom_right)
+    dq, dk, dv, _ = _attention_backward(dout.transpose(0, 1).unsqueeze(0), dlse.unsqueeze(0), qd, kd, vd, allowed,
+                                        None, lse.unsqueeze(0), seed, scale, False, False, dropout_p, deterministic,
+                                        False)
+    return _contiguous(*(t[0].transpose(0, 1) for t in (dq, dk, dv)))
+
+
+attention = SimpleNamespace(
+    why_not=_attention_why_not,
+    forward=_attention_forward,
+    backward=_attention_backward,
+    varlen_forward=_varlen_forward,
+    varlen_backward=_varlen_backward,
+    dropout_keep_mask=_keep_mask,
+)
+
+
+# ---------------------------------------------------------------------------- norms
+
+
+def _norm_why_not(call) -> Optional[str]:
+    return None
+
+
+def _normalize(z: Tensor, weight, bias, eps, rms):
+    return reference.rms_norm(z, weight, eps) if rms else reference.layer_norm(z, weight, bias, eps)
+
+
+def _norm_forward(x, residual, weight, bias, seed, eps, dropout_p, rms, prenorm, residual_in_fp32):
+    from .registration import keeps_stream, stream_dtype
+
+    acc = _acc(x.dtype)  # float32 accumulation, as every backend promises
+    z = x.to(acc)
+    if dropout_p > 0:
+        z = z * _keep_mask(seed, x.shape, dropout_p, x.device) / (1.0 - dropout_p)
+    if residual is not None:
+        z = z + residual.to(acc)
+    y = _normalize(z, *(t.to(acc) if t is not None else None for t in (weight, bias)), eps, rms)
+    mean = z.mean(dim=-1)
+    rstd = torch.rsqrt((z * z if rms else (z - mean[:, None]) ** 2).mean(dim=-1) + eps)
+    empty = x.new_empty(0, dtype=torch.float32)
+    z_out = z.to(stream_dtype(x, residual, residual_in_fp32), copy=True) if keeps_stream(
+        x, residual, dropout_p, prenorm, residual_in_fp32) else x.new_empty(0)
+    return y.to(x.dtype).contiguous(), z_out.contiguous(), empty if rms else mean.float(), rstd.float()
+
+
+def _norm_backward(dy, dz, zin, weight, bias, mean, rstd, seed, eps, dropout_p, rms, x_dtype, residual_dtype):
+    acc = _acc(zin.dtype)
+    z, g = zin.to(acc), dy.to(acc)
+    # mean and rstd again, at the accumulation precision (the saved ones are float32)
+    mu = torch.zeros_like(z[:, :1]) if rms else z.mean(dim=-1, keepdim=True)
+    rstd = torch.rsqrt(((z - mu) ** 2).mean(dim=-1, keepdim=True) + eps)
+    xhat = (z - mu) * rstd  # x-hat, the normalised input
+    wdy = g * weight.to(acc) if weight is not None else g  # dL/d(x-hat)
+    c1 = (xhat * wdy).mean(dim=-1, keepdim=True)
+    c2 = 0 if rms else wdy.mean(dim=-1, keepdim=True)
+    dzin = (wdy - xhat * c1 - c2) * rstd  # dz = rstd * (wdy - mean(wdy) - xhat * mean(xhat * wdy))
+    if dz is not None:
+        dzin = dzin + dz.to(acc)  # the residual stream's own gradient (prenorm)
+    dw = (g * xhat).sum(dim=0).to(weight.dtype) if weight is not None else None
+    db = g.sum(dim=0).to(bias.dtype) if bias is not None else None
+    dx = dzin
+    if dropout_p > 0:
+        dx = dzin * _keep_mask(seed, zin.shape, dropout_p, zin.device) / (1.0 - dropout_p)
+    dres = dzin.to(residual_dtype, copy=True) if residual_dtype is not None else None
+    return _contiguous(dx.to(x_dtype), dres, dw, db)
+
+
+norm = SimpleNamespace(
+    why_not=_norm_why_not,
+    forward=_norm_forward,
+    backward=_norm_backward,
+    dropout_keep_mask=_keep_mask,
+)

@@ -1,0 +1,392 @@
+"""The test method of fusedlayers: tolerance rule, case grids, input makers, checks.
+
+Shared by ``tests/`` and by anything that verifies a backend on a user's machine.
+
+The rule (FlashAttention's): a kernel's output passes when its max error against a
+float64 reference is at most ``2x`` (outputs) or ``3x`` (gradients) the max error of
+PyTorch's own computation of the same formula in the kernel's dtype, plus a floor: twice
+the error of merely rounding the float64 answer to that dtype (no kernel that stores its
+result in the dtype can do better), plus one ulp at 1.0. Both errors are measured against
+the same float64 reference on CPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import dispatch, ops, reference
+
+OUT_FACTOR = 2.0
+GRAD_FACTOR = 3.0
+
+
+# ---------------------------------------------------------------------------- tolerance
+
+
+def max_error(actual: Tensor, expected: Tensor) -> float:
+    """Max |actual - expected| in float64; inf when NaN appears or the shapes differ.
+    Matching infinities (lse = -inf on fully masked rows) count as 0 error."""
+    if actual.shape != expected.shape:
+        return float("inf")
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if a.numel() == 0:
+        return 0.0
+    same_inf = torch.isinf(a) & torch.isinf(e) & (torch.sign(a) == torch.sign(e))
+    diff = torch.where(same_inf, torch.zeros_like(a), (a - e).abs())
+    return float(torch.nan_to_num(diff, nan=float("inf"), posinf=float("inf")).max())
+
+
+@dataclass
+class Comparison:
+    """One checked tensor: the kernel's error, PyTorch's error and the allowed bound."""
+
+    name: str
+    error: float
+    torch_error: float
+    bound: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.bound
+
+    def __str__(self) -> str:
+        return (f"{self.name}: error {self.error:.3g} vs bound {self.bound:.3g} "
+                f"(torch same-dtype error {self.torch_error:.3g}){'' if self.ok else '  FAIL'}")
+
+
+def compare(name: str, actual: Tensor, ref64: Tensor, torch_same: Tensor, factor: float) -> Comparison:
+    """Applies the rule to one tensor: ``actual`` (kernel, its dtype), ``ref64`` (float64
+    reference), ``torch_same`` (the reference formula run by PyTorch in the kernel's dtype)."""
+    dtype = actual.dtype
+    torch_error = max_error(torch_same, ref64)
+    floor = 2 * max_error(ref64.to(dtype), ref64) + torch.finfo(dtype).eps
+    return Comparison(name, max_error(actual, ref64), torch_error, factor * torch_error + floor)
+
+
+def assert_all_ok(comparisons: list[Comparison], context: str = "") -> None:
+    if not all(c.ok for c in comparisons):
+        raise AssertionError(f"{context}\n" + "\n".join(f"  {c}" for c in comparisons))
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def _generator(*key) -> torch.Generator:
+    """A CPU generator seeded from a case: every run draws the same inputs."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _randn(shape, gen, dtype, device) -> Tensor:
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    """One point of the attention grid.
+
+    mask: "none"; "key_padding" (bool (B,1,1,Nk), a padded batch); "bool" (bool
+    (B,Hq,Nq,Nk) with query row 0 of every head fully masked); "bias" (float (1,Hq,Nq,Nk)
+    that requires grad); "bias_inf" (float (B,1,Nq,Nk) with -inf entries and a fully
+    masked row 0, requires grad).
+    causal: None, "top_left" or "bottom_right".
+    strided: q, k, v are (B, N, H, D) tensors transposed to (B, H, N, D): not contiguous.
+    """
+
+    b: int = 2
+    hq: int = 4
+    hkv: int = 4
+    nq: int = 128
+    nk: int = 128
+    d: int = 64
+    mask: str = "none"
+    causal: Optional[str] = None
+    dropout_p: float = 0.0
+    strided: bool = False
+
+    def __str__(self) -> str:
+        defaults = AttentionCase()
+        return "-".join(f"{f.name}{getattr(self, f.name)}" for f in fields(self)
+                        if getattr(self, f.name) != getattr(defaults, f.name) or f.name in ("nq", "nk", "d")) or "base"
+
+
+MASKS = ("none", "key_padding", "bool", "bias", "bias_inf")
+
+
+def make_attention_mask(case: AttentionCase, dtype, device, gen) -> Optional[Tensor]:
+    b, hq, nq, nk = case.b, case.hq, case.nq, case.nk
+    if case.mask == "none":
+        return None
+    if case.mask == "key_padding":
+        lengths = torch.randint(1, nk + 1, (b,), generator=gen)
+        lengths[0] = nk
+        return (torch.arange(nk)[None, :] < lengths[:, None]).view(b, 1, 1, nk).to(device)
+    if case.mask == "bool":
+        m = torch.rand((b, hq, nq, nk), generator=gen) < 0.7
+        m[:, :, 0, :] = False
+        return m.to(device)
+    if case.mask == "bias":
+        return _randn((1, hq, nq, nk), gen, dtype, device).requires_grad_()
+    if case.mask == "bias_inf":
+        bias = torch.randn((b, 1, nq, nk), generator=gen, dtype=torch.float64)
+        bias = bias.masked_fill(torch.rand(bias.shape, generator=gen) < 0.2, float("-inf"))
+        bias[:, :, 0, :] = float("-inf")
+        return bias.to(device=device, dtype=dtype).requires_grad_()
+    raise ValueError(f"unknown mask kind {case.mask!r}")
+
+
+def make_attention_inputs(case: AttentionCase, dtype, device):
+    """q, k, v (requiring grad), attn_mask, dout, dlse for one case, the same on every run."""
+    gen = _generator("attention", case)
+
+    def qkv(h, n):
+        if case.strided:  # (B, N, H, D) storage seen as (B, H, N, D)
+            return _randn((case.b, n, h, case.d), gen, dtype, device).transpose(1, 2).requires_grad_()
+        return _randn((case.b, h, n, case.d), gen, dtype, device).requires_grad_()
+
+    q, k, v = qkv(case.hq, case.nq), qkv(case.hkv, case.nk), qkv(case.hkv, case.nk)
+    mask = make_attention_mask(case, dtype, device, gen)
+    dout = _randn((case.b, case.hq, case.nq, case.d), gen, dtype, device)
+    dlse = _randn((case.b, case.hq, case.nq), gen, torch.float32, device)
+    return q, k, v, mask, dout, dlse
+
+
+def attention_grid(level: str = "default") -> list[AttentionCase]:
+    """Cases of the test method. ``quick``: a handful (seconds); ``default``: every
+    feature on small sizes (the CI suite, Triton-interpreter friendly); ``full``: the
+    shapes that break tiles (Nq, Nk in 1..1025, head dims 16..256) crossed with features."""
+    base = AttentionCase(b=2, hq=4, hkv=2, nq=113, nk=128, d=64)
+    quick = [
+        base,
+        replace(base, causal="top_left", mask="key_padding"),
+        replace(base, causal="bottom_right", nq=17, mask="bias"),
+        replace(base, d=40, mask="bool", dropout_p=0.2),
+    ]
+    if level == "quick":
+        return quick
+    small = AttentionCase(b=2, hq=4, hkv=2, nq=64, nk=64, d=32)
+    default = quick + [
+        replace(small, mask=mask, causal=causal)
+        for mask in MASKS for causal in (None, "top_left", "bottom_right")
+    ] + [
+        replace(small, nq=nq, nk=nk, causal=causal)
+        for nq, nk in ((1, 128), (17, 113), (128, 17), (113, 1)) for causal in (None, "bottom_right")
+    ] + [
+        replace(small, d=d) for d in (16, 40, 59, 80, 128, 256)
+    ] + [
+        replace(small, hq=4, hkv=1),  # MQA
+        replace(small, hq=4, hkv=4, strided=True, mask="key_padding"),
+        replace(small, dropout_p=0.3, mask="bias", causal="top_left"),
+        replace(small, dropout_p=0.1, nq=17, nk=113, hkv=1),
+    ]
+    if level == "default":
+        return default
+    seqlens = (1, 17, 113, 128, 1025)
+    full = [replace(base, b=1, hq=2, hkv=1, nq=nq, nk=nk, d=d)
+            for nq, nk in itertools.product(seqlens, seqlens) for d in (16, 40, 59, 64, 80, 128, 256)]
+    full += [replace(base, nq=n, nk=n, mask=mask, causal=causal, strided=True)
+             for n in (113, 1025) for mask in MASKS for causal in (None, "top_left", "bottom_right")]
+    return default + full
+
+
+def attention_call_for(case: AttentionCase, dtype, device) -> dispatch.AttentionCall:
+    """The dispatch descriptor of a case (to ask a backend whether it can serve it)."""
+    q, k, v, mask, _, _ = make_attention_inputs(case, dtype, device)
+    mask_kind = None if mask is None else "bool" if mask.dtype == torch.bool else "float"
+    return dispatch.AttentionCall(device=torch.device(device), dtype=dtype, batch=case.b, heads_q=case.hq,
+                                  heads_kv=case.hkv, seqlen_q=case.nq, seqlen_k=case.nk, head_dim=case.d,
+                                  head_dim_v=case.d, mask=mask_kind, mask_grad=mask is not None and mask.requires_grad,
+                                  causal=case.causal is not None, dropout_p=case.dropout_p, deterministic=False,
+                                  varlen=False)
+
+
+def _grad_list(outputs, inputs, grad_outputs):
+    live = [t for t in inputs if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(outputs, live, grad_outputs))
+    return [next(grads) if t is not None and t.requires_grad else None for t in inputs]
+
+
+def _to64(t: Optional[Tensor]) -> Optional[Tensor]:
+    if t is None:
+        return None
+    out = t.detach().cpu()
+    out = out.double() if out.is_floating_point() else out
+    return out.requires_grad_(t.requires_grad)
+
+
+def _dropout_keep(family: str, backend: str, dropout_p: float, shape, device, rng_seed: int) -> Optional[Tensor]:
+    """The keep-mask a backend used in a call made right after torch.manual_seed(rng_seed)."""
+    if dropout_p == 0:
+        return None
+    torch.manual_seed(rng_seed)
+    seed = int(ops._draw_seed(dropout_p))
+    return dispatch.implementation(family, backend).dropout_keep_mask(seed, shape, dropout_p, device)
+
+
+def check_attention(case: AttentionCase, dtype, device, backend: str, rng_seed: int = 0) -> list[Comparison]:
+    """Runs ``fusedlayers.attention`` on ``backend`` for one case and compares out, lse and
+    every gradient with the rule. Raises AssertionError on a wrong shape or dtype."""
+    q, k, v, mask, dout, dlse = make_attention_inputs(case, dtype, device)
+    align = case.causal or "top_left"
+    torch.manual_seed(rng_seed)
+    out, lse = ops.attention(q, k, v, mask, causal=case.causal is not None, causal_align=align,
+                             dropout_p=case.dropout_p, return_lse=True, backend=backend)
+    assert out.shape == q.shape and out.dtype == dtype, (out.shape, out.dtype)
+    assert lse.shape == q.shape[:3] and lse.dtype == torch.float32, (lse.shape, lse.dtype)
+    inputs = [q, k, v, mask if mask is not None and mask.requires_grad else None]
+    grads = _grad_list((out, lse), inputs, (dout, dlse))
+
+    keep = _dropout_keep("attention", backend, case.dropout_p, (case.b, case.hq, case.nq, case.nk), device, rng_seed)
+    kwargs = dict(causal=case.causal is not None, causal_align=align, dropout_p=case.dropout_p)
+    results = {}
+    for label, cast in (("ref64", _to64), ("torch", lambda t: t.detach().requires_grad_(t.requires_grad)
+                                                    if t is not None and t.is_floating_point() else t)):
+        args = [cast(t) for t in (q, k, v, mask)]
+        keep_here = keep.cpu() if (keep is not None and label == "ref64") else keep
+        o, l = reference.attention(*args, dropout_mask=keep_here, **kwargs)
+        g = _grad_list((o, l), [*args[:3], args[3] if mask is not None and mask.requires_grad else None],
+                       (cast(dout).detach().to(o.dtype), cast(dlse).detach().to(l.dtype)))
+        results[label] = (o, l, g)
+
+    (o64, l64, g64), (ot, lt, gt) = results["ref64"], results["torch"]
+    comps = [compare("out", out, o64, ot, OUT_FACTOR),
+             compare("lse", lse, l64, lt.float(), OUT_FACTOR)]
+    for name, g, r, t in zip(("dq", "dk", "dv", "dbias"), grads, g64, gt):
+        if g is not None:
+            comps.append(compare(name, g, r, t, GRAD_FACTOR))
+    return comps
+
+
+# ---------------------------------------------------------------------------- norms
+
+
+@dataclass(frozen=True)
+class NormCase:
+    """One point of the norm grid. ``strided``: rows of x (and residual) are views into a
+    wider buffer (row stride > hidden). ``weight_fp32``: float32 weight and bias under
+    lower-precision activations."""
+
+    rows: int = 64
+    hidden: int = 256
+    rms: bool = False
+    residual: bool = False
+    weight: bool = True
+    bias: bool = True
+    dropout_p: float = 0.0
+    prenorm: bool = False
+    residual_in_fp32: bool = False
+    strided: bool = False
+    weight_fp32: bool = False
+
+    def __str__(self) -> str:
+        defaults = NormCase()
+        return "-".join(f"{f.name}{getattr(self, f.name)}" for f in fields(self)
+                        if getattr(self, f.name) != getattr(defaults, f.name) or f.name in ("rows", "hidden"))
+
+
+def norm_grid(level: str = "default") -> list[NormCase]:
+    """``quick``: a handful; ``default``: every feature at small sizes plus odd hidden
+    sizes; ``full``: hidden sizes {1, 7, 64, 768, 1000, 4096, 20000, 70000} x rows {1, 3, 1024}."""
+    quick = [
+        NormCase(),
+        NormCase(rms=True, bias=False),
+        NormCase(residual=True, prenorm=True, dropout_p=0.1),
+        NormCase(rows=3, hidden=1000, residual=True, residual_in_fp32=True, weight_fp32=True),
+    ]
+    if level == "quick":
+        return quick
+    default = quick + [
+        NormCase(rows=rows, hidden=hidden) for rows, hidden in ((1, 1), (3, 7), (17, 64), (5, 768), (2, 4096))
+    ] + [
+        NormCase(rms=rms, residual=residual, prenorm=prenorm, dropout_p=p, strided=strided)
+        for rms in (False, True) for residual in (False, True) for prenorm in (False, True)
+        for p in (0.0, 0.2) for strided in (False, True)
+    ] + [
+        NormCase(weight=False, bias=False),
+        NormCase(bias=False),
+        NormCase(weight_fp32=True, residual=True),
+        NormCase(residual_in_fp32=True, prenorm=True),
+        NormCase(rows=3, hidden=20000, residual=True),
+    ]
+    if level == "default":
+        return default
+    full = [NormCase(rows=rows, hidden=hidden, residual=True, prenorm=True)
+            for rows in (1, 3, 1024) for hidden in (1, 7, 64, 768, 1000, 4096, 20000, 70000)]
+    full += [NormCase(rows=rows, hidden=hidden, rms=True, bias=False, dropout_p=0.1)
+             for rows in (1, 3, 1024) for hidden in (1, 7, 64, 768, 1000, 4096, 20000, 70000)]
+    return default + full
+
+
+def make_norm_inputs(case: NormCase, dtype, device):
+    """x, residual, weight, bias (requiring grad; None where the case has none), dy, dz."""
+    gen = _generator("norm", case)
+    shape = (case.rows, case.hidden)
+
+    def act(dt):
+        if case.strided:  # rows are views into a wider buffer
+            return _randn((case.rows, case.hidden + 3), gen, dt, device)[:, : case.hidden].requires_grad_()
+        return _randn(shape, gen, dt, device).requires_grad_()
+
+    wdtype = torch.float32 if case.weight_fp32 else dtype
+    x = act(dtype)
+    residual = act(torch.float32 if case.residual_in_fp32 else dtype) if case.residual else None
+    weight = (1 + 0.5 * _randn((case.hidden,), gen, wdtype, device)).requires_grad_() if case.weight else None
+    bias = _randn((case.hidden,), gen, wdtype, device).requires_grad_() if case.bias and not case.rms else None
+    dy = _randn(shape, gen, dtype, device)
+    dz = _randn(shape, gen, dtype, device)
+    return x, residual, weight, bias, dy, dz
+
+
+def check_norm(case: NormCase, dtype, device, backend: str, rng_seed: int = 0, eps: float = 1e-5) -> list[Comparison]:
+    """Runs the norm family op on ``backend`` for one case; compares y, z and every gradient."""
+    x, residual, weight, bias, dy, dz = make_norm_inputs(case, dtype, device)
+    fn = ops.add_rms_norm if case.rms else ops.add_layer_norm
+    extra = () if case.rms else (bias,)
+    torch.manual_seed(rng_seed)
+    res = fn(x, residual, weight, *extra, eps, dropout_p=case.dropout_p, prenorm=case.prenorm,
+             residual_in_fp32=case.residual_in_fp32, backend=backend)
+    y, z = res if case.prenorm else (res, None)
+    assert y.shape == x.shape and y.dtype == dtype, (y.shape, y.dtype)
+    if z is not None:
+        expected = torch.float32 if case.residual_in_fp32 else (residual.dtype if residual is not None else dtype)
+        assert z.shape == x.shape and z.dtype == expected, (z.shape, z.dtype, expected)
+    inputs = [x, residual, weight, bias]
+    outs, gouts = ((y, z), (dy, dz.to(z.dtype))) if z is not None else ((y,), (dy,))
+    grads = _grad_list(outs, inputs, gouts)
+
+    keep = _dropout_keep("norm", backend, case.dropout_p, x.shape, device, rng_seed)
+    results = {}
+    for label, cast in (("ref64", _to64), ("torch", lambda t: t.detach().requires_grad_(t.requires_grad)
+                                                    if t is not None else None)):
+        args = [cast(t) for t in inputs]
+        keep_here = keep.cpu() if (keep is not None and label == "ref64") else keep
+        yr, zr = reference.add_layer_norm(args[0], args[1], args[2], args[3], eps, dropout_p=case.dropout_p,
+                                          dropout_mask=keep_here, rms=case.rms)
+        if label == "torch":  # the stored dtypes of the op's outputs
+            zr = zr.to(z.dtype if z is not None else zr.dtype)
+            yr = yr.to(dtype)
+        routs = (yr, zr) if z is not None else (yr,)
+        g = _grad_list(routs, args, [cast(t).detach().to(o.dtype) for t, o in zip(gouts, routs)])
+        results[label] = (yr, zr, g)
+
+    (y64, z64, g64), (yt, zt, gt) = results["ref64"], results["torch"]
+    comps = [compare("y", y, y64, yt, OUT_FACTOR)]
+    if z is not None:
+        comps.append(compare("z", z, z64, zt, OUT_FACTOR))
+    for name, g, r, t in zip(("dx", "dresidual", "dweight", "dbias"), grads, g64, gt):
+        if g is not None:
+            comps.append(compare(name, g, r, t, GRAD_FACTOR))
+    return comps
+
+
+def norm_call_for(case: NormCase, dtype, device) -> dispatch.NormCall:
+    wdtype = torch.float32 if case.weight_fp32 else dtype
+    return dispatch.NormCall(device=torch.device(device), dtype=dtype,
+                             weight_dtype=wdtype if case.weight else None,
+                             residual_dtype=(torch.float32 if case.residual_in_fp32 else dtype) if case.residual else None,
+                             rows=case.rows, hidden=case.hidden, rms=case.rms, dropout_p=case.dropout_p)

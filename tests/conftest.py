@@ -1,0 +1,45 @@
+"""Test setup: device, backends, Triton interpreter, markers.
+
+Without a GPU, Triton kernels run on CPU tensors through the Triton interpreter. The
+interpreter is decided when a kernel is decorated (at import of its module), so the
+variable is set here, before any test imports fusedlayers' kernel modules.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fusedlayers  # noqa: E402  (after TRITON_INTERPRET)
+from fusedlayers import dispatch  # noqa: E402
+
+DEVICE = "cuda" if HAS_GPU else "cpu"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the full grid (tests marked slow)")
+
+
+def pytest_collection_modifyitems(config, items):
+    wants_slow = config.getoption("--slow") or "slow" in (config.getoption("-m") or "")
+    for item in items:
+        if "slow" in item.keywords and not wants_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: run with --slow"))
+        if "gpu" in item.keywords and not HAS_GPU:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+def skip_unless_serves(family: str, backend: str, call) -> None:
+    """Skips the test, with the backend's own reason, when it cannot serve the call."""
+    reason = dispatch.why_not(family, backend, call)
+    if reason is not None:
+        pytest.skip(f"{backend}: {reason}")
