@@ -33,6 +33,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
+def pytest_generate_tests(metafunc):
+    """``full_attention_case`` / ``full_norm_case``: the full grid beyond the default one,
+    collected only with --slow (or -m slow), so a default run lists no thousands of skips."""
+    from fusedlayers import testing
+
+    config = metafunc.config
+    slow = config.getoption("--slow") or "slow" in (config.getoption("-m") or "")
+    for name, grid in (("full_attention_case", testing.attention_grid), ("full_norm_case", testing.norm_grid)):
+        if name in metafunc.fixturenames:
+            cases = grid("full")[len(grid("default")):] if slow else []
+            metafunc.parametrize(name, cases, ids=str)
+
+
 @pytest.fixture
 def device():
     return DEVICE

@@ -33,9 +33,8 @@ def test_grid(case, dtype, backend):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", dispatch.BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("case", testing.norm_grid("full")[len(testing.norm_grid("default")):], ids=str)
-def test_full_grid(case, dtype, backend):
-    _run(case, dtype, backend)
+def test_full_grid(full_norm_case, dtype, backend):
+    _run(full_norm_case, dtype, backend)
 
 
 @pytest.mark.parametrize("backend", dispatch.BACKENDS)
