@@ -64,6 +64,7 @@ PACKAGE_DIR = {
     "fusedlayers": "fusedlayers",
     "fusedlayers.kernels": "kernels",
     "fusedlayers.transformer": "transformer",
+    "fusedlayers.benchmarks": "benchmarks",
 }
 
 DEFAULT_CUDA_ARCHS = "8.0"

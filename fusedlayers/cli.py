@@ -74,6 +74,24 @@ def verify(args) -> int:
     return verify_.main("quick" if args.quick else "full" if args.full else "default", args.backend)
 
 
+def bench(args) -> int:
+    from pathlib import Path
+
+    from .benchmarks import core, suite
+
+    try:
+        from tqdm import tqdm as bar
+    except ImportError:
+        bar = None
+    report = suite.run(tuple(args.op) if args.op else suite.OPS, quick=args.quick, progress_bar=bar)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    folder = Path(args.out) if args.out else Path.cwd() / "benchmarks" / "results" / core.device_slug(device)
+    print(report.markdown())
+    for path in report.save(folder):
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fusedlayers", description="Fused Transformer kernels for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +102,12 @@ def main(argv=None) -> int:
     size.add_argument("--full", action="store_true", help="the full grid of the test method (long)")
     p.add_argument("--backend", action="append", choices=BACKENDS, help="only this backend (repeatable)")
     p.set_defaults(fn=verify)
+    p = sub.add_parser("bench", help="time every available backend beside the best alternatives")
+    p.add_argument("--quick", action="store_true", help="a small preset (about a minute on CPU)")
+    p.add_argument("--op", action="append", help="only this op (repeatable): attention, decode, layer_norm, "
+                                                  "add_layer_norm, rms_norm")
+    p.add_argument("--out", help="results folder (default: benchmarks/results/<device>/ under the current folder)")
+    p.set_defaults(fn=bench)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

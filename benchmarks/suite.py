@@ -1,0 +1,307 @@
+"""The benchmark suite: fusedlayers beside the best alternatives, in one process.
+
+Run ``fusedlayers bench`` (``--quick`` for about a minute on CPU; ``--op`` to pick ops;
+``--out`` for the results folder, default ``benchmarks/results/<device>/``). Every case
+builds one set of inputs; every implementation that can run on them is checked against
+the reference (or, past the reference's memory budget, against PyTorch SDPA / layer_norm)
+and then timed; a wrong one is reported as WRONG and not timed.
+
+Implementations: each fusedlayers backend that serves the call ("fusedlayers[triton]",
+...; "fusedlayers[reference]" is the naive reference and counts as a competitor), PyTorch
+SDPA with each backend it has on the device (flash, efficient, cudnn, math; CPU: flash,
+math), ``torch.compile`` of the naive reference (not in ``--quick``), torch's
+``layer_norm`` / ``rms_norm`` and ``layer_norm(x + r)``, and flash-attn, xformers,
+Liger-Kernel and apex when installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import fusedlayers
+from fusedlayers import dispatch, reference
+
+from .core import Report, Result, attention_flops, environment, measure, norm_bytes
+
+
+@dataclass
+class Impl:
+    name: str
+    ours: bool
+    fn: Optional[Callable]  # the op, called on the case's inputs; None when unavailable
+    note: str = ""
+
+
+def _sdpa_impls(device: torch.device, gqa: bool, masked: bool) -> list[Impl]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kinds = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    if device.type != "cuda":
+        kinds = {"flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
+    impls = []
+    for name, kind in kinds.items():
+        def fn(q, k, v, mask=None, causal=False, _kind=kind):
+            with sdpa_kernel([_kind]):
+                return F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal and mask is None,
+                                                      enable_gqa=gqa)
+        impls.append(Impl(f"torch.sdpa[{name}]", False, fn))
+    return impls
+
+
+def _optional_attention_impls() -> list[Impl]:
+    impls = []
+    try:
+        from flash_attn import flash_attn_func
+
+        impls.append(Impl("flash-attn", False, lambda q, k, v, mask=None, causal=False: flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2)))
+    except ImportError:
+        impls.append(Impl("flash-attn", False, None, "not installed"))
+    try:
+        import xformers.ops as xops
+
+        impls.append(Impl("xformers", False, lambda q, k, v, mask=None, causal=False: xops.memory_efficient_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_bias=xops.LowerTriangularMask() if causal else None).transpose(1, 2)))
+    except ImportError:
+        impls.append(Impl("xformers", False, None, "not installed"))
+    return impls
+
+
+def attention_impls(call: dispatch.AttentionCall, quick: bool) -> list[Impl]:
+    impls = []
+    for backend in dispatch.BACKENDS:
+        reason = dispatch.why_not("attention", backend, call)
+        impls.append(Impl(f"fusedlayers[{backend}]", backend != "reference",
+                          None if reason else (lambda q, k, v, mask=None, causal=False, _b=backend: fusedlayers.attention(
+                              q, k, v, mask, causal=causal, backend=_b)), reason or ""))
+    impls += _sdpa_impls(call.device, call.heads_q != call.heads_kv, call.mask is not None)
+    if not quick:
+        compiled = torch.compile(lambda q, k, v, mask=None, causal=False: reference.attention(
+            q, k, v, mask, causal=causal)[0], dynamic=False)
+        impls.append(Impl("torch.compile(reference)", False, compiled))
+        impls += _optional_attention_impls()
+    return impls
+
+
+def norm_impls(op: str, call: dispatch.NormCall, quick: bool) -> list[Impl]:
+    impls = []
+    for backend in dispatch.BACKENDS:
+        reason = dispatch.why_not("norm", backend, call)
+        if op == "layer_norm":
+            fn = lambda x, r, w, b, _b=backend: fusedlayers.layer_norm(x, w, b, backend=_b)  # noqa: E731
+        elif op == "rms_norm":
+            fn = lambda x, r, w, b, _b=backend: fusedlayers.rms_norm(x, w, backend=_b)  # noqa: E731
+        else:
+            fn = lambda x, r, w, b, _b=backend: fusedlayers.add_layer_norm(  # noqa: E731
+                x, r, w, b, prenorm=True, backend=_b)[0]
+        impls.append(Impl(f"fusedlayers[{backend}]", backend != "reference", None if reason else fn, reason or ""))
+    n = call.hidden
+    torch_fns = {
+        "layer_norm": lambda x, r, w, b: F.layer_norm(x, (n,), w, b),
+        "rms_norm": lambda x, r, w, b: F.rms_norm(x, (n,), w),
+        "add_layer_norm": lambda x, r, w, b: F.layer_norm(x + r, (n,), w, b),
+    }
+    impls.append(Impl("torch" if op != "add_layer_norm" else "torch layer_norm(x + r)", False, torch_fns[op]))
+    if not quick:
+        impls.append(Impl("torch.compile(torch)", False, torch.compile(torch_fns[op], dynamic=False)))
+        try:
+            from liger_kernel.transformers.functional import liger_layer_norm, liger_rms_norm
+
+            liger = {"layer_norm": lambda x, r, w, b: liger_layer_norm(x, w, b, 1e-5),
+                     "rms_norm": lambda x, r, w, b: liger_rms_norm(x, w, 1e-6),
+                     "add_layer_norm": lambda x, r, w, b: liger_layer_norm(x + r, w, b, 1e-5)}
+            impls.append(Impl("liger-kernel", False, liger[op]))
+        except ImportError:
+            impls.append(Impl("liger-kernel", False, None, "not installed"))
+        try:
+            from apex.normalization import fused_layer_norm_affine
+
+            if op != "rms_norm":
+                impls.append(Impl("apex", False, lambda x, r, w, b: fused_layer_norm_affine(
+                    x if op == "layer_norm" else x + r, w, b, (n,), 1e-5)))
+        except ImportError:
+            impls.append(Impl("apex", False, None, "not installed"))
+    return impls
+
+
+# ------------------------------------------------------------------------------- cases
+
+
+def attention_cases(device: torch.device, quick: bool) -> list[dict]:
+    """B·N fixed at 16k tokens and hidden 2048 on GPU (the FlashAttention convention)."""
+    if device.type == "cuda":
+        seqlens = (1024, 4096) if quick else (512, 1024, 2048, 4096, 8192, 16384)
+        dims = (128,) if quick else (64, 128)
+        dtypes = (torch.bfloat16,) if quick else (torch.float16, torch.bfloat16)
+        return [dict(b=16384 // n, h=2048 // d, n=n, d=d, causal=c, dtype=dt)
+                for dt in dtypes for d in dims for c in (False, True) for n in seqlens]
+    seqlens = (256, 512) if quick else (512, 1024, 2048)
+    return [dict(b=1, h=4 if quick else 8, n=n, d=64, causal=c, dtype=torch.float32)
+            for c in ((False,) if quick else (False, True)) for n in seqlens]
+
+
+def decode_cases(device: torch.device, quick: bool) -> list[dict]:
+    if device.type == "cuda":
+        lens = (4096,) if quick else (1024, 4096, 16384, 65536)
+        return [dict(b=8, hq=32, hkv=8, nk=n, d=128, dtype=torch.bfloat16) for n in lens]
+    return [dict(b=2, hq=8, hkv=2, nk=n, d=64, dtype=torch.float32) for n in ((2048,) if quick else (1024, 8192))]
+
+
+def norm_cases(device: torch.device, quick: bool) -> list[dict]:
+    if device.type == "cuda":
+        shapes = ((8192, 4096),) if quick else ((4096, 1024), (8192, 4096), (8192, 8192), (32768, 1024),
+                                               (4096, 16384))
+        return [dict(rows=m, hidden=n, dtype=torch.bfloat16) for m, n in shapes]
+    shapes = ((1024, 768),) if quick else ((1024, 768), (4096, 1024), (1024, 4096))
+    return [dict(rows=m, hidden=n, dtype=torch.float32) for m, n in shapes]
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _tolerance(dtype: torch.dtype) -> dict:
+    return {torch.float32: dict(atol=2e-3, rtol=2e-3), torch.float16: dict(atol=2e-2, rtol=2e-2),
+            torch.bfloat16: dict(atol=6e-2, rtol=6e-2)}[dtype]
+
+
+def _check(out: torch.Tensor, expected: torch.Tensor, dtype) -> str:
+    try:
+        torch.testing.assert_close(out.float(), expected.float(), **_tolerance(dtype))
+        return ""
+    except AssertionError as e:
+        return "WRONG: " + str(e).splitlines()[1] if len(str(e).splitlines()) > 1 else "WRONG"
+
+
+def _time_modes(report, op, case, dtype, impls, make_inputs, expected_fn, work, unit, device, quick, modes,
+                progress):
+    """Checks then times every implementation on one case, in every mode."""
+    inputs, grads = make_inputs()
+    expected = expected_fn(*inputs)
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    for impl in impls:
+        if impl.fn is None:
+            report.not_run.setdefault(impl.name, impl.note)
+            continue
+        try:
+            out = impl.fn(*inputs)
+            note = _check(out, expected, dtype)
+        except Exception as e:  # an implementation that cannot run this case
+            out, note = None, f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        for mode in modes:
+            ms = rate = None
+            if not note:
+                if mode == "fwd":
+                    fn = lambda: impl.fn(*inputs)  # noqa: E731
+                elif mode == "bwd":
+                    out = impl.fn(*inputs)
+                    fn = lambda: torch.autograd.grad(out, leaves, grads, retain_graph=True, allow_unused=True)  # noqa: E731
+                else:
+                    fn = lambda: torch.autograd.grad(impl.fn(*inputs), leaves, grads, allow_unused=True)  # noqa: E731
+                try:
+                    ms = measure(fn, device, quick=quick)
+                    rate = work(mode) / (ms * 1e-3) / (1e12 if unit == "TFLOP/s" else 1e9)
+                except Exception as e:
+                    note = f"error: {type(e).__name__}"
+            report.results.append(Result(op, mode, case, impl.name, ms, rate, unit, impl.ours, note))
+        if progress:
+            progress()
+
+
+def _case_view(case: dict) -> dict:
+    return {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v) for k, v in case.items()}
+
+
+OPS = ("attention", "decode", "layer_norm", "add_layer_norm", "rms_norm")
+
+
+def run(ops=OPS, *, quick: bool = False,
+        device: Optional[torch.device] = None, progress_bar=None) -> Report:
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report = Report(environment(device))
+    modes = ("fwd", "bwd") if quick else ("fwd", "bwd", "fwd+bwd")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape, dtype, grad=True):
+        return torch.randn(shape, generator=gen, dtype=torch.float32).to(device, dtype).requires_grad_(grad)
+
+    plan = []
+    if "attention" in ops:
+        for c in attention_cases(device, quick):
+            call = dispatch.AttentionCall(device, c["dtype"], c["b"], c["h"], c["h"], c["n"], c["n"], c["d"], c["d"],
+                                          None, False, c["causal"], 0.0, False, False)
+
+            def make(c=c):
+                q, k, v = (randn(c["b"], c["h"], c["n"], c["d"], dtype=c["dtype"]) for _ in range(3))
+                return (q, k, v, None, c["causal"]), randn(c["b"], c["h"], c["n"], c["d"], dtype=c["dtype"],
+                                                           grad=False)
+
+            def work(mode, c=c):
+                return attention_flops(c["b"], c["h"], c["n"], c["n"], c["d"], c["causal"], mode)
+
+            plan.append(("attention", c, attention_impls(call, quick), make, work, "TFLOP/s", modes))
+    if "decode" in ops:
+        for c in decode_cases(device, quick):
+            call = dispatch.AttentionCall(device, c["dtype"], c["b"], c["hq"], c["hkv"], 1, c["nk"], c["d"], c["d"],
+                                          None, False, False, 0.0, False, False)
+
+            def make(c=c):
+                q = randn(c["b"], c["hq"], 1, c["d"], dtype=c["dtype"], grad=False)
+                k, v = (randn(c["b"], c["hkv"], c["nk"], c["d"], dtype=c["dtype"], grad=False) for _ in range(2))
+                return (q, k, v, None, False), None
+
+            def work(mode, c=c):
+                return attention_flops(c["b"], c["hq"], 1, c["nk"], c["d"], False, mode)
+
+            plan.append(("decode", c, attention_impls(call, quick), make, work, "TFLOP/s", ("fwd",)))
+    for op in ("layer_norm", "add_layer_norm", "rms_norm"):
+        if op not in ops:
+            continue
+        for c in norm_cases(device, quick):
+            call = dispatch.NormCall(device, c["dtype"], c["dtype"], c["dtype"] if op == "add_layer_norm" else None,
+                                     c["rows"], c["hidden"], op == "rms_norm", 0.0)
+
+            def make(c=c, op=op):
+                x, r = (randn(c["rows"], c["hidden"], dtype=c["dtype"]) for _ in range(2))
+                w, b = randn(c["hidden"], dtype=c["dtype"]), randn(c["hidden"], dtype=c["dtype"])
+                return (x, r if op == "add_layer_norm" else None, w, b), randn(c["rows"], c["hidden"],
+                                                                               dtype=c["dtype"], grad=False)
+
+            def work(mode, c=c, op=op):
+                size = torch.finfo(c["dtype"]).bits // 8
+                return norm_bytes(c["rows"], c["hidden"], size, mode, residual=op == "add_layer_norm",
+                                  prenorm=op == "add_layer_norm", weight_bytes=size, bias=op != "rms_norm")
+
+            plan.append((op, c, norm_impls(op, call, quick), make, work, "GB/s", modes))
+
+    bar = progress_bar(total=sum(len(p[2]) for p in plan)) if progress_bar else None
+    for op, case, impls, make, work, unit, op_modes in plan:
+        big = op in ("attention", "decode") and case.get("b", 1) * case.get("h", case.get("hq", 1)) * case.get(
+            "n", 1) * case.get("n", case.get("nk", 1)) > 2**28
+
+        def expected(*args, op=op, big=big):
+            if op in ("attention", "decode"):
+                q, k, v, mask, causal = args
+                if big:  # the naive reference would need too much memory: SDPA is the yardstick
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                          enable_gqa=q.shape[1] != k.shape[1])
+                return reference.attention(q.float(), k.float(), v.float(), causal=causal)[0]
+            x, r, w, b = args
+            z = (x.float() + r.float()) if r is not None else x.float()
+            return reference.rms_norm(z, w.float()) if op == "rms_norm" else reference.layer_norm(z, w.float(),
+                                                                                                 b.float())
+
+        if bar:
+            bar.set_description(f"{op} {', '.join(f'{k}={v}' for k, v in _case_view(case).items())}")
+        _time_modes(report, op, _case_view(case), case["dtype"], impls, make, expected, work, unit, device, quick, op_modes,
+                    bar.update if bar else None)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if bar:
+        bar.close()
+    return report
