@@ -72,7 +72,7 @@ def _attention_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, c
     kf = kf.repeat_interleave(group, dim=1)  # (B, Hq, Nk, D)
     vf = vf.repeat_interleave(group, dim=1)  # (B, Hq, Nk, Dv)
 
-    # Recompute P from the saved lse: P = exp(S - lse), 0 on rows that see no key.
+    # Recompute S
     s = (qf @ kf.transpose(-2, -1)) * scale  # S: (B, Hq, Nq, Nk)
     allowed = reference.causal_mask(nq, nk, _align(bottom_right), q.device) if causal else None
     if attn_mask is not None and attn_mask.dtype == torch.bool:
@@ -81,8 +81,12 @@ def _attention_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, c
         s = s + attn_mask.to(acc)
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
-    seen = torch.isfinite(lse).unsqueeze(-1)
-    p = torch.where(seen, torch.exp(s - torch.where(seen, lse.unsqueeze(-1), 0).to(acc)), 0)  # P
+    # P from S again at the accumulation precision (the saved lse is float32, which would cap
+    # a float64 gradient at ~1e-7); 0 on rows that see no key
+    m = s.amax(dim=-1, keepdim=True)
+    seen = torch.isfinite(m)
+    e = torch.exp(s - torch.where(seen, m, 0))
+    p = e / torch.where(seen, e.sum(dim=-1, keepdim=True), 1)  # P
     drop = 1.0
     if dropout_p > 0:
         drop = _keep_mask(seed, (b, hq, nq, nk), dropout_p, q.device) / (1.0 - dropout_p)

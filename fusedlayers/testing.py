@@ -13,6 +13,7 @@ the same float64 reference on CPU.
 from __future__ import annotations
 
 import itertools
+import math
 import zlib
 from dataclasses import dataclass, fields, replace
 from typing import Optional
@@ -53,7 +54,8 @@ class Comparison:
 
     @property
     def ok(self) -> bool:
-        return self.error <= self.bound
+        # A non-finite bound (PyTorch's own run gave NaN / inf) checks nothing: fail.
+        return math.isfinite(self.bound) and self.error <= self.bound
 
     def __str__(self) -> str:
         return (f"{self.name}: error {self.error:.3g} vs bound {self.bound:.3g} "

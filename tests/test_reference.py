@@ -165,3 +165,16 @@ def test_norms_match_torch():
     y, z = reference.add_layer_norm(x, 2 * x, w, b)
     torch.testing.assert_close(z, 3 * x)
     torch.testing.assert_close(y, F.layer_norm(3 * x, (10,), w, b))
+
+
+def test_public_ops_gradcheck_in_float64_on_the_reference_backend():
+    import fusedlayers
+
+    q, k, v = _qkv()
+    m = _mask("bias")
+    assert gradcheck(lambda q, k, v, m: fusedlayers.attention(q, k, v, m, causal=True, causal_align="bottom_right",
+                                                              backend="reference"), (q, k, v, m))
+    g = torch.Generator().manual_seed(0)
+    x, r, w, b = (torch.randn(shape, generator=g, **f64).requires_grad_() for shape in ((3, 6), (3, 6), (6,), (6,)))
+    assert gradcheck(lambda x, r, w, b: fusedlayers.add_layer_norm(x, r, w, b, prenorm=True, backend="reference"),
+                     (x, r, w, b))

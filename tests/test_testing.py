@@ -37,3 +37,10 @@ def test_grids_cover_the_design_shapes():
     assert any(c.hq != c.hkv for c in full) and any(c.nq != c.nk for c in full) and any(c.strided for c in full)
     hidden = {c.hidden for c in testing.norm_grid("full")}
     assert hidden >= {1, 7, 64, 768, 1000, 4096, 20000, 70000}
+
+
+def test_rule_fails_when_pytorchs_own_run_is_not_finite():
+    ref = torch.randn(8, dtype=torch.float64)
+    torch_same = ref.clone()
+    torch_same[0] = float("nan")
+    assert not testing.compare("out", ref.float() + 1.0, ref, torch_same, testing.OUT_FACTOR).ok
