@@ -37,6 +37,7 @@ BACKENDS = ("cuda", "triton", "cpu", "reference")
 # (op family, backend) -> "module:attribute" implementing that family on that backend.
 IMPLEMENTATIONS = {
     ("attention", "reference"): "fusedlayers.reference_backend:attention",
+    ("attention", "triton"): "fusedlayers.kernels.attention",
     ("norm", "reference"): "fusedlayers.reference_backend:norm",
 }
 

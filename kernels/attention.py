@@ -1,0 +1,946 @@
+"""Fused scaled-dot-product attention in Triton: the ``triton`` backend of fusedlayers.
+
+What it computes (FlashAttention-2, tiled, nothing N x N ever stored):
+    S = Q K^T * scale + bias  (masked entries -inf),  P = softmax(S),  O = dropout(P) V,
+    lse = logsumexp(S) (natural log, -inf on a row that sees no key).
+Forward: online softmax over key blocks in base 2 (log2(e) folded into the scale), fp32
+accumulation, causal block skipping (top-left and bottom-right alignments), bool / additive
+masks read through their broadcast strides (a (B,1,1,Nk) key-padding mask costs no B*H*N*N
+memory), GQA/MQA by index (query head h reads KV head h // (Hq // Hkv)), Nq != Nk, dropout
+from Triton's Philox ``tl.rand(seed, offset)`` with offset = the linear index of the score in
+(B, Hq, Nq, Nk) (varlen: in (Hq, total_q, total_k)), so backward and ``dropout_keep_mask``
+regenerate the same mask. Head dims 1..256 are padded to a power-of-two block >= 16 with
+masked loads: one kernel source serves every head dim.
+Backward (same names as ``fusedlayers.reference_backend``): P = exp(S - lse) recomputed,
+dP = dO V^T (times the dropout keep-mask / (1-p)), Delta = rowsum(dO * O) - dlse, dS = P * (dP -
+Delta), dV = P_dropped^T dO, dK = dS^T Q * scale, dQ = dS K * scale, d(bias) = dS.
+    * ``_bwd_preprocess`` computes Delta; ``_bwd_dkdv`` owns one key block of one KV head and
+      loops over the query blocks of every query head of its group (dK, dV in registers, no
+      atomics); dQ is either atomically added into an fp32 buffer by the same kernel (default)
+      or computed by ``_bwd_dq``, one query block per program (``deterministic=True``: no
+      atomics anywhere, bitwise reproducible).
+    * d(bias): ``_bwd_dkdv`` writes each dS tile once into an fp32 (B, Hq, Nq, Nk) buffer (or
+      straight into the gradient when the bias is full size and fp32); torch then sums it over
+      the bias's broadcast dims. Deterministic, and it costs what autograd of an expanded bias
+      costs; an in-kernel reduction needs atomics (not reproducible) or a second pass.
+Decode (Nq <= 16 against Nk >= 1024 on a GPU that the (B*Hq) programs would not fill): split-KV,
+each split writes a normalised partial output and its lse, ``_split_combine`` merges them.
+varlen: packed (total, H, D) tensors with cu_seqlens; programs past a sequence's end exit.
+
+Dtypes fp16/bf16 (native MMA, fp32 accumulation) and fp32 (``input_precision="ieee"``, no TF32).
+Under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors, tests only) dot operands are
+upcast to fp32 (constexpr ``UPCAST``: the interpreter's bf16 arithmetic is broken) and one
+block configuration is used.
+
+Check:      python -m pytest -q tests/test_attention.py tests/test_triton_attention.py -k triton
+Benchmark:  python benchmarks/bench_attention.py          (GPU; TFLOP/s beside torch SDPA)
+Resources:  compile_targets() lists every (kernel, signature, constexprs) the launchers may pick,
+            for benchmarks/resource_check.py (registers, spills, shared memory for sm_80/sm_90a).
+Measured:   no GPU was available while writing this file: no speed figure yet.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# Decided once at import, as @triton.jit decides it (see /work/shared/CPU-TESTING.md).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
+LN2 = 0.6931471805599453  # ln(2): natural lse = base-2 lse * LN2
+MAX_HEAD_DIM = 256
+MASK_NONE, MASK_BOOL, MASK_BIAS = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b with fp32 accumulation; fp32 operands without TF32 when IEEE."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _keep(seed, drop_base, offs_m, offs_n, drop_sm, dropout_p):
+    """Dropout keep-mask of a (BLOCK_M, BLOCK_N) tile: rand(seed, linear score index) >= p."""
+    offs = drop_base + offs_m[:, None].to(tl.int64) * drop_sm + offs_n[None, :].to(tl.int64)
+    return tl.rand(seed, offs) >= dropout_p
+
+
+@triton.jit
+def _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, mask_base, stride_mm, stride_mn, qk_scale,
+            MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, CHECK_CAUSAL: tl.constexpr, CHECK_KEYS: tl.constexpr,
+            IEEE: tl.constexpr):
+    """S of a (BLOCK_M, BLOCK_N) tile in base 2: (q k^T * scale + bias) * log2(e), -inf where not allowed."""
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale
+    if MASK_KIND != 0:
+        in_bounds = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
+        mvals = tl.load(mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn, mask=in_bounds,
+                        other=0)
+        if MASK_KIND == 1:
+            s = tl.where(mvals != 0, s, float("-inf"))
+        else:
+            s += mvals.to(tl.float32) * 1.4426950408889634
+    if CHECK_KEYS:
+        s = tl.where(offs_n[None, :] < seqlen_k, s, float("-inf"))
+    if CAUSAL and CHECK_CAUSAL:
+        s = tl.where(offs_n[None, :] <= offs_m[:, None] + shift, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _seq_bounds(CuQ, CuK, b, Nq, Nk, VARLEN: tl.constexpr):
+    """(q_start, seqlen_q, k_start, seqlen_k) of sequence b: packed offsets for varlen, else (0, Nq, 0, Nk)."""
+    if VARLEN:
+        q_start = tl.load(CuQ + b)
+        seqlen_q = tl.load(CuQ + b + 1) - q_start
+        k_start = tl.load(CuK + b)
+        seqlen_k = tl.load(CuK + b + 1) - k_start
+    else:
+        q_start = 0
+        seqlen_q = Nq
+        k_start = 0
+        seqlen_k = Nk
+    return q_start, seqlen_q, k_start, seqlen_k
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd, mask_base, stride_mm, stride_mn,
+               seed, drop_base, drop_sm, dropout_p, offs_m, offs_d, D, lo, hi, seqlen_q, seqlen_k, shift, qk_scale,
+               BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+               CHECK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """Online softmax over key blocks [lo, hi); CHECK: this range holds the causal diagonal / the last partial block."""
+    d_ok = offs_d[None, :] < D
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = d_ok & (offs_n[:, None] < seqlen_k) if CHECK else d_ok
+        k = tl.load(Kb + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
+        v = tl.load(Vb + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, mask_base, stride_mm, stride_mn, qk_scale,
+                    MASK_KIND, CAUSAL, CHECK, CHECK, IEEE)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: no NaN from -inf - -inf
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
+        if DROPOUT:
+            p = tl.where(_keep(seed, drop_base, offs_m, offs_n, drop_sm, dropout_p), p, 0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V,  # q (B, Hq, Nq, D), k / v (B, Hkv, Nk, D), any strides; varlen: (total, H, D) with batch stride 0
+    Mask,  # bool (as uint8) or float bias read through broadcast strides (stride 0 on size-1 dims); unused if none
+    Out,  # output (B, Hq, Nq, D) in q's dtype, or the fp32 partial outputs (splits, B, Hq, Nq, D) of split-KV
+    Lse,  # lse (B, Hq, Nq) fp32 natural log (varlen (Hq, total_q)), or per-split partial lse
+    CuQ, CuK,  # int32 cu_seqlens (B + 1) of varlen; unused otherwise
+    stride_qb, stride_qh, stride_qn, stride_qd,  # strides of Q in elements (varlen: stride_qb = 0)
+    stride_kb, stride_kh, stride_kn, stride_kd,  # strides of K
+    stride_vb, stride_vh, stride_vn, stride_vd,  # strides of V
+    stride_mb, stride_mh, stride_mm, stride_mn,  # strides of Mask, 0 on broadcast dims
+    stride_ob, stride_oh, stride_on, stride_os,  # strides of Out (the head-dim stride is 1); os: per split
+    stride_lb, stride_lh, stride_ln, stride_ls,  # strides of Lse; ls: per split
+    drop_sb, drop_sh, drop_sm,  # dropout offset = b*drop_sb + h*drop_sh + (q_start+i)*drop_sm + (k_start+j)
+    Hq, GROUP,  # query heads, query heads per KV head (Hq // Hkv)
+    Nq, Nk, D,  # sequence lengths (varlen: unused, read from cu_seqlens), head dim (<= BLOCK_D)
+    qk_scale,  # scale * log2(e)
+    bottom_right,  # 1: causal diagonal aligned to the bottom-right corner (shift Nk - Nq), 0: top-left
+    seed, dropout_p, inv_keep,  # Philox seed, dropout probability, 1 / (1 - dropout_p)
+    keys_per_split,  # keys per split-KV program (a multiple of BLOCK_N); >= Nk when not split
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes; BLOCK_D = pow2 >= D
+    MASK_KIND: tl.constexpr,  # 0 none, 1 bool, 2 additive bias
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter only: fp32 dot operands (its bf16 arithmetic is broken)
+    IEEE: tl.constexpr,  # fp32 inputs: exact fp32 dots, no TF32
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    hk = h // GROUP
+    q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(CuQ, CuK, b, Nq, Nk, VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen_q:  # varlen: past this sequence's end
+        return
+    shift = (seqlen_k - seqlen_q) * bottom_right
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seqlen_q
+    d_ok = offs_d < D
+
+    Qb = Q + b * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qn
+    q = tl.load(Qb + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    Kb = K + b * stride_kb + hk * stride_kh + k_start.to(tl.int64) * stride_kn
+    Vb = V + b * stride_vb + hk * stride_vh + k_start.to(tl.int64) * stride_vn
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    drop_base = b * drop_sb + h * drop_sh + q_start.to(tl.int64) * drop_sm + k_start
+
+    # Keys of this program: its split, cut at the causal diagonal of its last row.
+    lo = split * keys_per_split
+    hi = tl.minimum(seqlen_k, lo + keys_per_split)
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M + shift)
+        mid = tl.minimum(hi, start_m + 1 + shift)  # keys every row of the block sees
+    else:
+        mid = hi
+    mid = tl.maximum(lo, (tl.maximum(mid, 0) // BLOCK_N) * BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd, mask_base,
+                               stride_mm, stride_mn, seed, drop_base, drop_sm, dropout_p, offs_m, offs_d, D, lo, mid,
+                               seqlen_q, seqlen_k, shift, qk_scale, BLOCK_N, MASK_KIND, CAUSAL, DROPOUT, False, UPCAST,
+                               IEEE)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd, mask_base,
+                               stride_mm, stride_mn, seed, drop_base, drop_sm, dropout_p, offs_m, offs_d, D, mid, hi,
+                               seqlen_q, seqlen_k, shift, qk_scale, BLOCK_N, MASK_KIND, CAUSAL, DROPOUT, True, UPCAST,
+                               IEEE)
+
+    seen = l_i > 0.0  # a row that saw no key: output 0, lse -inf
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * inv_keep
+    # base 2 -> natural log in fp64 (per row, cheap): backward converts back, and P = exp2(S - lse)
+    # of a dominant key should come out as 1 to within an ulp or so of S
+    lse = tl.where(seen, ((m_i.to(tl.float64) + tl.math.log2(l_safe).to(tl.float64)) * 0.6931471805599453
+                          ).to(tl.float32), float("-inf"))
+    rows = (q_start + offs_m).to(tl.int64)
+    Ob = Out + split * stride_os + b * stride_ob + h * stride_oh
+    tl.store(Ob + rows[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + split * stride_ls + b * stride_lb + h * stride_lh + rows * stride_ln, lse, mask=row_ok)
+
+
+@triton.jit
+def _split_combine(
+    OPart,  # fp32 (splits, R, D) normalised partial outputs, R = B*Hq*Nq rows
+    LPart,  # fp32 (splits, R) partial lse (natural log, -inf where a split saw no key)
+    Out,  # (R, D) output in q's dtype
+    Lse,  # (R,) fp32 lse
+    R, D, num_splits,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out = sum_s exp(lse_s - lse) * out_s, lse = log(sum_s exp(lse_s)): exact merge of split-KV partials."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < R
+    ok = row_ok[:, None] & (offs_d[None, :] < D)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in range(num_splits):
+        m = tl.maximum(m, tl.load(LPart + s * R + rows, mask=row_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for s in range(num_splits):
+        w = tl.exp(tl.load(LPart + s * R + rows, mask=row_ok, other=float("-inf")) - m_safe)
+        l += w
+        acc += w[:, None] * tl.load(OPart + s * R * D + rows[:, None] * D + offs_d[None, :], mask=ok, other=0.0)
+    seen = l > 0.0
+    l_safe = tl.where(seen, l, 1.0)
+    tl.store(Out + rows[:, None] * D + offs_d[None, :], (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=ok)
+    tl.store(Lse + rows, tl.where(seen, m_safe + tl.log(l_safe), float("-inf")), mask=row_ok)
+
+
+@triton.jit
+def _keep_mask_kernel(
+    Keep,  # uint8 (numel,) output: 1 = keep
+    numel, seed, dropout_p,
+    BLOCK: tl.constexpr,
+):
+    """The attention kernels' dropout stream over linear score indices 0..numel-1."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    keep = tl.rand(seed, offs) >= dropout_p
+    tl.store(Keep + offs, keep.to(tl.uint8), mask=offs < numel)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _bwd_preprocess(
+    O, DO,  # output and its gradient, (B, H, N, D) by strides (varlen: B = 1, N = total_q)
+    DLse,  # gradient of lse (B, H, N) by strides
+    Delta_out,  # output laid out like lse (fp64 for fp32 inputs, else fp32): Delta = rowsum(dO * O) - dlse
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_db, stride_dh, stride_dn, stride_dd,  # strides of DO
+    stride_gb, stride_gh, stride_gn,  # strides of DLse
+    stride_lb, stride_lh, stride_ln,  # strides of Delta (those of lse)
+    H, N, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < N
+    ok = row_ok[:, None] & (offs_d[None, :] < D)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+                mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :] * stride_dd,
+                 mask=ok, other=0.0).to(tl.float32)
+    dlse = tl.load(DLse + b * stride_gb + h * stride_gh + offs_m * stride_gn, mask=row_ok, other=0.0)
+    # fp64 row sums (O(N*D) work, negligible): the dP - Delta of dS cancels as well as dP's own rounding allows
+    Delta = tl.sum(o.to(tl.float64) * do.to(tl.float64), 1) - dlse.to(tl.float64)
+    tl.store(Delta_out + b * stride_lb + h * stride_lh + offs_m * stride_ln, Delta.to(Delta_out.dtype.element_ty),
+             mask=row_ok)
+
+
+@triton.jit
+def _bwd_tile(q, k, v, do, lse, Delta_i, offs_m, offs_n, seqlen_q, seqlen_k, shift, mask_base, stride_mm, stride_mn,
+              qk_scale, seed, drop_base, drop_sm, dropout_p, inv_keep,
+              MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, CHECK: tl.constexpr,
+              IEEE: tl.constexpr):
+    """P (dropped and rescaled, for dV) and dS of one (BLOCK_M, BLOCK_N) tile.
+
+    Keys past the sequence end need no mask here: their K and V rows load as 0 (so they add nothing
+    to dQ), their dK/dV/dbias are never stored, and P = exp2(min(S - lse, 0)) stays finite."""
+    s = _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, mask_base, stride_mm, stride_mn, qk_scale,
+                MASK_KIND, CAUSAL, CHECK, False, IEEE)
+    lse2 = tl.where(lse == float("-inf"), float("inf"),  # a row that saw no key: P = 0
+                    (lse.to(tl.float64) * 1.4426950408889634).to(tl.float32))
+    P = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0))
+    if IEEE:  # fp32 inputs: dP - Delta in fp64, so that dS of a one-hot row cancels to dlse as in torch's fp32
+        dP = tl.dot(do.to(tl.float64), tl.trans(v).to(tl.float64))
+    else:
+        dP = _dot(do, tl.trans(v), IEEE)
+    if DROPOUT:
+        keep = _keep(seed, drop_base, offs_m, offs_n, drop_sm, dropout_p)
+        P_drop = tl.where(keep, P * inv_keep, 0.0)
+        dP = tl.where(keep, dP * inv_keep, 0.0)
+    else:
+        P_drop = P
+    dS = (P * (dP - Delta_i[:, None])).to(tl.float32)
+    return P_drop, dS
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, Qb, DOb, Lseb, Deltab, DQb, DBb, mask_base, stride_qn, stride_qd, stride_dn,
+                    stride_dd, stride_ln, stride_dqn, stride_dqd, stride_bm, stride_bn, stride_mm, stride_mn, offs_n,
+                    offs_d, D, lo, hi, seqlen_q, seqlen_k, shift, qk_scale, sm_scale, seed, drop_base, drop_sm,
+                    dropout_p, inv_keep,
+                    BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                    ATOMIC_DQ: tl.constexpr, DBIAS: tl.constexpr, CHECK: tl.constexpr, UPCAST: tl.constexpr,
+                    IEEE: tl.constexpr):
+    """dK, dV of one key block accumulated over query blocks [lo, hi) of one query head."""
+    d_ok = offs_d[None, :] < D
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < seqlen_q
+        ok = row_ok[:, None] & d_ok
+        q = tl.load(Qb + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=ok, other=0.0)
+        do = tl.load(DOb + offs_m[:, None] * stride_dn + offs_d[None, :] * stride_dd, mask=ok, other=0.0)
+        lse = tl.load(Lseb + offs_m * stride_ln, mask=row_ok, other=float("-inf"))
+        Delta_i = tl.load(Deltab + offs_m * stride_ln, mask=row_ok, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        P_drop, dS = _bwd_tile(q, k, v, do, lse, Delta_i, offs_m, offs_n, seqlen_q, seqlen_k, shift, mask_base,
+                               stride_mm, stride_mn, qk_scale, seed, drop_base, drop_sm, dropout_p, inv_keep,
+                               MASK_KIND, CAUSAL, DROPOUT, CHECK, IEEE)
+        dv += _dot(tl.trans(P_drop.to(do.dtype)), do, IEEE)  # dV += P_drop^T dO
+        dk += _dot(tl.trans(dS.to(q.dtype)), q, IEEE)  # dK += dS^T Q (times scale at the end)
+        if DBIAS:
+            tl.store(DBb + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn, dS,
+                     mask=row_ok[:, None] & (offs_n[None, :] < seqlen_k))
+        if ATOMIC_DQ:
+            dq = _dot(dS.to(k.dtype), k, IEEE) * sm_scale  # dQ += dS K * scale
+            tl.atomic_add(DQb + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd, dq, mask=ok)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv(
+    Q, K, V, Mask, DO,  # as in _attn_fwd; DO: gradient of the output, any strides
+    Lse, Delta,  # (B, Hq, Nq) fp32 natural lse, and Delta (fp64 for fp32 inputs), same strides
+    DQ,  # fp32 dQ accumulator (zeros) when ATOMIC_DQ; unused otherwise
+    DK, DV,  # outputs, k's / v's dtype
+    DB,  # fp32 dS per (b, h): the bias gradient before its broadcast reduction, when DBIAS
+    CuQ, CuK,  # varlen cu_seqlens
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_db, stride_dh, stride_dn, stride_dd,  # strides of DO
+    stride_lb, stride_lh, stride_ln,  # strides of Lse and Delta
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,  # strides of DQ
+    stride_dkb, stride_dkh, stride_dkn,  # strides of DK and DV (head-dim stride 1)
+    stride_bb, stride_bh, stride_bm, stride_bn,  # strides of DB
+    drop_sb, drop_sh, drop_sm,  # dropout offsets, as in _attn_fwd
+    Hq, GROUP, Nq, Nk, D,
+    qk_scale, sm_scale,  # scale * log2(e), scale
+    bottom_right, seed, dropout_p, inv_keep,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_N keys per program
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,  # also accumulate dQ with fp32 atomics (the non-deterministic path)
+    DBIAS: tl.constexpr,  # write dS to DB
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    Hkv = Hq // GROUP
+    b = (pid_bh // Hkv).to(tl.int64)
+    hk = (pid_bh % Hkv).to(tl.int64)
+    q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(CuQ, CuK, b, Nq, Nk, VARLEN)
+    start_n = pid_n * BLOCK_N
+    if start_n >= seqlen_k:
+        return
+    shift = (seqlen_k - seqlen_q) * bottom_right
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_ok = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < D)
+    k_rows = (k_start + offs_n).to(tl.int64)
+    k = tl.load(K + b * stride_kb + hk * stride_kh + k_rows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=kv_ok, other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + k_rows[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=kv_ok, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    # Query blocks that see this key block: from the first row on or below the diagonal; from
+    # m_mid on, every row sees every key of the block (no causal test needed).
+    if CAUSAL:
+        m_lo = (tl.maximum(start_n - shift, 0) // BLOCK_M) * BLOCK_M
+        m_mid = tl.minimum(((tl.maximum(start_n + BLOCK_N - 1 - shift, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M,
+                           seqlen_q)
+        m_mid = tl.maximum(m_mid, m_lo)
+    else:
+        m_lo = 0
+        m_mid = 0
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    q_off = q_start.to(tl.int64)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        Qb = Q + b * stride_qb + h * stride_qh + q_off * stride_qn
+        DOb = DO + b * stride_db + h * stride_dh + q_off * stride_dn
+        Lseb = Lse + b * stride_lb + h * stride_lh + q_off * stride_ln
+        Deltab = Delta + b * stride_lb + h * stride_lh + q_off * stride_ln
+        DQb = DQ + b * stride_dqb + h * stride_dqh + q_off * stride_dqn
+        DBb = DB + b * stride_bb + h * stride_bh
+        mask_base = Mask + b * stride_mb + h * stride_mh
+        drop_base = b * drop_sb + h * drop_sh + q_off * drop_sm + k_start
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qb, DOb, Lseb, Deltab, DQb, DBb, mask_base, stride_qn, stride_qd,
+                                 stride_dn, stride_dd, stride_ln, stride_dqn, stride_dqd, stride_bm, stride_bn,
+                                 stride_mm, stride_mn, offs_n, offs_d, D, m_lo, m_mid, seqlen_q, seqlen_k, shift,
+                                 qk_scale, sm_scale, seed, drop_base, drop_sm, dropout_p, inv_keep, BLOCK_M, MASK_KIND,
+                                 CAUSAL, DROPOUT, ATOMIC_DQ, DBIAS, True, UPCAST, IEEE)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qb, DOb, Lseb, Deltab, DQb, DBb, mask_base, stride_qn, stride_qd,
+                                 stride_dn, stride_dd, stride_ln, stride_dqn, stride_dqd, stride_bm, stride_bn,
+                                 stride_mm, stride_mn, offs_n, offs_d, D, m_mid, seqlen_q, seqlen_q, seqlen_k, shift,
+                                 qk_scale, sm_scale, seed, drop_base, drop_sm, dropout_p, inv_keep, BLOCK_M, MASK_KIND,
+                                 CAUSAL, DROPOUT, ATOMIC_DQ, DBIAS, False, UPCAST, IEEE)
+    out_off = b * stride_dkb + hk * stride_dkh + k_rows[:, None] * stride_dkn + offs_d[None, :]
+    tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse, Delta_i, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd, mask_base, stride_mm,
+                  stride_mn, offs_m, offs_d, D, lo, hi, seqlen_q, seqlen_k, shift, qk_scale, seed, drop_base, drop_sm,
+                  dropout_p, inv_keep,
+                  BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                  CHECK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """dQ of one query block accumulated over key blocks [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < D)
+        k = tl.load(Kb + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
+        v = tl.load(Vb + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        P_drop, dS = _bwd_tile(q, k, v, do, lse, Delta_i, offs_m, offs_n, seqlen_q, seqlen_k, shift, mask_base,
+                               stride_mm, stride_mn, qk_scale, seed, drop_base, drop_sm, dropout_p, inv_keep,
+                               MASK_KIND, CAUSAL, DROPOUT, CHECK, IEEE)
+        dq += _dot(dS.to(k.dtype), k, IEEE)  # dQ += dS K
+    return dq
+
+
+@triton.jit
+def _bwd_dq(
+    Q, K, V, Mask, DO, Lse, Delta,  # as in _bwd_dkdv
+    DQ,  # output in q's dtype
+    CuQ, CuK,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_db, stride_dh, stride_dn, stride_dd,  # strides of DO
+    stride_lb, stride_lh, stride_ln,  # strides of Lse and Delta
+    stride_dqb, stride_dqh, stride_dqn,  # strides of DQ (head-dim stride 1)
+    drop_sb, drop_sh, drop_sm,
+    Hq, GROUP, Nq, Nk, D,
+    qk_scale, sm_scale, bottom_right, seed, dropout_p, inv_keep,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_M queries per program
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    hk = h // GROUP
+    q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(CuQ, CuK, b, Nq, Nk, VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen_q:
+        return
+    shift = (seqlen_k - seqlen_q) * bottom_right
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seqlen_q
+    ok = row_ok[:, None] & (offs_d[None, :] < D)
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=ok, other=0.0)
+    do = tl.load(DO + b * stride_db + h * stride_dh + q_rows[:, None] * stride_dn + offs_d[None, :] * stride_dd,
+                 mask=ok, other=0.0)
+    lse = tl.load(Lse + b * stride_lb + h * stride_lh + q_rows * stride_ln, mask=row_ok, other=float("-inf"))
+    Delta_i = tl.load(Delta + b * stride_lb + h * stride_lh + q_rows * stride_ln, mask=row_ok, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    Kb = K + b * stride_kb + hk * stride_kh + k_start.to(tl.int64) * stride_kn
+    Vb = V + b * stride_vb + hk * stride_vh + k_start.to(tl.int64) * stride_vn
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    drop_base = b * drop_sb + h * drop_sh + q_start.to(tl.int64) * drop_sm + k_start
+    hi = seqlen_k
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M + shift)
+        mid = (tl.maximum(tl.minimum(hi, start_m + 1 + shift), 0) // BLOCK_N) * BLOCK_N
+    else:
+        mid = hi
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = _bwd_dq_inner(dq, q, do, lse, Delta_i, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd, mask_base,
+                       stride_mm, stride_mn, offs_m, offs_d, D, 0, mid, seqlen_q, seqlen_k, shift, qk_scale, seed,
+                       drop_base, drop_sm, dropout_p, inv_keep, BLOCK_N, MASK_KIND, CAUSAL, DROPOUT, False, UPCAST,
+                       IEEE)
+    dq = _bwd_dq_inner(dq, q, do, lse, Delta_i, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd, mask_base,
+                       stride_mm, stride_mn, offs_m, offs_d, D, mid, hi, seqlen_q, seqlen_k, shift, qk_scale, seed,
+                       drop_base, drop_sm, dropout_p, inv_keep, BLOCK_N, MASK_KIND, CAUSAL, DROPOUT, True, UPCAST,
+                       IEEE)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + q_rows[:, None] * stride_dqn + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------- configurations
+#
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass, GPU generation and head-dim bucket. Chosen
+# from FlashAttention-2 / Triton tutorial 06 practice and checked for 0 spills with ptxas (see
+# compile_targets); not yet tuned on a GPU. Under the interpreter: one configuration, blocks of 64.
+
+_BUCKETS = (16, 32, 64, 128, 256)
+
+
+def _table(small, mid, large) -> dict:
+    """{sm major: {head-dim bucket: config}}: buckets <= 64, 128, 256; sm_80 and sm_90 alike for now."""
+    per_bucket = {16: small, 32: small, 64: small, 128: mid, 256: large}
+    return {8: per_bucket, 9: per_bucket}
+
+
+# pass -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit dtypes. Measured with Triton 3.8's ptxas
+# for sm_90a with 16-aligned pointers and strides: 0 spills (see compile_targets).
+_CONFIGS = {
+    "fwd": _table((128, 64, 4, 3), (128, 64, 8, 3), (64, 32, 8, 2)),
+    "decode": _table((16, 64, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2)),
+    "dkdv": _table((32, 64, 8, 3), (32, 64, 8, 2), (16, 32, 8, 1)),
+    "dq": _table((128, 32, 4, 3), (128, 32, 8, 2), (32, 32, 8, 1)),
+}
+# With dropout (Philox on every score tile costs registers): smaller tiles or more warps.
+_DROPOUT_CONFIGS = {
+    "fwd": _table((128, 64, 8, 3), (64, 32, 8, 3), (32, 64, 8, 1)),
+    "decode": _table((16, 64, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2)),
+    "dkdv": _table((32, 64, 8, 3), (16, 32, 8, 2), (16, 32, 8, 1)),
+    "dq": _table((64, 32, 4, 3), (64, 32, 8, 2), (32, 32, 8, 1)),
+}
+_INTERPRETER_CONFIG = (64, 64, 4, 1)
+_ROWS_BLOCK = 64 if INTERPRET else 16  # rows per program of the row kernels (preprocess, combine)
+
+
+def _bucket(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _FP32_ADJUST(kind: str, bucket: int, bm: int, bn: int, stages: int) -> tuple[int, int, int]:
+    """fp32 inputs: 4-byte tiles (and fp64 dP in backward): smaller tiles, fewer stages."""
+    if kind in ("fwd", "decode"):
+        return bm, max(16, bn // 2), max(1, stages - 1)
+    if kind == "dkdv":
+        return bm, max(16, bn // 2), 1
+    return max(16, bm // 2), bn, 1
+
+
+def _config(kind: str, d: int, dtype: torch.dtype, device: torch.device, dropout: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a pass on this device."""
+    if INTERPRET:
+        return _INTERPRETER_CONFIG
+    major = 9 if torch.cuda.get_device_capability(device)[0] >= 9 else 8
+    return _gpu_config(kind, _bucket(d), dtype, major, dropout)
+
+
+def _launch_options(warps: int, stages: int) -> dict:
+    return {} if INTERPRET else {"num_warps": warps, "num_stages": stages}
+
+
+# ----------------------------------------------------------------------------- the backend interface
+
+
+def why_not(call) -> Optional[str]:
+    """None when these kernels can serve ``call`` (a ``dispatch.AttentionCall``), else why not."""
+    if call.device.type == "cpu":
+        if not INTERPRET:
+            return "not a CUDA tensor (Triton runs on CPU only under TRITON_INTERPRET=1, for tests)"
+    elif call.device.type != "cuda":
+        return f"not a CUDA tensor ({call.device.type})"
+    if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {str(call.dtype).replace('torch.', '')} is not supported (float16, bfloat16, float32)"
+    if call.head_dim > MAX_HEAD_DIM:
+        return f"head dim {call.head_dim} > {MAX_HEAD_DIM}"
+    if call.head_dim_v != call.head_dim:
+        return f"head dim of v ({call.head_dim_v}) != head dim of q and k ({call.head_dim}) is not supported"
+    if call.batch * call.heads_q > 65535:
+        return f"B * Hq = {call.batch * call.heads_q} > 65535 (the CUDA grid's second dimension)"
+    return None
+
+
+def _mask_args(attn_mask: Optional[torch.Tensor], like: torch.Tensor):
+    """(tensor, 4 strides with 0 on broadcast dims, kind) of a 4-D mask; never expanded or copied."""
+    if attn_mask is None:
+        return like, (0, 0, 0, 0), MASK_NONE
+    strides = tuple(0 if attn_mask.shape[i] == 1 else attn_mask.stride(i) for i in range(4))
+    if attn_mask.dtype == torch.bool:
+        return attn_mask.view(torch.uint8), strides, MASK_BOOL
+    return attn_mask, strides, MASK_BIAS
+
+
+def _dense_strides(t: torch.Tensor) -> tuple:
+    return tuple(t.stride())  # (B, H, N, D)
+
+
+def _packed_strides(t: torch.Tensor) -> tuple:
+    return (0, t.stride(1), t.stride(0), t.stride(2))  # (total, H, D) seen as (B=·, H, N, D), batch via cu_seqlens
+
+
+def _num_splits(b: int, hq: int, nq: int, nk: int, block_m: int, block_n: int, device) -> int:
+    """Split-KV count for decode: enough programs to fill the GPU, each split >= 4 key blocks."""
+    if INTERPRET or nq > 16 or nk < 1024:
+        return 1
+    programs = b * hq * triton.cdiv(nq, block_m)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, programs), nk // (4 * block_n), 128))
+
+
+def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, *, varlen, cu_q=None, cu_k=None,
+                 max_q=None, max_k=None, num_splits=None):
+    """Launches the forward kernel (and the split-KV combine); returns (out, lse)."""
+    if varlen:
+        tq, hq, d = q.shape
+        hkv = k.shape[1]
+        b, nq, nk = cu_q.numel() - 1, max_q, max_k
+        out = q.new_empty(q.shape)
+        lse = q.new_empty((hq, tq), dtype=torch.float32)
+        qs, ks, vs = _packed_strides(q), _packed_strides(k), _packed_strides(v)
+        os_ = (0, out.stride(1), out.stride(0), 0)
+        ls = (0, lse.stride(0), lse.stride(1), 0)
+        drop = (0, tq * k.shape[0], k.shape[0])
+    else:
+        b, hq, nq, d = q.shape
+        hkv, nk = k.shape[1], k.shape[2]
+        out = q.new_empty(q.shape)
+        lse = q.new_empty((b, hq, nq), dtype=torch.float32)
+        qs, ks, vs = _dense_strides(q), _dense_strides(k), _dense_strides(v)
+        os_ = (out.stride(0), out.stride(1), out.stride(2), 0)
+        ls = (lse.stride(0), lse.stride(1), lse.stride(2), 0)
+        drop = (hq * nq * nk, nq * nk, nk)
+        cu_q = cu_k = q  # unused
+    kind = "decode" if (nq <= 16 and not INTERPRET) else "fwd"
+    bm, bn, warps, stages = _config(kind, d, q.dtype, q.device, dropout_p > 0)
+    if num_splits is None:
+        num_splits = 1 if varlen else _num_splits(b, hq, nq, nk, bm, bn, q.device)
+    keys_per_split = triton.cdiv(triton.cdiv(nk, num_splits), bn) * bn
+    num_splits = triton.cdiv(nk, keys_per_split)
+    o_dst, l_dst = out, lse
+    if num_splits > 1:
+        assert not varlen, "split-KV serves dense calls"
+        o_dst = q.new_empty((num_splits, b, hq, nq, d), dtype=torch.float32)
+        l_dst = q.new_empty((num_splits, b, hq, nq), dtype=torch.float32)
+        os_ = tuple(o_dst.stride()[1:4]) + (o_dst.stride(0),)
+        ls = tuple(l_dst.stride()[1:4]) + (l_dst.stride(0),)
+    mask, ms, mask_kind = _mask_args(attn_mask, q)
+    grid = (triton.cdiv(nq, bm), b * hq, num_splits)
+    _attn_fwd[grid](
+        q, k, v, mask, o_dst, l_dst, cu_q, cu_k, *qs, *ks, *vs, *ms, *os_, *ls, *drop,
+        hq, hq // hkv, nq, nk, d, scale * LOG2E, int(bottom_right), seed, dropout_p, 1.0 / (1.0 - dropout_p),
+        keys_per_split,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d), MASK_KIND=mask_kind, CAUSAL=bool(causal),
+        DROPOUT=dropout_p > 0, VARLEN=varlen, UPCAST=INTERPRET, IEEE=q.dtype == torch.float32,
+        **_launch_options(warps, stages))
+    if num_splits > 1:
+        rows = b * hq * nq
+        _split_combine[(triton.cdiv(rows, _ROWS_BLOCK),)](o_dst, l_dst, out, lse, rows, d, num_splits,
+                                                          BLOCK_M=_ROWS_BLOCK, BLOCK_D=_bucket(d))
+    return out, lse
+
+
+def forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p):
+    """(out (B, Hq, Nq, D), lse (B, Hq, Nq) fp32) of ``fusedlayers.attention``."""
+    return _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, varlen=False)
+
+
+def forward_split_kv(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, num_splits: int):
+    """forward() with an explicit split-KV count (tests the decode path where the heuristic would not split)."""
+    return _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, varlen=False,
+                        num_splits=num_splits)
+
+
+def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, scale, causal,
+                   bottom_right, dropout_p):
+    """(out (total_q, Hq, D), lse (Hq, total_q)) of ``fusedlayers.attention_varlen``."""
+    from fusedlayers.ops import check_cu_seqlens_values  # the op body runs eagerly: values can be read
+
+    check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+    return _run_forward(q, k, v, None, seed, scale, causal, bottom_right, dropout_p, varlen=True, cu_q=cu_seqlens_q,
+                        cu_k=cu_seqlens_k, max_q=max_seqlen_q, max_k=max_seqlen_k)
+
+
+def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right, dropout_p,
+                  deterministic, bias_grad, *, varlen, cu_q=None, cu_k=None, max_q=None, max_k=None):
+    if varlen:
+        tq, hq, d = q.shape
+        hkv = k.shape[1]
+        b, nq, nk = cu_q.numel() - 1, max_q, max_k
+        strides = _packed_strides
+        ls = (0, lse.stride(0), lse.stride(1))
+        gs = (0, dlse.stride(0), dlse.stride(1))
+        drop = (0, tq * k.shape[0], k.shape[0])
+        pre_b, pre_n = 1, tq  # Delta's rows are independent: one (H, total_q) problem
+    else:
+        b, hq, nq, d = q.shape
+        hkv, nk = k.shape[1], k.shape[2]
+        strides = _dense_strides
+        ls = tuple(lse.stride())
+        gs = tuple(dlse.stride())
+        drop = (hq * nq * nk, nq * nk, nk)
+        pre_b, pre_n = b, nq
+        cu_q = cu_k = q
+    group = hq // hkv
+    # Delta = rowsum(dO * O) - dlse, laid out like lse; fp64 for fp32 inputs (see _bwd_tile)
+    Delta = torch.empty_like(lse, dtype=torch.float64 if q.dtype == torch.float32 else torch.float32)
+    _bwd_preprocess[(triton.cdiv(pre_n, _ROWS_BLOCK), pre_b * hq)](
+        out, dout, dlse, Delta, *strides(out), *strides(dout), *gs, *ls, hq, pre_n, d,
+        BLOCK_M=_ROWS_BLOCK, BLOCK_D=_bucket(d))
+
+    dk = k.new_empty(k.shape)
+    dv = v.new_empty(v.shape)
+    dk_s = strides(dk)[:3]
+    mask, ms, mask_kind = _mask_args(attn_mask, q)
+    dbias = db_buf = None
+    db_s = (0, 0, 0, 0)
+    if bias_grad:
+        # dS per (b, h), zero where causal skipping writes nothing; summed over the bias's broadcast dims below
+        db_buf = torch.zeros((b, hq, nq, nk), device=q.device, dtype=torch.float32)
+        if tuple(attn_mask.shape) == (b, hq, nq, nk) and attn_mask.dtype == torch.float32:
+            dbias = db_buf
+        db_s = tuple(db_buf.stride())
+    atomic = not deterministic
+    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else q.new_empty(q.shape)
+    common = dict(MASK_KIND=mask_kind, CAUSAL=bool(causal), DROPOUT=dropout_p > 0, VARLEN=varlen, UPCAST=INTERPRET,
+                  IEEE=q.dtype == torch.float32)
+    tail = (hq, group, nq, nk, d, scale * LOG2E, scale, int(bottom_right), seed, dropout_p, 1.0 / (1.0 - dropout_p))
+
+    bm, bn, warps, stages = _config("dkdv", d, q.dtype, q.device, dropout_p > 0)
+    _bwd_dkdv[(triton.cdiv(nk, bn), b * hkv)](
+        q, k, v, mask, dout, lse, Delta, dq_acc, dk, dv, db_buf if db_buf is not None else dq_acc, cu_q, cu_k,
+        *strides(q), *strides(k), *strides(v), *ms, *strides(dout), *ls, *strides(dq_acc), *dk_s, *db_s, *drop,
+        *tail, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d), ATOMIC_DQ=atomic, DBIAS=bias_grad, **common,
+        **_launch_options(warps, stages))
+    if atomic:
+        dq = dq_acc.to(q.dtype)
+    else:
+        dq = dq_acc
+        bm, bn, warps, stages = _config("dq", d, q.dtype, q.device, dropout_p > 0)
+        _bwd_dq[(triton.cdiv(nq, bm), b * hq)](
+            q, k, v, mask, dout, lse, Delta, dq, cu_q, cu_k, *strides(q), *strides(k), *strides(v), *ms,
+            *strides(dout), *ls, *strides(dq)[:3], *drop, *tail, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d),
+            **common, **_launch_options(warps, stages))
+    if bias_grad and dbias is None:
+        dims = [i for i in range(4) if attn_mask.shape[i] == 1]
+        dbias = (db_buf.sum(dim=dims, keepdim=True) if dims else db_buf).to(attn_mask.dtype)
+    return dq, dk, dv, dbias
+
+
+def backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right, dropout_p, deterministic,
+             bias_grad):
+    """(dq, dk, dv, dbias or None) of ``fusedlayers.attention``."""
+    return _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right, dropout_p,
+                         deterministic, bias_grad, varlen=False)
+
+
+def varlen_backward(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, lse, seed,
+                    scale, causal, bottom_right, dropout_p, deterministic):
+    """(dq, dk, dv) of ``fusedlayers.attention_varlen``."""
+    dq, dk, dv, _ = _run_backward(dout, dlse, q, k, v, None, out, lse, seed, scale, causal, bottom_right, dropout_p,
+                                  deterministic, False, varlen=True, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
+                                  max_q=max_seqlen_q, max_k=max_seqlen_k)
+    return dq, dk, dv
+
+
+def dropout_keep_mask(seed: int, shape, dropout_p: float, device) -> torch.Tensor:
+    """Bool keep-mask (True = keep) these kernels use: ``shape`` is (B, Hq, Nq, Nk), or (Hq, total_q,
+    total_k) for varlen; element at linear index i is ``tl.rand(seed, i) >= dropout_p``."""
+    numel = math.prod(shape)
+    keep = torch.empty(numel, dtype=torch.uint8, device=device)
+    block = 1 << 16
+    _keep_mask_kernel[(triton.cdiv(numel, block),)](keep, numel, seed, dropout_p, BLOCK=block)
+    return keep.view(torch.bool).view(tuple(shape))
+
+
+# ----------------------------------------------------------------------------- resource check
+
+
+def compile_targets() -> list[tuple[str, object, dict, dict, dict, dict]]:
+    """Every GPU block configuration the launchers may pick, for ``benchmarks/resource_check.py``:
+    (name, jit function, signature, constexprs, options, attrs) (attrs: ``ASTSource``'s divisibility hints).
+
+    For each pass, head-dim bucket, dtype class (bf16 stands for both 16-bit dtypes: same code,
+    same tiles; fp32 has its own tiles) and GPU generation's configuration, the kernel is compiled
+    with every feature on (fp32 additive bias with dbias, causal, dropout: flags only add work) and
+    with every feature off, plus varlen (causal + dropout) and, for dK/dV, the deterministic
+    variant. Runtime specialisation is mirrored for the common case: the head-dim strides are 1
+    (constexpr), other integers generic."""
+    targets = []
+    seen = set()
+    for major in (8, 9):
+        for dt, tdt in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+            for bucket in _BUCKETS:
+                for kind in ("fwd", "decode", "dkdv", "dq"):
+                    for variant in _VARIANTS[kind]:
+                        dropout = variant in ("all", "varlen", "deterministic")
+                        bm, bn, warps, stages = _gpu_config(kind, bucket, dt, major, dropout)
+                        name = f"attn_{kind}_{variant}_{tdt}_d{bucket}_BM{bm}_BN{bn}_w{warps}_s{stages}"
+                        if name in seen:  # sm_80 and sm_90 may share a configuration
+                            continue
+                        seen.add(name)
+                        fn, signature, constexprs = _target(kind, variant, tdt, bucket, bm, bn)
+                        targets.append((name, fn, signature, constexprs, {"num_warps": warps, "num_stages": stages},
+                                        _aligned(fn, signature)))
+            for bucket in _BUCKETS:
+                for fn, tag in ((_bwd_preprocess, "preprocess"), (_split_combine, "combine")):
+                    name = f"attn_{tag}_{tdt}_d{bucket}"
+                    if name not in seen:
+                        seen.add(name)
+                        signature, constexprs = _row_target(fn, tdt, bucket)
+                        targets.append((name, fn, signature, constexprs, {"num_warps": 4}, _aligned(fn, signature)))
+    return targets
+
+
+# all: fp32 bias (+ dbias) + causal + dropout; mask: bias + causal; none: no feature; varlen: causal + dropout
+_VARIANTS = {"fwd": ("all", "mask", "none", "varlen"), "decode": ("all", "mask", "none"),
+             "dkdv": ("all", "mask", "none", "varlen", "deterministic"), "dq": ("all", "mask", "none", "varlen")}
+
+
+def _aligned(fn, signature: dict) -> dict:
+    """Triton's runtime specialisation of 16-aligned pointers and strides divisible by 16 (the common
+    case: power-of-two head dims, fresh allocations), as ASTSource attrs."""
+    return {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
+            if signature[arg].startswith("*") or (arg.startswith("stride") and signature[arg] != "constexpr")}
+
+
+def _gpu_config(kind: str, bucket: int, dtype: torch.dtype, major: int, dropout: bool) -> tuple[int, int, int, int]:
+    table = _DROPOUT_CONFIGS if dropout else _CONFIGS
+    bm, bn, warps, stages = table[kind][major][bucket]
+    if dtype == torch.float32:
+        bm, bn, stages = _FP32_ADJUST(kind, bucket, bm, bn, stages)
+    return bm, bn, warps, stages
+
+
+def _target(kind: str, variant: str, tdt: str, bucket: int, bm: int, bn: int):
+    fn = {"fwd": _attn_fwd, "decode": _attn_fwd, "dkdv": _bwd_dkdv, "dq": _bwd_dq}[kind]
+    on = variant in ("all", "deterministic", "mask")
+    varlen = variant == "varlen"
+    dropout = variant != "mask" and (on or varlen)
+    signature, constexprs = {}, {}
+    for arg in fn.arg_names:
+        if arg in ("Q", "K", "V", "DO", "DK", "DV"):
+            signature[arg] = "*" + tdt
+        elif arg == "Mask":
+            signature[arg] = "*fp32" if on else "*" + tdt
+        elif arg == "Out":
+            signature[arg] = "*fp32" if kind == "decode" and on else "*" + tdt  # split-KV partials are fp32
+        elif arg == "DQ":
+            signature[arg] = "*fp32" if kind == "dkdv" or tdt == "fp32" else "*" + tdt
+        elif arg in ("Lse", "DB"):
+            signature[arg] = "*fp32"
+        elif arg == "Delta":
+            signature[arg] = "*fp64" if tdt == "fp32" else "*fp32"
+        elif arg in ("CuQ", "CuK"):
+            signature[arg] = "*i32" if varlen else "*" + tdt
+        elif arg in ("stride_qd", "stride_kd", "stride_vd", "stride_dd", "stride_dqd", "stride_mn", "stride_bn"):
+            signature[arg], constexprs[arg] = "constexpr", 1
+        elif arg in ("qk_scale", "sm_scale", "dropout_p", "inv_keep"):
+            signature[arg] = "fp32"
+        elif arg in ("seed", "drop_sb", "drop_sh", "drop_sm"):
+            signature[arg] = "i64"
+        elif arg in _constexpr_args(fn):
+            signature[arg] = "constexpr"
+        else:
+            signature[arg] = "i32"
+    constexprs.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bucket, MASK_KIND=MASK_BIAS if on and not varlen else MASK_NONE,
+                      CAUSAL=on or varlen, DROPOUT=dropout, VARLEN=varlen, UPCAST=False, IEEE=tdt == "fp32")
+    if kind == "dkdv":
+        constexprs.update(ATOMIC_DQ=variant != "deterministic", DBIAS=on)
+    return fn, signature, {k: v for k, v in constexprs.items() if k in fn.arg_names}
+
+
+def _constexpr_args(fn) -> set:
+    """Parameters annotated ``tl.constexpr`` (works on JIT and interpreted functions alike)."""
+    params = inspect.signature(fn.fn).parameters
+    return {name for name, p in params.items() if p.annotation is tl.constexpr or "constexpr" in str(p.annotation)}
+
+
+def _row_target(fn, tdt: str, bucket: int):
+    signature, constexprs = {}, {}
+    for arg in fn.arg_names:
+        if arg in ("O", "DO", "Out"):
+            signature[arg] = "*" + tdt
+        elif arg == "Delta_out":
+            signature[arg] = "*fp64" if tdt == "fp32" else "*fp32"
+        elif arg in ("DLse", "OPart", "LPart", "Lse"):
+            signature[arg] = "*fp32"
+        elif arg in ("stride_od", "stride_dd"):
+            signature[arg], constexprs[arg] = "constexpr", 1
+        elif arg in _constexpr_args(fn):
+            signature[arg] = "constexpr"
+        else:
+            signature[arg] = "i32"
+    constexprs.update(BLOCK_M=_ROWS_BLOCK, BLOCK_D=bucket)
+    return signature, constexprs

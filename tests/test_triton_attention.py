@@ -1,0 +1,193 @@
+"""Paths of the Triton attention kernels (kernels/attention.py) that the shared grid does not reach:
+forced split-KV decode, the dropout stream against dropout_keep_mask, deterministic backward,
+broadcast masks read through strides, odd head dims, bias gradients of broadcast biases, refusals,
+and the compile-target list of the resource check. On CPU they run through TRITON_INTERPRET=1."""
+
+import pytest
+import torch
+
+import fusedlayers
+from fusedlayers import dispatch, ops, reference, testing
+from fusedlayers.testing import AttentionCase
+
+from conftest import DEVICE, skip_unless_serves
+
+A = dispatch.implementation("attention", "triton") if dispatch.why_not(
+    "attention", "triton", testing.attention_call_for(AttentionCase(b=1, hq=1, hkv=1, nq=1, nk=1, d=16),
+                                                      torch.float32, DEVICE)) is None else None
+pytestmark = pytest.mark.skipif(A is None, reason="triton attention cannot run here")
+
+
+def _ref_forward(q, k, v, mask, causal, align, dtype):
+    """(float64 truth, PyTorch's same-dtype result) of the reference forward."""
+    o64, l64 = reference.attention(*(t.detach().cpu().double() if t is not None and t.is_floating_point() else
+                                     (t.cpu() if t is not None else None) for t in (q, k, v, mask)),
+                                   causal=causal, causal_align=align)
+    ot, lt = reference.attention(*(t.detach() if t is not None else None for t in (q, k, v, mask)), causal=causal,
+                                 causal_align=align)
+    return (o64, l64), (ot, lt.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [None, "bottom_right"])
+def test_forced_split_kv_decode_matches_reference(dtype, causal):
+    # Nq = 1 against Nk = 300: three splits of 128 keys (blocks of 64 under the interpreter), GQA, padding mask.
+    case = AttentionCase(b=2, hq=4, hkv=2, nq=1, nk=300, d=32, mask="key_padding", causal=causal)
+    q, k, v, mask, _, _ = testing.make_attention_inputs(case, dtype, DEVICE)
+    out, lse = A.forward_split_kv(q.detach(), k.detach(), v.detach(), mask, 0, 32 ** -0.5, causal is not None,
+                                  causal == "bottom_right", 0.0, num_splits=3)
+    (o64, l64), (ot, lt) = _ref_forward(q, k, v, mask, causal is not None, causal or "top_left", dtype)
+    testing.assert_all_ok([testing.compare("out", out, o64, ot, testing.OUT_FACTOR),
+                           testing.compare("lse", lse, l64, lt, testing.OUT_FACTOR)], f"split-KV {case} {dtype}")
+    one, lse1 = A.forward(q.detach(), k.detach(), v.detach(), mask, 0, 32 ** -0.5, causal is not None,
+                          causal == "bottom_right", 0.0)
+    torch.testing.assert_close(lse, lse1)
+
+
+def test_split_kv_with_a_split_that_sees_no_key():
+    # bottom-right causal, Nq = 2 > the keys of no split... top-left with Nq = 2: splits 2 and 3 see nothing.
+    case = AttentionCase(b=1, hq=2, hkv=1, nq=2, nk=300, d=16, causal="top_left")
+    q, k, v, _, _, _ = testing.make_attention_inputs(case, torch.float32, DEVICE)
+    out, lse = A.forward_split_kv(q.detach(), k.detach(), v.detach(), None, 0, 0.25, True, False, 0.0, num_splits=3)
+    o64, l64 = reference.attention(q.detach().double(), k.detach().double(), v.detach().double(), causal=True,
+                                   scale=0.25)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(out.double(), o64.to(out.device), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), l64.to(out.device), atol=1e-5, rtol=1e-5)
+
+
+def _dropout_probe(dtype, p, b=2, hq=2, hkv=1, nq=40, nk=64):
+    """Output of attention with q = 0 (uniform P = 1/Nk) and V = identity: out[..., i, j] = keep_ij / ((1-p) Nk)."""
+    q = torch.zeros(b, hq, nq, nk, device=DEVICE, dtype=dtype)
+    k = torch.randn(b, hkv, nk, nk, device=DEVICE).to(dtype)
+    v = torch.eye(nk, device=DEVICE, dtype=dtype).expand(b, hkv, nk, nk)
+    torch.manual_seed(11)
+    out = fusedlayers.attention(q, k, v, dropout_p=p, backend="triton")
+    torch.manual_seed(11)
+    seed = int(ops._draw_seed(p))
+    return out, seed
+
+
+def test_dropout_mask_is_dropout_keep_mask():
+    p = 0.3
+    out, seed = _dropout_probe(torch.float32, p)
+    keep = A.dropout_keep_mask(seed, out.shape, p, DEVICE)
+    assert torch.equal(out > 0, keep)
+    torch.testing.assert_close(out[keep], torch.full_like(out[keep], 1 / ((1 - p) * 64)))
+    rate = keep.float().mean().item()
+    assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / keep.numel()) ** 0.5, rate
+
+
+def test_varlen_dropout_mask_is_dropout_keep_mask_in_packed_indices():
+    p, hq, nk = 0.4, 2, 64
+    lens_q, lens_k = [5, 30], [64, 20]
+    tq, tk = sum(lens_q), sum(lens_k)
+    q = torch.zeros(tq, hq, nk, device=DEVICE)
+    k = torch.randn(tk, 1, nk, device=DEVICE)
+    v = torch.eye(nk, device=DEVICE)[torch.cat([torch.arange(n) for n in lens_k])].view(tk, 1, nk)  # one-hot rows
+    cu = lambda lens: torch.tensor([0] + lens, device=DEVICE).cumsum(0).to(torch.int32)  # noqa: E731
+    torch.manual_seed(5)
+    out = fusedlayers.attention_varlen(q, k, v, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k), dropout_p=p,
+                                       backend="triton")
+    torch.manual_seed(5)
+    keep = A.dropout_keep_mask(int(ops._draw_seed(p)), (hq, tq, tk), p, DEVICE)
+    for s in range(2):  # sequence s: its query rows against its own key columns
+        rows = slice(sum(lens_q[:s]), sum(lens_q[:s + 1]))
+        cols = slice(sum(lens_k[:s]), sum(lens_k[:s + 1]))
+        seen = out[rows].transpose(0, 1)[..., :lens_k[s]] > 0  # (Hq, rows, keys of s)
+        assert torch.equal(seen, keep[:, rows, cols])
+
+
+def test_deterministic_varlen_and_dropout_are_bitwise_reproducible():
+    lens = [17, 64, 3]
+    tq = sum(lens)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(tq, h, 32, generator=gen).to(DEVICE).requires_grad_() for h in (4, 2, 2))
+    cu = torch.tensor([0] + lens, device=DEVICE).cumsum(0).to(torch.int32)
+    dout = torch.randn(tq, 4, 32, generator=gen).to(DEVICE)
+    runs = []
+    for deterministic in (True, True, False):
+        torch.manual_seed(3)
+        out = fusedlayers.attention_varlen(q, k, v, cu, cu, 64, 64, causal=True, dropout_p=0.1,
+                                           deterministic=deterministic, backend="triton")
+        runs.append(torch.autograd.grad(out, (q, k, v), dout))
+    for a, b, c in zip(*runs):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)  # atomics: another summation order only
+
+
+def test_broadcast_masks_are_read_through_strides_not_copied():
+    case = AttentionCase(b=2, hq=4, hkv=2, nq=17, nk=64, d=16, mask="key_padding")
+    q, k, v, mask, _, _ = testing.make_attention_inputs(case, torch.float32, DEVICE)
+    t, strides, kind = A._mask_args(mask, q)
+    assert t.data_ptr() == mask.data_ptr() and t.numel() == mask.numel()  # a view of the user's mask, no copy
+    assert strides[1] == 0 and strides[2] == 0 and kind == A.MASK_BOOL
+    wide = mask.expand(2, 4, 17, 64)  # stride-0 view of the same memory: same answer
+    small = fusedlayers.attention(q, k, v, mask, backend="triton")
+    torch.testing.assert_close(fusedlayers.attention(q, k, v, wide, backend="triton"), small, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_key_padding_mask_costs_no_batch_heads_n_n_memory():
+    b, h, n, d = 8, 16, 4096, 64
+    q = torch.randn(b, h, n, d, device="cuda", dtype=torch.float16)
+    mask = torch.rand(b, 1, 1, n, device="cuda") < 0.9
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fusedlayers.attention(q, q, q, mask, backend="triton")
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 4 * q.numel() * q.element_size()  # b*h*n*n bool: 2 GiB
+
+
+@pytest.mark.parametrize("d", [1, 3, 17, 33, 100, 200])
+def test_odd_head_dims(d):
+    for dtype in (torch.float32, torch.bfloat16):
+        case = AttentionCase(b=1, hq=2, hkv=1, nq=17, nk=33, d=d, causal="bottom_right", mask="bias")
+        testing.assert_all_ok(testing.check_attention(case, dtype, DEVICE, "triton"), f"{case} {dtype}")
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1, 48), (1, 1, 17, 1), (2, 2, 17, 48)], ids=str)
+def test_bias_gradient_reduced_to_broadcast_shape(shape):
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 2, 17, 16, generator=gen).to(DEVICE).requires_grad_()
+    k, v = (torch.randn(2, 1, 48, 16, generator=gen).to(DEVICE).requires_grad_() for _ in range(2))
+    bias = torch.randn(shape, generator=gen).to(DEVICE).requires_grad_()
+    dout = torch.randn(2, 2, 17, 16, generator=gen).to(DEVICE)
+    out = fusedlayers.attention(q, k, v, bias, causal=True, backend="triton")
+    grads = torch.autograd.grad(out, (q, k, v, bias), dout)
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v, bias)]
+    o64, _ = reference.attention(*leaves, causal=True)
+    grads64 = torch.autograd.grad(o64, leaves, dout.cpu().double())
+    assert grads[3].shape == bias.shape and grads[3].dtype == bias.dtype
+    for g, g64 in zip(grads, grads64):
+        torch.testing.assert_close(g.cpu().double(), g64, atol=2e-5, rtol=1e-4)
+
+
+def test_refusals_name_the_reason(monkeypatch):
+    call = testing.attention_call_for(AttentionCase(b=1, hq=1, hkv=1, nq=4, nk=4, d=16), torch.float32, DEVICE)
+    from dataclasses import replace
+    assert "float64" in A.why_not(replace(call, dtype=torch.float64))
+    assert "head dim 300 > 256" in A.why_not(replace(call, head_dim=300, head_dim_v=300))
+    assert "head dim of v" in A.why_not(replace(call, head_dim_v=32))
+    monkeypatch.setattr(A, "INTERPRET", False)
+    assert "TRITON_INTERPRET=1" in A.why_not(replace(call, device=torch.device("cpu")))
+
+
+def test_compile_targets_cover_the_launch_configurations():
+    targets = A.compile_targets()
+    names = [t[0] for t in targets]
+    assert len(names) == len(set(names))
+    for name, fn, signature, constexprs, options, attrs in targets:
+        assert list(signature) == list(fn.arg_names), name
+        assert all(signature[k] == "constexpr" for k in constexprs), name
+        assert A._constexpr_args(fn) <= set(constexprs), name
+        assert options["num_warps"] in (4, 8), name
+    for kind in ("fwd", "decode", "dkdv", "dq"):
+        for bucket in A._BUCKETS:
+            for major in (8, 9):
+                for dt, tag in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+                    for dropout in (False, True):
+                        bm, bn, w, s = A._gpu_config(kind, bucket, dt, major, dropout)
+                        assert any(n.startswith(f"attn_{kind}_") and f"_{tag}_d{bucket}_BM{bm}_BN{bn}_w{w}_s{s}" in n
+                                   for n in names), (kind, bucket, major, tag, dropout)
