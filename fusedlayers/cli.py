@@ -108,6 +108,9 @@ def main(argv=None) -> int:
                                                   "add_layer_norm, rms_norm")
     p.add_argument("--out", help="results folder (default: benchmarks/results/<device>/ under the current folder)")
     p.set_defaults(fn=bench)
+    from .transformer.cli import add_subcommands  # train, probe, lesson: the reference Transformer
+
+    add_subcommands(sub)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
