@@ -86,6 +86,35 @@ at::Tensor ext_smoke_cpu(const at::Tensor& x) {
 TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
   m.def("_ext_info() -> str");
   m.def("_ext_smoke(Tensor x) -> Tensor");
+
+  // Kernel ops, device-neutral names: CPU impls in csrc/{attention,layer_norm,cpu}/*_cpu.cpp,
+  // CUDA impls of the same schemas in the .cu files. Called from the Python custom ops'
+  // bodies (fusedlayers/csrc_backend.py); the fake and autograd registration are those of
+  // the Python ops (fusedlayers/registration.py). Dense attention: q (B, Hq, Nq, D), k, v
+  // (B, Hkv, Nk, D), cu_seqlens None; varlen: q (Tq, Hq, D), k, v (Tk, Hkv, D) with
+  // cu_seqlens (B + 1,) int32. seed: the dropout seed (0 when dropout_p = 0).
+  m.def("attention_fwd_kernel(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? cu_seqlens_q, "
+        "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, int seed, float scale, bool causal, "
+        "bool bottom_right, float dropout_p) -> (Tensor out, Tensor lse)");
+  m.def("attention_bwd_kernel(Tensor dout, Tensor dlse, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, "
+        "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor out, Tensor lse, "
+        "int seed, float scale, bool causal, bool bottom_right, float dropout_p, bool bias_grad) "
+        "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
+  // x (M, N); z kept (in stream_dtype) when keep_stream, else empty.
+  m.def("norm_fwd_kernel(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, int seed, float eps, "
+        "float dropout_p, bool rms, bool keep_stream, ScalarType stream_dtype) "
+        "-> (Tensor y, Tensor z, Tensor mean, Tensor rstd)");
+  m.def("norm_bwd_kernel(Tensor dy, Tensor? dz, Tensor zin, Tensor? weight, Tensor? bias, Tensor mean, "
+        "Tensor rstd, int seed, float dropout_p, bool rms, ScalarType x_dtype, ScalarType? residual_dtype) "
+        "-> (Tensor dx, Tensor dresidual, Tensor dweight, Tensor dbias)");
+  // Fills `keep` with the kernels' dropout keep-mask of `seed` (element index = flat index).
+  m.def("dropout_keep_mask_kernel(Tensor(a!) keep, int seed, float p) -> ()");
+  // Host unit tests of the shared tile math (csrc/common/).
+  m.def("_philox4x32(Tensor counter_key) -> Tensor");
+  m.def("_online_softmax_test(Tensor scores, int block) -> Tensor");
+  m.def("_mean_var_test(Tensor x, int block) -> Tensor");
+  // What the CPU kernels run on: SIMD level and GEMM provider (benchmarks state it).
+  m.def("_cpu_kernels_info() -> str");
 }
 
 // _ext_info has no tensor argument, so no backend key: CompositeExplicitAutograd serves

@@ -36,7 +36,7 @@ def _probe_calls(device: torch.device, dtype: torch.dtype = torch.float16):
 
 def info(args) -> int:
     import fusedlayers
-    from . import _ext, dispatch
+    from . import _ext, cuda_backend, dispatch
     from .verify import device_name, summary
 
     try:
@@ -54,6 +54,7 @@ def info(args) -> int:
         print("TRITON_INTERPRET=1: Triton kernels run on CPU tensors through the interpreter (slow; for tests)")
     print(f"extension fusedlayers._C: {'built: ' + _ext.INFO if _ext.ERROR is None else _ext.ERROR}")
 
+    print(f"cuda kernels: {cuda_backend.status()}")
     print(f"correctness: {summary(device.type)}")
     print(f"backends for {device.type} tensors:")
     for family, call in _probe_calls(device).items():

@@ -39,12 +39,19 @@ IMPLEMENTATIONS = {
     ("attention", "reference"): "fusedlayers.reference_backend:attention",
     ("attention", "triton"): "fusedlayers.kernels.attention",
     ("norm", "reference"): "fusedlayers.reference_backend:norm",
+    ("attention", "cpu"): "fusedlayers.csrc_backend:attention",
+    ("norm", "cpu"): "fusedlayers.csrc_backend:norm",
+    ("attention", "cuda"): "fusedlayers.cuda_backend:attention",
+    ("norm", "cuda"): "fusedlayers.cuda_backend:norm",
 }
 
 # Backends that backend="auto" tries, in order, by the device type of the inputs. The
-# Triton interpreter is never chosen by auto on CPU: it exists for tests.
+# Triton interpreter is never chosen by auto on CPU: it exists for tests. The cuda backend
+# joins the front of the "cuda" row once it has passed the grid on a GPU (it has been
+# compiled and checked for spills, never run: see fusedlayers.cuda_backend.status()); until
+# then it serves only calls that name it.
 AUTO_ORDER = {
-    "cuda": ("cuda", "triton", "reference"),
+    "cuda": ("triton", "reference"),
     "cpu": ("cpu", "reference"),
 }
 

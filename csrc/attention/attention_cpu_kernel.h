@@ -1,0 +1,335 @@
+// Fused attention on the CPU: forward and backward of softmax(scale * Q K^T + mask) V,
+// FlashAttention-style, compiled per SIMD level (see common/cpu_capability_begin.h).
+//
+// Forward: one task per (sequence b, query head h, block of block_q query rows), spread
+// over the OpenMP threads (dynamic schedule, causal blocks heaviest first). A task walks
+// the key blocks of block_k keys its rows can see (causal: blocks past the diagonal are
+// skipped, only the diagonal blocks are masked element-wise) and keeps the online-softmax
+// state of its rows (common/online_softmax.h):
+//     S = scale * Q K_blk^T           GEMM (torch's BLAS, common/cpu_gemm.h)
+//     S += bias / -inf where masked   at::vec row loops, mask read through its strides
+//     m_new = max(m, rowmax S); P = exp(S - m_new); l = alpha * l + rowsum P
+//     O = alpha * O + dropout(P) V    GEMM (P in the inputs' dtype for fp16 / bf16)
+// then out = O / l, lse = m + log l (0 and -inf for rows that saw no key).
+//
+// Backward: one task per (sequence b, KV head hk): it owns dK, dV of that head (float32
+// accumulators, summed over the query heads of its GQA group in a fixed order) and the
+// dQ of each of its query blocks, so no two threads ever write the same element:
+// deterministic by construction, no atomics. For each query block and key block:
+//     P  = exp(scale * Q K^T + mask - lse)          (recomputed from the saved lse)
+//     dP = dropout(dO V^T)                           Delta_i = rowsum(dO_i * O_i)
+//     dV += dropout(P)^T dO
+//     dS = P * (dP - Delta + dlse)                   (dlse: lse's own gradient)
+//     dQ += scale * dS K,  dK += scale * dS^T Q,  dbias += dS (in the mask's shape)
+//
+// Tiles (block_q x block_k, 256 x 512 by default) are chosen by the op glue
+// (attention_cpu.cpp). fp16 / bf16 inputs go to the GEMM as they are (MKL's
+// bf16/fp16 x bf16/fp16 -> fp32 routines), with P and dS rounded to the input dtype as
+// FlashAttention does; everything else is float32.
+// Dropout regenerates the Philox mask of (seed, element index) (common/philox.h).
+// Checked by tests/test_attention.py and tests/test_cpu_kernels.py (backend "cpu"),
+// benchmarked by benchmarks/bench_cpu.py.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "common/cpu_gemm.h"
+#include "common/online_softmax.h"
+#include "cpu/vec_utils.h"
+
+namespace fusedlayers::cpu {
+inline namespace CPU_CAPABILITY {
+namespace attn {
+
+
+// C (m x n, float32) = alpha * op(A) op(B) + beta * C for A, B in the inputs' dtype:
+// torch's BLAS with low-precision operands where it has them, else a float32 copy.
+template <typename T>
+void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const T* a, int64_t lda, const T* b,
+        int64_t ldb, float beta, float* c, int64_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  } else {
+    if (gemm_lowp(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) return;
+    const int64_t ra = ta ? k : m, ca = ta ? m : k, rb = tb ? n : k, cb = tb ? k : n;
+    std::vector<float> af(ra * ca), bf(rb * cb);
+    for (int64_t i = 0; i < ra; ++i) load_row(a + i * lda, ca, af.data() + i * ca);
+    for (int64_t i = 0; i < rb; ++i) load_row(b + i * ldb, cb, bf.data() + i * cb);
+    gemm(ta, tb, m, n, k, alpha, af.data(), ca, bf.data(), cb, beta, c, ldc);
+  }
+}
+
+// Where sequence b starts and how long it is (dense: 0 and the full length).
+struct Seq {
+  int64_t q_start, len_q, k_start, len_k, shift;  // shift: causal diagonal offset
+};
+
+inline Seq seq_of(const AttentionParams& p, int64_t b) {
+  Seq s{0, p.seqlen_q, 0, p.seqlen_k, 0};
+  if (p.cu_seqlens_q != nullptr) {
+    s.q_start = p.cu_seqlens_q[b];
+    s.len_q = p.cu_seqlens_q[b + 1] - s.q_start;
+    s.k_start = p.cu_seqlens_k[b];
+    s.len_k = p.cu_seqlens_k[b + 1] - s.k_start;
+  }
+  s.shift = p.bottom_right ? s.len_k - s.len_q : 0;
+  return s;
+}
+
+// Keys a query block [i0, i0 + mq) may see: [0, end). Causal: up to the last row's diagonal.
+inline int64_t key_end(const AttentionParams& p, const Seq& s, int64_t i0, int64_t mq) {
+  if (!p.causal) return s.len_k;
+  return std::clamp<int64_t>(i0 + mq + s.shift, 0, s.len_k);
+}
+
+// Adds the mask / bias / causal rule to one row of scores s[0 .. nk) = keys kb .. kb + nk
+// of query row r (position in its sequence).
+template <typename T>
+inline void mask_row(const AttentionParams& p, const Seq& sq, int64_t b, int64_t h, int64_t r, int64_t kb,
+                     int64_t nk, float* s) {
+  if (p.mask_kind != 0) {
+    const int64_t off = b * p.m_bs + h * p.m_hs + r * p.m_qs + kb * p.m_ks;
+    if (p.mask_kind == 1) {
+      const bool* m = static_cast<const bool*>(p.mask) + off;
+      for (int64_t j = 0; j < nk; ++j) {
+        if (!m[j * p.m_ks]) s[j] = -INFINITY;
+      }
+    } else if (p.mask_kind == 2) {
+      const float* m = static_cast<const float*>(p.mask) + off;
+      if (p.m_ks == 1) {
+        int64_t j = 0;
+        for (; j + kVec <= nk; j += kVec) (Vec::loadu(s + j) + Vec::loadu(m + j)).store(s + j);
+        for (; j < nk; ++j) s[j] += m[j];
+      } else {
+        for (int64_t j = 0; j < nk; ++j) s[j] += m[j * p.m_ks];
+      }
+    } else {
+      const T* m = static_cast<const T*>(p.mask) + off;
+      for (int64_t j = 0; j < nk; ++j) s[j] += static_cast<float>(m[j * p.m_ks]);
+    }
+  }
+  if (p.causal) {
+    const int64_t first_hidden = std::max<int64_t>(r + sq.shift + 1 - kb, 0);
+    for (int64_t j = first_hidden; j < nk; ++j) s[j] = -INFINITY;
+  }
+}
+
+template <typename T>
+void forward(const AttentionParams& p) {
+  const int64_t kBlockQ = p.block_q, kBlockK = p.block_k;
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, group = p.heads_q / p.heads_kv;
+  const int64_t n_qblocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
+  const int64_t n_tasks = p.batch * p.heads_q * n_qblocks;
+  const float inv_keep = p.dropout_p > 0 ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+  const T* qp = static_cast<const T*>(p.q);
+  const T* kp = static_cast<const T*>(p.k);
+  const T* vp = static_cast<const T*>(p.v);
+  T* op = static_cast<T*>(p.out);
+
+#pragma omp parallel num_threads(at::get_num_threads()) if (n_tasks > 1 && !omp_in_parallel())
+  {
+    std::unique_ptr<float[]> s_buf(new float[kBlockQ * kBlockK]);   // S, then P
+    std::unique_ptr<float[]> o_acc(new float[kBlockQ * Dv]);        // O accumulator
+    std::unique_ptr<T[]> p_lowp(new T[std::is_same_v<T, float> ? 1 : kBlockQ * kBlockK]);  // P in T
+    std::vector<SoftmaxState> state(kBlockQ);
+    float* S = s_buf.get();
+
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < n_tasks; ++task) {
+      // heaviest (last, under causal) query blocks first
+      const int64_t qb = n_qblocks - 1 - task % n_qblocks;
+      const int64_t bh = task / n_qblocks, b = bh / p.heads_q, h = bh % p.heads_q, hk = h / group;
+      const Seq sq = seq_of(p, b);
+      const int64_t i0 = qb * kBlockQ;
+      if (i0 >= sq.len_q) continue;
+      const int64_t mq = std::min(kBlockQ, sq.len_q - i0);
+      const T* Q = qp + b * p.q_bs + h * p.q_hs + (sq.q_start + i0) * p.q_rs;
+      const T* K = kp + b * p.k_bs + hk * p.k_hs + sq.k_start * p.k_rs;
+      const T* V = vp + b * p.v_bs + hk * p.v_hs + sq.k_start * p.v_rs;
+      std::fill(o_acc.get(), o_acc.get() + mq * Dv, 0.0f);
+      std::fill(state.begin(), state.begin() + mq, softmax_init());
+      const int64_t kend = key_end(p, sq, i0, mq);
+      // keys past this one need the causal rule element-wise (the diagonal blocks)
+      const int64_t diag = p.causal ? i0 + sq.shift + 1 : kend;
+
+      for (int64_t kb = 0; kb < kend; kb += kBlockK) {
+        const int64_t nk = std::min(kBlockK, kend - kb);
+        mm<T>(false, true, mq, nk, D, p.scale, Q, p.q_rs, K + kb * p.k_rs, p.k_rs, 0.0f, S, kBlockK);
+        const bool needs_mask = p.mask_kind != 0 || kb + nk > diag;
+        for (int64_t i = 0; i < mq; ++i) {
+          float* s = S + i * kBlockK;
+          const int64_t r = i0 + i;
+          if (needs_mask) mask_row<T>(p, sq, b, h, r, kb, nk, s);
+          SoftmaxState& st = state[i];
+          const float m_new = softmax_new_max(st, row_max(s, nk));
+          if (m_new == -INFINITY) {  // nothing visible yet: P = 0
+            std::fill(s, s + nk, 0.0f);
+          } else {
+            const float alpha = softmax_update(st, m_new, exp_sub_sum(s, nk, m_new));
+            if (alpha != 1.0f) scale_row(o_acc.get() + i * Dv, Dv, alpha);
+            if (p.dropout_p > 0) {
+              const int64_t index0 = b * p.drop_bs + h * p.drop_hs + (sq.q_start + r) * p.drop_rs + sq.k_start + kb;
+              dropout_row(s, nk, p.seed, static_cast<uint64_t>(index0), p.dropout_p, inv_keep);
+            }
+          }
+          if constexpr (!std::is_same_v<T, float>) store_row(s, nk, p_lowp.get() + i * kBlockK);
+        }
+        if constexpr (std::is_same_v<T, float>) {
+          mm<T>(false, false, mq, Dv, nk, 1.0f, S, kBlockK, V + kb * p.v_rs, p.v_rs, 1.0f, o_acc.get(), Dv);
+        } else {
+          mm<T>(false, false, mq, Dv, nk, 1.0f, p_lowp.get(), kBlockK, V + kb * p.v_rs, p.v_rs, 1.0f, o_acc.get(),
+                Dv);
+        }
+      }
+      for (int64_t i = 0; i < mq; ++i) {
+        const int64_t r = sq.q_start + i0 + i;
+        store_row(o_acc.get() + i * Dv, Dv, op + b * p.o_bs + h * p.o_hs + r * p.o_rs, softmax_inv_sum(state[i]));
+        p.lse[b * p.lse_bs + h * p.lse_hs + r] = softmax_lse(state[i]);
+      }
+    }
+  }
+}
+
+template <typename T>
+void backward(const AttentionParams& p) {
+  const int64_t kBlockQ = p.block_q, kBlockK = p.block_k;
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, group = p.heads_q / p.heads_kv;
+  const int64_t n_tasks = p.batch * p.heads_kv;
+  const float inv_keep = p.dropout_p > 0 ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+  const T* qp = static_cast<const T*>(p.q);
+  const T* kp = static_cast<const T*>(p.k);
+  const T* vp = static_cast<const T*>(p.v);
+  const T* outp = static_cast<const T*>(p.out);
+  const T* doutp = static_cast<const T*>(p.dout);
+  constexpr bool lowp = !std::is_same_v<T, float>;
+
+#pragma omp parallel num_threads(at::get_num_threads()) if (n_tasks > 1 && !omp_in_parallel())
+  {
+    const int64_t nk_max = p.seqlen_k;
+    std::unique_ptr<float[]> dk_acc(new float[nk_max * D]);   // dK of this KV head, unscaled
+    std::unique_ptr<float[]> dv_acc(new float[nk_max * Dv]);  // dV of this KV head
+    std::unique_ptr<float[]> dq_acc(new float[kBlockQ * D]);  // dQ of one query block, unscaled
+    std::unique_ptr<float[]> P(new float[kBlockQ * kBlockK]);   // P, then dropout(P)
+    std::unique_ptr<float[]> dP(new float[kBlockQ * kBlockK]);  // dP, then dS
+    std::unique_ptr<T[]> t_buf(new T[lowp ? kBlockQ * kBlockK : 1]);  // GEMM operand in T
+    std::unique_ptr<float[]> row_a(new float[std::max(D, Dv)]), row_b(new float[std::max(D, Dv)]);
+    std::vector<float> lse(kBlockQ), delta(kBlockQ), dlse(kBlockQ);
+
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < n_tasks; ++task) {
+      const int64_t b = task / p.heads_kv, hk = task % p.heads_kv;
+      const Seq sq = seq_of(p, b);
+      const T* K = kp + b * p.k_bs + hk * p.k_hs + sq.k_start * p.k_rs;
+      const T* V = vp + b * p.v_bs + hk * p.v_hs + sq.k_start * p.v_rs;
+      std::fill(dk_acc.get(), dk_acc.get() + sq.len_k * D, 0.0f);
+      std::fill(dv_acc.get(), dv_acc.get() + sq.len_k * Dv, 0.0f);
+
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        for (int64_t i0 = 0; i0 < sq.len_q; i0 += kBlockQ) {
+          const int64_t mq = std::min(kBlockQ, sq.len_q - i0);
+          const int64_t row0 = sq.q_start + i0;  // first row in the packed tensors
+          const T* Q = qp + b * p.q_bs + h * p.q_hs + row0 * p.q_rs;
+          const T* dO = doutp + b * p.o_bs + h * p.o_hs + row0 * p.o_rs;
+          std::fill(dq_acc.get(), dq_acc.get() + mq * D, 0.0f);
+          for (int64_t i = 0; i < mq; ++i) {
+            const int64_t at = b * p.lse_bs + h * p.lse_hs + row0 + i;
+            lse[i] = p.lse[at];
+            dlse[i] = p.dlse[at];
+            // Delta_i = sum_j P_ij dP_ij = dO_i . O_i
+            load_row(dO + i * p.o_rs, Dv, row_a.get());
+            load_row(outp + b * p.o_bs + h * p.o_hs + (row0 + i) * p.o_rs, Dv, row_b.get());
+            delta[i] = row_dot(row_a.get(), row_b.get(), Dv);
+          }
+          const int64_t kend = key_end(p, sq, i0, mq);
+          const int64_t diag = p.causal ? i0 + sq.shift + 1 : kend;
+          for (int64_t kb = 0; kb < kend; kb += kBlockK) {
+            const int64_t nk = std::min(kBlockK, kend - kb);
+            float* Pb = P.get();
+            float* dPb = dP.get();
+            mm<T>(false, true, mq, nk, D, p.scale, Q, p.q_rs, K + kb * p.k_rs, p.k_rs, 0.0f, Pb, kBlockK);
+            mm<T>(false, true, mq, nk, Dv, 1.0f, dO, p.o_rs, V + kb * p.v_rs, p.v_rs, 0.0f, dPb, kBlockK);
+            const bool needs_mask = p.mask_kind != 0 || kb + nk > diag;
+            for (int64_t i = 0; i < mq; ++i) {
+              float* s = Pb + i * kBlockK;
+              float* dp = dPb + i * kBlockK;
+              const int64_t r = i0 + i;
+              if (lse[i] == -INFINITY) {  // the row saw no key: P = 0, dS = 0
+                std::fill(s, s + nk, 0.0f);
+                std::fill(dp, dp + nk, 0.0f);
+                continue;
+              }
+              if (needs_mask) mask_row<T>(p, sq, b, h, r, kb, nk, s);
+              exp_sub_sum(s, nk, lse[i]);  // P = exp(S - lse)
+              if (p.dropout_p > 0) {
+                const int64_t index0 = b * p.drop_bs + h * p.drop_hs + (sq.q_start + r) * p.drop_rs + sq.k_start + kb;
+                dropout_row(dp, nk, p.seed, static_cast<uint64_t>(index0), p.dropout_p, inv_keep);
+              }
+              // dS = P * (dP - Delta + dlse), into dp
+              const Vec c(dlse[i] - delta[i]);
+              int64_t j = 0;
+              for (; j + kVec <= nk; j += kVec) {
+                (Vec::loadu(s + j) * (Vec::loadu(dp + j) + c)).store(dp + j);
+              }
+              for (; j < nk; ++j) dp[j] = s[j] * (dp[j] + (dlse[i] - delta[i]));
+              if (p.dbias != nullptr) {
+                float* db = p.dbias + b * p.db_bs + h * p.db_hs + r * p.db_qs + kb * p.db_ks;
+                for (int64_t jj = 0; jj < nk; ++jj) db[jj * p.db_ks] += dp[jj];
+              }
+              if (p.dropout_p > 0) {  // dV uses the dropped P
+                const int64_t index0 = b * p.drop_bs + h * p.drop_hs + (sq.q_start + r) * p.drop_rs + sq.k_start + kb;
+                dropout_row(s, nk, p.seed, static_cast<uint64_t>(index0), p.dropout_p, inv_keep);
+              }
+            }
+            // dV += dropout(P)^T dO
+            if constexpr (lowp) {
+              for (int64_t i = 0; i < mq; ++i) store_row(Pb + i * kBlockK, nk, t_buf.get() + i * kBlockK);
+              mm<T>(true, false, nk, Dv, mq, 1.0f, t_buf.get(), kBlockK, dO, p.o_rs, 1.0f, dv_acc.get() + kb * Dv, Dv);
+              for (int64_t i = 0; i < mq; ++i) store_row(dPb + i * kBlockK, nk, t_buf.get() + i * kBlockK);
+              mm<T>(false, false, mq, D, nk, 1.0f, t_buf.get(), kBlockK, K + kb * p.k_rs, p.k_rs, 1.0f, dq_acc.get(), D);
+              mm<T>(true, false, nk, D, mq, 1.0f, t_buf.get(), kBlockK, Q, p.q_rs, 1.0f, dk_acc.get() + kb * D, D);
+            } else {
+              mm<T>(true, false, nk, Dv, mq, 1.0f, Pb, kBlockK, dO, p.o_rs, 1.0f, dv_acc.get() + kb * Dv, Dv);
+              mm<T>(false, false, mq, D, nk, 1.0f, dPb, kBlockK, K + kb * p.k_rs, p.k_rs, 1.0f, dq_acc.get(), D);
+              mm<T>(true, false, nk, D, mq, 1.0f, dPb, kBlockK, Q, p.q_rs, 1.0f, dk_acc.get() + kb * D, D);
+            }
+          }
+          T* dQ = static_cast<T*>(p.dq) + b * p.dq_bs + h * p.dq_hs + row0 * p.dq_rs;
+          for (int64_t i = 0; i < mq; ++i) store_row(dq_acc.get() + i * D, D, dQ + i * p.dq_rs, p.scale);
+        }
+      }
+      T* dK = static_cast<T*>(p.dk) + b * p.dk_bs + hk * p.dk_hs + sq.k_start * p.dk_rs;
+      T* dV = static_cast<T*>(p.dv) + b * p.dv_bs + hk * p.dv_hs + sq.k_start * p.dv_rs;
+      for (int64_t j = 0; j < sq.len_k; ++j) {
+        store_row(dk_acc.get() + j * D, D, dK + j * p.dk_rs, p.scale);
+        store_row(dv_acc.get() + j * Dv, Dv, dV + j * p.dv_rs);
+      }
+    }
+  }
+}
+
+}  // namespace attn
+
+inline void attention_fwd(const AttentionParams& p) {
+  switch (p.dtype) {
+    case DType::f32: return attn::forward<float>(p);
+    case DType::f16: return attn::forward<c10::Half>(p);
+    case DType::bf16: return attn::forward<c10::BFloat16>(p);
+  }
+}
+
+inline void attention_bwd(const AttentionParams& p) {
+  switch (p.dtype) {
+    case DType::f32: return attn::backward<float>(p);
+    case DType::f16: return attn::backward<c10::Half>(p);
+    case DType::bf16: return attn::backward<c10::BFloat16>(p);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace fusedlayers::cpu

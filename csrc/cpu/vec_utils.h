@@ -1,0 +1,149 @@
+// Vectorised row helpers of the CPU kernels, compiled once per SIMD level (include
+// between common/cpu_capability_begin.h and _end.h). Every function works on float32
+// rows; load/store convert from/to the tensor's dtype.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "common/philox.h"
+#include "cpu/kernels.h"
+
+namespace fusedlayers::cpu {
+inline namespace CPU_CAPABILITY {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+
+template <typename T>
+inline Vec load_vec(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    Vec out;
+    at::vec::load_to_float<T>(p, out);
+    return out;
+  }
+}
+
+// Stores 2 * kVec elements a, b (one full vector of the 16-bit type).
+template <typename T>
+inline void store_vec2(T* p, const Vec& a, const Vec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    a.store(p);
+    b.store(p + kVec);
+  } else {
+    at::vec::convert_from_float<T>(a, b).store(p);
+  }
+}
+
+// out[j] = float(in[j])
+template <typename T>
+inline void load_row(const T* in, int64_t n, float* out) {
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) load_vec(in + j).store(out + j);
+  for (; j < n; ++j) out[j] = static_cast<float>(in[j]);
+}
+
+// out[j] = T(in[j] * s)
+template <typename T>
+inline void store_row(const float* in, int64_t n, T* out, float s = 1.0f) {
+  int64_t j = 0;
+  const Vec vs(s);
+  for (; j + 2 * kVec <= n; j += 2 * kVec) store_vec2(out + j, Vec::loadu(in + j) * vs, Vec::loadu(in + j + kVec) * vs);
+  for (; j < n; ++j) out[j] = static_cast<T>(in[j] * s);
+}
+
+inline void load_row_any(const void* in, DType t, int64_t n, float* out) {
+  switch (t) {
+    case DType::f32: return load_row(static_cast<const float*>(in), n, out);
+    case DType::f16: return load_row(static_cast<const c10::Half*>(in), n, out);
+    case DType::bf16: return load_row(static_cast<const c10::BFloat16*>(in), n, out);
+  }
+}
+
+inline void store_row_any(const float* in, int64_t n, void* out, DType t, float s = 1.0f) {
+  switch (t) {
+    case DType::f32: return store_row(in, n, static_cast<float*>(out), s);
+    case DType::f16: return store_row(in, n, static_cast<c10::Half*>(out), s);
+    case DType::bf16: return store_row(in, n, static_cast<c10::BFloat16*>(out), s);
+  }
+}
+
+inline int64_t dtype_size(DType t) { return t == DType::f32 ? 4 : 2; }
+
+// a[j] *= s
+inline void scale_row(float* a, int64_t n, float s) {
+  int64_t j = 0;
+  const Vec vs(s);
+  for (; j + kVec <= n; j += kVec) (Vec::loadu(a + j) * vs).store(a + j);
+  for (; j < n; ++j) a[j] *= s;
+}
+
+inline float row_max(const float* a, int64_t n) {
+  int64_t j = 0;
+  float m = -INFINITY;
+  if (n >= kVec) {
+    Vec vm(-INFINITY);
+    for (; j + kVec <= n; j += kVec) vm = at::vec::maximum(vm, Vec::loadu(a + j));
+    m = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vm);
+  }
+  for (; j < n; ++j) m = std::fmax(m, a[j]);
+  return m;
+}
+
+inline float row_sum(const float* a, int64_t n) {
+  int64_t j = 0;
+  Vec acc(0.0f);
+  for (; j + kVec <= n; j += kVec) acc = acc + Vec::loadu(a + j);
+  float s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+  for (; j < n; ++j) s += a[j];
+  return s;
+}
+
+inline float row_dot(const float* a, const float* b, int64_t n) {
+  int64_t j = 0;
+  Vec acc(0.0f);
+  for (; j + kVec <= n; j += kVec) acc = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), acc);
+  float s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+// a[j] = exp(a[j] - m), returns sum_j a[j]. exp(-inf) = 0. Sleef's 1-ulp exp: ATen's
+// faster exp_u20 put float32 dq / dbias just past the test rule's bound (2-3x torch's error).
+inline float exp_sub_sum(float* a, int64_t n, float m) {
+  int64_t j = 0;
+  const Vec vm(m);
+  Vec acc(0.0f);
+  for (; j + kVec <= n; j += kVec) {
+    const Vec e = (Vec::loadu(a + j) - vm).exp();
+    e.store(a + j);
+    acc = acc + e;
+  }
+  float s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+  for (; j < n; ++j) {
+    a[j] = std::exp(a[j] - m);
+    s += a[j];
+  }
+  return s;
+}
+
+// a[j] *= keep(index0 + j) ? inv_keep : 0, the Philox dropout mask (common/philox.h).
+inline void dropout_row(float* a, int64_t n, uint64_t seed, uint64_t index0, float p, float inv_keep) {
+  int64_t j = 0;
+  while (j < n) {
+    const uint64_t idx = index0 + static_cast<uint64_t>(j);
+    const Philox4 r = dropout_group(seed, idx >> 2);
+    for (uint64_t w = idx & 3; w < 4 && j < n; ++w, ++j) {
+      a[j] *= dropout_keep_word(r.x[w], p) ? inv_keep : 0.0f;
+    }
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace fusedlayers::cpu

@@ -1,0 +1,222 @@
+// (Residual-add +) layer norm and RMS norm on the CPU, forward and backward, compiled per
+// SIMD level (see common/cpu_capability_begin.h). One pass over memory per row: a row is
+// converted once into a float32 row buffer of its thread (L1/L2-resident), every
+// statistic is taken there, and each output is written once.
+//
+// Forward, row z = dropout(x) + residual (float32):
+//     mean = sum(z) / N;  var = sum((z - mean)^2) / N   (two passes over the cached row)
+//     rstd = 1 / sqrt(var + eps)                         (RMS: mean = 0, var = mean(z^2))
+//     y = (z - mean) * rstd * weight + bias;  z stored when the op keeps the stream.
+// Backward, with xhat = (z - mean) * rstd and wdy = dy * weight:
+//     c1 = mean(xhat * wdy);  c2 = mean(wdy) (0 for RMS)
+//     dz = (wdy - xhat * c1 - c2) * rstd (+ dz of the stream, prenorm)
+//     dx = dropout(dz);  dresidual = dz;  dweight = sum_rows dy * xhat;  dbias = sum_rows dy
+// dweight / dbias: each thread sums a fixed, contiguous range of rows into its own
+// partial row, and the partials are added in thread order (deterministic, no atomics).
+//
+// Checked by tests/test_norm.py (backend "cpu"), benchmarked by benchmarks/bench_cpu.py.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <vector>
+
+#include "common/mean_var.h"
+#include "cpu/vec_utils.h"
+
+namespace fusedlayers::cpu {
+inline namespace CPU_CAPABILITY {
+namespace norm {
+
+inline const char* row_ptr(const void* base, DType t, int64_t row, int64_t stride) {
+  return static_cast<const char*>(base) + row * stride * dtype_size(t);
+}
+inline char* row_ptr(void* base, DType t, int64_t row, int64_t stride) {
+  return static_cast<char*>(base) + row * stride * dtype_size(t);
+}
+
+// z[j] += a[j]
+inline void add_row(float* z, const float* a, int64_t n) {
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) (Vec::loadu(z + j) + Vec::loadu(a + j)).store(z + j);
+  for (; j < n; ++j) z[j] += a[j];
+}
+
+// z[j] = a[j] + b[j]
+inline void add_rows(const float* a, const float* b, int64_t n, float* z) {
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) (Vec::loadu(a + j) + Vec::loadu(b + j)).store(z + j);
+  for (; j < n; ++j) z[j] = a[j] + b[j];
+}
+
+// Weight and bias as float32 rows (1 and 0 when absent), once per thread.
+inline void load_affine(const NormParams& p, float* w, float* bias) {
+  const int64_t n = p.hidden;
+  if (p.weight != nullptr) load_row_any(p.weight, p.weight_dtype, n, w); else std::fill(w, w + n, 1.0f);
+  if (bias == nullptr) return;
+  if (p.bias != nullptr) load_row_any(p.bias, p.bias_dtype, n, bias); else std::fill(bias, bias + n, 0.0f);
+}
+
+// y[j] = T((z[j] - mean) * rstd * w[j] + bias[j])
+template <typename T>
+inline void store_affine(const float* z, int64_t n, float mean, float rstd, const float* w, const float* bias, T* y) {
+  const Vec vm(mean), vr(rstd);
+  auto at = [&](int64_t j) { return at::vec::fmadd((Vec::loadu(z + j) - vm) * vr, Vec::loadu(w + j), Vec::loadu(bias + j)); };
+  int64_t j = 0;
+  for (; j + 2 * kVec <= n; j += 2 * kVec) store_vec2(y + j, at(j), at(j + kVec));
+  for (; j < n; ++j) y[j] = static_cast<T>((z[j] - mean) * rstd * w[j] + bias[j]);
+}
+
+inline void forward(const NormParams& p) {
+  const int64_t n = p.hidden;
+  const float inv_keep = p.dropout_p > 0 ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+  const bool plain_f32 = p.x_dtype == DType::f32 && p.dropout_p == 0 && p.residual == nullptr;  // z = x
+#pragma omp parallel num_threads(at::get_num_threads()) if (p.rows > 1 && !omp_in_parallel())
+  {
+    std::unique_ptr<float[]> z(new float[n]), tmp(new float[n]), w(new float[n]), bias(new float[n]);
+    load_affine(p, w.get(), bias.get());
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < p.rows; ++row) {
+      const char* x = row_ptr(p.x, p.x_dtype, row, p.x_rs);
+      const float* zr = reinterpret_cast<const float*>(x);  // float32 x as it is: no copy
+      if (!plain_f32) {
+        const float* r = nullptr;  // the residual row in float32
+        if (p.residual != nullptr) {
+          const char* rrow = row_ptr(p.residual, p.residual_dtype, row, p.residual_rs);
+          r = reinterpret_cast<const float*>(rrow);
+          if (p.residual_dtype != DType::f32) load_row_any(rrow, p.residual_dtype, n, tmp.get()), r = tmp.get();
+        }
+        if (p.x_dtype == DType::f32 && p.dropout_p == 0) {  // z = x + r in one pass
+          add_rows(reinterpret_cast<const float*>(x), r, n, z.get());
+        } else {
+          load_row_any(x, p.x_dtype, n, z.get());
+          if (p.dropout_p > 0) dropout_row(z.get(), n, p.seed, static_cast<uint64_t>(row * n), p.dropout_p, inv_keep);
+          if (r != nullptr) add_row(z.get(), r, n);
+        }
+        zr = z.get();
+      }
+      if (p.z != nullptr) store_row_any(zr, n, row_ptr(p.z, p.z_dtype, row, n), p.z_dtype);
+
+      // statistics: exact two-pass mean / M2 over the cached row (common/mean_var.h)
+      const float mean = p.rms ? 0.0f : row_sum(zr, n) / static_cast<float>(n);
+      const Vec vm(mean);
+      Vec acc(0.0f);
+      int64_t j = 0;
+      for (; j + kVec <= n; j += kVec) {
+        const Vec d = Vec::loadu(zr + j) - vm;
+        acc = at::vec::fmadd(d, d, acc);
+      }
+      float m2 = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+      for (; j < n; ++j) m2 += (zr[j] - mean) * (zr[j] - mean);
+      const float rstd = mean_var_rstd(mean_var_of(static_cast<float>(n), mean, m2), p.eps);
+      if (p.mean != nullptr) p.mean[row] = mean;
+      p.rstd[row] = rstd;
+
+      // y = (z - mean) * rstd * w + bias
+      char* y = row_ptr(p.y, p.x_dtype, row, n);
+      switch (p.x_dtype) {
+        case DType::f32: store_affine(zr, n, mean, rstd, w.get(), bias.get(), reinterpret_cast<float*>(y)); break;
+        case DType::f16: store_affine(zr, n, mean, rstd, w.get(), bias.get(), reinterpret_cast<c10::Half*>(y)); break;
+        case DType::bf16:
+          store_affine(zr, n, mean, rstd, w.get(), bias.get(), reinterpret_cast<c10::BFloat16*>(y));
+          break;
+      }
+    }
+  }
+}
+
+inline void backward(const NormParams& p) {
+  const int64_t n = p.hidden;
+  const float inv_keep = p.dropout_p > 0 ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+  const float inv_n = 1.0f / static_cast<float>(n);
+  const bool want_dw = p.dweight != nullptr, want_db = p.dbias != nullptr;
+  const int threads = omp_in_parallel() ? 1 : std::max<int>(1, std::min<int64_t>(at::get_num_threads(), p.rows));
+  // per-thread partial sums of dweight and dbias: (threads, n) each
+  std::vector<float> dw_part(want_dw ? threads * n : 0, 0.0f), db_part(want_db ? threads * n : 0, 0.0f);
+
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    std::unique_ptr<float[]> xhat(new float[n]), wdy(new float[n]), g(new float[n]), w(new float[n]);
+    load_affine(p, w.get(), nullptr);
+    float* dwp = want_dw ? dw_part.data() + t * n : nullptr;
+    float* dbp = want_db ? db_part.data() + t * n : nullptr;
+    // a fixed contiguous range of rows per thread: the partial sums do not depend on timing
+    const int64_t lo = p.rows * t / nt, hi = p.rows * (t + 1) / nt;
+    for (int64_t row = lo; row < hi; ++row) {
+      const float mean = p.rms ? 0.0f : p.mean[row], rstd = p.rstd[row];
+      // float32 rows are read where they are; others converted into the row buffers first
+      const char* zrow = row_ptr(p.zin, p.zin_dtype, row, p.zin_rs);
+      const char* dyrow = row_ptr(p.dy, p.x_dtype, row, n);
+      const float* zs = reinterpret_cast<const float*>(zrow);
+      const float* gs = reinterpret_cast<const float*>(dyrow);
+      if (p.zin_dtype != DType::f32) load_row_any(zrow, p.zin_dtype, n, xhat.get()), zs = xhat.get();
+      if (p.x_dtype != DType::f32) load_row_any(dyrow, p.x_dtype, n, g.get()), gs = g.get();
+      const Vec vm(mean), vr(rstd);
+      Vec c1v(0.0f), c2v(0.0f);
+      int64_t j = 0;
+      for (; j + kVec <= n; j += kVec) {
+        const Vec xh = (Vec::loadu(zs + j) - vm) * vr;
+        const Vec gy = Vec::loadu(gs + j);
+        const Vec wd = gy * Vec::loadu(w.get() + j);
+        xh.store(xhat.get() + j);
+        wd.store(wdy.get() + j);
+        c1v = at::vec::fmadd(xh, wd, c1v);
+        c2v = c2v + wd;
+        if (dwp) at::vec::fmadd(gy, xh, Vec::loadu(dwp + j)).store(dwp + j);
+        if (dbp) (Vec::loadu(dbp + j) + gy).store(dbp + j);
+      }
+      auto sum = [](Vec& a, Vec& b) { return a + b; };
+      float c1 = at::vec::vec_reduce_all<float>(sum, c1v), c2 = at::vec::vec_reduce_all<float>(sum, c2v);
+      for (; j < n; ++j) {
+        const float xh = (zs[j] - mean) * rstd, gy = gs[j], wd = gy * w[j];
+        xhat[j] = xh;
+        wdy[j] = wd;
+        c1 += xh * wd;
+        c2 += wd;
+        if (dwp) dwp[j] += gy * xh;
+        if (dbp) dbp[j] += gy;
+      }
+      c1 *= inv_n;
+      c2 = p.rms ? 0.0f : c2 * inv_n;
+      // dz = (wdy - xhat * c1 - c2) * rstd, into g
+      const Vec vc1(c1), vc2(c2);
+      j = 0;
+      for (; j + kVec <= n; j += kVec) {
+        ((Vec::loadu(wdy.get() + j) - Vec::loadu(xhat.get() + j) * vc1 - vc2) * vr).store(g.get() + j);
+      }
+      for (; j < n; ++j) g[j] = (wdy[j] - xhat[j] * c1 - c2) * rstd;
+      if (p.dz != nullptr) {
+        load_row_any(row_ptr(p.dz, p.dz_dtype, row, n), p.dz_dtype, n, wdy.get());
+        add_row(g.get(), wdy.get(), n);
+      }
+      if (p.dresidual != nullptr) store_row_any(g.get(), n, row_ptr(p.dresidual, p.residual_dtype, row, n), p.residual_dtype);
+      if (p.dropout_p > 0) dropout_row(g.get(), n, p.seed, static_cast<uint64_t>(row * n), p.dropout_p, inv_keep);
+      store_row_any(g.get(), n, row_ptr(p.dx, p.x_dtype, row, n), p.x_dtype);
+    }
+  }
+  // partials in thread order, columns split over the threads
+  if (want_dw || want_db) {
+#pragma omp parallel for num_threads(threads) if (threads > 1 && n >= 4096) schedule(static)
+    for (int64_t j = 0; j < n; ++j) {
+      float dw = 0.0f, db = 0.0f;
+      for (int t = 0; t < threads; ++t) {
+        if (want_dw) dw += dw_part[t * n + j];
+        if (want_db) db += db_part[t * n + j];
+      }
+      if (want_dw) p.dweight[j] = dw;
+      if (want_db) p.dbias[j] = db;
+    }
+  }
+}
+
+}  // namespace norm
+
+inline void norm_fwd(const NormParams& p) { norm::forward(p); }
+inline void norm_bwd(const NormParams& p) { norm::backward(p); }
+
+}  // namespace CPU_CAPABILITY
+}  // namespace fusedlayers::cpu

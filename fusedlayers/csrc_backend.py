@@ -1,0 +1,142 @@
+"""The ``cpu`` backend (and, once CUDA impls of the same ops are registered, the ``cuda``
+one): a thin adapter from the backend interface of ``fusedlayers.dispatch`` to the C++
+kernel ops of ``fusedlayers._C`` (``csrc/``).
+
+The ops (schemas in ``csrc/ext.cpp``) are device-neutral and dispatch on the device of
+their tensors: ``attention_fwd_kernel`` / ``attention_bwd_kernel`` (dense and varlen),
+``norm_fwd_kernel`` / ``norm_bwd_kernel`` and ``dropout_keep_mask_kernel`` (the kernels'
+own Philox-4x32 keep-mask of a seed, ``csrc/common/philox.h``). Conventions:
+``fusedlayers.registration``; kernels: ``csrc/attention/attention_cpu_kernel.h``,
+``csrc/layer_norm/layer_norm_cpu_kernel.h``.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _ext
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+_OPS = ("attention_fwd_kernel", "norm_fwd_kernel")
+
+# Which devices the built extension has kernels for, read once at import (plain dict
+# lookups later, which torch.compile traces): the CPU kernels today, CUDA ones when the
+# CUDA backend registers impls of the same schemas.
+_HAS_KERNEL = {
+    (op, device): _ext.available() and torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedlayers::{op}", key)
+    for op in _OPS for device, key in _DISPATCH_KEYS.items()
+}
+
+
+def _why_not(device: torch.device, dtype: torch.dtype, op: str, serves: str = "cpu") -> Optional[str]:
+    """Reason the ``serves`` device's backend cannot run ``op`` (None: it can). The ``cpu``
+    backend refuses other devices even where the built extension has their kernels: those
+    belong to the backend of that device (a CUDA backend may reuse this adapter with
+    ``serves="cuda"``)."""
+    if not _ext.available():
+        return f"extension not available: {_ext.ERROR}"
+    if device.type != serves:
+        return f"not a {_DISPATCH_KEYS.get(serves, serves)} tensor"
+    if not _HAS_KERNEL.get((op, device.type), False):
+        return f"fusedlayers._C was built without {_DISPATCH_KEYS.get(serves, serves)} kernels for {op}"
+    if dtype not in DTYPES:
+        return f"dtype {str(dtype).replace('torch.', '')} is not supported (float32, float16, bfloat16 only)"
+    return None
+
+
+def _ops():
+    return torch.ops.fusedlayers
+
+
+def _keep_mask(seed: int, shape, dropout_p: float, device) -> Tensor:
+    """Bool keep-mask (True = keep) of the kernels' Philox stream: element i of the
+    flattened shape is mask element index i (the index the kernels use)."""
+    keep = torch.empty(shape, dtype=torch.bool, device=device)
+    _ops().dropout_keep_mask_kernel(keep, int(seed), float(dropout_p))
+    return keep
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _attention_why_not(call) -> Optional[str]:
+    return _why_not(call.device, call.dtype, "attention_fwd_kernel")
+
+
+def _attention_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p):
+    return _ops().attention_fwd_kernel(q, k, v, attn_mask, None, None, 0, 0, seed, scale, causal, bottom_right,
+                                       dropout_p)
+
+
+def _attention_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right, dropout_p,
+                        deterministic, bias_grad):
+    # deterministic by construction: every element of dq, dk, dv, dbias has one writer
+    dq, dk, dv, dbias = _ops().attention_bwd_kernel(dout, dlse, q, k, v, attn_mask, None, None, 0, 0, out, lse, seed,
+                                                    scale, causal, bottom_right, dropout_p, bias_grad)
+    return dq, dk, dv, dbias if bias_grad else None
+
+
+def _varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, seed, scale, causal, bottom_right, dropout_p):
+    from .ops import check_cu_seqlens_values  # the op body runs eagerly: values can be read
+
+    check_cu_seqlens_values(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
+    return _ops().attention_fwd_kernel(q, k, v, None, cu_q.contiguous(), cu_k.contiguous(), max_q, max_k, seed,
+                                       scale, causal, bottom_right, dropout_p)
+
+
+def _varlen_backward(dout, dlse, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, seed, scale, causal, bottom_right,
+                     dropout_p, deterministic):
+    dq, dk, dv, _ = _ops().attention_bwd_kernel(dout, dlse, q, k, v, None, cu_q.contiguous(), cu_k.contiguous(),
+                                                max_q, max_k, out, lse, seed, scale, causal, bottom_right, dropout_p,
+                                                False)
+    return dq, dk, dv
+
+
+attention = SimpleNamespace(
+    why_not=_attention_why_not,
+    forward=_attention_forward,
+    backward=_attention_backward,
+    varlen_forward=_varlen_forward,
+    varlen_backward=_varlen_backward,
+    dropout_keep_mask=_keep_mask,
+)
+
+
+# ---------------------------------------------------------------------------- norms
+
+
+def _norm_why_not(call) -> Optional[str]:
+    reason = _why_not(call.device, call.dtype, "norm_fwd_kernel")
+    if reason is None:
+        for name, dt in (("weight", call.weight_dtype), ("residual", call.residual_dtype)):
+            if dt is not None and dt not in DTYPES:
+                return f"{name} dtype {str(dt).replace('torch.', '')} is not supported (float32, float16, bfloat16 only)"
+    return reason
+
+
+def _norm_forward(x, residual, weight, bias, seed, eps, dropout_p, rms, prenorm, residual_in_fp32):
+    from .registration import keeps_stream, stream_dtype
+
+    return _ops().norm_fwd_kernel(x, residual, weight, bias, seed, eps, dropout_p, rms,
+                                  keeps_stream(x, residual, dropout_p, prenorm, residual_in_fp32),
+                                  stream_dtype(x, residual, residual_in_fp32))
+
+
+def _norm_backward(dy, dz, zin, weight, bias, mean, rstd, seed, eps, dropout_p, rms, x_dtype, residual_dtype):
+    dx, dres, dw, db = _ops().norm_bwd_kernel(dy, dz, zin, weight, bias, mean, rstd, seed, dropout_p, rms, x_dtype,
+                                              residual_dtype)
+    return (dx, dres if residual_dtype is not None else None, dw if weight is not None else None,
+            db if bias is not None else None)
+
+
+norm = SimpleNamespace(
+    why_not=_norm_why_not,
+    forward=_norm_forward,
+    backward=_norm_backward,
+    dropout_keep_mask=_keep_mask,
+)

@@ -1,0 +1,152 @@
+"""The ``cuda`` backend: the hand-written CUDA kernels of ``fusedlayers._C`` (``csrc/``).
+
+The same thin adapter as the ``cpu`` backend (``fusedlayers.csrc_backend``): the C++ kernel
+ops ``torch.ops.fusedlayers.*_kernel`` are device-neutral and dispatch on their tensors'
+device, so forward / backward / dropout_keep_mask are csrc_backend's. Only ``why_not``
+differs: what the CUDA kernels refuse (float32 attention: they are fp16 / bf16 tensor-core
+kernels; head dims over 256), and whether the extension was built with its CUDA part.
+
+``status()`` says whether the CUDA kernels have passed the correctness grid on a GPU: a
+``fusedlayers verify`` record (this machine's, or one committed under
+``benchmarks/results/<device>/verify.json``) whose ``cuda`` rows all passed. Until then
+the backend serves calls that ask for it but reports "built, not verified on a GPU".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+
+from . import _ext, csrc_backend
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+MAX_GRID = 65535  # heads and sequences per launch (gridDim.y / gridDim.z)
+# Shared memory per block (bytes) the attention kernels need, by head-dim bucket: the largest
+# kSmem of FwdTile / DkdvTile / DqTile in csrc/attention/attention_cuda_kernel.cuh (keep in
+# step). Over 99 KB for buckets 128 and 256: sm_80 / sm_90 have it, sm_86 / sm_89 do not.
+SMEM_BYTES = {64: 55_296, 128: 104_448, 256: 135_168}
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _why_not(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return "not a CUDA tensor"
+    if not _ext.available():
+        return f"extension not available: {_ext.ERROR}"
+    if not _ext.has_cuda():
+        return f"fusedlayers._C was built without its CUDA part ({_ext.INFO})"
+    return None
+
+
+def _attention_why_not(call) -> Optional[str]:
+    reason = _why_not(call.device)
+    if reason is not None:
+        return reason
+    if call.dtype not in ATTENTION_DTYPES:
+        return f"dtype {_dt(call.dtype)}: the CUDA attention kernels are float16 / bfloat16 tensor-core kernels"
+    if max(call.head_dim, call.head_dim_v) > MAX_HEAD_DIM:
+        return f"head dim {max(call.head_dim, call.head_dim_v)} > {MAX_HEAD_DIM}"
+    if call.heads_q > MAX_GRID or call.batch > MAX_GRID:
+        return f"more than {MAX_GRID} heads or sequences"
+    d = max(call.head_dim, call.head_dim_v)
+    need = SMEM_BYTES[64 if d <= 64 else 128 if d <= 128 else 256]
+    limit = _smem_limit(call.device)
+    if limit is not None and need > limit:
+        return f"head dim {d} needs {need} bytes of shared memory per block, this GPU allows {limit}"
+    return None
+
+
+def _smem_limit(device: torch.device) -> Optional[int]:
+    try:
+        props = torch.cuda.get_device_properties(device)
+    except Exception:  # no GPU here: the launch would say so
+        return None
+    return getattr(props, "shared_memory_per_block_optin", None)
+
+
+def _norm_why_not(call) -> Optional[str]:
+    reason = _why_not(call.device)
+    if reason is not None:
+        return reason
+    for name, dt in (("x", call.dtype), ("weight", call.weight_dtype), ("residual", call.residual_dtype)):
+        if dt is not None and dt not in DTYPES:
+            return f"{name} dtype {_dt(dt)} is not supported (float32, float16, bfloat16 only)"
+    return None
+
+
+attention = SimpleNamespace(
+    why_not=_attention_why_not,
+    forward=csrc_backend.attention.forward,
+    backward=csrc_backend.attention.backward,
+    varlen_forward=csrc_backend.attention.varlen_forward,
+    varlen_backward=csrc_backend.attention.varlen_backward,
+    dropout_keep_mask=csrc_backend.attention.dropout_keep_mask,
+)
+
+norm = SimpleNamespace(
+    why_not=_norm_why_not,
+    forward=csrc_backend.norm.forward,
+    backward=csrc_backend.norm.backward,
+    dropout_keep_mask=csrc_backend.norm.dropout_keep_mask,
+)
+
+
+# ------------------------------------------------------------------- verification status
+
+
+def _committed_records() -> list[dict]:
+    """Verification records committed under benchmarks/results/<device>/verify.json."""
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    records = []
+    for path in sorted(results.glob("*/verify.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        rec = data.get("cuda") if isinstance(data, dict) else None
+        if isinstance(rec, dict):
+            records.append(dict(rec, source=str(path)))
+    return records
+
+
+def verification() -> Optional[dict]:
+    """The newest verification record in which the ``cuda`` backend ran and every one of
+    its rows passed (this machine's ``fusedlayers verify`` record first), or None."""
+    from . import verify
+
+    candidates = []
+    local = verify.read_records().get("cuda")
+    if isinstance(local, dict):
+        candidates.append(dict(local, source=str(verify.record_path())))
+    candidates += _committed_records()
+    passing = []
+    for rec in candidates:
+        rows = [r for r in rec.get("rows", []) if r.get("backend") == "cuda"]
+        if rows and all(not r.get("failures") for r in rows):
+            passing.append(rec)
+    return max(passing, key=lambda r: r.get("date", "")) if passing else None
+
+
+def verified() -> bool:
+    return verification() is not None
+
+
+def status() -> str:
+    """One line for ``fusedlayers info``: built or not, verified on a GPU or not."""
+    if not _ext.available():
+        return f"not available: {_ext.ERROR}"
+    if not _ext.has_cuda():
+        return f"not built (extension: {_ext.INFO})"
+    rec = verification()
+    if rec is None:
+        return "built, not verified on a GPU (run benchmarks/gpu_session.sh on a GPU machine)"
+    return f"built, verified on {rec.get('device', '?')} at {rec.get('date', '?')} ({rec.get('source', '')})"

@@ -1,0 +1,196 @@
+"""The cpu backend's own tests (csrc/, backend "cpu"), beyond the shared grids: the tile
+math of csrc/common/ on the host, the Philox dropout stream, determinism, varlen against
+dense, every SIMD level, and native-speed sizes (N = 2048, head dim 256) the shared default
+grid leaves to --slow."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fusedlayers
+from fusedlayers import _ext, dispatch, testing
+from fusedlayers.testing import AttentionCase, NormCase
+
+pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"extension unavailable: {_ext.ERROR}")
+
+ops = torch.ops.fusedlayers
+
+
+# ------------------------------------------------------------------ csrc/common on the host
+
+
+@pytest.mark.parametrize("ctr_key, expected", [
+    # Random123 known-answer vectors of philox4x32-10: counter c0..c3, key k0 k1 -> output
+    ([0, 0, 0, 0, 0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+    ([0xFFFFFFFF] * 6, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+    ([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344, 0xA4093822, 0x299F31D0],
+     [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]),
+])
+def test_philox_known_answers(ctr_key, expected):
+    assert ops._philox4x32(torch.tensor(ctr_key, dtype=torch.int64)).tolist() == expected
+
+
+def test_online_softmax_update_and_merge():
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(6, 300, generator=gen) * 4
+    s[1, 100:] = float("-inf")  # the second half of row 1 masked: one merge side is empty
+    s[2, :] = float("-inf")  # a row that sees nothing
+    s[3, ::3] = float("-inf")
+    for block in (1, 7, 64, 300):
+        out = ops._online_softmax_test(s, block)
+        lse = torch.logsumexp(s.double(), dim=-1)
+        seen = torch.isfinite(lse)
+        for col in (0, 1):
+            torch.testing.assert_close(out[seen, col].double(), lse[seen], atol=2e-6, rtol=2e-6)
+            assert torch.all(out[~seen, col] == float("-inf"))
+        inv_sum = torch.where(seen, 1 / torch.exp(s.double() - s.double().amax(-1, keepdim=True)).sum(-1), 0)
+        torch.testing.assert_close(out[:, 2].double(), inv_sum, atol=1e-6, rtol=2e-6)
+
+
+def test_mean_var_welford_and_merge():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 1000, generator=gen) * 3 + 100  # offset: naive sum-of-squares would lose digits
+    var, mean = torch.var_mean(x.double(), dim=-1, unbiased=False)
+    for block in (1, 3, 64, 1000):
+        out = ops._mean_var_test(x, block).double()
+        for m, v in ((out[:, 0], out[:, 1]), (out[:, 2], out[:, 3])):
+            torch.testing.assert_close(m, mean, atol=1e-4, rtol=1e-6)
+            torch.testing.assert_close(v, var, atol=0, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ dropout stream
+
+
+def test_keep_mask_is_indexed_by_flat_position_and_keeps_1_minus_p():
+    impl = dispatch.implementation("attention", "cpu")
+    a = impl.dropout_keep_mask(77, (3, 5, 7, 11), 0.4, "cpu")
+    b = impl.dropout_keep_mask(77, (3 * 5 * 7 * 11,), 0.4, "cpu")
+    assert torch.equal(a.flatten(), b)
+    assert torch.equal(a, dispatch.implementation("norm", "cpu").dropout_keep_mask(77, a.shape, 0.4, "cpu"))
+    keep = impl.dropout_keep_mask(2**61 + 5, (1 << 22,), 0.1, "cpu")
+    rate = keep.float().mean().item()
+    assert abs(rate - 0.9) < 5 * (0.9 * 0.1 / keep.numel()) ** 0.5
+    assert not torch.equal(keep, impl.dropout_keep_mask(2**61 + 6, (1 << 22,), 0.1, "cpu"))
+
+
+def test_attention_dropout_uses_the_keep_mask():
+    # out = (P * keep / (1 - p)) V with P from the undropped softmax: checked exactly in float64 terms.
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 33, 16, generator=gen) for _ in range(3))
+    torch.manual_seed(5)
+    out = fusedlayers.attention(q, k, v, dropout_p=0.3, backend="cpu")
+    torch.manual_seed(5)
+    seed = int(fusedlayers.ops._draw_seed(0.3))
+    keep = dispatch.implementation("attention", "cpu").dropout_keep_mask(seed, (1, 2, 33, 33), 0.3, "cpu")
+    p = torch.softmax((q.double() @ k.double().transpose(-1, -2)) / 4, dim=-1)
+    torch.testing.assert_close(out.double(), (p * keep / 0.7) @ v.double(), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ determinism, varlen
+
+
+def _attention_grads(case, dtype, **kw):
+    q, k, v, mask, dout, dlse = testing.make_attention_inputs(case, dtype, "cpu")
+    torch.manual_seed(11)
+    out, lse = fusedlayers.attention(q, k, v, mask, causal=case.causal is not None, dropout_p=case.dropout_p,
+                                     return_lse=True, backend="cpu", **kw)
+    leaves = [t for t in (q, k, v, mask) if t is not None and t.requires_grad]
+    return [out, lse, *torch.autograd.grad((out, lse), leaves, (dout, dlse))]
+
+
+def test_backward_is_bitwise_identical_across_runs_and_thread_counts():
+    case = AttentionCase(b=2, hq=4, hkv=2, nq=200, nk=300, d=48, mask="bias", causal="top_left", dropout_p=0.2)
+    threads = torch.get_num_threads()
+    try:
+        runs = [_attention_grads(case, torch.bfloat16, deterministic=True) for _ in range(2)]
+        torch.set_num_threads(1)
+        runs.append(_attention_grads(case, torch.bfloat16, deterministic=True))
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_norm_backward_is_bitwise_reproducible():
+    x, r, w, b = (torch.randn(*s, requires_grad=True) for s in ((300, 520), (300, 520), (520,), (520,)))
+    dy = torch.randn(300, 520)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        y = fusedlayers.add_layer_norm(x, r, w, b, dropout_p=0.1, backend="cpu")
+        runs.append(torch.autograd.grad(y, (x, r, w, b), dy))
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
+def test_varlen_equals_dense_per_sequence(causal):
+    gen = torch.Generator().manual_seed(4)
+    lens_q, lens_k = [300, 1, 130], [260, 77, 130]
+    hq, hkv, d = 4, 2, 40
+    q = torch.randn(sum(lens_q), hq, d, generator=gen, requires_grad=True)
+    k, v = (torch.randn(sum(lens_k), hkv, d, generator=gen, requires_grad=True) for _ in range(2))
+    cu = lambda lens: torch.tensor([0] + lens).cumsum(0).to(torch.int32)  # noqa: E731
+    kw = dict(causal=causal is not None, causal_align=causal or "top_left", backend="cpu")
+    out, lse = fusedlayers.attention_varlen(q, k, v, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k),
+                                            return_lse=True, **kw)
+    dout = torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    cq, ck = cu(lens_q).tolist(), cu(lens_k).tolist()
+    for i in range(len(lens_q)):
+        sq, sk = slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])
+        qd, kd, vd = (t[s].detach().transpose(0, 1)[None].requires_grad_() for t, s in ((q, sq), (k, sk), (v, sk)))
+        o, l = fusedlayers.attention(qd, kd, vd, return_lse=True, **kw)
+        g = torch.autograd.grad(o, (qd, kd, vd), dout[sq].transpose(0, 1)[None])
+        torch.testing.assert_close(out[sq], o[0].transpose(0, 1), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(lse[:, sq], l[0], atol=1e-6, rtol=1e-5)
+        for packed, dense, s in zip(grads, g, (sq, sk, sk)):
+            torch.testing.assert_close(packed[s], dense[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ native-speed sizes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [
+    AttentionCase(b=1, hq=2, hkv=1, nq=2048, nk=2048, d=256),
+    AttentionCase(b=1, hq=2, hkv=2, nq=2048, nk=2048, d=64, causal="bottom_right", mask="key_padding", strided=True),
+], ids=str)
+def test_large_attention_within_the_rule(case, dtype):
+    testing.assert_all_ok(testing.check_attention(case, dtype, "cpu", "cpu"), f"cpu {case} {dtype}")
+
+
+@pytest.mark.parametrize("case", [NormCase(rows=512, hidden=8192, residual=True, prenorm=True, dropout_p=0.1),
+                                  NormCase(rows=3, hidden=70000, rms=True, bias=False)], ids=str)
+def test_large_norm_within_the_rule(case):
+    testing.assert_all_ok(testing.check_norm(case, torch.bfloat16, "cpu", "cpu"), f"cpu {case}")
+
+
+# ------------------------------------------------------------------ every SIMD level
+
+_LEVEL_SCRIPT = r"""
+import torch, fusedlayers
+from fusedlayers import testing
+from fusedlayers.testing import AttentionCase, NormCase
+print(torch.ops.fusedlayers._cpu_kernels_info())
+for dtype in (torch.float32, torch.bfloat16):
+    for case in (AttentionCase(b=1, hq=2, hkv=1, nq=70, nk=300, d=40, mask="bias", causal="bottom_right"),
+                 AttentionCase(b=2, hq=2, hkv=2, nq=33, nk=17, d=64, mask="key_padding", dropout_p=0.2)):
+        testing.assert_all_ok(testing.check_attention(case, dtype, "cpu", "cpu"), str(case))
+    for case in (NormCase(rows=7, hidden=1000, residual=True, prenorm=True, dropout_p=0.1),
+                 NormCase(rows=5, hidden=37, rms=True, bias=False)):
+        testing.assert_all_ok(testing.check_norm(case, dtype, "cpu", "cpu"), str(case))
+"""
+
+
+@pytest.mark.parametrize("level", ["default", "avx2"])
+def test_lower_simd_levels(level):
+    """The kernels compiled for lower SIMD levels pass too (ATen's ATEN_CPU_CAPABILITY picks them)."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=level)
+    res = subprocess.run([sys.executable, "-c", _LEVEL_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"simd={level.upper()}" in res.stdout, res.stdout
