@@ -41,6 +41,7 @@ IMPLEMENTATIONS = {
     ("norm", "reference"): "fusedlayers.reference_backend:norm",
     ("attention", "cpu"): "fusedlayers.csrc_backend:attention",
     ("norm", "cpu"): "fusedlayers.csrc_backend:norm",
+    ("norm", "triton"): "fusedlayers.kernels.layer_norm",
     ("attention", "cuda"): "fusedlayers.cuda_backend:attention",
     ("norm", "cuda"): "fusedlayers.cuda_backend:norm",
 }

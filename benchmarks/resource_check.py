@@ -1,0 +1,126 @@
+"""Compile every Triton kernel configuration for sm_80 and sm_90a, without a GPU, and
+report registers, spills and shared memory.
+
+Each module in ``MODULES`` exposes ``compile_targets()``: a list of
+``(name, jit_function, signature, constexprs[, options[, attrs]])`` tuples, one per
+configuration its launcher may pick: ``signature`` and ``constexprs`` as
+``triton.compiler.ASTSource`` takes them (keyed by argument name); ``options`` such as
+``{"num_warps": 8, "num_stages": 3}``; ``attrs`` the runtime specialisation by argument
+name, e.g. ``{"N": [["tt.divisibility", 16]]}``. Every target is
+compiled with ``triton.compile`` for each architecture; Triton's bundled ``ptxas -v`` on
+the PTX gives registers and spill bytes, ``compiled.metadata.shared`` the shared memory.
+
+    python benchmarks/resource_check.py            # every module, both architectures
+    python benchmarks/resource_check.py --arch sm_90a --only norm_fwd
+    python benchmarks/resource_check.py --module fusedlayers.kernels.attention   # one module
+
+Exit status 1 when any configuration spills, uses more shared memory than the
+architecture allows per block (sm_80: 163 KB, sm_90a: 227 KB), or fails to compile.
+Runs on a machine without a GPU; the Triton interpreter must be off (it is turned off
+here, before any kernel module is imported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)  # kernels must be decorated for compilation
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+# Modules whose kernels are checked: add a kernel module here once it exposes compile_targets().
+MODULES = [
+    "fusedlayers.kernels.layer_norm",
+]
+
+# name -> (target, shared-memory limit per block in bytes)
+ARCHS = {
+    "sm_80": (GPUTarget("cuda", 80, 32), 163 * 1024),
+    "sm_90a": (GPUTarget("cuda", 90, 32), 227 * 1024),  # capability 90 compiles for sm_90a
+}
+
+
+def ptxas_usage(ptx: str, arch: str) -> tuple[int, int, int]:
+    """(registers, spill-store bytes, spill-load bytes) of the one kernel in ``ptx``."""
+    ptxas = triton.knobs.nvidia.ptxas.path  # Triton's bundled ptxas (the toolkit's may be too old)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas, f"-arch={arch}", "-v", src, "-o", os.path.join(tmp, "kernel.cubin")],
+                             capture_output=True, text=True, check=True)
+    log = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if regs is None or spill is None:
+        raise RuntimeError(f"cannot parse ptxas output:\n{log}")
+    return int(regs.group(1)), int(spill.group(1)), int(spill.group(2))
+
+
+def targets(modules: list[str], only: str | None):
+    for module in modules:
+        for entry in importlib.import_module(module).compile_targets():
+            name, fn, signature, constexprs = entry[:4]
+            options = entry[4] if len(entry) > 4 and entry[4] else {}
+            attrs = entry[5] if len(entry) > 5 and entry[5] else {}
+            attrs = {(fn.arg_names.index(k),) if isinstance(k, str) else k: v for k, v in attrs.items()}
+            if only is None or only in name:
+                yield name, ASTSource(fn, signature, constexprs, attrs), options
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=sorted(ARCHS), action="append", help="default: all")
+    parser.add_argument("--only", help="check only targets whose name contains this")
+    parser.add_argument("--module", action="append", help=f"check this module instead of {MODULES}")
+    args = parser.parse_args()
+    archs = args.arch or list(ARCHS)
+
+    print(f"triton {triton.__version__}, ptxas {triton.knobs.nvidia.ptxas.path}")
+    header = f"{'kernel configuration':<52} {'arch':<7} {'warps':>5} {'regs':>5} {'spill st/ld B':>14} {'shared B':>9}"
+    print(header)
+    print("-" * len(header))
+    failures = []
+    start = time.time()
+    count = 0
+    for name, source, options in targets(args.module or MODULES, args.only):
+        for arch in archs:
+            target, shared_limit = ARCHS[arch]
+            try:
+                compiled = triton.compile(source, target=target, options=options)
+                regs, spill_st, spill_ld = ptxas_usage(compiled.asm["ptx"], arch)
+            except Exception as e:  # a configuration that does not compile is a failure too
+                failures.append(f"{name} {arch}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                print(f"{name:<52} {arch:<7} compile failed: {failures[-1]}")
+                continue
+            shared = compiled.metadata.shared
+            count += 1
+            bad = []
+            if spill_st or spill_ld:
+                bad.append("spills")
+            if shared > shared_limit:
+                bad.append(f"shared > {shared_limit // 1024} KB")
+            if bad:
+                failures.append(f"{name} {arch}: {', '.join(bad)}")
+            print(f"{name:<52} {arch:<7} {compiled.metadata.num_warps:>5} {regs:>5} {f'{spill_st}/{spill_ld}':>14} "
+                  f"{shared:>9}{'  FAIL: ' + ', '.join(bad) if bad else ''}")
+    print(f"\n{count} compiled in {time.time() - start:.0f} s; {len(failures)} failure(s)")
+    for f in failures:
+        print(f"  {f}")
+    if count == 0 and not failures:
+        print("no targets matched")
+        return 1
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
