@@ -217,7 +217,7 @@ def _case_view(case: dict) -> dict:
     return {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v) for k, v in case.items()}
 
 
-OPS = ("attention", "decode", "layer_norm", "add_layer_norm", "rms_norm")
+OPS = ("attention", "decode", "varlen", "layer_norm", "add_layer_norm", "rms_norm", "train_step")
 
 
 def run(ops=OPS, *, quick: bool = False,
@@ -259,6 +259,21 @@ def run(ops=OPS, *, quick: bool = False,
                 return attention_flops(c["b"], c["hq"], 1, c["nk"], c["d"], False, mode)
 
             plan.append(("decode", c, attention_impls(call, quick), make, work, "TFLOP/s", ("fwd",)))
+    if "varlen" in ops:
+        for c in varlen_cases(device, quick):
+            lens = torch.randint(c["n"] // 4, c["n"] + 1, (c["seqs"],), generator=gen).tolist()
+            cu = torch.tensor([0] + lens).cumsum(0).to(device=device, dtype=torch.int32)
+            call = dispatch.AttentionCall(device, c["dtype"], c["seqs"], c["h"], c["h"], max(lens), max(lens),
+                                          c["d"], c["d"], None, False, False, 0.0, False, True)
+
+            def make(c=c, lens=lens):
+                q, k, v = (randn(sum(lens), c["h"], c["d"], dtype=c["dtype"]) for _ in range(3))
+                return (q, k, v), randn(sum(lens), c["h"], c["d"], dtype=c["dtype"], grad=False)
+
+            def work(mode, c=c, lens=lens):  # only the real tokens count
+                return sum(attention_flops(1, c["h"], n, n, c["d"], False, mode) for n in lens)
+
+            plan.append(("varlen", c, varlen_impls(call, cu, lens, quick), make, work, "TFLOP/s", modes))
     for op in ("layer_norm", "add_layer_norm", "rms_norm"):
         if op not in ops:
             continue
@@ -284,7 +299,9 @@ def run(ops=OPS, *, quick: bool = False,
         big = op in ("attention", "decode") and case.get("b", 1) * case.get("h", case.get("hq", 1)) * case.get(
             "n", 1) * case.get("n", case.get("nk", 1)) > 2**28
 
-        def expected(*args, op=op, big=big):
+        def expected(*args, op=op, big=big, impls=impls):
+            if op == "varlen":  # the padded SDPA result is the yardstick
+                return next(i.fn for i in impls if i.name == "torch.sdpa[math] (padded)")(*args)
             if op in ("attention", "decode"):
                 q, k, v, mask, causal = args
                 if big:  # the naive reference would need too much memory: SDPA is the yardstick
@@ -304,4 +321,67 @@ def run(ops=OPS, *, quick: bool = False,
             torch.cuda.empty_cache()
     if bar:
         bar.close()
+    if "train_step" in ops:
+        train_steps(report, device, quick)
     return report
+
+
+def varlen_cases(device: torch.device, quick: bool) -> list[dict]:
+    if device.type == "cuda":
+        return [dict(seqs=16, h=16, n=n, d=128, dtype=torch.bfloat16) for n in ((4096,) if quick else (1024, 4096))]
+    return [dict(seqs=4, h=4, n=n, d=64, dtype=torch.float32) for n in ((256,) if quick else (512, 1024))]
+
+
+def varlen_impls(call, cu, lens, quick) -> list[Impl]:
+    """Ours on the packed tokens vs SDPA on a padded batch with a key-padding mask (the usual
+    alternative), both returning packed (total, H, D)."""
+    n, seqs = max(lens), len(lens)
+    pos = torch.arange(n, device=cu.device)
+    valid = pos[None, :] < torch.tensor(lens, device=cu.device)[:, None]  # (B, N)
+
+    def padded(q, k, v, _kind=None):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def pad(t):  # (total, H, D) -> (B, H, N, D)
+            out = t.new_zeros(seqs, n, *t.shape[1:])
+            out = out.masked_scatter(valid[..., None, None], t)
+            return out.transpose(1, 2)
+
+        with sdpa_kernel([_kind or SDPBackend.MATH]):
+            o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), valid[:, None, None, :])
+        return o.transpose(1, 2)[valid]  # back to packed (total, H, D)
+
+    impls = []
+    for backend in dispatch.BACKENDS:
+        reason = dispatch.why_not("attention", backend, call)
+        impls.append(Impl(f"fusedlayers[{backend}]", backend != "reference", None if reason else (
+            lambda q, k, v, _b=backend: fusedlayers.attention_varlen(q, k, v, cu, cu, n, n, backend=_b)),
+            reason or ""))
+    from torch.nn.attention import SDPBackend
+
+    impls.append(Impl("torch.sdpa[math] (padded)", False, padded))
+    if call.device.type == "cuda":
+        impls.append(Impl("torch.sdpa[efficient] (padded)", False,
+                          lambda q, k, v: padded(q, k, v, SDPBackend.EFFICIENT_ATTENTION)))
+    return impls
+
+
+def train_steps(report: Report, device: torch.device, quick: bool) -> None:
+    """Tokens/s of the reference Transformer's training (translation task, d_model 64, 2+2
+    layers), the same run on each backend that can serve it."""
+    from fusedlayers.transformer.lessons import TRAIN
+    from fusedlayers.transformer.model import ModelConfig
+    from fusedlayers.transformer.train import TASKS, TrainConfig, train
+
+    task = TASKS["translate"]()
+    case = {"task": "translate", "d_model": 64, "layers": 2, "steps": 10 if quick else 40}
+    for backend in dispatch.BACKENDS:
+        cfg = TrainConfig(steps=case["steps"], device=device, seed=0, out=None, eval=False, quiet=True,
+                          **TRAIN["translate"])
+        try:
+            r = train(task, ModelConfig(d_model=64, n_heads=4, d_ff=128, n_layers=2, backend=backend), cfg)
+        except dispatch.BackendError as e:
+            report.not_run.setdefault(f"train_step fusedlayers[{backend}]", str(e).splitlines()[-1].strip())
+            continue
+        report.results.append(Result("train_step", "fwd+bwd", case, f"fusedlayers[{backend}]", r["seconds"] * 1e3,
+                                     r["tokens_per_s"] / 1e3, "k tokens/s", backend != "reference"))
