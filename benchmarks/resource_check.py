@@ -2,17 +2,21 @@
 report registers, spills and shared memory.
 
 Each module in ``MODULES`` exposes ``compile_targets()``: a list of
-``(name, jit_function, signature, constexprs[, options[, attrs]])`` tuples, one per
-configuration its launcher may pick: ``signature`` and ``constexprs`` as
+``(name, jit_function, signature, constexprs[, options[, attrs[, archs]]])`` tuples, one
+per configuration its launcher may pick: ``signature`` and ``constexprs`` as
 ``triton.compiler.ASTSource`` takes them (keyed by argument name); ``options`` such as
 ``{"num_warps": 8, "num_stages": 3}``; ``attrs`` the runtime specialisation by argument
-name, e.g. ``{"N": [["tt.divisibility", 16]]}``. Every target is
-compiled with ``triton.compile`` for each architecture; Triton's bundled ``ptxas -v`` on
-the PTX gives registers and spill bytes, ``compiled.metadata.shared`` the shared memory.
+name, e.g. ``{"N": [["tt.divisibility", 16]]}``; ``archs`` the architectures whose
+launcher picks it (default: all). Every target is compiled with ``triton.compile`` for each
+of its architectures; Triton's bundled ``ptxas -v`` on the PTX, with the flags Triton
+itself passes, gives registers and spill bytes, ``compiled.metadata.shared`` the shared
+memory. Compiles run in ``--jobs`` processes (default: one per core); Triton's cache
+(``~/.triton/cache``) makes a second run fast.
 
     python benchmarks/resource_check.py            # every module, both architectures
     python benchmarks/resource_check.py --arch sm_90a --only norm_fwd
     python benchmarks/resource_check.py --module fusedlayers.kernels.attention   # one module
+    python benchmarks/resource_check.py --jobs 1                                  # serially
 
 Exit status 1 when any configuration spills, uses more shared memory than the
 architecture allows per block (sm_80: 163 KB, sm_90a: 227 KB), or fails to compile.
@@ -23,6 +27,8 @@ here, before any kernel module is imported).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import importlib
 import os
 import re
@@ -39,6 +45,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 # Modules whose kernels are checked: add a kernel module here once it exposes compile_targets().
 MODULES = [
+    "fusedlayers.kernels.attention",
     "fusedlayers.kernels.layer_norm",
 ]
 
@@ -56,8 +63,10 @@ def ptxas_usage(ptx: str, arch: str) -> tuple[int, int, int]:
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        out = subprocess.run([ptxas, f"-arch={arch}", "-v", src, "-o", os.path.join(tmp, "kernel.cubin")],
-                             capture_output=True, text=True, check=True)
+        # The flags triton.compile passes to ptxas (triton/backends/nvidia/compiler.py, make_cubin), so the
+        # figures are those of the cubin Triton launches: register allocation differs without them.
+        out = subprocess.run([ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", src,
+                              "-o", os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True, check=True)
     log = out.stdout + out.stderr
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
@@ -66,15 +75,39 @@ def ptxas_usage(ptx: str, arch: str) -> tuple[int, int, int]:
     return int(regs.group(1)), int(spill.group(1)), int(spill.group(2))
 
 
-def targets(modules: list[str], only: str | None):
-    for module in modules:
-        for entry in importlib.import_module(module).compile_targets():
-            name, fn, signature, constexprs = entry[:4]
-            options = entry[4] if len(entry) > 4 and entry[4] else {}
-            attrs = entry[5] if len(entry) > 5 and entry[5] else {}
-            attrs = {(fn.arg_names.index(k),) if isinstance(k, str) else k: v for k, v in attrs.items()}
-            if only is None or only in name:
-                yield name, ASTSource(fn, signature, constexprs, attrs), options
+@functools.cache
+def _module_targets(module: str) -> dict:
+    """name -> (ASTSource, options, archs or None) of every compile target of ``module``."""
+    out = {}
+    for entry in importlib.import_module(module).compile_targets():
+        name, fn, signature, constexprs = entry[:4]
+        options = entry[4] if len(entry) > 4 and entry[4] else {}
+        attrs = entry[5] if len(entry) > 5 and entry[5] else {}
+        attrs = {(fn.arg_names.index(k),) if isinstance(k, str) else k: v for k, v in attrs.items()}
+        archs = entry[6] if len(entry) > 6 else None
+        out[name] = (ASTSource(fn, signature, constexprs, attrs), options, archs)
+    return out
+
+
+def check(module: str, name: str, arch: str) -> tuple[str, bool, list[str]]:
+    """Compile one target for one architecture: (printed row, compiled, failures). Runs in a worker process."""
+    source, options, _ = _module_targets(module)[name]
+    target, shared_limit = ARCHS[arch]
+    try:
+        compiled = triton.compile(source, target=target, options=options)
+        regs, spill_st, spill_ld = ptxas_usage(compiled.asm["ptx"], arch)
+    except Exception as e:  # a configuration that does not compile is a failure too
+        failure = f"{name} {arch}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return f"{name:<52} {arch:<7} compile failed: {failure}", False, [failure]
+    shared = compiled.metadata.shared
+    bad = []
+    if spill_st or spill_ld:
+        bad.append("spills")
+    if shared > shared_limit:
+        bad.append(f"shared > {shared_limit // 1024} KB")
+    row = (f"{name:<52} {arch:<7} {compiled.metadata.num_warps:>5} {regs:>5} {f'{spill_st}/{spill_ld}':>14} "
+           f"{shared:>9}{'  FAIL: ' + ', '.join(bad) if bad else ''}")
+    return row, True, [f"{name} {arch}: {', '.join(bad)}"] if bad else []
 
 
 def main() -> int:
@@ -82,8 +115,12 @@ def main() -> int:
     parser.add_argument("--arch", choices=sorted(ARCHS), action="append", help="default: all")
     parser.add_argument("--only", help="check only targets whose name contains this")
     parser.add_argument("--module", action="append", help=f"check this module instead of {MODULES}")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: cores)")
     args = parser.parse_args()
     archs = args.arch or list(ARCHS)
+    jobs = [(module, name, arch) for module in (args.module or MODULES)
+            for name, (_, _, only_archs) in _module_targets(module).items() if args.only is None or args.only in name
+            for arch in archs if only_archs is None or arch in only_archs]
 
     print(f"triton {triton.__version__}, ptxas {triton.knobs.nvidia.ptxas.path}")
     header = f"{'kernel configuration':<52} {'arch':<7} {'warps':>5} {'regs':>5} {'spill st/ld B':>14} {'shared B':>9}"
@@ -92,27 +129,11 @@ def main() -> int:
     failures = []
     start = time.time()
     count = 0
-    for name, source, options in targets(args.module or MODULES, args.only):
-        for arch in archs:
-            target, shared_limit = ARCHS[arch]
-            try:
-                compiled = triton.compile(source, target=target, options=options)
-                regs, spill_st, spill_ld = ptxas_usage(compiled.asm["ptx"], arch)
-            except Exception as e:  # a configuration that does not compile is a failure too
-                failures.append(f"{name} {arch}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                print(f"{name:<52} {arch:<7} compile failed: {failures[-1]}")
-                continue
-            shared = compiled.metadata.shared
-            count += 1
-            bad = []
-            if spill_st or spill_ld:
-                bad.append("spills")
-            if shared > shared_limit:
-                bad.append(f"shared > {shared_limit // 1024} KB")
-            if bad:
-                failures.append(f"{name} {arch}: {', '.join(bad)}")
-            print(f"{name:<52} {arch:<7} {compiled.metadata.num_warps:>5} {regs:>5} {f'{spill_st}/{spill_ld}':>14} "
-                  f"{shared:>9}{'  FAIL: ' + ', '.join(bad) if bad else ''}")
+    with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs)) as pool:
+        for row, compiled, bad in pool.map(check, *zip(*jobs)) if jobs else ():  # printed in job order
+            print(row, flush=True)
+            count += compiled
+            failures += bad
     print(f"\n{count} compiled in {time.time() - start:.0f} s; {len(failures)} failure(s)")
     for f in failures:
         print(f"  {f}")

@@ -233,14 +233,16 @@ def _dropout_keep(family: str, backend: str, dropout_p: float, shape, device, rn
     return dispatch.implementation(family, backend).dropout_keep_mask(seed, shape, dropout_p, device)
 
 
-def check_attention(case: AttentionCase, dtype, device, backend: str, rng_seed: int = 0) -> list[Comparison]:
-    """Runs ``fusedlayers.attention`` on ``backend`` for one case and compares out, lse and
-    every gradient with the rule. Raises AssertionError on a wrong shape or dtype."""
+def check_attention(case: AttentionCase, dtype, device, backend: str, rng_seed: int = 0,
+                    deterministic: bool = False) -> list[Comparison]:
+    """Runs ``fusedlayers.attention`` on ``backend`` for one case (with ``deterministic`` as
+    given) and compares out, lse and every gradient with the rule. Raises AssertionError on a
+    wrong shape or dtype."""
     q, k, v, mask, dout, dlse = make_attention_inputs(case, dtype, device)
     align = case.causal or "top_left"
     torch.manual_seed(rng_seed)
     out, lse = ops.attention(q, k, v, mask, causal=case.causal is not None, causal_align=align,
-                             dropout_p=case.dropout_p, return_lse=True, backend=backend)
+                             dropout_p=case.dropout_p, return_lse=True, deterministic=deterministic, backend=backend)
     assert out.shape == q.shape and out.dtype == dtype, (out.shape, out.dtype)
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32, (lse.shape, lse.dtype)
     inputs = [q, k, v, mask if mask is not None and mask.requires_grad else None]

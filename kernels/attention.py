@@ -18,7 +18,7 @@ Delta), dV = P_dropped^T dO, dK = dS^T Q * scale, dQ = dS K * scale, d(bias) = d
       loops over the query blocks of every query head of its group (dK, dV in registers, no
       atomics); dQ is either atomically added into an fp32 buffer by the same kernel (default)
       or computed by ``_bwd_dq``, one query block per program (``deterministic=True``: no
-      atomics anywhere, bitwise reproducible).
+      atomics anywhere, bitwise reproducible; also 16-bit head dims > 128 on a GPU, see _atomic_dq).
     * d(bias): ``_bwd_dkdv`` writes each dS tile once into an fp32 (B, Hq, Nq, Nk) buffer (or
       straight into the gradient when the bias is full size and fp32); torch then sums it over
       the bias's broadcast dims. Deterministic, and it costs what autograd of an expanded bias
@@ -69,6 +69,14 @@ def _dot(a, b, IEEE: tl.constexpr):
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def _lt(a, b):
+    """a < b, written a - b < 0 (no overflow: both lie in [0, 2**31) here). For the store masks after a loop:
+    the compiler cannot merge this with the same test made before the loop (the load masks), so no predicate
+    stays live across the loop, where ptxas would spill it (a few bytes, but the resource check counts them)."""
+    return (a - b) < 0
 
 
 @triton.jit
@@ -232,9 +240,10 @@ def _attn_fwd(
                           ).to(tl.float32), float("-inf"))
     rows = (q_start + offs_m).to(tl.int64)
     Ob = Out + split * stride_os + b * stride_ob + h * stride_oh
+    st_row = _lt(offs_m, seqlen_q)  # row_ok and d_ok, recomputed (see _lt)
     tl.store(Ob + rows[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + split * stride_ls + b * stride_lb + h * stride_lh + rows * stride_ln, lse, mask=row_ok)
+             mask=st_row[:, None] & _lt(offs_d[None, :], D))
+    tl.store(Lse + split * stride_ls + b * stride_lb + h * stride_lh + rows * stride_ln, lse, mask=st_row)
 
 
 @triton.jit
@@ -314,11 +323,35 @@ def _bwd_preprocess(
 
 
 @triton.jit
-def _bwd_tile(q, k, v, do, lse, Delta_i, offs_m, offs_n, seqlen_q, seqlen_k, shift, mask_base, stride_mm, stride_mn,
-              qk_scale, seed, drop_base, drop_sm, dropout_p, inv_keep,
+def _bwd_dp(do, v, do_rows, stride_dd, v_rows, stride_vd, do_ok, v_ok, D, IEEE: tl.constexpr):
+    """dP = dO V^T of a (BLOCK_M, BLOCK_N) tile; ``do``/``v`` the loaded tiles, ``do_rows``/``v_rows`` pointers to
+    their rows (with ``do_ok``/``v_ok`` the rows in bounds). 16-bit inputs: one MMA dot. fp32 (IEEE): in fp64,
+    so that dP - Delta of a one-hot row cancels to -dlse as in torch's fp32 (Delta is fp64 too). Past a head
+    dim of 64 the fp64 sum runs over 64-column chunks re-read from memory (L1/L2 hits): whole 128- or
+    256-long fp64 rows in registers spill hundreds of bytes (benchmarks/resource_check.py)."""
+    if IEEE:
+        if do.shape[1] > 64:
+            dP = tl.zeros([do.shape[0], v.shape[0]], tl.float64)
+            for c in range(0, do.shape[1], 64):
+                cols = c + tl.arange(0, 64)
+                a = tl.load(do_rows[:, None] + cols[None, :] * stride_dd, mask=do_ok[:, None] & (cols[None, :] < D),
+                            other=0.0)
+                b = tl.load(v_rows[:, None] + cols[None, :] * stride_vd, mask=v_ok[:, None] & (cols[None, :] < D),
+                            other=0.0)
+                dP += tl.dot(a.to(tl.float64), tl.trans(b).to(tl.float64))
+        else:
+            dP = tl.dot(do.to(tl.float64), tl.trans(v).to(tl.float64))
+    else:
+        dP = _dot(do, tl.trans(v), IEEE)
+    return dP
+
+
+@triton.jit
+def _bwd_tile(q, k, v, do, do_rows, stride_dd, v_rows, stride_vd, D, lse, Delta_i, offs_m, offs_n, seqlen_q,
+              seqlen_k, shift, mask_base, stride_mm, stride_mn, qk_scale, seed, drop_base, drop_sm, dropout_p, inv_keep,
               MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, CHECK: tl.constexpr,
               IEEE: tl.constexpr):
-    """P (dropped and rescaled, for dV) and dS of one (BLOCK_M, BLOCK_N) tile.
+    """P (dropped and rescaled, for dV) and dS of one (BLOCK_M, BLOCK_N) tile (dP = dO V^T by _bwd_dp).
 
     Keys past the sequence end need no mask here: their K and V rows load as 0 (so they add nothing
     to dQ), their dK/dV/dbias are never stored, and P = exp2(min(S - lse, 0)) stays finite."""
@@ -327,10 +360,7 @@ def _bwd_tile(q, k, v, do, lse, Delta_i, offs_m, offs_n, seqlen_q, seqlen_k, shi
     lse2 = tl.where(lse == float("-inf"), float("inf"),  # a row that saw no key: P = 0
                     (lse.to(tl.float64) * 1.4426950408889634).to(tl.float32))
     P = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0))
-    if IEEE:  # fp32 inputs: dP - Delta in fp64, so that dS of a one-hot row cancels to dlse as in torch's fp32
-        dP = tl.dot(do.to(tl.float64), tl.trans(v).to(tl.float64))
-    else:
-        dP = _dot(do, tl.trans(v), IEEE)
+    dP = _bwd_dp(do, v, do_rows, stride_dd, v_rows, stride_vd, offs_m < seqlen_q, offs_n < seqlen_k, D, IEEE)
     if DROPOUT:
         keep = _keep(seed, drop_base, offs_m, offs_n, drop_sm, dropout_p)
         P_drop = tl.where(keep, P * inv_keep, 0.0)
@@ -342,13 +372,12 @@ def _bwd_tile(q, k, v, do, lse, Delta_i, offs_m, offs_n, seqlen_q, seqlen_k, shi
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, Qb, DOb, Lseb, Deltab, DQb, DBb, mask_base, stride_qn, stride_qd, stride_dn,
-                    stride_dd, stride_ln, stride_dqn, stride_dqd, stride_bm, stride_bn, stride_mm, stride_mn, offs_n,
-                    offs_d, D, lo, hi, seqlen_q, seqlen_k, shift, qk_scale, sm_scale, seed, drop_base, drop_sm,
-                    dropout_p, inv_keep,
-                    BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                    ATOMIC_DQ: tl.constexpr, DBIAS: tl.constexpr, CHECK: tl.constexpr, UPCAST: tl.constexpr,
-                    IEEE: tl.constexpr):
+def _bwd_dkdv_inner(dk, dv, k, v, v_rows, stride_vd, Qb, DOb, Lseb, Deltab, DQb, DBb, mask_base, stride_qn, stride_qd,
+                    stride_dn, stride_dd, stride_ln, stride_dqn, stride_dqd, stride_bm, stride_bn, stride_mm,
+                    stride_mn, offs_n, offs_d, D, lo, hi, seqlen_q, seqlen_k, shift, qk_scale, sm_scale, seed,
+                    drop_base, drop_sm, dropout_p, inv_keep, BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr,
+                    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, DBIAS: tl.constexpr,
+                    CHECK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """dK, dV of one key block accumulated over query blocks [lo, hi) of one query head."""
     d_ok = offs_d[None, :] < D
     for start_m in range(lo, hi, BLOCK_M):
@@ -362,9 +391,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, Qb, DOb, Lseb, Deltab, DQb, DBb, mask_base, st
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
-        P_drop, dS = _bwd_tile(q, k, v, do, lse, Delta_i, offs_m, offs_n, seqlen_q, seqlen_k, shift, mask_base,
-                               stride_mm, stride_mn, qk_scale, seed, drop_base, drop_sm, dropout_p, inv_keep,
-                               MASK_KIND, CAUSAL, DROPOUT, CHECK, IEEE)
+        P_drop, dS = _bwd_tile(q, k, v, do, DOb + offs_m * stride_dn, stride_dd, v_rows, stride_vd, D, lse, Delta_i,
+                               offs_m, offs_n, seqlen_q, seqlen_k, shift, mask_base, stride_mm, stride_mn, qk_scale,
+                               seed, drop_base, drop_sm, dropout_p, inv_keep, MASK_KIND, CAUSAL, DROPOUT, CHECK, IEEE)
         dv += _dot(tl.trans(P_drop.to(do.dtype)), do, IEEE)  # dV += P_drop^T dO
         dk += _dot(tl.trans(dS.to(q.dtype)), q, IEEE)  # dK += dS^T Q (times scale at the end)
         if DBIAS:
@@ -419,8 +448,8 @@ def _bwd_dkdv(
     k_rows = (k_start + offs_n).to(tl.int64)
     k = tl.load(K + b * stride_kb + hk * stride_kh + k_rows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                 mask=kv_ok, other=0.0)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + k_rows[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=kv_ok, other=0.0)
+    v_rows = V + b * stride_vb + hk * stride_vh + k_rows * stride_vn
+    v = tl.load(v_rows[:, None] + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -447,27 +476,28 @@ def _bwd_dkdv(
         DBb = DB + b * stride_bb + h * stride_bh
         mask_base = Mask + b * stride_mb + h * stride_mh
         drop_base = b * drop_sb + h * drop_sh + q_off * drop_sm + k_start
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qb, DOb, Lseb, Deltab, DQb, DBb, mask_base, stride_qn, stride_qd,
-                                 stride_dn, stride_dd, stride_ln, stride_dqn, stride_dqd, stride_bm, stride_bn,
-                                 stride_mm, stride_mn, offs_n, offs_d, D, m_lo, m_mid, seqlen_q, seqlen_k, shift,
-                                 qk_scale, sm_scale, seed, drop_base, drop_sm, dropout_p, inv_keep, BLOCK_M, MASK_KIND,
-                                 CAUSAL, DROPOUT, ATOMIC_DQ, DBIAS, True, UPCAST, IEEE)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qb, DOb, Lseb, Deltab, DQb, DBb, mask_base, stride_qn, stride_qd,
-                                 stride_dn, stride_dd, stride_ln, stride_dqn, stride_dqd, stride_bm, stride_bn,
-                                 stride_mm, stride_mn, offs_n, offs_d, D, m_mid, seqlen_q, seqlen_q, seqlen_k, shift,
-                                 qk_scale, sm_scale, seed, drop_base, drop_sm, dropout_p, inv_keep, BLOCK_M, MASK_KIND,
-                                 CAUSAL, DROPOUT, ATOMIC_DQ, DBIAS, False, UPCAST, IEEE)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, v_rows, stride_vd, Qb, DOb, Lseb, Deltab, DQb, DBb, mask_base,
+                                 stride_qn, stride_qd, stride_dn, stride_dd, stride_ln, stride_dqn, stride_dqd,
+                                 stride_bm, stride_bn, stride_mm, stride_mn, offs_n, offs_d, D, m_lo, m_mid, seqlen_q,
+                                 seqlen_k, shift, qk_scale, sm_scale, seed, drop_base, drop_sm, dropout_p, inv_keep,
+                                 BLOCK_M, MASK_KIND, CAUSAL, DROPOUT, ATOMIC_DQ, DBIAS, True, UPCAST, IEEE)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, v_rows, stride_vd, Qb, DOb, Lseb, Deltab, DQb, DBb, mask_base,
+                                 stride_qn, stride_qd, stride_dn, stride_dd, stride_ln, stride_dqn, stride_dqd,
+                                 stride_bm, stride_bn, stride_mm, stride_mn, offs_n, offs_d, D, m_mid, seqlen_q,
+                                 seqlen_q, seqlen_k, shift, qk_scale, sm_scale, seed, drop_base, drop_sm, dropout_p,
+                                 inv_keep, BLOCK_M, MASK_KIND, CAUSAL, DROPOUT, ATOMIC_DQ, DBIAS, False, UPCAST, IEEE)
     out_off = b * stride_dkb + hk * stride_dkh + k_rows[:, None] * stride_dkn + offs_d[None, :]
-    tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_ok)
+    st_ok = _lt(offs_n[:, None], seqlen_k) & _lt(offs_d[None, :], D)  # kv_ok, recomputed (see _lt)
+    tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=st_ok)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=st_ok)
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, Delta_i, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd, mask_base, stride_mm,
-                  stride_mn, offs_m, offs_d, D, lo, hi, seqlen_q, seqlen_k, shift, qk_scale, seed, drop_base, drop_sm,
-                  dropout_p, inv_keep,
-                  BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                  CHECK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+def _bwd_dq_inner(dq, q, do, do_rows, stride_dd, lse, Delta_i, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd,
+                  mask_base, stride_mm, stride_mn, offs_m, offs_d, D, lo, hi, seqlen_q, seqlen_k, shift, qk_scale,
+                  seed, drop_base, drop_sm, dropout_p, inv_keep, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+                  CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, CHECK: tl.constexpr, UPCAST: tl.constexpr,
+                  IEEE: tl.constexpr):
     """dQ of one query block accumulated over key blocks [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -477,9 +507,9 @@ def _bwd_dq_inner(dq, q, do, lse, Delta_i, Kb, Vb, stride_kn, stride_kd, stride_
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        P_drop, dS = _bwd_tile(q, k, v, do, lse, Delta_i, offs_m, offs_n, seqlen_q, seqlen_k, shift, mask_base,
-                               stride_mm, stride_mn, qk_scale, seed, drop_base, drop_sm, dropout_p, inv_keep,
-                               MASK_KIND, CAUSAL, DROPOUT, CHECK, IEEE)
+        P_drop, dS = _bwd_tile(q, k, v, do, do_rows, stride_dd, Vb + offs_n * stride_vn, stride_vd, D, lse, Delta_i,
+                               offs_m, offs_n, seqlen_q, seqlen_k, shift, mask_base, stride_mm, stride_mn, qk_scale,
+                               seed, drop_base, drop_sm, dropout_p, inv_keep, MASK_KIND, CAUSAL, DROPOUT, CHECK, IEEE)
         dq += _dot(dS.to(k.dtype), k, IEEE)  # dQ += dS K
     return dq
 
@@ -520,8 +550,8 @@ def _bwd_dq(
     q_rows = (q_start + offs_m).to(tl.int64)
     q = tl.load(Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                 mask=ok, other=0.0)
-    do = tl.load(DO + b * stride_db + h * stride_dh + q_rows[:, None] * stride_dn + offs_d[None, :] * stride_dd,
-                 mask=ok, other=0.0)
+    do_rows = DO + b * stride_db + h * stride_dh + q_rows * stride_dn
+    do = tl.load(do_rows[:, None] + offs_d[None, :] * stride_dd, mask=ok, other=0.0)
     lse = tl.load(Lse + b * stride_lb + h * stride_lh + q_rows * stride_ln, mask=row_ok, other=float("-inf"))
     Delta_i = tl.load(Delta + b * stride_lb + h * stride_lh + q_rows * stride_ln, mask=row_ok, other=0.0)
     if UPCAST:
@@ -538,71 +568,104 @@ def _bwd_dq(
     else:
         mid = hi
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dq = _bwd_dq_inner(dq, q, do, lse, Delta_i, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd, mask_base,
-                       stride_mm, stride_mn, offs_m, offs_d, D, 0, mid, seqlen_q, seqlen_k, shift, qk_scale, seed,
-                       drop_base, drop_sm, dropout_p, inv_keep, BLOCK_N, MASK_KIND, CAUSAL, DROPOUT, False, UPCAST,
-                       IEEE)
-    dq = _bwd_dq_inner(dq, q, do, lse, Delta_i, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd, mask_base,
-                       stride_mm, stride_mn, offs_m, offs_d, D, mid, hi, seqlen_q, seqlen_k, shift, qk_scale, seed,
-                       drop_base, drop_sm, dropout_p, inv_keep, BLOCK_N, MASK_KIND, CAUSAL, DROPOUT, True, UPCAST,
-                       IEEE)
+    dq = _bwd_dq_inner(dq, q, do, do_rows, stride_dd, lse, Delta_i, Kb, Vb, stride_kn, stride_kd, stride_vn,
+                       stride_vd, mask_base, stride_mm, stride_mn, offs_m, offs_d, D, 0, mid, seqlen_q, seqlen_k,
+                       shift, qk_scale, seed, drop_base, drop_sm, dropout_p, inv_keep, BLOCK_N, MASK_KIND, CAUSAL,
+                       DROPOUT, False, UPCAST, IEEE)
+    dq = _bwd_dq_inner(dq, q, do, do_rows, stride_dd, lse, Delta_i, Kb, Vb, stride_kn, stride_kd, stride_vn,
+                       stride_vd, mask_base, stride_mm, stride_mn, offs_m, offs_d, D, mid, hi, seqlen_q, seqlen_k,
+                       shift, qk_scale, seed, drop_base, drop_sm, dropout_p, inv_keep, BLOCK_N, MASK_KIND, CAUSAL,
+                       DROPOUT, True, UPCAST, IEEE)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + q_rows[:, None] * stride_dqn + offs_d[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=ok)
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=_lt(offs_m[:, None], seqlen_q) & _lt(offs_d[None, :], D))
 
 
 # ----------------------------------------------------------------------------- configurations
 #
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass, GPU generation and head-dim bucket. Chosen
-# from FlashAttention-2 / Triton tutorial 06 practice and checked for 0 spills with ptxas (see
-# compile_targets); not yet tuned on a GPU. Under the interpreter: one configuration, blocks of 64.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass, dtype class, dropout on or off, mask tile read or
+# not (a bool mask or an additive bias: one more tile per block, and dbias in backward), and head-dim
+# bucket. Each entry is the largest tile of a short FlashAttention-2 / Triton tutorial 06 style list
+# that compiles with 0 spill bytes (Triton 3.8, its ptxas with the flags triton.compile passes) for
+# every variant of compile_targets() that uses it, on sm_80 and sm_90a alike; where no tile of the list
+# was clean on both, the entry is _ARCH(sm_80 tile, sm_90 tile). Register use sits near 255 for many
+# entries and ptxas is neither monotonic in tile size nor stable under small source changes (moving
+# one statement turned clean fp32 entries into 8-96 B spills): re-run benchmarks/resource_check.py
+# (CI does) after touching a kernel or Triton, and expect these to change when tuned on a GPU. Under
+# the interpreter: one configuration, blocks of 64.
 
 _BUCKETS = (16, 32, 64, 128, 256)
 
-
-def _table(small, mid, large) -> dict:
-    """{sm major: {head-dim bucket: config}}: buckets <= 64, 128, 256; sm_80 and sm_90 alike for now."""
-    per_bucket = {16: small, 32: small, 64: small, 128: mid, 256: large}
-    return {8: per_bucket, 9: per_bucket}
-
-
-# pass -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit dtypes. Measured with Triton 3.8's ptxas
-# for sm_90a with 16-aligned pointers and strides: 0 spills (see compile_targets).
-_CONFIGS = {
-    "fwd": _table((128, 64, 4, 3), (128, 64, 8, 3), (64, 32, 8, 2)),
-    "decode": _table((16, 64, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2)),
-    "dkdv": _table((32, 64, 8, 3), (32, 64, 8, 2), (16, 32, 8, 1)),
-    "dq": _table((128, 32, 4, 3), (128, 32, 8, 2), (32, 32, 8, 1)),
+_CONFIGS = {  # fp16 and bf16
+    # (pass, dropout, mask):  d <= 16          d 17..32         d 33..64         d 65..128        d 129..256
+    ("fwd", False, False):    ((128, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3), (64, 32, 8, 2)),
+    ("fwd", False, True):     ((128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3), (128, 32, 8, 3), (32, 64, 8, 2)),
+    ("fwd", True, False):     ((128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3), (64, 32, 8, 3),  (32, 64, 8, 1)),
+    ("fwd", True, True):      ((128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3), (64, 32, 8, 3),  (32, 64, 8, 1)),
+    ("decode", False, False): ((16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2)),
+    ("decode", False, True):  ((16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2)),
+    ("decode", True, False):  ((16, 32, 4, 2),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2)),
+    ("decode", True, True):   ((16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2)),
+    ("dkdv", False, False):   ((32, 64, 8, 3),  (32, 64, 8, 3),  (32, 64, 8, 3),  (32, 64, 8, 2),  (32, 64, 8, 1)),
+    ("dkdv", False, True):    ((32, 64, 8, 2),  (32, 64, 8, 1),  (32, 64, 8, 1),  (16, 64, 8, 2),  (16, 64, 8, 2)),
+    ("dkdv", True, False):    ((32, 64, 8, 1),  (16, 64, 4, 2),  (32, 64, 8, 3),  (16, 32, 8, 2),  (32, 32, 8, 1)),
+    ("dkdv", True, True):     ((16, 32, 4, 1),  (16, 32, 8, 1),  (32, 32, 4, 1),  (16, 32, 8, 2),  (16, 32, 8, 2)),
+    ("dq", False, False):     ((128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 2), (32, 32, 8, 1)),
+    ("dq", False, True):      ((128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 2), (32, 32, 8, 1)),
+    ("dq", True, False):      ((64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 8, 2),  (32, 32, 8, 1)),
+    ("dq", True, True):       ((64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 8, 2),  (32, 32, 8, 1)),
 }
-# With dropout (Philox on every score tile costs registers): smaller tiles or more warps.
-_DROPOUT_CONFIGS = {
-    "fwd": _table((128, 64, 8, 3), (64, 32, 8, 3), (32, 64, 8, 1)),
-    "decode": _table((16, 64, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2)),
-    "dkdv": _table((32, 64, 8, 3), (16, 32, 8, 2), (16, 32, 8, 1)),
-    "dq": _table((64, 32, 4, 3), (64, 32, 8, 2), (32, 32, 8, 1)),
+
+
+def _ARCH(sm80: tuple, sm90: tuple) -> dict:
+    """A table entry that differs between sm_80 and sm_90 (ptxas allocates registers differently: no
+    tile of the list was clean on both)."""
+    return {8: sm80, 9: sm90}
+
+
+_FP32_CONFIGS = {  # fp32: FMA dots (no TF32), fp64 dP in backward: smaller tiles
+    # (pass, dropout, mask):  d <= 16          d 17..32         d 33..64         d 65..128        d 129..256
+    ("fwd", False, False):    ((128, 32, 4, 2), (64, 32, 4, 2),  (32, 32, 4, 1),  (16, 16, 4, 1),  (32, 32, 8, 1)),
+    ("fwd", False, True):     ((64, 32, 4, 2),  (64, 32, 4, 2),  (32, 32, 4, 1),  (32, 32, 8, 1),  (32, 32, 8, 1)),
+    ("fwd", True, False):     ((128, 32, 4, 2), (64, 32, 4, 2),  (32, 32, 4, 1),  (16, 16, 4, 1),  (32, 32, 8, 1)),
+    ("fwd", True, True):      ((64, 32, 4, 2),  (64, 32, 4, 2),  (32, 32, 4, 1),  (32, 32, 8, 1),  (32, 32, 8, 1)),
+    ("decode", False, False): ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 2),  (16, 16, 4, 1),  (16, 32, 4, 1)),
+    ("decode", False, True):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 4, 1)),
+    ("decode", True, False):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 4, 1)),
+    ("decode", True, True):   ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 4, 1)),
+    ("dkdv", False, False):   ((32, 16, 4, 1),  (32, 32, 8, 1),  (32, 32, 8, 1),  (16, 64, 8, 1),  (16, 16, 4, 1)),
+    ("dkdv", False, True):    ((32, 32, 8, 1),  (32, 32, 8, 1),  (32, 32, 8, 1),  (32, 32, 8, 1),  (16, 16, 8, 1)),
+    ("dkdv", True, False):    ((32, 32, 4, 1),  (16, 32, 4, 1),  (32, 32, 8, 1),  (32, 16, 8, 1),  (16, 16, 8, 1)),
+    ("dkdv", True, True):     ((16, 16, 8, 1),  (16, 16, 8, 1),  (16, 16, 4, 1),
+                               _ARCH((32, 32, 8, 1), (16, 32, 8, 1)), _ARCH((16, 32, 8, 1), (16, 16, 8, 1))),
+    ("dq", False, False):     ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 8, 1)),
+    ("dq", False, True):      ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 8, 1)),
+    ("dq", True, False):      ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 8, 1)),
+    ("dq", True, True):       ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 8, 1)),
 }
+
 _INTERPRETER_CONFIG = (64, 64, 4, 1)
-_ROWS_BLOCK = 64 if INTERPRET else 16  # rows per program of the row kernels (preprocess, combine)
+_ROWS_BLOCK = 64 if INTERPRET else 32  # rows per program of the row kernels (preprocess, combine); 16 spills
 
 
 def _bucket(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _FP32_ADJUST(kind: str, bucket: int, bm: int, bn: int, stages: int) -> tuple[int, int, int]:
-    """fp32 inputs: 4-byte tiles (and fp64 dP in backward): smaller tiles, fewer stages."""
-    if kind in ("fwd", "decode"):
-        return bm, max(16, bn // 2), max(1, stages - 1)
-    if kind == "dkdv":
-        return bm, max(16, bn // 2), 1
-    return max(16, bm // 2), bn, 1
+def _atomic_dq(bucket: int, dtype: torch.dtype) -> bool:
+    """Whether the non-deterministic backward may add dQ with atomics inside _bwd_dkdv (on a GPU). Not for
+    16-bit head dims > 128: dK/dV with bias, dropout and the atomic dQ of 256-wide rows spills on sm_80 at
+    every tile tried, and atomics of (BLOCK_M, 256) fp32 per key block of 16-32 keys cost more than the
+    separate _bwd_dq pass. fp32 keeps them at every head dim (_bwd_dq does not fit the registers at d > 128)."""
+    return dtype == torch.float32 or bucket <= 128
 
 
-def _config(kind: str, d: int, dtype: torch.dtype, device: torch.device, dropout: bool) -> tuple[int, int, int, int]:
+def _config(kind: str, d: int, dtype: torch.dtype, device: torch.device, dropout: bool,
+            masked: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a pass on this device."""
     if INTERPRET:
         return _INTERPRETER_CONFIG
     major = 9 if torch.cuda.get_device_capability(device)[0] >= 9 else 8
-    return _gpu_config(kind, _bucket(d), dtype, major, dropout)
+    return _gpu_config(kind, _bucket(d), dtype, major, dropout, masked)
 
 
 def _launch_options(warps: int, stages: int) -> dict:
@@ -683,7 +746,7 @@ def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_
         drop = (hq * nq * nk, nq * nk, nk)
         cu_q = cu_k = q  # unused
     kind = "decode" if (nq <= 16 and not INTERPRET) else "fwd"
-    bm, bn, warps, stages = _config(kind, d, q.dtype, q.device, dropout_p > 0)
+    bm, bn, warps, stages = _config(kind, d, q.dtype, q.device, dropout_p > 0, attn_mask is not None)
     if num_splits is None:
         num_splits = 1 if varlen else _num_splits(b, hq, nq, nk, bm, bn, q.device)
     keys_per_split = triton.cdiv(triton.cdiv(nk, num_splits), bn) * bn
@@ -771,13 +834,13 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
         if tuple(attn_mask.shape) == (b, hq, nq, nk) and attn_mask.dtype == torch.float32:
             dbias = db_buf
         db_s = tuple(db_buf.stride())
-    atomic = not deterministic
+    atomic = not deterministic and (INTERPRET or _atomic_dq(_bucket(d), q.dtype))
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else q.new_empty(q.shape)
     common = dict(MASK_KIND=mask_kind, CAUSAL=bool(causal), DROPOUT=dropout_p > 0, VARLEN=varlen, UPCAST=INTERPRET,
                   IEEE=q.dtype == torch.float32)
     tail = (hq, group, nq, nk, d, scale * LOG2E, scale, int(bottom_right), seed, dropout_p, 1.0 / (1.0 - dropout_p))
 
-    bm, bn, warps, stages = _config("dkdv", d, q.dtype, q.device, dropout_p > 0)
+    bm, bn, warps, stages = _config("dkdv", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None)
     _bwd_dkdv[(triton.cdiv(nk, bn), b * hkv)](
         q, k, v, mask, dout, lse, Delta, dq_acc, dk, dv, db_buf if db_buf is not None else dq_acc, cu_q, cu_k,
         *strides(q), *strides(k), *strides(v), *ms, *strides(dout), *ls, *strides(dq_acc), *dk_s, *db_s, *drop,
@@ -787,7 +850,7 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
         dq = dq_acc.to(q.dtype)
     else:
         dq = dq_acc
-        bm, bn, warps, stages = _config("dq", d, q.dtype, q.device, dropout_p > 0)
+        bm, bn, warps, stages = _config("dq", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None)
         _bwd_dq[(triton.cdiv(nq, bm), b * hq)](
             q, k, v, mask, dout, lse, Delta, dq, cu_q, cu_k, *strides(q), *strides(k), *strides(v), *ms,
             *strides(dout), *ls, *strides(dq)[:3], *drop, *tail, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d),
@@ -827,45 +890,59 @@ def dropout_keep_mask(seed: int, shape, dropout_p: float, device) -> torch.Tenso
 # ----------------------------------------------------------------------------- resource check
 
 
-def compile_targets() -> list[tuple[str, object, dict, dict, dict, dict]]:
+def compile_targets() -> list[tuple]:
     """Every GPU block configuration the launchers may pick, for ``benchmarks/resource_check.py``:
-    (name, jit function, signature, constexprs, options, attrs) (attrs: ``ASTSource``'s divisibility hints).
+    (name, jit function, signature, constexprs, options, attrs, archs) (attrs: ``ASTSource``'s divisibility
+    hints; archs: the architectures that pick it, None for all).
 
-    For each pass, head-dim bucket, dtype class (bf16 stands for both 16-bit dtypes: same code,
-    same tiles; fp32 has its own tiles) and GPU generation's configuration, the kernel is compiled
-    with every feature on (fp32 additive bias with dbias, causal, dropout: flags only add work) and
-    with every feature off, plus varlen (causal + dropout) and, for dK/dV, the deterministic
-    variant. Runtime specialisation is mirrored for the common case: the head-dim strides are 1
-    (constexpr), other integers generic."""
-    targets = []
-    seen = set()
+    Each table entry (pass, head-dim bucket, dtype, dropout, mask) is compiled in the variant that
+    turns on every feature of that entry (``_VARIANT_ENTRY``), in bf16, fp16 and fp32: fp16 and bf16
+    share their tiles but not their code (ptxas allocates registers differently for the two MMA
+    types, one fp16 kernel spilled where its bf16 twin did not). The row kernels (Delta, split-KV
+    combine) once per bucket and dtype. Runtime specialisation is mirrored for the common case: the
+    head-dim strides are 1 (constexpr), pointers and other strides 16-divisible."""
+    targets = {}  # name -> [target tuple, GPU generations that pick it]
     for major in (8, 9):
-        for dt, tdt in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        for tdt, dt in _DTYPES.items():
             for bucket in _BUCKETS:
                 for kind in ("fwd", "decode", "dkdv", "dq"):
-                    for variant in _VARIANTS[kind]:
-                        dropout = variant in ("all", "varlen", "deterministic")
-                        bm, bn, warps, stages = _gpu_config(kind, bucket, dt, major, dropout)
+                    for variant in _variants(kind, tdt, bucket):
+                        bm, bn, warps, stages = _gpu_config(kind, bucket, dt, major, *_VARIANT_ENTRY[variant])
                         name = f"attn_{kind}_{variant}_{tdt}_d{bucket}_BM{bm}_BN{bn}_w{warps}_s{stages}"
-                        if name in seen:  # sm_80 and sm_90 may share a configuration
-                            continue
-                        seen.add(name)
-                        fn, signature, constexprs = _target(kind, variant, tdt, bucket, bm, bn)
-                        targets.append((name, fn, signature, constexprs, {"num_warps": warps, "num_stages": stages},
-                                        _aligned(fn, signature)))
+                        if name not in targets:
+                            fn, signature, constexprs = _target(kind, variant, tdt, bucket, bm, bn)
+                            targets[name] = [(name, fn, signature, constexprs,
+                                              {"num_warps": warps, "num_stages": stages}, _aligned(fn, signature)),
+                                             set()]
+                        targets[name][1].add(major)
             for bucket in _BUCKETS:
                 for fn, tag in ((_bwd_preprocess, "preprocess"), (_split_combine, "combine")):
                     name = f"attn_{tag}_{tdt}_d{bucket}"
-                    if name not in seen:
-                        seen.add(name)
-                        signature, constexprs = _row_target(fn, tdt, bucket)
-                        targets.append((name, fn, signature, constexprs, {"num_warps": 4}, _aligned(fn, signature)))
+                    signature, constexprs = _row_target(fn, tdt, bucket)
+                    targets[name] = [(name, fn, signature, constexprs, {"num_warps": 4}, _aligned(fn, signature)),
+                                     {8, 9}]
+    # A configuration only one generation picks (an _ARCH entry) is checked for that architecture only.
+    return [t + ((None if majors == {8, 9} else ["sm_80" if 8 in majors else "sm_90a"]),)
+            for t, majors in targets.values()]
     return targets
 
 
-# all: fp32 bias (+ dbias) + causal + dropout; mask: bias + causal; none: no feature; varlen: causal + dropout
-_VARIANTS = {"fwd": ("all", "mask", "none", "varlen"), "decode": ("all", "mask", "none"),
+# Variants compiled per pass, and the table entry (dropout, mask) each one checks. all: fp32 additive bias
+# (+ dbias) + causal + dropout; mask: the same without dropout; varlen: causal + dropout, packed; none:
+# no feature; deterministic (dK/dV): all, without the dQ atomics. Decode serves varlen calls with
+# max_seqlen_q <= 16 too (never split).
+_VARIANTS = {"fwd": ("all", "mask", "none", "varlen"), "decode": ("all", "mask", "none", "varlen"),
              "dkdv": ("all", "mask", "none", "varlen", "deterministic"), "dq": ("all", "mask", "none", "varlen")}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_VARIANT_ENTRY = {"all": (True, True), "deterministic": (True, True), "mask": (False, True),
+                  "varlen": (True, False), "none": (False, False)}
+
+
+def _variants(kind: str, tdt: str, bucket: int) -> tuple:
+    """_VARIANTS[kind], less "deterministic" where dK/dV never uses atomics (it would compile "all" again)."""
+    if kind == "dkdv" and not _atomic_dq(bucket, _DTYPES[tdt]):
+        return tuple(v for v in _VARIANTS[kind] if v != "deterministic")
+    return _VARIANTS[kind]
 
 
 def _aligned(fn, signature: dict) -> dict:
@@ -875,12 +952,12 @@ def _aligned(fn, signature: dict) -> dict:
             if signature[arg].startswith("*") or (arg.startswith("stride") and signature[arg] != "constexpr")}
 
 
-def _gpu_config(kind: str, bucket: int, dtype: torch.dtype, major: int, dropout: bool) -> tuple[int, int, int, int]:
-    table = _DROPOUT_CONFIGS if dropout else _CONFIGS
-    bm, bn, warps, stages = table[kind][major][bucket]
-    if dtype == torch.float32:
-        bm, bn, stages = _FP32_ADJUST(kind, bucket, bm, bn, stages)
-    return bm, bn, warps, stages
+def _gpu_config(kind: str, bucket: int, dtype: torch.dtype, major: int, dropout: bool,
+                masked: bool) -> tuple[int, int, int, int]:
+    """The table's entry for a GPU of compute capability ``major``.x (8: sm_80 tiles, 9: sm_90)."""
+    table = _FP32_CONFIGS if dtype == torch.float32 else _CONFIGS
+    entry = table[kind, bool(dropout), bool(masked)][_BUCKETS.index(bucket)]
+    return entry[major] if isinstance(entry, dict) else entry
 
 
 def _target(kind: str, variant: str, tdt: str, bucket: int, bm: int, bn: int):
@@ -917,7 +994,7 @@ def _target(kind: str, variant: str, tdt: str, bucket: int, bm: int, bn: int):
     constexprs.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bucket, MASK_KIND=MASK_BIAS if on and not varlen else MASK_NONE,
                       CAUSAL=on or varlen, DROPOUT=dropout, VARLEN=varlen, UPCAST=False, IEEE=tdt == "fp32")
     if kind == "dkdv":
-        constexprs.update(ATOMIC_DQ=variant != "deterministic", DBIAS=on)
+        constexprs.update(ATOMIC_DQ=variant != "deterministic" and _atomic_dq(bucket, _DTYPES[tdt]), DBIAS=on)
     return fn, signature, {k: v for k, v in constexprs.items() if k in fn.arg_names}
 
 

@@ -98,6 +98,16 @@ def test_varlen_dropout_mask_is_dropout_keep_mask_in_packed_indices():
         assert torch.equal(seen, keep[:, rows, cols])
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d", [40, 80, 256])
+def test_deterministic_backward_matches_reference(d, dtype):
+    # The deterministic backward runs its own dQ kernel (_bwd_dq); in fp32 past head dim 64 its fp64 dP
+    # is summed in 64-column chunks re-read from memory (_bwd_dp). Bias (with its gradient), causal, dropout.
+    case = AttentionCase(b=1, hq=2, hkv=1, nq=70, nk=96, d=d, mask="bias", causal="bottom_right", dropout_p=0.2)
+    testing.assert_all_ok(testing.check_attention(case, dtype, DEVICE, "triton", deterministic=True),
+                          f"deterministic {case} {dtype}")
+
 def test_deterministic_varlen_and_dropout_are_bitwise_reproducible():
     lens = [17, 64, 3]
     tq = sum(lens)
@@ -178,7 +188,9 @@ def test_compile_targets_cover_the_launch_configurations():
     targets = A.compile_targets()
     names = [t[0] for t in targets]
     assert len(names) == len(set(names))
-    for name, fn, signature, constexprs, options, attrs in targets:
+    archs_of = {t[0]: t[6] for t in targets}
+    for name, fn, signature, constexprs, options, attrs, archs in targets:
+        assert archs is None or archs in (["sm_80"], ["sm_90a"]), name
         assert list(signature) == list(fn.arg_names), name
         assert all(signature[k] == "constexpr" for k in constexprs), name
         assert A._constexpr_args(fn) <= set(constexprs), name
@@ -186,8 +198,14 @@ def test_compile_targets_cover_the_launch_configurations():
     for kind in ("fwd", "decode", "dkdv", "dq"):
         for bucket in A._BUCKETS:
             for major in (8, 9):
-                for dt, tag in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+                for dt, tag in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
                     for dropout in (False, True):
-                        bm, bn, w, s = A._gpu_config(kind, bucket, dt, major, dropout)
-                        assert any(n.startswith(f"attn_{kind}_") and f"_{tag}_d{bucket}_BM{bm}_BN{bn}_w{w}_s{s}" in n
-                                   for n in names), (kind, bucket, major, tag, dropout)
+                        for masked in (False, True):
+                            # the table entry is compiled in a variant that uses it (all its features on)
+                            bm, bn, w, s = A._gpu_config(kind, bucket, dt, major, dropout, masked)
+                            variants = [v for v in A._variants(kind, tag, bucket)
+                                        if A._VARIANT_ENTRY[v] == (dropout, masked)]
+                            checked = [f"attn_{kind}_{v}_{tag}_d{bucket}_BM{bm}_BN{bn}_w{w}_s{s}" for v in variants]
+                            arch = "sm_80" if major == 8 else "sm_90a"  # and checked for this GPU's architecture
+                            assert variants and all(n in archs_of and archs_of[n] in (None, [arch]) for n in checked), (
+                                kind, bucket, major, tag, dropout, masked)
