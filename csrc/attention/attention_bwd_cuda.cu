@@ -8,28 +8,15 @@
 //
 // FLOPs counted by the benchmarks: 2.5x the forward's.
 // Verified on a GPU by tests/test_cuda_kernels.py (pytest -m gpu); not yet run on a GPU.
-#include <c10/cuda/CUDAException.h>
-
 #include <algorithm>
 
 #include "attention/attention_cuda_kernel.cuh"
+#include "common/cuda_launch.h"
 #include "common/static_switch.h"
 
 namespace fusedlayers::cuda {
 
 namespace attn {
-
-template <typename Kernel>
-void opt_in_smem(Kernel kernel, int smem, const char* what) {
-  int device = 0, limit = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK(smem <= limit, "fusedlayers cuda ", what, ": needs ", smem, " bytes of shared memory per block, the device",
-              " allows ", limit, " (use backend='triton' for this head dim on this GPU)");
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  }
-}
 
 template <typename T, int kD>
 void run_bwd(const AttentionParams& p, cudaStream_t stream) {

@@ -7,29 +7,15 @@
 // FLOPs counted by the benchmarks: 4 * B * Hq * Nq * Nk * D (halved when causal).
 // Verified on a GPU by tests/test_cuda_kernels.py (pytest -m gpu) and
 // benchmarks/gpu_session.sh; not yet run on a GPU (see README).
-#include <c10/cuda/CUDAException.h>
-
 #include <algorithm>
 
 #include "attention/attention_cuda_kernel.cuh"
+#include "common/cuda_launch.h"
 #include "common/static_switch.h"
 
 namespace fusedlayers::cuda {
 
 namespace attn {
-
-// Makes `kernel` accept `smem` bytes of dynamic shared memory, or fails naming the need.
-template <typename Kernel>
-void opt_in_smem(Kernel kernel, int smem, const char* what) {
-  int device = 0, limit = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK(smem <= limit, "fusedlayers cuda ", what, ": needs ", smem, " bytes of shared memory per block, the device",
-              " allows ", limit, " (use backend='triton' for this head dim on this GPU)");
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  }
-}
 
 template <typename T, int kD>
 void run_fwd(const AttentionParams& p, cudaStream_t stream) {

@@ -1,0 +1,186 @@
+// Host glue shared by the attention ops of both devices (attention_cpu.cpp, attention_op_cuda.cpp):
+// the shape checks, the layouts written into the backend's AttentionParams, the output and
+// gradient allocations and the bias-gradient reduction. What differs by device stays in the op
+// files: which dtypes, head dims and grid sizes a device takes, where cu_seqlens must live, how
+// a mask is converted, and the kernel call. Templates over the params type: cpu::AttentionParams
+// and cuda::AttentionParams share these field names (the CUDA sizes are int).
+// Semantics: fusedlayers/registration.py.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+namespace fusedlayers::attention_host {
+
+// t itself when its last dim is contiguous (rows may be strided), else a contiguous copy.
+inline at::Tensor rows_contiguous(const at::Tensor& t) {
+  return (t.dim() == 0 || t.stride(-1) == 1 || t.size(-1) == 1) ? t : t.contiguous();
+}
+
+// Stride of dim d of the mask, 0 where it broadcasts (size 1).
+inline int64_t bstride(const at::Tensor& m, int64_t d) { return m.size(d) == 1 ? 0 : m.stride(d); }
+
+// Shapes, head counts, q / k / v pointers and strides, and the dropout index layout. Dense:
+// (B, H, N, D). Varlen (cu_q, cu_k given, int32 offsets where the kernels read them): packed
+// (T, H, D), max_q / max_k the longest sequences; the dropout index runs over (Hq, Tq, Tk).
+template <class Params>
+void set_qkv(Params& p, const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+             const at::Tensor* cu_q, const at::Tensor* cu_k, int64_t max_q, int64_t max_k) {
+  using Int = decltype(p.batch);
+  const bool varlen = cu_q != nullptr;
+  TORCH_CHECK(varlen == (cu_k != nullptr), "fusedlayers::", op, ": give both cu_seqlens_q and cu_seqlens_k or neither");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "fusedlayers::", op,
+              ": q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(q.dim() == (varlen ? 3 : 4) && k.dim() == q.dim() && v.dim() == q.dim(), "fusedlayers::", op,
+              ": q, k, v must be ", varlen ? "3-D (T, H, D)" : "4-D (B, H, N, D)", ", got q ", q.sizes(), " k ",
+              k.sizes(), " v ", v.sizes());
+  p.heads_q = static_cast<Int>(q.size(1));  // the head dim of (B, H, N, D) and of (T, H, D)
+  p.heads_kv = static_cast<Int>(k.size(1));
+  p.head_dim = static_cast<Int>(q.size(-1));
+  p.head_dim_v = static_cast<Int>(v.size(-1));
+  TORCH_CHECK(k.size(-1) == p.head_dim && p.heads_kv > 0 && p.heads_q % p.heads_kv == 0 && v.size(1) == p.heads_kv,
+              "fusedlayers::", op, ": bad shapes q ", q.sizes(), " k ", k.sizes(), " v ", v.sizes(),
+              " (need Hq % Hkv == 0 and k, v with Hkv heads)");
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  if (varlen) {  // rows are tokens, no batch stride
+    TORCH_CHECK(cu_q->numel() == cu_k->numel() && cu_q->numel() >= 2, "fusedlayers::", op,
+                ": cu_seqlens_q and cu_seqlens_k must hold B + 1 >= 2 offsets each");
+    p.batch = static_cast<Int>(cu_q->numel() - 1);
+    p.seqlen_q = static_cast<Int>(max_q);
+    p.seqlen_k = static_cast<Int>(max_k);
+    p.cu_seqlens_q = cu_q->const_data_ptr<int32_t>();
+    p.cu_seqlens_k = cu_k->const_data_ptr<int32_t>();
+    p.q_bs = p.k_bs = p.v_bs = 0;
+    p.q_hs = q.stride(1), p.q_rs = q.stride(0);
+    p.k_hs = k.stride(1), p.k_rs = k.stride(0);
+    p.v_hs = v.stride(1), p.v_rs = v.stride(0);
+    const int64_t tq = q.size(0), tk = k.size(0);
+    p.drop_bs = 0, p.drop_hs = tq * tk, p.drop_rs = tk;
+  } else {
+    p.batch = static_cast<Int>(q.size(0));
+    p.seqlen_q = static_cast<Int>(q.size(2));
+    p.seqlen_k = static_cast<Int>(k.size(2));
+    TORCH_CHECK(k.size(0) == p.batch && v.size(0) == p.batch && v.size(2) == p.seqlen_k, "fusedlayers::", op,
+                ": bad shapes q ", q.sizes(), " k ", k.sizes(), " v ", v.sizes());
+    p.q_bs = q.stride(0), p.q_hs = q.stride(1), p.q_rs = q.stride(2);
+    p.k_bs = k.stride(0), p.k_hs = k.stride(1), p.k_rs = k.stride(2);
+    p.v_bs = v.stride(0), p.v_hs = v.stride(1), p.v_rs = v.stride(2);
+    const int64_t nq = p.seqlen_q, nk = p.seqlen_k;
+    p.drop_bs = p.heads_q * nq * nk, p.drop_hs = nq * nk, p.drop_rs = nk;  // (B, Hq, Nq, Nk)
+  }
+}
+
+// Pointer and broadcast strides of attn_mask `m` (dense calls only; p.mask_kind is the caller's,
+// which knows the dtypes its kernels read). Call after set_qkv.
+template <class Params>
+void set_mask(Params& p, const char* op, const at::Tensor& m) {
+  TORCH_CHECK(p.cu_seqlens_q == nullptr, "fusedlayers::", op, ": attn_mask is not supported with cu_seqlens");
+  TORCH_CHECK(m.dim() == 4, "fusedlayers::", op, ": attn_mask must be 4-D, got ", m.sizes());
+  const int64_t full[4] = {p.batch, p.heads_q, p.seqlen_q, p.seqlen_k};
+  for (int d = 0; d < 4; ++d) {
+    TORCH_CHECK(m.size(d) == 1 || m.size(d) == full[d], "fusedlayers::", op, ": attn_mask of shape ", m.sizes(),
+                " does not broadcast to (B, Hq, Nq, Nk)");
+  }
+  p.mask = m.const_data_ptr();
+  p.m_bs = bstride(m, 0), p.m_hs = bstride(m, 1), p.m_qs = bstride(m, 2), p.m_ks = bstride(m, 3);
+}
+
+template <class Params>
+void set_scalars(Params& p, const char* op, double scale, bool causal, bool bottom_right, double dropout_p,
+                 int64_t seed) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "fusedlayers::", op, ": dropout_p must be in [0, 1), got ",
+              dropout_p);
+  p.scale = static_cast<float>(scale);
+  p.causal = causal;
+  p.bottom_right = bottom_right;
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.seed = static_cast<uint64_t>(seed);
+}
+
+// out / lse (and dout / dlse) layout: dense (B, Hq, Nq, Dv) / (B, Hq, Nq); varlen (Tq, Hq, Dv) / (Hq, Tq).
+template <class Params>
+void set_out_layout(Params& p, int64_t rows_q) {
+  const int64_t hq = p.heads_q, dv = p.head_dim_v;
+  if (p.cu_seqlens_q != nullptr) {
+    p.o_bs = 0, p.o_hs = dv, p.o_rs = hq * dv;
+    p.lse_bs = 0, p.lse_hs = rows_q;
+  } else {
+    p.o_bs = hq * p.seqlen_q * dv, p.o_hs = p.seqlen_q * dv, p.o_rs = dv;
+    p.lse_bs = hq * p.seqlen_q, p.lse_hs = p.seqlen_q;
+  }
+}
+
+// The forward's out (q's dtype, Dv columns) and lse (float32), new and contiguous, set in p.
+template <class Params>
+std::tuple<at::Tensor, at::Tensor> alloc_out(Params& p, const at::Tensor& q) {
+  std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
+  out_shape.back() = p.head_dim_v;
+  at::Tensor out = at::empty(out_shape, q.options());
+  at::Tensor lse = p.cu_seqlens_q != nullptr
+                       ? at::empty({static_cast<int64_t>(p.heads_q), q.size(0)}, q.options().dtype(at::kFloat))
+                       : at::empty({static_cast<int64_t>(p.batch), static_cast<int64_t>(p.heads_q),
+                                    static_cast<int64_t>(p.seqlen_q)},
+                                   q.options().dtype(at::kFloat));
+  set_out_layout(p, q.size(0));
+  p.out = out.mutable_data_ptr();
+  p.lse = lse.mutable_data_ptr<float>();
+  return {out, lse};
+}
+
+// The backward's saved out / lse and incoming dout / dlse, made contiguous (out, dout in q's
+// dtype; lse, dlse float32), checked against each other and set in p (out, dout, lse).
+template <class Params>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_inputs(Params& p, const char* op, const at::Tensor& q,
+                                                                      const at::Tensor& out_in,
+                                                                      const at::Tensor& dout_in,
+                                                                      const at::Tensor& lse_in,
+                                                                      const at::Tensor& dlse_in) {
+  at::Tensor out = out_in.contiguous().to(q.scalar_type());
+  at::Tensor dout = dout_in.contiguous().to(q.scalar_type());
+  at::Tensor lse = lse_in.contiguous().to(at::kFloat);
+  at::Tensor dlse = dlse_in.contiguous().to(at::kFloat);
+  TORCH_CHECK(out.sizes() == dout.sizes() && lse.sizes() == dlse.sizes(), "fusedlayers::", op, ": out ",
+              out.sizes(), " / dout ", dout.sizes(), " or lse ", lse.sizes(), " / dlse ", dlse.sizes(),
+              " shapes differ");
+  set_out_layout(p, q.size(0));
+  p.out = const_cast<void*>(out.const_data_ptr());
+  p.dout = dout.const_data_ptr();
+  p.lse = const_cast<float*>(lse.const_data_ptr<float>());
+  return {out, dout, lse, dlse};
+}
+
+// dq, dk, dv: new contiguous tensors shaped and typed as q, k, v, with their strides set in p.
+template <class Params>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> alloc_grads(Params& p, const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v) {
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int64_t r = varlen ? 0 : 2;  // the row dim
+  p.dq = dq.mutable_data_ptr(), p.dk = dk.mutable_data_ptr(), p.dv = dv.mutable_data_ptr();
+  p.dq_bs = varlen ? 0 : dq.stride(0), p.dq_hs = dq.stride(1), p.dq_rs = dq.stride(r);
+  p.dk_bs = varlen ? 0 : dk.stride(0), p.dk_hs = dk.stride(1), p.dk_rs = dk.stride(r);
+  p.dv_bs = varlen ? 0 : dv.stride(0), p.dv_hs = dv.stride(1), p.dv_rs = dv.stride(r);
+  return {dq, dk, dv};
+}
+
+// The bias gradient in the mask's shape and dtype: the float32 `acc` (4-D, each dim full or
+// already of the mask's size) summed over the dims the mask broadcasts.
+inline at::Tensor reduce_bias_grad(const at::Tensor& acc, const at::Tensor& mask) {
+  std::vector<int64_t> dims;
+  for (int64_t d = 0; d < 4; ++d) {
+    if (mask.size(d) == 1 && acc.size(d) != 1) dims.push_back(d);
+  }
+  const at::Tensor summed = dims.empty() ? acc : at::sum(acc, dims, /*keepdim=*/true);
+  return summed.to(mask.scalar_type()).contiguous();
+}
+
+}  // namespace fusedlayers::attention_host
