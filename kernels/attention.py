@@ -175,17 +175,19 @@ def _attn_fwd(
     bottom_right,  # 1: causal diagonal aligned to the bottom-right corner (shift Nk - Nq), 0: top-left
     seed, dropout_p, inv_keep,  # Philox seed, dropout probability, 1 / (1 - dropout_p)
     keys_per_split,  # keys per split-KV program (a multiple of BLOCK_N); >= Nk when not split
+    num_m_blocks,  # query blocks per (sequence, head): grid axis 0 runs over (split, query block)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes; BLOCK_D = pow2 >= D
     MASK_KIND: tl.constexpr,  # 0 none, 1 bool, 2 additive bias
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter only: fp32 dot operands (its bf16 arithmetic is broken)
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 dots, no TF32
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    split = tl.program_id(2)
-    b = (pid_bh // Hq).to(tl.int64)
-    h = (pid_bh % Hq).to(tl.int64)
+    # grid (splits * query blocks, Hq, B): axes 1 and 2 (<= 65535 each) hold the head and the sequence, so
+    # B * Hq is not bounded by one axis' limit
+    pid_m = tl.program_id(0) % num_m_blocks
+    split = tl.program_id(0) // num_m_blocks
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     hk = h // GROUP
     q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(CuQ, CuK, b, Nq, Nk, VARLEN)
     start_m = pid_m * BLOCK_M
@@ -300,13 +302,12 @@ def _bwd_preprocess(
     stride_db, stride_dh, stride_dn, stride_dd,  # strides of DO
     stride_gb, stride_gh, stride_gn,  # strides of DLse
     stride_lb, stride_lh, stride_ln,  # strides of Delta (those of lse)
-    H, N, D,
+    N, D,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_m = tl.program_id(0)  # grid (row blocks, H, B)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
@@ -432,11 +433,9 @@ def _bwd_dkdv(
     DBIAS: tl.constexpr,  # write dS to DB
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    Hkv = Hq // GROUP
-    b = (pid_bh // Hkv).to(tl.int64)
-    hk = (pid_bh % Hkv).to(tl.int64)
+    pid_n = tl.program_id(0)  # grid (key blocks, Hkv, B)
+    hk = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(CuQ, CuK, b, Nq, Nk, VARLEN)
     start_n = pid_n * BLOCK_N
     if start_n >= seqlen_k:
@@ -533,10 +532,9 @@ def _bwd_dq(
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hq).to(tl.int64)
-    h = (pid_bh % Hq).to(tl.int64)
+    pid_m = tl.program_id(0)  # grid (query blocks, Hq, B)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     hk = h // GROUP
     q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(CuQ, CuK, b, Nq, Nk, VARLEN)
     start_m = pid_m * BLOCK_M
@@ -590,25 +588,26 @@ def _bwd_dq(
 # was clean on both, the entry is _ARCH(sm_80 tile, sm_90 tile). Register use sits near 255 for many
 # entries and ptxas is neither monotonic in tile size nor stable under small source changes (moving
 # one statement turned clean fp32 entries into 8-96 B spills): re-run benchmarks/resource_check.py
-# (CI does) after touching a kernel or Triton, and expect these to change when tuned on a GPU. Under
-# the interpreter: one configuration, blocks of 64.
+# (CI does) after touching a kernel or Triton; benchmarks/retune_attention_tiles.py --write replaces
+# the entries that started spilling. Expect these to change when tuned on a GPU. Under the
+# interpreter: one configuration, blocks of 64.
 
 _BUCKETS = (16, 32, 64, 128, 256)
 
 _CONFIGS = {  # fp16 and bf16
     # (pass, dropout, mask):  d <= 16          d 17..32         d 33..64         d 65..128        d 129..256
-    ("fwd", False, False):    ((128, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3), (64, 32, 8, 2)),
-    ("fwd", False, True):     ((128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3), (128, 32, 8, 3), (32, 64, 8, 2)),
+    ("fwd", False, False):    ((128, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 8, 2)),
+    ("fwd", False, True):     ((128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3),  (32, 64, 8, 2)),
     ("fwd", True, False):     ((128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3), (64, 32, 8, 3),  (32, 64, 8, 1)),
-    ("fwd", True, True):      ((128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3), (64, 32, 8, 3),  (32, 64, 8, 1)),
+    ("fwd", True, True):      ((128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 8, 3),  (32, 64, 8, 2)),
     ("decode", False, False): ((16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2)),
     ("decode", False, True):  ((16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2)),
-    ("decode", True, False):  ((16, 32, 4, 2),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2)),
+    ("decode", True, False):  ((16, 32, 4, 2),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 8, 2)),
     ("decode", True, True):   ((16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2)),
     ("dkdv", False, False):   ((32, 64, 8, 3),  (32, 64, 8, 3),  (32, 64, 8, 3),  (32, 64, 8, 2),  (32, 64, 8, 1)),
     ("dkdv", False, True):    ((32, 64, 8, 2),  (32, 64, 8, 1),  (32, 64, 8, 1),  (16, 64, 8, 2),  (16, 64, 8, 2)),
     ("dkdv", True, False):    ((32, 64, 8, 1),  (16, 64, 4, 2),  (32, 64, 8, 3),  (16, 32, 8, 2),  (32, 32, 8, 1)),
-    ("dkdv", True, True):     ((16, 32, 4, 1),  (16, 32, 8, 1),  (32, 32, 4, 1),  (16, 32, 8, 2),  (16, 32, 8, 2)),
+    ("dkdv", True, True):     ((32, 32, 8, 2),  (16, 32, 8, 1),  (32, 32, 4, 1),  (16, 32, 8, 2),  (16, 32, 8, 2)),
     ("dq", False, False):     ((128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 2), (32, 32, 8, 1)),
     ("dq", False, True):      ((128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 2), (32, 32, 8, 1)),
     ("dq", True, False):      ((64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 8, 2),  (32, 32, 8, 1)),
@@ -625,18 +624,18 @@ def _ARCH(sm80: tuple, sm90: tuple) -> dict:
 _FP32_CONFIGS = {  # fp32: FMA dots (no TF32), fp64 dP in backward: smaller tiles
     # (pass, dropout, mask):  d <= 16          d 17..32         d 33..64         d 65..128        d 129..256
     ("fwd", False, False):    ((128, 32, 4, 2), (64, 32, 4, 2),  (32, 32, 4, 1),  (16, 16, 4, 1),  (32, 32, 8, 1)),
-    ("fwd", False, True):     ((64, 32, 4, 2),  (64, 32, 4, 2),  (32, 32, 4, 1),  (32, 32, 8, 1),  (32, 32, 8, 1)),
-    ("fwd", True, False):     ((128, 32, 4, 2), (64, 32, 4, 2),  (32, 32, 4, 1),  (16, 16, 4, 1),  (32, 32, 8, 1)),
-    ("fwd", True, True):      ((64, 32, 4, 2),  (64, 32, 4, 2),  (32, 32, 4, 1),  (32, 32, 8, 1),  (32, 32, 8, 1)),
+    ("fwd", False, True):     ((64, 32, 4, 2),  (64, 32, 8, 3),  (32, 32, 4, 1),  (32, 32, 8, 1),  (32, 32, 8, 1)),
+    ("fwd", True, False):     ((128, 32, 4, 2), (128, 32, 8, 3), (64, 32, 8, 3),  (16, 16, 4, 1),  (32, 32, 8, 1)),
+    ("fwd", True, True):      ((64, 32, 4, 2),  (64, 32, 8, 3),  (32, 32, 4, 1),  (32, 32, 8, 1),  (32, 32, 8, 1)),
     ("decode", False, False): ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 2),  (16, 16, 4, 1),  (16, 32, 4, 1)),
     ("decode", False, True):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 4, 1)),
     ("decode", True, False):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 4, 1)),
     ("decode", True, True):   ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 4, 1)),
-    ("dkdv", False, False):   ((32, 16, 4, 1),  (32, 32, 8, 1),  (32, 32, 8, 1),  (16, 64, 8, 1),  (16, 16, 4, 1)),
+    ("dkdv", False, False):   ((32, 16, 4, 1),  (32, 32, 8, 1),  (32, 32, 8, 1),  (16, 64, 8, 2),  (16, 16, 4, 1)),
     ("dkdv", False, True):    ((32, 32, 8, 1),  (32, 32, 8, 1),  (32, 32, 8, 1),  (32, 32, 8, 1),  (16, 16, 8, 1)),
-    ("dkdv", True, False):    ((32, 32, 4, 1),  (16, 32, 4, 1),  (32, 32, 8, 1),  (32, 16, 8, 1),  (16, 16, 8, 1)),
-    ("dkdv", True, True):     ((16, 16, 8, 1),  (16, 16, 8, 1),  (16, 16, 4, 1),
-                               _ARCH((32, 32, 8, 1), (16, 32, 8, 1)), _ARCH((16, 32, 8, 1), (16, 16, 8, 1))),
+    ("dkdv", True, False):    ((32, 64, 8, 1),  (16, 32, 4, 1),  (32, 32, 8, 1),  (16, 32, 8, 2),  (16, 16, 8, 1)),
+    ("dkdv", True, True):     ((16, 16, 8, 1),  (16, 64, 8, 1),  (16, 16, 4, 1),
+                               (32, 32, 8, 1), _ARCH((16, 32, 8, 1), (16, 16, 8, 1))),
     ("dq", False, False):     ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 8, 1)),
     ("dq", False, True):      ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 8, 1)),
     ("dq", True, False):      ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 8, 1)),
@@ -688,8 +687,8 @@ def why_not(call) -> Optional[str]:
         return f"head dim {call.head_dim} > {MAX_HEAD_DIM}"
     if call.head_dim_v != call.head_dim:
         return f"head dim of v ({call.head_dim_v}) != head dim of q and k ({call.head_dim}) is not supported"
-    if call.batch * call.heads_q > 65535:
-        return f"B * Hq = {call.batch * call.heads_q} > 65535 (the CUDA grid's second dimension)"
+    if call.heads_q > 65535 or call.batch > 65535:
+        return f"Hq = {call.heads_q}, B = {call.batch}: each must be <= 65535 (CUDA grid axes 1 and 2)"
     return None
 
 
@@ -759,11 +758,11 @@ def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_
         os_ = tuple(o_dst.stride()[1:4]) + (o_dst.stride(0),)
         ls = tuple(l_dst.stride()[1:4]) + (l_dst.stride(0),)
     mask, ms, mask_kind = _mask_args(attn_mask, q)
-    grid = (triton.cdiv(nq, bm), b * hq, num_splits)
-    _attn_fwd[grid](
+    num_m_blocks = triton.cdiv(nq, bm)
+    _attn_fwd[(num_m_blocks * num_splits, hq, b)](
         q, k, v, mask, o_dst, l_dst, cu_q, cu_k, *qs, *ks, *vs, *ms, *os_, *ls, *drop,
         hq, hq // hkv, nq, nk, d, scale * LOG2E, int(bottom_right), seed, dropout_p, 1.0 / (1.0 - dropout_p),
-        keys_per_split,
+        keys_per_split, num_m_blocks,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d), MASK_KIND=mask_kind, CAUSAL=bool(causal),
         DROPOUT=dropout_p > 0, VARLEN=varlen, UPCAST=INTERPRET, IEEE=q.dtype == torch.float32,
         **_launch_options(warps, stages))
@@ -818,8 +817,8 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
     group = hq // hkv
     # Delta = rowsum(dO * O) - dlse, laid out like lse; fp64 for fp32 inputs (see _bwd_tile)
     Delta = torch.empty_like(lse, dtype=torch.float64 if q.dtype == torch.float32 else torch.float32)
-    _bwd_preprocess[(triton.cdiv(pre_n, _ROWS_BLOCK), pre_b * hq)](
-        out, dout, dlse, Delta, *strides(out), *strides(dout), *gs, *ls, hq, pre_n, d,
+    _bwd_preprocess[(triton.cdiv(pre_n, _ROWS_BLOCK), hq, pre_b)](
+        out, dout, dlse, Delta, *strides(out), *strides(dout), *gs, *ls, pre_n, d,
         BLOCK_M=_ROWS_BLOCK, BLOCK_D=_bucket(d))
 
     dk = k.new_empty(k.shape)
@@ -841,7 +840,7 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
     tail = (hq, group, nq, nk, d, scale * LOG2E, scale, int(bottom_right), seed, dropout_p, 1.0 / (1.0 - dropout_p))
 
     bm, bn, warps, stages = _config("dkdv", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None)
-    _bwd_dkdv[(triton.cdiv(nk, bn), b * hkv)](
+    _bwd_dkdv[(triton.cdiv(nk, bn), hkv, b)](
         q, k, v, mask, dout, lse, Delta, dq_acc, dk, dv, db_buf if db_buf is not None else dq_acc, cu_q, cu_k,
         *strides(q), *strides(k), *strides(v), *ms, *strides(dout), *ls, *strides(dq_acc), *dk_s, *db_s, *drop,
         *tail, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d), ATOMIC_DQ=atomic, DBIAS=bias_grad, **common,
@@ -851,7 +850,7 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
     else:
         dq = dq_acc
         bm, bn, warps, stages = _config("dq", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None)
-        _bwd_dq[(triton.cdiv(nq, bm), b * hq)](
+        _bwd_dq[(triton.cdiv(nq, bm), hq, b)](
             q, k, v, mask, dout, lse, Delta, dq, cu_q, cu_k, *strides(q), *strides(k), *strides(v), *ms,
             *strides(dout), *ls, *strides(dq)[:3], *drop, *tail, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d),
             **common, **_launch_options(warps, stages))

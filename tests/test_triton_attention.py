@@ -30,9 +30,11 @@ def _ref_forward(q, k, v, mask, causal, align, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("causal", [None, "bottom_right"])
-def test_forced_split_kv_decode_matches_reference(dtype, causal):
-    # Nq = 1 against Nk = 300: three splits of 128 keys (blocks of 64 under the interpreter), GQA, padding mask.
-    case = AttentionCase(b=2, hq=4, hkv=2, nq=1, nk=300, d=32, mask="key_padding", causal=causal)
+@pytest.mark.parametrize("nq", [1, 70])
+def test_forced_split_kv_decode_matches_reference(nq, dtype, causal):
+    # Nq = 1 (or 70: two query blocks, so grid axis 0 holds (split, query block) pairs) against Nk = 300: three
+    # splits of 128 keys (blocks of 64 under the interpreter), GQA, padding mask.
+    case = AttentionCase(b=2, hq=4, hkv=2, nq=nq, nk=300, d=32, mask="key_padding", causal=causal)
     q, k, v, mask, _, _ = testing.make_attention_inputs(case, dtype, DEVICE)
     out, lse = A.forward_split_kv(q.detach(), k.detach(), v.detach(), mask, 0, 32 ** -0.5, causal is not None,
                                   causal == "bottom_right", 0.0, num_splits=3)
@@ -180,6 +182,10 @@ def test_refusals_name_the_reason(monkeypatch):
     assert "float64" in A.why_not(replace(call, dtype=torch.float64))
     assert "head dim 300 > 256" in A.why_not(replace(call, head_dim=300, head_dim_v=300))
     assert "head dim of v" in A.why_not(replace(call, head_dim_v=32))
+    # heads and sequences have grid axes of their own (65535 each): B * Hq may be far larger
+    assert A.why_not(replace(call, batch=4096, heads_q=64, heads_kv=8)) is None
+    assert "Hq = 70000" in A.why_not(replace(call, heads_q=70000))
+    assert "B = 70000" in A.why_not(replace(call, batch=70000))
     monkeypatch.setattr(A, "INTERPRET", False)
     assert "TRITON_INTERPRET=1" in A.why_not(replace(call, device=torch.device("cpu")))
 
