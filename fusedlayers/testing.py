@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 import zlib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
 import torch
@@ -101,6 +101,8 @@ class AttentionCase:
     masked row 0, requires grad).
     causal: None, "top_left" or "bottom_right".
     strided: q, k, v are (B, N, H, D) tensors transposed to (B, H, N, D): not contiguous.
+    dv: v's head dim when it differs from q's and k's (None: d). Left out of repr, so the
+    inputs drawn for the other fields do not change with it.
     """
 
     b: int = 2
@@ -113,6 +115,7 @@ class AttentionCase:
     causal: Optional[str] = None
     dropout_p: float = 0.0
     strided: bool = False
+    dv: Optional[int] = field(default=None, repr=False)
 
     def __str__(self) -> str:
         defaults = AttentionCase()
@@ -149,14 +152,16 @@ def make_attention_inputs(case: AttentionCase, dtype, device):
     """q, k, v (requiring grad), attn_mask, dout, dlse for one case, the same on every run."""
     gen = _generator("attention", case)
 
-    def qkv(h, n):
-        if case.strided:  # (B, N, H, D) storage seen as (B, H, N, D)
-            return _randn((case.b, n, h, case.d), gen, dtype, device).transpose(1, 2).requires_grad_()
-        return _randn((case.b, h, n, case.d), gen, dtype, device).requires_grad_()
+    dv = case.dv or case.d
 
-    q, k, v = qkv(case.hq, case.nq), qkv(case.hkv, case.nk), qkv(case.hkv, case.nk)
+    def qkv(h, n, d):
+        if case.strided:  # (B, N, H, D) storage seen as (B, H, N, D)
+            return _randn((case.b, n, h, d), gen, dtype, device).transpose(1, 2).requires_grad_()
+        return _randn((case.b, h, n, d), gen, dtype, device).requires_grad_()
+
+    q, k, v = qkv(case.hq, case.nq, case.d), qkv(case.hkv, case.nk, case.d), qkv(case.hkv, case.nk, dv)
     mask = make_attention_mask(case, dtype, device, gen)
-    dout = _randn((case.b, case.hq, case.nq, case.d), gen, dtype, device)
+    dout = _randn((case.b, case.hq, case.nq, dv), gen, dtype, device)
     dlse = _randn((case.b, case.hq, case.nq), gen, torch.float32, device)
     return q, k, v, mask, dout, dlse
 
@@ -205,7 +210,7 @@ def attention_call_for(case: AttentionCase, dtype, device) -> dispatch.Attention
     mask_kind = None if mask is None else "bool" if mask.dtype == torch.bool else "float"
     return dispatch.AttentionCall(device=torch.device(device), dtype=dtype, batch=case.b, heads_q=case.hq,
                                   heads_kv=case.hkv, seqlen_q=case.nq, seqlen_k=case.nk, head_dim=case.d,
-                                  head_dim_v=case.d, mask=mask_kind, mask_grad=mask is not None and mask.requires_grad,
+                                  head_dim_v=case.dv or case.d, mask=mask_kind, mask_grad=mask is not None and mask.requires_grad,
                                   causal=case.causal is not None, dropout_p=case.dropout_p, deterministic=False,
                                   varlen=False)
 
@@ -243,7 +248,7 @@ def check_attention(case: AttentionCase, dtype, device, backend: str, rng_seed: 
     torch.manual_seed(rng_seed)
     out, lse = ops.attention(q, k, v, mask, causal=case.causal is not None, causal_align=align,
                              dropout_p=case.dropout_p, return_lse=True, deterministic=deterministic, backend=backend)
-    assert out.shape == q.shape and out.dtype == dtype, (out.shape, out.dtype)
+    assert out.shape == (*q.shape[:3], v.shape[3]) and out.dtype == dtype, (out.shape, out.dtype)
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32, (lse.shape, lse.dtype)
     inputs = [q, k, v, mask if mask is not None and mask.requires_grad else None]
     grads = _grad_list((out, lse), inputs, (dout, dlse))

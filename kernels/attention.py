@@ -10,7 +10,8 @@ memory), GQA/MQA by index (query head h reads KV head h // (Hq // Hkv)), Nq != N
 from Triton's Philox ``tl.rand(seed, offset)`` with offset = the linear index of the score in
 (B, Hq, Nq, Nk) (varlen: in (Hq, total_q, total_k)), so backward and ``dropout_keep_mask``
 regenerate the same mask. Head dims 1..256 are padded to a power-of-two block >= 16 with
-masked loads: one kernel source serves every head dim.
+masked loads: one kernel source serves every head dim. When v's head dim Dv differs from q's, the
+launchers zero-pad the narrower side to the wider (a copy; see _run_forward).
 Backward (same names as ``fusedlayers.reference_backend``): P = exp(S - lse) recomputed,
 dP = dO V^T (times the dropout keep-mask / (1-p)), Delta = rowsum(dO * O) - dlse, dS = P * (dP -
 Delta), dV = P_dropped^T dO, dK = dS^T Q * scale, dQ = dS K * scale, d(bias) = dS.
@@ -683,10 +684,8 @@ def why_not(call) -> Optional[str]:
         return f"not a CUDA tensor ({call.device.type})"
     if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {str(call.dtype).replace('torch.', '')} is not supported (float16, bfloat16, float32)"
-    if call.head_dim > MAX_HEAD_DIM:
-        return f"head dim {call.head_dim} > {MAX_HEAD_DIM}"
-    if call.head_dim_v != call.head_dim:
-        return f"head dim of v ({call.head_dim_v}) != head dim of q and k ({call.head_dim}) is not supported"
+    if max(call.head_dim, call.head_dim_v) > MAX_HEAD_DIM:
+        return f"head dim {max(call.head_dim, call.head_dim_v)} > {MAX_HEAD_DIM}"
     if call.heads_q > 65535 or call.batch > 65535:
         return f"Hq = {call.heads_q}, B = {call.batch}: each must be <= 65535 (CUDA grid axes 1 and 2)"
     return None
@@ -721,9 +720,25 @@ def _num_splits(b: int, hq: int, nq: int, nk: int, block_m: int, block_n: int, d
     return max(1, min(triton.cdiv(2 * sms, programs), nk // (4 * block_n), 128))
 
 
+def _pad_head_dim(t: torch.Tensor, width: int) -> torch.Tensor:
+    """t with its last dim zero-padded to ``width`` (a copy), or t itself."""
+    return t if t.shape[-1] == width else torch.nn.functional.pad(t, (0, width - t.shape[-1]))
+
+
 def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, *, varlen, cu_q=None, cu_k=None,
                  max_q=None, max_k=None, num_splits=None):
-    """Launches the forward kernel (and the split-KV combine); returns (out, lse)."""
+    """Launches the forward kernel (and the split-KV combine); returns (out, lse).
+
+    The kernels take one head dim for q, k and v. When v's differs, the narrower side is zero-padded
+    to the wider (a copy): zero columns add nothing to q k^T, and zero columns of v give zero output
+    columns, cut off here. The scale is the caller's (from q's own head dim)."""
+    d, dv = q.shape[-1], v.shape[-1]
+    if d != dv:
+        w = max(d, dv)
+        out, lse = _run_forward(_pad_head_dim(q, w), _pad_head_dim(k, w), _pad_head_dim(v, w), attn_mask, seed, scale,
+                                causal, bottom_right, dropout_p, varlen=varlen, cu_q=cu_q, cu_k=cu_k, max_q=max_q,
+                                max_k=max_k, num_splits=num_splits)
+        return out[..., :dv].contiguous(), lse
     if varlen:
         tq, hq, d = q.shape
         hkv = k.shape[1]
@@ -774,7 +789,7 @@ def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_
 
 
 def forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p):
-    """(out (B, Hq, Nq, D), lse (B, Hq, Nq) fp32) of ``fusedlayers.attention``."""
+    """(out (B, Hq, Nq, Dv), lse (B, Hq, Nq) fp32) of ``fusedlayers.attention``."""
     return _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, varlen=False)
 
 
@@ -786,7 +801,7 @@ def forward_split_kv(q, k, v, attn_mask, seed, scale, causal, bottom_right, drop
 
 def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, scale, causal,
                    bottom_right, dropout_p):
-    """(out (total_q, Hq, D), lse (Hq, total_q)) of ``fusedlayers.attention_varlen``."""
+    """(out (total_q, Hq, Dv), lse (Hq, total_q)) of ``fusedlayers.attention_varlen``."""
     from fusedlayers.ops import check_cu_seqlens_values  # the op body runs eagerly: values can be read
 
     check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
@@ -796,6 +811,15 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
 
 def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right, dropout_p,
                   deterministic, bias_grad, *, varlen, cu_q=None, cu_k=None, max_q=None, max_k=None):
+    d, dv = q.shape[-1], v.shape[-1]
+    if d != dv:  # as in _run_forward: the padded out and dout have zero columns, so Delta is unchanged
+        w = max(d, dv)
+        grads = _run_backward(_pad_head_dim(dout, w), dlse, _pad_head_dim(q, w), _pad_head_dim(k, w),
+                              _pad_head_dim(v, w), attn_mask, _pad_head_dim(out, w), lse, seed, scale, causal,
+                              bottom_right, dropout_p, deterministic, bias_grad, varlen=varlen, cu_q=cu_q, cu_k=cu_k,
+                              max_q=max_q, max_k=max_k)
+        return (grads[0][..., :d].contiguous(), grads[1][..., :d].contiguous(), grads[2][..., :dv].contiguous(),
+                grads[3])
     if varlen:
         tq, hq, d = q.shape
         hkv = k.shape[1]

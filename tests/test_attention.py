@@ -95,6 +95,21 @@ def test_deterministic_backward_is_bitwise_reproducible(backend):
         assert torch.equal(a, b)
 
 
+# v with its own head dim (MLA-style 192/128 scaled down): wider and narrower than q's, with the
+# features that touch the value side (bias gradient, dropout, GQA, causal).
+VALUE_HEAD_DIM_CASES = [
+    AttentionCase(b=2, hq=4, hkv=2, nq=70, nk=96, d=48, dv=32, mask="bias", causal="bottom_right"),
+    AttentionCase(b=1, hq=2, hkv=1, nq=33, nk=64, d=16, dv=40, dropout_p=0.2, mask="key_padding"),
+]
+
+
+@pytest.mark.parametrize("backend", dispatch.BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+@pytest.mark.parametrize("case", VALUE_HEAD_DIM_CASES, ids=str)
+def test_value_head_dim_differs(case, dtype, backend):
+    _run(case, dtype, backend)
+
+
 @pytest.mark.parametrize("backend", dispatch.BACKENDS)
 def test_matches_torch_sdpa(backend):
     # The drop-in claim: same layout, same mask convention, same answer as SDPA.
@@ -112,6 +127,7 @@ VARLEN_CASES = [
     dict(lens_q=[17, 1, 64], lens_k=[17, 1, 64], causal=None),
     dict(lens_q=[5, 40, 13], lens_k=[30, 40, 7], causal="bottom_right"),
     dict(lens_q=[5, 40, 13], lens_k=[30, 40, 7], causal="top_left", dropout_p=0.2),
+    dict(lens_q=[5, 40, 13], lens_k=[30, 40, 7], causal="bottom_right", dv=48),  # v's own head dim
 ]
 
 
@@ -120,22 +136,22 @@ VARLEN_CASES = [
 @pytest.mark.parametrize("spec", VARLEN_CASES, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
 def test_varlen_matches_dense_per_sequence(spec, dtype, backend):
     """Packed attention equals, sequence by sequence, the float64 dense reference."""
-    hq, hkv, d, p = 4, 2, 32, spec.get("dropout_p", 0.0)
+    hq, hkv, d, p, dv = 4, 2, 32, spec.get("dropout_p", 0.0), spec.get("dv", 32)
     lens_q, lens_k, causal = spec["lens_q"], spec["lens_k"], spec["causal"]
-    call = dispatch.AttentionCall(torch.device(DEVICE), dtype, len(lens_q), hq, hkv, max(lens_q), max(lens_k), d, d,
+    call = dispatch.AttentionCall(torch.device(DEVICE), dtype, len(lens_q), hq, hkv, max(lens_q), max(lens_k), d, dv,
                                   None, False, causal is not None, p, False, True)
     skip_unless_serves("attention", backend, call)
     gen = torch.Generator().manual_seed(3)
     tq, tk = sum(lens_q), sum(lens_k)
     q, k, v = (torch.randn(shape, generator=gen).to(DEVICE, dtype).requires_grad_()
-               for shape in ((tq, hq, d), (tk, hkv, d), (tk, hkv, d)))
+               for shape in ((tq, hq, d), (tk, hkv, d), (tk, hkv, dv)))
     cu = lambda lens: torch.tensor([0] + lens, device=DEVICE).cumsum(0).to(torch.int32)  # noqa: E731
     cu_q, cu_k = cu(lens_q), cu(lens_k)
     torch.manual_seed(0)
     out, lse = fusedlayers.attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal is not None,
                                             causal_align=causal or "top_left", dropout_p=p, return_lse=True,
                                             backend=backend)
-    assert out.shape == q.shape and lse.shape == (hq, tq)
+    assert out.shape == (tq, hq, dv) and lse.shape == (hq, tq)
     dout = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     keep = None

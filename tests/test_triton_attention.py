@@ -181,7 +181,8 @@ def test_refusals_name_the_reason(monkeypatch):
     from dataclasses import replace
     assert "float64" in A.why_not(replace(call, dtype=torch.float64))
     assert "head dim 300 > 256" in A.why_not(replace(call, head_dim=300, head_dim_v=300))
-    assert "head dim of v" in A.why_not(replace(call, head_dim_v=32))
+    assert A.why_not(replace(call, head_dim_v=32)) is None  # served by zero-padding q and k to Dv
+    assert "head dim 300 > 256" in A.why_not(replace(call, head_dim_v=300))
     # heads and sequences have grid axes of their own (65535 each): B * Hq may be far larger
     assert A.why_not(replace(call, batch=4096, heads_q=64, heads_kv=8)) is None
     assert "Hq = 70000" in A.why_not(replace(call, heads_q=70000))
