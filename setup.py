@@ -12,11 +12,14 @@ Extension: one module, ``fusedlayers._C``, built from ``csrc/`` with torch's
 * ``csrc/**/*.cu`` and ``csrc/**/*_cuda.cpp``: the CUDA part, built when torch is a CUDA
   build and nvcc is found, or always with ``FUSEDLAYERS_FORCE_CUDA=1``.
 
-The extension is optional: when it cannot be built (no torch in the build environment, a
-compiler error, ...) the install still succeeds without ``_C`` and the reason is printed
-(pip shows it only with ``-v``). Torch is not a build requirement in ``pyproject.toml``, so
-an isolated build (``pip install .``) has no torch and builds no extension: use
-``pip install --no-build-isolation .`` with torch installed to get ``_C``.
+The extension is optional here: when it cannot be built (no torch in the build
+environment, a compiler error, ...) the install still succeeds without ``_C`` and the
+reason is printed (pip shows it only with ``-v``). Torch is not a build requirement in
+``pyproject.toml``, so an isolated build (``pip install .``, ``python -m build``) has no
+torch and builds no extension: the package then compiles the same sources on first use
+against whatever torch is installed (``fusedlayers/build.py``). The sources ship in every
+wheel and sdist as ``fusedlayers/_csrc`` for that. ``pip install --no-build-isolation .``
+next to an installed torch builds ``_C`` here, ahead of time (CI and developers).
 
 What was built is baked into the binary as C macros and reported by
 ``torch.ops.fusedlayers._ext_info()``, e.g. ``"cpu,cuda(archs=8.0)"`` or
@@ -55,7 +58,7 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -65,7 +68,10 @@ PACKAGE_DIR = {
     "fusedlayers.kernels": "kernels",
     "fusedlayers.transformer": "transformer",
     "fusedlayers.benchmarks": "benchmarks",
+    # The C++/CUDA sources as package data, for the first-use build (fusedlayers/build.py).
+    "fusedlayers._csrc": "csrc",
 }
+PACKAGE_DATA = {"fusedlayers._csrc": ["*.cpp", "*.h", "**/*.cpp", "**/*.cu", "**/*.h", "**/*.cuh"]}
 
 DEFAULT_CUDA_ARCHS = "8.0"
 EXT_NAME = "fusedlayers._C"
@@ -76,7 +82,9 @@ def _packages() -> list[str]:
     packages = []
     for package, folder in PACKAGE_DIR.items():
         packages.append(package)
-        for sub in find_packages(where=os.path.join(ROOT, folder)):
+        # The source folders (no __init__.py) are data packages: listed, so setuptools ships them.
+        find = find_namespace_packages if package in PACKAGE_DATA else find_packages
+        for sub in find(where=os.path.join(ROOT, folder)):
             packages.append(f"{package}.{sub}")
     return sorted(set(packages))
 
@@ -221,8 +229,8 @@ def _extension():
         import torch
     except ImportError as exc:
         reason = (
-            f"torch is not importable in the build environment ({exc}); "
-            "to build fusedlayers._C install torch first and use pip's --no-build-isolation"
+            f"torch is not importable in the build environment ({exc}); fusedlayers compiles its "
+            "extension on first use instead (or: install torch first and use pip's --no-build-isolation)"
         )
         if require:
             _fail(reason)
@@ -344,6 +352,7 @@ ext_modules, cmdclass = _extension()
 setup(
     packages=_packages(),
     package_dir=PACKAGE_DIR,
+    package_data=PACKAGE_DATA,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

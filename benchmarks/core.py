@@ -72,6 +72,30 @@ def measure(fn: Callable[[], object], device: torch.device, *, quick: bool = Fal
     return statistics.median(times)
 
 
+def interleaved_pair(ours: Callable[[], object], theirs: Callable[[], object], pairs: int, calls: int) -> dict:
+    """Host time per call of two functions on the CPU clock: ``pairs`` rounds of a batch of
+    ``calls`` calls of each, back to back, alternating which goes first; the medians of each
+    side's µs per call and of the per-round ratio ours / theirs (the machine's drift cancels
+    in the ratio)."""
+
+    def per_call(fn) -> float:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t0) / calls * 1e6
+
+    for _ in range(max(calls // 10, 20)):  # warm-up
+        ours(), theirs()
+    a, b, ratio = [], [], []
+    for i in range(pairs):
+        if i % 2:
+            tb, ta = per_call(theirs), per_call(ours)
+        else:
+            ta, tb = per_call(ours), per_call(theirs)
+        a.append(ta), b.append(tb), ratio.append(ta / tb)
+    return {"ours_us": statistics.median(a), "torch_us": statistics.median(b), "ratio": statistics.median(ratio)}
+
+
 def environment(device: torch.device) -> dict:
     """Date, device, versions, threads and allocator: written beside every result."""
     import fusedlayers

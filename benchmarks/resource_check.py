@@ -20,6 +20,13 @@ memory. Compiles run in ``--jobs`` processes (default: one per core); Triton's c
 
 Exit status 1 when any configuration spills, uses more shared memory than the
 architecture allows per block (sm_80: 163 KB, sm_90a: 227 KB), or fails to compile.
+
+The figures are those of the installed Triton (its LLVM and bundled ptxas): the tile tables are
+tuned to 0 spills for the Triton CI installs (3.8), and another version allocates registers
+differently. To see another version, run this script under a throwaway venv that has that Triton
+(``pip install --no-deps triton==X``) and sees this environment's packages (a ``.pth`` file in it
+with ``import site; site.addsitedir("<this site-packages>")``); the README (Running on a GPU)
+records what was measured for 3.6.
 Runs on a machine without a GPU; the Triton interpreter must be off (it is turned off
 here, before any kernel module is imported).
 """

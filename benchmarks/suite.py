@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import fusedlayers
 from fusedlayers import dispatch, reference
 
-from .core import Report, Result, attention_flops, environment, measure, norm_bytes
+from .core import Report, Result, attention_flops, environment, interleaved_pair, measure, norm_bytes
 
 
 @dataclass
@@ -217,11 +217,66 @@ def _case_view(case: dict) -> dict:
     return {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v) for k, v in case.items()}
 
 
-OPS = ("attention", "decode", "varlen", "layer_norm", "add_layer_norm", "rms_norm", "train_step")
+OPS = ("overhead", "attention", "decode", "varlen", "layer_norm", "add_layer_norm", "rms_norm", "train_step")
+OVERHEAD_GOAL = 1.5  # host time per call, ours / torch's equivalent op, at most (DESIGN.md)
+
+
+def overhead_cases():
+    """(op, mode, ours, torch) on tiny CPU inputs, where a call's time is the host's: each
+    a function of no argument making one call (and its backward in fwd+bwd). Modes: ``fwd``
+    (no input requires grad), ``fwd, grad`` (the forward alone with inputs that require grad:
+    the autograd node is built), ``fwd+bwd``. Competitors: F.layer_norm, F.rms_norm,
+    F.layer_norm(x + r), F.rms_norm(x + r), F.scaled_dot_product_attention, and the torch.nn
+    modules against their fusedlayers.nn drop-ins."""
+    import fusedlayers.nn as fnn
+
+    n = 64
+    x, r = torch.randn(4, n), torch.randn(4, n)
+    w, b = torch.randn(n), torch.randn(n)
+    q = torch.randn(1, 1, 4, 16)
+    ln, rms = torch.nn.LayerNorm(n), torch.nn.RMSNorm(n, eps=1e-6)
+    fln, frms = fnn.LayerNorm.from_torch(ln), fnn.RMSNorm.from_torch(rms)
+    ops = {
+        "layer_norm": (lambda x, r: fusedlayers.layer_norm(x, w, b), lambda x, r: F.layer_norm(x, (n,), w, b)),
+        "rms_norm": (lambda x, r: fusedlayers.rms_norm(x, w), lambda x, r: F.rms_norm(x, (n,), w, 1e-6)),
+        "add_layer_norm": (lambda x, r: fusedlayers.add_layer_norm(x, r, w, b),
+                           lambda x, r: F.layer_norm(x + r, (n,), w, b)),
+        "add_rms_norm": (lambda x, r: fusedlayers.add_rms_norm(x, r, w),
+                         lambda x, r: F.rms_norm(x + r, (n,), w, 1e-6)),
+        "attention": (lambda x, r: fusedlayers.attention(x, x, x),
+                      lambda x, r: F.scaled_dot_product_attention(x, x, x)),
+        "nn.LayerNorm": (lambda x, r: fln(x), lambda x, r: ln(x)),
+        "nn.RMSNorm": (lambda x, r: frms(x), lambda x, r: rms(x)),
+    }
+    for name, (ours, theirs) in ops.items():
+        plain = q if name == "attention" else x
+        xg, rg = plain.clone().requires_grad_(), r.clone().requires_grad_()
+        yield name, "fwd", (lambda f=ours: f(plain, r)), (lambda f=theirs: f(plain, r))
+        yield name, "fwd, grad", (lambda f=ours: f(xg, rg)), (lambda f=theirs: f(xg, rg))
+        yield name, "fwd+bwd", (lambda f=ours: f(xg, rg).sum().backward()), \
+            (lambda f=theirs: f(xg, rg).sum().backward())
+
+
+def overhead_rows(report: Report, quick: bool) -> None:
+    """The host-overhead rows: thousands of calls per second (higher is better), so that
+    the report's ratio column reads as everywhere else (ours / best other, above 1: faster)."""
+    pairs, calls = (5, 200) if quick else (21, 1000)
+    for name, mode, ours, theirs in overhead_cases():
+        row = interleaved_pair(ours, theirs, pairs, calls)
+        case = {"call": name, "tensors": "tiny"}
+        note = f"ours/torch time {row['ratio']:.2f}x"
+        report.results.append(Result("overhead", mode, case, "fusedlayers", row["ours_us"], 1e3 / row["ours_us"],
+                                     "kcalls/s", True, note))
+        report.results.append(Result("overhead", mode, case, "torch", row["torch_us"], 1e3 / row["torch_us"],
+                                     "kcalls/s", False))
 
 
 def run(ops=OPS, *, quick: bool = False,
         device: Optional[torch.device] = None, progress_bar=None) -> Report:
+    unknown = [op for op in ops if op not in OPS]
+    if isinstance(ops, str) or unknown:
+        raise ValueError(f"ops must be a sequence of op names from {', '.join(OPS)}, got unknown "
+                         f"{ops if isinstance(ops, str) else unknown[0]!r}")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = Report(environment(device))
     modes = ("fwd", "bwd") if quick else ("fwd", "bwd", "fwd+bwd")
@@ -294,6 +349,8 @@ def run(ops=OPS, *, quick: bool = False,
 
             plan.append((op, c, norm_impls(op, call, quick), make, work, "GB/s", modes))
 
+    if "overhead" in ops and device.type == "cpu":  # the CPU clock measures host time
+        overhead_rows(report, quick)
     bar = progress_bar(total=sum(len(p[2]) for p in plan)) if progress_bar else None
     for op, case, impls, make, work, unit, op_modes in plan:
         big = op in ("attention", "decode") and case.get("b", 1) * case.get("h", case.get("hq", 1)) * case.get(

@@ -2,9 +2,10 @@
 //
 // Built by setup.py (torch BuildExtension, g++ -O3 -fopenmp) into fusedlayers/_C*.so,
 // together with every other csrc/**/*.cpp and, when CUDA is built, csrc/**/*.cu and
-// csrc/**/*_cuda.cpp. The module itself is empty (no pybind11): importing it runs the
-// static registrations below, and the ops are called as torch.ops.fusedlayers.<name>,
-// which torch.compile traces without graph breaks.
+// csrc/**/*_cuda.cpp. Importing the module runs the static registrations below, and the
+// ops are called as torch.ops.fusedlayers.<name>, which torch.compile traces without graph
+// breaks. The module's Python functions (the eager fast path of the public ops) and its
+// init function are in csrc/eager.cpp.
 //
 // All C++ op schemas are declared here, in one list; kernels register per dispatch key
 // with TORCH_LIBRARY_IMPL next to their code (CUDA ones in the .cu files).
@@ -13,8 +14,6 @@
 //   FUSEDLAYERS_WITH_CUDA        1 when the CUDA sources are compiled in, else 0
 //   FUSEDLAYERS_CUDA_ARCHS       "8.0"-style TORCH_CUDA_ARCH_LIST, when WITH_CUDA
 //   FUSEDLAYERS_NO_CUDA_REASON   why CUDA was not built, when not WITH_CUDA
-
-#include <Python.h>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -32,19 +31,6 @@
 #ifndef FUSEDLAYERS_NO_CUDA_REASON
 #define FUSEDLAYERS_NO_CUDA_REASON "unknown (built without setup.py)"
 #endif
-
-// The extension module: empty, as in pytorch/extension-cpp. The name must match the last
-// component of the extension name in setup.py ("fusedlayers._C").
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT,
-      "_C",  // name
-      "fusedlayers C++/CUDA ops, registered as torch.ops.fusedlayers.*",  // doc
-      -1,    // no per-interpreter state
-      nullptr,  // no methods
-  };
-  return PyModule_Create(&module_def);
-}
 
 namespace fusedlayers {
 namespace {

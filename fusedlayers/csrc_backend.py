@@ -24,13 +24,19 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _OPS = ("attention_fwd_kernel", "norm_fwd_kernel")
 
-# Which devices the built extension has kernels for, read once at import (plain dict
-# lookups later, which torch.compile traces): the CPU kernels today, CUDA ones when the
-# CUDA backend registers impls of the same schemas.
-_HAS_KERNEL = {
-    (op, device): _ext.available() and torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedlayers::{op}", key)
-    for op in _OPS for device, key in _DISPATCH_KEYS.items()
-}
+def _has_kernels() -> dict:
+    """Which devices the built extension has kernels for: the CPU kernels today, CUDA ones
+    when the CUDA backend registers impls of the same schemas."""
+    return {
+        (op, device): _ext.available() and torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedlayers::{op}", key)
+        for op in _OPS for device, key in _DISPATCH_KEYS.items()
+    }
+
+
+# Read at import and again when a first-use build is loaded (plain dict lookups per call,
+# which torch.compile traces).
+_HAS_KERNEL = _has_kernels()
+_ext.on_load(lambda: _HAS_KERNEL.update(_has_kernels()))  # a first-use build loaded later
 
 
 def _why_not(device: torch.device, dtype: torch.dtype, op: str, serves: str = "cpu") -> Optional[str]:
@@ -91,6 +97,9 @@ def _varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, seed, scale, causal, bott
 
 def _varlen_backward(dout, dlse, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, seed, scale, causal, bottom_right,
                      dropout_p, deterministic):
+    from .ops import check_cu_seqlens_values
+
+    check_cu_seqlens_values(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
     dq, dk, dv, _ = _ops().attention_bwd_kernel(dout, dlse, q, k, v, None, cu_q.contiguous(), cu_k.contiguous(),
                                                 max_q, max_k, out, lse, seed, scale, causal, bottom_right, dropout_p,
                                                 False)

@@ -10,6 +10,10 @@ kernels; head dims over 256), and whether the extension was built with its CUDA 
 ``fusedlayers verify`` record (this machine's, or one committed under
 ``benchmarks/results/<device>/verify.json``) whose ``cuda`` rows all passed. Until then
 the backend serves calls that ask for it but reports "built, not verified on a GPU".
+``promotion(device)`` is the stricter rule by which ``backend="auto"`` tries ``cuda`` first
+on a GPU (``fusedlayers.dispatch.auto_order``): such a record of the same GPU model and the
+same torch version, from a ``default`` or ``full`` grid (not ``--quick``), with passing cuda
+rows for every op family the backend implements.
 """
 
 from __future__ import annotations
@@ -118,9 +122,12 @@ def _committed_records() -> list[dict]:
     return records
 
 
-def verification() -> Optional[dict]:
-    """The newest verification record in which the ``cuda`` backend ran and every one of
-    its rows passed (this machine's ``fusedlayers verify`` record first), or None."""
+FAMILIES = ("attention", "norm")  # the op families this backend implements
+
+
+def _passing_records() -> list[dict]:
+    """Verification records (this machine's ``fusedlayers verify`` record, then the committed
+    ones) in which the ``cuda`` backend ran and every one of its rows passed."""
     from . import verify
 
     candidates = []
@@ -130,9 +137,16 @@ def verification() -> Optional[dict]:
     candidates += _committed_records()
     passing = []
     for rec in candidates:
-        rows = [r for r in rec.get("rows", []) if r.get("backend") == "cuda"]
+        rows = [r for r in rec.get("rows", []) if isinstance(r, dict) and r.get("backend") == "cuda"]
         if rows and all(not r.get("failures") for r in rows):
-            passing.append(rec)
+            passing.append(dict(rec, cuda_families=sorted({r.get("op") for r in rows})))
+    return passing
+
+
+def verification() -> Optional[dict]:
+    """The newest verification record in which the ``cuda`` backend ran and every one of
+    its rows passed (this machine's ``fusedlayers verify`` record first), or None."""
+    passing = _passing_records()
     return max(passing, key=lambda r: r.get("date", "")) if passing else None
 
 
@@ -140,8 +154,30 @@ def verified() -> bool:
     return verification() is not None
 
 
-def status() -> str:
-    """One line for ``fusedlayers info``: built or not, verified on a GPU or not."""
+def promotion(device: torch.device) -> Optional[dict]:
+    """The record that makes ``backend="auto"`` try ``cuda`` first on ``device``, or None: a
+    passing record (see ``verification``) of this GPU model (``fusedlayers.verify.device_name``),
+    this torch version, a ``default`` or ``full`` grid, with cuda rows for every op family."""
+    from . import verify
+
+    if device.type != "cuda":
+        return None
+    passing = _passing_records()
+    if not passing:  # no GPU query without a record to compare with
+        return None
+    try:
+        name = verify.device_name(device)
+    except Exception:  # no usable GPU: nothing to promote on
+        return None
+    matching = [r for r in passing
+                if r.get("device") == name and (r.get("versions") or {}).get("torch") == torch.__version__
+                and r.get("level") in ("default", "full") and set(FAMILIES) <= set(r["cuda_families"])]
+    return max(matching, key=lambda r: r.get("date", "")) if matching else None
+
+
+def status(device: Optional[torch.device] = None) -> str:
+    """One line for ``fusedlayers info``: built or not, verified on a GPU or not, and whether
+    ``backend="auto"`` tries it first on ``device`` (default: the current GPU, if any)."""
     if not _ext.available():
         return f"not available: {_ext.ERROR}"
     if not _ext.has_cuda():
@@ -149,4 +185,13 @@ def status() -> str:
     rec = verification()
     if rec is None:
         return "built, not verified on a GPU (run benchmarks/gpu_session.sh on a GPU machine)"
-    return f"built, verified on {rec.get('device', '?')} at {rec.get('date', '?')} ({rec.get('source', '')})"
+    text = (f"built, verified on {rec.get('device', '?')} with torch {(rec.get('versions') or {}).get('torch', '?')} "
+            f"at {rec.get('date', '?')} ({rec.get('source', '')})")
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device is None:
+        return text + "; no GPU here"
+    if promotion(device) is not None:
+        return text + "; backend='auto' tries it first on this GPU"
+    return text + ("; backend='auto' does not choose it here: no passing default/full-grid record of this GPU "
+                   f"and torch {torch.__version__}")

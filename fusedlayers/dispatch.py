@@ -4,7 +4,8 @@ Backends: ``cuda`` (hand-written CUDA C++, ``csrc/``), ``triton`` (``kernels/``)
 (C++ with OpenMP and SIMD, ``csrc/``), ``reference`` (naive PyTorch,
 ``fusedlayers/reference.py``). ``IMPLEMENTATIONS`` says which backend implements which
 op family; adding a backend for a family is one line there. ``AUTO_ORDER`` says which
-backends ``backend="auto"`` tries for tensors on each device type, first match wins.
+backends ``backend="auto"`` tries for tensors on each device type, first match wins;
+``auto_order(device)`` is that row, with ``cuda`` first on a GPU where it has been verified.
 
 An implementation is any object (usually a module) with these members:
 
@@ -32,6 +33,8 @@ from typing import Any, Optional
 
 import torch
 
+from . import _ext
+
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 
 # (op family, backend) -> "module:attribute" implementing that family on that backend.
@@ -48,13 +51,15 @@ IMPLEMENTATIONS = {
 
 # Backends that backend="auto" tries, in order, by the device type of the inputs. The
 # Triton interpreter is never chosen by auto on CPU: it exists for tests. The cuda backend
-# joins the front of the "cuda" row once it has passed the grid on a GPU (it has been
-# compiled and checked for spills, never run: see fusedlayers.cuda_backend.status()); until
-# then it serves only calls that name it.
+# is put at the front of the "cuda" row (VERIFIED_CUDA_ORDER) on a GPU where it has passed
+# the correctness grid: a `fusedlayers verify` record of this GPU model and this torch
+# version whose cuda rows all passed (fusedlayers.cuda_backend.promotion()); elsewhere it
+# serves only calls that name it.
 AUTO_ORDER = {
     "cuda": ("triton", "reference"),
     "cpu": ("cpu", "reference"),
 }
+VERIFIED_CUDA_ORDER = ("cuda",) + AUTO_ORDER["cuda"]
 
 
 class BackendError(RuntimeError):
@@ -124,6 +129,29 @@ def _load(path: str) -> tuple[Any, Optional[str]]:
 _IMPLS: dict[tuple[str, str], tuple[Any, Optional[str]]] = {key: _load(p) for key, p in IMPLEMENTATIONS.items()}
 
 
+# The "cuda" row of each GPU (by device index), decided at the first auto call on that GPU: reading
+# the verification records costs file reads, so it is done once per process and GPU, never per call.
+_CUDA_ORDERS: dict[int, tuple[str, ...]] = {}
+
+
+@torch.compiler.assume_constant_result  # a first call inside torch.compile: run eagerly, a constant
+def _decide_cuda_order(index: int) -> tuple[str, ...]:
+    from . import cuda_backend
+
+    return VERIFIED_CUDA_ORDER if cuda_backend.promotion(torch.device("cuda", index)) else AUTO_ORDER["cuda"]
+
+
+def auto_order(device: torch.device) -> tuple[str, ...]:
+    """The backends that backend="auto" tries for tensors on ``device``, in order."""
+    if device.type != "cuda":
+        return AUTO_ORDER.get(device.type, ())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    order = _CUDA_ORDERS.get(index)
+    if order is None:
+        order = _CUDA_ORDERS[index] = _decide_cuda_order(index)
+    return order
+
+
 def why_not(family: str, backend: str, call) -> Optional[str]:
     """None if ``backend`` can serve ``call`` of op ``family``, else the reason."""
     impl, error = _IMPLS.get((family, backend), (None, f"no {family} implementation yet"))
@@ -141,6 +169,8 @@ def implementation(family: str, backend: str):
 def select(family: str, call, backend: str = "auto") -> str:
     """Name of the backend that serves ``call``: the one asked for, or the first that
     accepts it in ``AUTO_ORDER``. Raises ``BackendError`` listing every backend's reason."""
+    if _ext.PENDING and call.device.type == "cpu" and backend in ("auto", "cpu"):
+        _ext.ensure()  # the first-use build of the C++ extension (fusedlayers._ext)
     if backend != "auto":
         if backend not in BACKENDS:
             raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
@@ -148,7 +178,7 @@ def select(family: str, call, backend: str = "auto") -> str:
         if reason is not None:
             raise BackendError(f"backend {backend!r} cannot serve this {family} call ({call}): {reason}")
         return backend
-    order = AUTO_ORDER.get(call.device.type, ())
+    order = auto_order(call.device)
     reasons = {}
     for name in order:
         reasons[name] = why_not(family, name, call)

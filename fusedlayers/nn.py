@@ -20,7 +20,8 @@ turns an existing ``torch.nn`` module into ours, sharing its Parameter objects
 
 Semantics that differ from ``torch.nn``, on purpose:
 
-* a query that may see no key (every key masked) gets output 0, not NaN;
+* a query that may see no key (every key masked) gets output 0 (torch 2.14: 0 through SDPA,
+  NaN where it forms the weights, ``need_weights=True``);
 * ``is_causal=True`` without ``attn_mask`` applies the causal mask (torch raises); with
   an ``attn_mask`` it is the same hint as in torch: the mask is taken to be the causal
   mask and the kernel applies causality itself;
@@ -100,6 +101,8 @@ class _FromTorch:
 def _flatten_trailing(x: Tensor, shape: tuple) -> Tensor:
     """(..., *shape) -> (..., prod(shape)): a multi-dim ``normalized_shape`` as one row."""
     k = len(shape)
+    if k == 0:
+        raise ValueError("normalized_shape must have at least one dim, got []")
     if x.dim() < k or tuple(x.shape[x.dim() - k:]) != tuple(shape):
         raise ValueError(f"expected input with trailing dims normalized_shape={list(shape)}, got {tuple(x.shape)}")
     return x if k == 1 else x.flatten(-k)
@@ -107,6 +110,16 @@ def _flatten_trailing(x: Tensor, shape: tuple) -> Tensor:
 
 def _flat(p: Optional[Tensor]) -> Optional[Tensor]:
     return None if p is None else p.reshape(-1)
+
+
+def _autocast_fp32(x: Tensor) -> bool:
+    """Whether torch's layer_norm / rms_norm would run in float32 here: under CUDA autocast
+    they are on autocast's float32 list (their output is float32); under CPU autocast not."""
+    return x.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+
+
+def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.float()
 
 
 class LayerNorm(_FromTorch, torch.nn.LayerNorm):
@@ -125,8 +138,15 @@ class LayerNorm(_FromTorch, torch.nn.LayerNorm):
         self.backend = _check_backend(backend)
 
     def forward(self, input: Tensor) -> Tensor:
+        y = ops.fast_norm(input, None, self.weight, self.bias, self.eps, len(self.normalized_shape), False, False,
+                          False, self.backend)  # CPU tensors only, where autocast keeps the dtypes
+        if y is not None:
+            return y
         x = _flatten_trailing(input, self.normalized_shape)
-        y = ops.layer_norm(x, _flat(self.weight), _flat(self.bias), self.eps, backend=self.backend)
+        weight, bias = _flat(self.weight), _flat(self.bias)
+        if _autocast_fp32(x):  # as torch: float32 inputs and output under CUDA autocast
+            x, weight, bias = x.float(), _f32(weight), _f32(bias)
+        y = ops.layer_norm(x, weight, bias, self.eps, backend=self.backend)
         return y.view(input.shape)
 
 
@@ -143,8 +163,17 @@ class RMSNorm(_FromTorch, torch.nn.RMSNorm):
         self.backend = _check_backend(backend)
 
     def forward(self, x: Tensor) -> Tensor:
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-        y = ops.rms_norm(_flatten_trailing(x, self.normalized_shape), _flat(self.weight), eps, backend=self.backend)
+        if self.eps is not None or x.dtype.is_floating_point:
+            eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+            y = ops.fast_norm(x, None, self.weight, None, eps, len(self.normalized_shape), True, False, False,
+                              self.backend)  # CPU tensors only, where autocast keeps the dtypes
+            if y is not None:
+                return y
+        rows, weight = _flatten_trailing(x, self.normalized_shape), _flat(self.weight)
+        if _autocast_fp32(rows):  # as torch: float32 inputs and output under CUDA autocast
+            rows, weight = rows.float(), _f32(weight)
+        eps = self.eps if self.eps is not None else torch.finfo(rows.dtype).eps
+        y = ops.rms_norm(rows, weight, eps, backend=self.backend)
         return y.view(x.shape)
 
 
@@ -306,7 +335,9 @@ class MultiheadAttention(_FromTorch, torch.nn.MultiheadAttention):
     * ``need_weights=True`` returns the weights ((N, L, S) averaged over heads, or (N,
       num_heads, L, S)) from the materialised path; ``need_weights=False`` runs the kernel.
 
-    A query that sees no key returns 0 (torch: NaN).
+    A query that sees no key returns 0 (torch: 0 with ``need_weights=False``, NaN with
+    ``need_weights=True``). Under autocast, ``bias_k`` / ``bias_v`` join the keys and
+    values in the projections' dtype, as torch's concatenation gives.
     """
 
     _torch_class = torch.nn.MultiheadAttention
@@ -362,9 +393,9 @@ class MultiheadAttention(_FromTorch, torch.nn.MultiheadAttention):
         if self.add_zero_attn:
             zeros = q.new_zeros(1, h, 1, d)
             extra.append((zeros, zeros))
-        if extra:
-            k = torch.cat([k] + [ek.expand(b, h, 1, d) for ek, _ in extra], dim=2)  # (B, H, S + extra, D)
-            v = torch.cat([v] + [ev.expand(b, h, 1, d) for _, ev in extra], dim=2)
+        if extra:  # in k's and v's dtype (under autocast the projections are float16/bfloat16, bias_k is not)
+            k = torch.cat([k] + [ek.to(k.dtype).expand(b, h, 1, d) for ek, _ in extra], dim=2)  # (B, H, S + extra, D)
+            v = torch.cat([v] + [ev.to(v.dtype).expand(b, h, 1, d) for _, ev in extra], dim=2)
 
         # is_causal is a hint that attn_mask is the causal mask: the kernel applies causality
         # itself, unless appended keys or the weights need the mask as given.
@@ -404,7 +435,12 @@ def _add_norm(x: Tensor, residual: Tensor, dropout: torch.nn.Module, norm: torch
     ``dropout`` a plain ``nn.Dropout`` and neither carries hooks; else module by module."""
     if (isinstance(norm, LayerNorm) and len(norm.normalized_shape) == 1 and type(dropout) is torch.nn.Dropout
             and not _has_hooks(norm) and not _has_hooks(dropout)):
-        return ops.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps,
+        # torch's dtypes: residual + x promotes (a float32 stream plus a bfloat16 sublayer
+        # output under autocast is float32), and LayerNorm runs in float32 under CUDA autocast
+        fp32, stream = _autocast_fp32(x), torch.promote_types(x.dtype, residual.dtype)
+        weight, bias = (_f32(norm.weight), _f32(norm.bias)) if fp32 else (norm.weight, norm.bias)
+        x, residual = x.to(torch.float32 if fp32 else stream), residual.to(stream)  # y: x's dtype; z: residual's
+        return ops.add_layer_norm(x, residual, weight, bias, norm.eps,
                                   dropout_p=dropout.p if dropout.training else 0.0, prenorm=prenorm,
                                   backend=norm.backend)
     z = residual + dropout(x)

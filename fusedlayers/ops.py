@@ -14,12 +14,38 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import dispatch, registration
+from . import _ext, dispatch, registration
 from .dispatch import AttentionCall, NormCall
 
 __all__ = ["attention", "attention_varlen", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
 
 _ALIGNS = ("top_left", "bottom_right")
+
+# The eager fast path (csrc/eager.cpp): validation, the cpu backend's kernel call and the
+# autograd node in C++, for the calls it can serve (plain CPU tensors in the kernels' dtypes
+# and layouts, no dropout; it answers None for any other call). It stands for the ``cpu``
+# backend, so it serves backend="auto" only while the dispatch table puts ``cpu`` first for
+# CPU tensors. torch.compile never takes it: it traces the torch.library ops.
+_FAST = _ext.FAST
+_FAST_BACKENDS = ("auto", "cpu") if dispatch.AUTO_ORDER.get("cpu", ("",))[0] == "cpu" else ("cpu",)
+_compiling = torch.compiler.is_compiling
+
+
+def _refresh_fast() -> None:  # a first-use build loaded the extension in this process
+    global _FAST
+    _FAST = _ext.FAST
+
+
+_ext.on_load(_refresh_fast)
+
+
+def fast_norm(x, residual, weight, bias, eps, norm_ndim, rms, prenorm, residual_in_fp32, backend):
+    """The fast path's answer to a norm call with no dropout (``y`` or ``(y, z)``), or None
+    when the call is for the Python path. ``norm_ndim``: how many trailing dims of x form
+    one normalised row (``normalized_shape``'s length)."""
+    if _FAST is None or backend not in _FAST_BACKENDS or _compiling():
+        return None
+    return _FAST.norm(x, residual, weight, bias, eps, norm_ndim, rms, bool(prenorm), bool(residual_in_fp32))
 
 
 # ---------------------------------------------------------------------------- checks
@@ -32,9 +58,18 @@ def _tensor(name: str, t, dims: Optional[int] = None) -> Tensor:
         raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32), got {t.dtype}")
     if dims is not None and t.dim() != dims:
         raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
-    if t.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
     return t
+
+
+def _serve_empty(backend: str) -> str:
+    """The backend name for a call with an empty tensor: no kernel runs (the op bodies of
+    ``fusedlayers.registration`` answer it, as torch does, with empty or zero outputs), so
+    any valid name serves it; ``reference`` computes the few empty calls whose output is
+    not empty (head dim 0)."""
+    if backend != "auto" and backend not in dispatch.BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, dispatch.BACKENDS))}, "
+                         f"got {backend!r}")
+    return "reference"
 
 
 def _same(names: str, tensors, what: str) -> None:
@@ -72,8 +107,8 @@ def _check_attention_args(q, causal_align, dropout_p, scale):
     if causal_align not in _ALIGNS:
         raise ValueError(f"causal_align must be 'top_left' or 'bottom_right', got {causal_align!r}")
     dropout_p = _probability("dropout_p", dropout_p)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    if scale is None:  # head dim 0: every score is 0 whatever the scale
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
     elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
     return dropout_p, float(scale)
@@ -90,8 +125,15 @@ def check_cu_seqlens_values(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, total_q:
                             max_seqlen_q: int, max_seqlen_k: int) -> None:
     """Checks the values of cu_seqlens (reads them, so a GPU tensor synchronises): called by
     backends inside their op body, where reading is allowed."""
+    if cu_seqlens_q.device != cu_seqlens_k.device or cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must be on one device and hold the same number of offsets, "
+                         f"got {cu_seqlens_q.numel()} on {cu_seqlens_q.device} and {cu_seqlens_k.numel()} on "
+                         f"{cu_seqlens_k.device}")
     for name, cu, total, max_len in (("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q),
                                      ("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k)):
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+            raise TypeError(f"{name} must be a 1-D int32 tensor of B + 1 >= 2 offsets, got {cu.dtype} "
+                            f"{tuple(cu.shape)}")
         vals = cu.tolist()
         lengths = [b - a for a, b in zip(vals[:-1], vals[1:])]
         if vals[0] != 0 or vals[-1] != total or min(lengths) < 0:
@@ -160,6 +202,12 @@ def attention(
         TypeError / ValueError naming the argument for malformed inputs;
         ``fusedlayers.BackendError`` listing every backend's reason when none can serve.
     """
+    if (_FAST is not None and dropout_p == 0 and causal_align in _ALIGNS and backend in _FAST_BACKENDS
+            and not _compiling()):
+        out = _FAST.attention(q, k, v, attn_mask, bool(causal), causal_align == "bottom_right", scale,
+                              bool(return_lse))
+        if out is not None:
+            return out
     for name, t in (("q", q), ("k", k), ("v", v)):
         _tensor(name, t, dims=4)
     _same("q k v", (q, k, v), "dtype")
@@ -172,18 +220,19 @@ def attention(
         raise ValueError(f"k and v must have the same (Hkv, Nk), got k {tuple(k.shape)} and v {tuple(v.shape)}")
     if dk != d:
         raise ValueError(f"q and k must have the same head dim D, got {d} and {dk}")
-    if hq % hkv != 0:
+    if (hq % hkv if hkv else hq) != 0:
         raise ValueError(f"the number of query heads (q.shape[1] = {hq}) must be a multiple of the number of "
                          f"key/value heads (k.shape[1] = {hkv})")
     mask = _check_mask(attn_mask, q, (b, hq, nq, nk))
     dropout_p, scale = _check_attention_args(q, causal_align, dropout_p, scale)
+    empty = q.numel() == 0 or k.numel() == 0 or v.numel() == 0
 
     call = AttentionCall(
         device=q.device, dtype=q.dtype, batch=b, heads_q=hq, heads_kv=hkv, seqlen_q=nq, seqlen_k=nk,
         head_dim=d, head_dim_v=v.shape[3], mask=None if mask is None else "bool" if mask.dtype == torch.bool else "float",
         mask_grad=mask is not None and mask.requires_grad, causal=bool(causal), dropout_p=dropout_p,
         deterministic=bool(deterministic), varlen=False)
-    name = dispatch.select("attention", call, backend)
+    name = _serve_empty(backend) if empty else dispatch.select("attention", call, backend)
     out, lse = registration.attention_fwd(q, k, v, mask, _draw_seed(dropout_p), scale, bool(causal),
                                           causal_align == "bottom_right", dropout_p, bool(deterministic), name)
     return (out, lse) if return_lse else out
@@ -232,7 +281,7 @@ def attention_varlen(
         raise ValueError(f"k and v must have the same (total_k, Hkv), got k {tuple(k.shape)} and v {tuple(v.shape)}")
     if dk != d:
         raise ValueError(f"q and k must have the same head dim D, got {d} and {dk}")
-    if hq % hkv != 0:
+    if (hq % hkv if hkv else hq) != 0:
         raise ValueError(f"the number of query heads (q.shape[1] = {hq}) must be a multiple of the number of "
                          f"key/value heads (k.shape[1] = {hkv})")
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
@@ -245,16 +294,17 @@ def attention_varlen(
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
                          f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
-    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    for name, n, total in (("max_seqlen_q", max_seqlen_q, tq), ("max_seqlen_k", max_seqlen_k, tk)):
+        if not isinstance(n, int) or n < (1 if total else 0):
+            raise ValueError(f"{name} must be a positive int (0 allowed when there are no tokens), got {n!r}")
     dropout_p, scale = _check_attention_args(q, causal_align, dropout_p, scale)
+    empty = q.numel() == 0 or k.numel() == 0 or v.numel() == 0
 
     call = AttentionCall(
         device=q.device, dtype=q.dtype, batch=cu_seqlens_q.numel() - 1, heads_q=hq, heads_kv=hkv,
         seqlen_q=max_seqlen_q, seqlen_k=max_seqlen_k, head_dim=d, head_dim_v=v.shape[2], mask=None, mask_grad=False,
         causal=bool(causal), dropout_p=dropout_p, deterministic=bool(deterministic), varlen=True)
-    name = dispatch.select("attention", call, backend)
+    name = _serve_empty(backend) if empty else dispatch.select("attention", call, backend)
     out, lse = registration.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                        _draw_seed(dropout_p), scale, bool(causal), causal_align == "bottom_right",
                                        dropout_p, bool(deterministic), name)
@@ -265,7 +315,13 @@ def attention_varlen(
 
 
 def _norm(x, residual, weight, bias, eps, dropout_p, prenorm, residual_in_fp32, rms, backend):
+    if dropout_p == 0:
+        out = fast_norm(x, residual, weight, bias, eps, 1, rms, prenorm, residual_in_fp32, backend)
+        if out is not None:
+            return out
     _tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dim (the last dim is normalised), got a 0-d tensor")
     n = x.shape[-1]
     for name, t in (("residual", residual), ("weight", weight), ("bias", bias)):
         if t is None:
@@ -282,12 +338,13 @@ def _norm(x, residual, weight, bias, eps, dropout_p, prenorm, residual_in_fp32, 
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
     dropout_p = _probability("dropout_p", dropout_p)
 
-    x2 = x.reshape(-1, n)  # (M, N): a view whenever the rows allow one
+    m = -1 if n else math.prod(x.shape[:-1])  # -1 cannot be inferred for N = 0
+    x2 = x.reshape(m, n)  # (M, N): a view whenever the rows allow one
     call = NormCall(device=x.device, dtype=x.dtype, weight_dtype=weight.dtype if weight is not None else None,
                     residual_dtype=residual.dtype if residual is not None else None, rows=x2.shape[0], hidden=n,
                     rms=rms, dropout_p=dropout_p)
-    name = dispatch.select("norm", call, backend)
-    y, z, _, _ = registration.norm_fwd(x2, residual.reshape(-1, n) if residual is not None else None, weight, bias,
+    name = _serve_empty(backend) if x2.numel() == 0 else dispatch.select("norm", call, backend)
+    y, z, _, _ = registration.norm_fwd(x2, residual.reshape(m, n) if residual is not None else None, weight, bias,
                                        _draw_seed(dropout_p), float(eps), dropout_p, rms, bool(prenorm),
                                        bool(residual_in_fp32), name)
     y = y.view(x.shape)

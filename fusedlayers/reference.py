@@ -15,6 +15,10 @@ Semantics (shared by every backend, see README "Semantics"):
 * ``causal``: key j is visible from query i iff ``j <= i`` (``"top_left"``, SDPA) or
   ``j <= i + Nk - Nq`` (``"bottom_right"``, FlashAttention / KV-cache decoding).
 * A query row that sees no key returns output 0, ``lse = -inf`` and gradient 0, never NaN.
+* Non-finite and extreme values (this module is the truth every backend matches): a NaN
+  score at an allowed position (from q, k or a float bias) makes the row's output and lse
+  NaN; one at a masked-out position (bool mask, causal) is ignored. A +inf score gives lse
+  +inf and a NaN output. A finite bias is the finite number it is, ``finfo.min`` included.
 * Dropout drops attention probabilities after the softmax; kept entries are scaled by
   ``1 / (1 - p)``. The reference takes the keep-mask explicitly so that a kernel's own
   random stream can be checked; ``lse`` is that of the softmax before dropout.
@@ -92,18 +96,21 @@ def attention(
         s = s + attn_mask
     s = s.masked_fill(~allowed, float("-inf"))
 
-    # Softmax that returns 0 (not NaN) on rows with no allowed key.
+    # Softmax that returns 0 (not NaN) on rows with no allowed key. A NaN score in a row makes
+    # l NaN, so its p, out and lse are NaN ("seen" is l != 0, true for NaN); a +inf score gives
+    # lse +inf and p = inf / inf = NaN, as torch.softmax does.
     m = s.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
     e = torch.exp(s - m)
     l = e.sum(dim=-1, keepdim=True)
-    seen = l > 0
+    seen = l != 0
     p = e / torch.where(seen, l, torch.ones_like(l))
     lse = torch.where(seen, m + torch.log(torch.where(seen, l, torch.ones_like(l))), float("-inf"))
 
     if dropout_p > 0:
         p = p * dropout_mask / (1.0 - dropout_p)
     out = p.to(v.dtype) @ v  # (B, Hq, Nq, D)
+    out = out.masked_fill(~seen, 0.0)  # exactly 0 where no key is allowed, even if v holds NaN / inf (0 * NaN)
     return out, lse.squeeze(-1)
 
 
@@ -164,10 +171,16 @@ def attention_varlen(
 
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5) -> Tensor:
     """(x - mean) / sqrt(var + eps) * weight + bias over the last dim; biased variance,
-    eps inside the square root: exactly ``torch.nn.functional.layer_norm``."""
-    mean = x.mean(dim=-1, keepdim=True)
-    var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
-    y = (x - mean) * torch.rsqrt(var + eps)
+    eps inside the square root: exactly ``torch.nn.functional.layer_norm``.
+
+    Computed on the data shifted by each row's first element (the same function of x): a
+    constant row then has deviations of exactly 0 and normalises to exactly 0 (bias), as in
+    torch, where a plain ``x.mean()`` is off by a rounding error d and, with a small eps such as
+    BERT's 1e-12, ``d / sqrt(d**2 + eps)`` is far from 0."""
+    xs = x - x[..., :1].detach()
+    d = xs - xs.mean(dim=-1, keepdim=True)  # x - mean(x)
+    var = (d * d).mean(dim=-1, keepdim=True)
+    y = d * torch.rsqrt(var + eps)
     if weight is not None:
         y = y * weight
     if bias is not None:

@@ -83,10 +83,11 @@ def _attention_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, c
         s = s.masked_fill(~allowed, float("-inf"))
     # P from S again at the accumulation precision (the saved lse is float32, which would cap
     # a float64 gradient at ~1e-7); 0 on rows that see no key
+    # (NaN and +inf scores as in reference.attention: such a row's P is NaN)
     m = s.amax(dim=-1, keepdim=True)
-    seen = torch.isfinite(m)
-    e = torch.exp(s - torch.where(seen, m, 0))
-    p = e / torch.where(seen, e.sum(dim=-1, keepdim=True), 1)  # P
+    e = torch.exp(s - torch.where(torch.isfinite(m), m, 0))
+    l = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(l != 0, l, 1)  # P
     drop = 1.0
     if dropout_p > 0:
         drop = _keep_mask(seed, (b, hq, nq, nk), dropout_p, q.device) / (1.0 - dropout_p)
@@ -121,6 +122,9 @@ def _varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, seed, scale, causal, bott
 
 def _varlen_backward(dout, dlse, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, seed, scale, causal, bottom_right,
                      dropout_p, deterministic):
+    from .ops import check_cu_seqlens_values
+
+    check_cu_seqlens_values(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
     (qd, kd, vd), allowed = _varlen_as_dense(q, k, v, cu_q, cu_k, causal, bottom_right)
     dq, dk, dv, _ = _attention_backward(dout.transpose(0, 1).unsqueeze(0), dlse.unsqueeze(0), qd, kd, vd, allowed,
                                         None, lse.unsqueeze(0), seed, scale, False, False, dropout_p, deterministic,
@@ -141,6 +145,14 @@ attention = SimpleNamespace(
 # ---------------------------------------------------------------------------- norms
 
 
+def _shifted_mean(z: Tensor) -> Tensor:
+    """Row means of z (M, N) taken on the data shifted by each row's first element: exact (the
+    value itself) for a constant row, so its deviations are exactly 0 (see reference.layer_norm)."""
+    if z.shape[-1] == 0:
+        return z.mean(dim=-1)
+    return z[:, 0] + (z - z[:, :1]).mean(dim=-1)
+
+
 def _norm_why_not(call) -> Optional[str]:
     return None
 
@@ -159,7 +171,7 @@ def _norm_forward(x, residual, weight, bias, seed, eps, dropout_p, rms, prenorm,
     if residual is not None:
         z = z + residual.to(acc)
     y = _normalize(z, *(t.to(acc) if t is not None else None for t in (weight, bias)), eps, rms)
-    mean = z.mean(dim=-1)
+    mean = _shifted_mean(z)
     rstd = torch.rsqrt((z * z if rms else (z - mean[:, None]) ** 2).mean(dim=-1) + eps)
     empty = x.new_empty(0, dtype=torch.float32)
     z_out = z.to(stream_dtype(x, residual, residual_in_fp32), copy=True) if keeps_stream(
@@ -171,7 +183,7 @@ def _norm_backward(dy, dz, zin, weight, bias, mean, rstd, seed, eps, dropout_p, 
     acc = _acc(zin.dtype)
     z, g = zin.to(acc), dy.to(acc)
     # mean and rstd again, at the accumulation precision (the saved ones are float32)
-    mu = torch.zeros_like(z[:, :1]) if rms else z.mean(dim=-1, keepdim=True)
+    mu = torch.zeros_like(z[:, :1]) if rms else _shifted_mean(z)[:, None]
     rstd = torch.rsqrt(((z - mu) ** 2).mean(dim=-1, keepdim=True) + eps)
     xhat = (z - mu) * rstd  # x-hat, the normalised input
     wdy = g * weight.to(acc) if weight is not None else g  # dL/d(x-hat)

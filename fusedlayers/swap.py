@@ -147,12 +147,27 @@ def _matches(patterns: Iterable[Pattern], name: str, module: torch.nn.Module) ->
 def _patterns(arg, label: str) -> Optional[tuple]:
     if arg is None:
         return None
+    kinds = "a class name, a module name pattern, a torch.nn.Module subclass, or a list of them"
     if isinstance(arg, (str, type)):
         arg = (arg,)
+    elif isinstance(arg, torch.nn.Module):
+        raise TypeError(f"{label} must be {kinds}, got a {type(arg).__qualname__} instance (pass its class)")
+    elif isinstance(arg, (bytes, dict)) or not hasattr(arg, "__iter__"):
+        raise TypeError(f"{label} must be {kinds}, got {type(arg).__name__} {arg!r:.80}")
     arg = tuple(arg)
-    if not all(isinstance(p, (str, type)) for p in arg):
-        raise TypeError(f"{label} must be a class name, a module name pattern, a type, or a list of them")
+    for p in arg:
+        if isinstance(p, type) and not issubclass(p, torch.nn.Module):
+            raise TypeError(f"{label}: {p.__qualname__} is not a torch.nn.Module subclass")
+        if not isinstance(p, (str, type)):
+            raise TypeError(f"{label} must be {kinds}, got an element {p!r:.80} ({type(p).__name__})")
+        if p == "":
+            raise ValueError(f"{label}: an empty pattern matches no module")
     return arg
+
+
+def _check_model(model, fn: str) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{fn}(model): model must be a torch.nn.Module, got {type(model).__qualname__}")
 
 
 def _left_reason(module: torch.nn.Module) -> Optional[str]:
@@ -242,6 +257,7 @@ def swap(model: torch.nn.Module, *, include=None, exclude=None, backend: str = "
     before the swap still updates the model, and ``state_dict`` keys are unchanged. A
     module that appears at several places is replaced by one new module everywhere.
     """
+    _check_model(model, "swap")
     _check_backend(backend)
     include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
     report = SwapReport()
@@ -287,6 +303,7 @@ def unswap(model: torch.nn.Module) -> SwapReport:
     """Puts back the modules ``swap`` replaced (the original objects), in place. They get
     the swapped modules' current Parameter and buffer objects and train/eval mode, so
     training or ``load_state_dict`` done in between is kept."""
+    _check_model(model, "unswap")
     report = SwapReport(action="restored")
     done: dict[int, torch.nn.Module] = {}
 

@@ -42,6 +42,7 @@ Measured:   no GPU was available while writing this file: no speed figure yet.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
@@ -91,7 +92,10 @@ def _keep(seed, drop_base, offs_m, offs_n, drop_sm, dropout_p):
 def _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, mask_base, stride_mm, stride_mn, qk_scale,
             MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, CHECK_CAUSAL: tl.constexpr, CHECK_KEYS: tl.constexpr,
             IEEE: tl.constexpr):
-    """S of a (BLOCK_M, BLOCK_N) tile in base 2: (q k^T * scale + bias) * log2(e), -inf where not allowed."""
+    """S of a (BLOCK_M, BLOCK_N) tile: q k^T * scale + bias (qk_scale = scale), -inf where not allowed.
+
+    Natural units: the callers subtract the row max (or lse) before scaling by log2(e) for exp2, so an
+    extreme finite bias (finfo.min, Hugging Face's padding) never overflows to -inf."""
     s = _dot(q, tl.trans(k), IEEE) * qk_scale
     if MASK_KIND != 0:
         in_bounds = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
@@ -100,7 +104,7 @@ def _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, mask_base, stride_m
         if MASK_KIND == 1:
             s = tl.where(mvals != 0, s, float("-inf"))
         else:
-            s += mvals.to(tl.float32) * 1.4426950408889634
+            s += mvals.to(tl.float32)
     if CHECK_KEYS:
         s = tl.where(offs_n[None, :] < seqlen_k, s, float("-inf"))
     if CAUSAL and CHECK_CAUSAL:
@@ -146,8 +150,8 @@ def _fwd_inner(acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_kd, stride_vn, stride
                     MASK_KIND, CAUSAL, CHECK, CHECK, IEEE)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: no NaN from -inf - -inf
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2((s - m_safe[:, None]) * 1.4426950408889634)  # a NaN score: p, then l, NaN
+        alpha = tl.math.exp2((m_i - m_safe) * 1.4426950408889634)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         if DROPOUT:
             p = tl.where(_keep(seed, drop_base, offs_m, offs_n, drop_sm, dropout_p), p, 0.0)
@@ -172,7 +176,7 @@ def _attn_fwd(
     drop_sb, drop_sh, drop_sm,  # dropout offset = b*drop_sb + h*drop_sh + (q_start+i)*drop_sm + (k_start+j)
     Hq, GROUP,  # query heads, query heads per KV head (Hq // Hkv)
     Nq, Nk, D,  # sequence lengths (varlen: unused, read from cu_seqlens), head dim (<= BLOCK_D)
-    qk_scale,  # scale * log2(e)
+    qk_scale,  # the score scale (scores stay in natural units until the max is subtracted)
     bottom_right,  # 1: causal diagonal aligned to the bottom-right corner (shift Nk - Nq), 0: top-left
     seed, dropout_p, inv_keep,  # Philox seed, dropout probability, 1 / (1 - dropout_p)
     keys_per_split,  # keys per split-KV program (a multiple of BLOCK_N); >= Nk when not split
@@ -232,15 +236,15 @@ def _attn_fwd(
                                seqlen_q, seqlen_k, shift, qk_scale, BLOCK_N, MASK_KIND, CAUSAL, DROPOUT, True, UPCAST,
                                IEEE)
 
-    seen = l_i > 0.0  # a row that saw no key: output 0, lse -inf
+    seen = l_i != 0.0  # a row that saw no key: output exactly 0 (even past a NaN of v), lse -inf; l NaN: NaN
     l_safe = tl.where(seen, l_i, 1.0)
-    out = acc / l_safe[:, None]
+    out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
     if DROPOUT:
         out = out * inv_keep
-    # base 2 -> natural log in fp64 (per row, cheap): backward converts back, and P = exp2(S - lse)
-    # of a dominant key should come out as 1 to within an ulp or so of S
-    lse = tl.where(seen, ((m_i.to(tl.float64) + tl.math.log2(l_safe).to(tl.float64)) * 0.6931471805599453
+    # m + log(l) in fp64 (per row, cheap); a +inf score gives lse +inf (and a NaN output)
+    lse = tl.where(seen, (m_i.to(tl.float64) + tl.math.log2(l_safe).to(tl.float64) * 0.6931471805599453
                           ).to(tl.float32), float("-inf"))
+    lse = tl.where(m_i == float("inf"), float("inf"), lse)
     rows = (q_start + offs_m).to(tl.int64)
     Ob = Out + split * stride_os + b * stride_ob + h * stride_oh
     st_row = _lt(offs_m, seqlen_q)  # row_ok and d_ok, recomputed (see _lt)
@@ -359,9 +363,10 @@ def _bwd_tile(q, k, v, do, do_rows, stride_dd, v_rows, stride_vd, D, lse, Delta_
     to dQ), their dK/dV/dbias are never stored, and P = exp2(min(S - lse, 0)) stays finite."""
     s = _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, mask_base, stride_mm, stride_mn, qk_scale,
                 MASK_KIND, CAUSAL, CHECK, False, IEEE)
-    lse2 = tl.where(lse == float("-inf"), float("inf"),  # a row that saw no key: P = 0
-                    (lse.to(tl.float64) * 1.4426950408889634).to(tl.float32))
-    P = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0))
+    lse_safe = tl.where(lse == float("-inf"), float("inf"), lse)  # a row that saw no key: P = 0
+    # S - lse before the log2(e) scaling (no overflow for an extreme finite bias); NaN propagates
+    P = tl.math.exp2(tl.minimum((s - lse_safe[:, None]) * 1.4426950408889634, 0.0,
+                                propagate_nan=tl.PropagateNan.ALL))
     dP = _bwd_dp(do, v, do_rows, stride_dd, v_rows, stride_vd, offs_m < seqlen_q, offs_n < seqlen_k, D, IEEE)
     if DROPOUT:
         keep = _keep(seed, drop_base, offs_m, offs_n, drop_sm, dropout_p)
@@ -426,7 +431,7 @@ def _bwd_dkdv(
     stride_bb, stride_bh, stride_bm, stride_bn,  # strides of DB
     drop_sb, drop_sh, drop_sm,  # dropout offsets, as in _attn_fwd
     Hq, GROUP, Nq, Nk, D,
-    qk_scale, sm_scale,  # scale * log2(e), scale
+    qk_scale, sm_scale,  # the score scale (both: scores in natural units, see _scores)
     bottom_right, seed, dropout_p, inv_keep,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_N keys per program
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
@@ -627,7 +632,7 @@ _FP32_CONFIGS = {  # fp32: FMA dots (no TF32), fp64 dP in backward: smaller tile
     ("fwd", False, False):    ((128, 32, 4, 2), (64, 32, 4, 2),  (32, 32, 4, 1),  (16, 16, 4, 1),  (32, 32, 8, 1)),
     ("fwd", False, True):     ((64, 32, 4, 2),  (64, 32, 8, 3),  (32, 32, 4, 1),  (32, 32, 8, 1),  (32, 32, 8, 1)),
     ("fwd", True, False):     ((128, 32, 4, 2), (128, 32, 8, 3), (64, 32, 8, 3),  (16, 16, 4, 1),  (32, 32, 8, 1)),
-    ("fwd", True, True):      ((64, 32, 4, 2),  (64, 32, 8, 3),  (32, 32, 4, 1),  (32, 32, 8, 1),  (32, 32, 8, 1)),
+    ("fwd", True, True):      ((128, 32, 8, 3), (64, 32, 8, 3),  (32, 32, 4, 1),  (32, 32, 8, 1),  (32, 32, 8, 1)),
     ("decode", False, False): ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 2),  (16, 16, 4, 1),  (16, 32, 4, 1)),
     ("decode", False, True):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 4, 1)),
     ("decode", True, False):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 4, 1)),
@@ -635,7 +640,7 @@ _FP32_CONFIGS = {  # fp32: FMA dots (no TF32), fp64 dP in backward: smaller tile
     ("dkdv", False, False):   ((32, 16, 4, 1),  (32, 32, 8, 1),  (32, 32, 8, 1),  (16, 64, 8, 2),  (16, 16, 4, 1)),
     ("dkdv", False, True):    ((32, 32, 8, 1),  (32, 32, 8, 1),  (32, 32, 8, 1),  (32, 32, 8, 1),  (16, 16, 8, 1)),
     ("dkdv", True, False):    ((32, 64, 8, 1),  (16, 32, 4, 1),  (32, 32, 8, 1),  (16, 32, 8, 2),  (16, 16, 8, 1)),
-    ("dkdv", True, True):     ((16, 16, 8, 1),  (16, 64, 8, 1),  (16, 16, 4, 1),
+    ("dkdv", True, True):     ((32, 32, 8, 1),  (16, 64, 8, 1),  (16, 16, 4, 1),
                                (32, 32, 8, 1), _ARCH((16, 32, 8, 1), (16, 16, 8, 1))),
     ("dq", False, False):     ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 8, 1)),
     ("dq", False, True):      ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 8, 1)),
@@ -645,6 +650,11 @@ _FP32_CONFIGS = {  # fp32: FMA dots (no TF32), fp64 dP in backward: smaller tile
 
 _INTERPRETER_CONFIG = (64, 64, 4, 1)
 _ROWS_BLOCK = 64 if INTERPRET else 32  # rows per program of the row kernels (preprocess, combine); 16 spills
+# dropout_keep_mask: scores per program. 1024 over 4 warps is 8 per thread (Philox gives 4 per call); the
+# interpreter costs per program, not per element, so it takes whole 64 K blocks.
+_KEEP_MASK_BLOCK = 1024
+_KEEP_MASK_WARPS = 4
+_KEEP_MASK_BLOCK_INTERPRET = 1 << 16
 
 
 def _bucket(d: int) -> int:
@@ -670,6 +680,12 @@ def _config(kind: str, d: int, dtype: torch.dtype, device: torch.device, dropout
 
 def _launch_options(warps: int, stages: int) -> dict:
     return {} if INTERPRET else {"num_warps": warps, "num_stages": stages}
+
+
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one (tensors on cuda:1 while the
+    current device is 0 would otherwise be read by a kernel running on device 0)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- the backend interface
@@ -776,7 +792,7 @@ def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_
     num_m_blocks = triton.cdiv(nq, bm)
     _attn_fwd[(num_m_blocks * num_splits, hq, b)](
         q, k, v, mask, o_dst, l_dst, cu_q, cu_k, *qs, *ks, *vs, *ms, *os_, *ls, *drop,
-        hq, hq // hkv, nq, nk, d, scale * LOG2E, int(bottom_right), seed, dropout_p, 1.0 / (1.0 - dropout_p),
+        hq, hq // hkv, nq, nk, d, scale, int(bottom_right), seed, dropout_p, 1.0 / (1.0 - dropout_p),
         keys_per_split, num_m_blocks,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d), MASK_KIND=mask_kind, CAUSAL=bool(causal),
         DROPOUT=dropout_p > 0, VARLEN=varlen, UPCAST=INTERPRET, IEEE=q.dtype == torch.float32,
@@ -790,13 +806,15 @@ def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_
 
 def forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p):
     """(out (B, Hq, Nq, Dv), lse (B, Hq, Nq) fp32) of ``fusedlayers.attention``."""
-    return _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, varlen=False)
+    with _on(q.device):
+        return _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, varlen=False)
 
 
 def forward_split_kv(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, num_splits: int):
     """forward() with an explicit split-KV count (tests the decode path where the heuristic would not split)."""
-    return _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, varlen=False,
-                        num_splits=num_splits)
+    with _on(q.device):
+        return _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, varlen=False,
+                            num_splits=num_splits)
 
 
 def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, scale, causal,
@@ -805,12 +823,15 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     from fusedlayers.ops import check_cu_seqlens_values  # the op body runs eagerly: values can be read
 
     check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
-    return _run_forward(q, k, v, None, seed, scale, causal, bottom_right, dropout_p, varlen=True, cu_q=cu_seqlens_q,
-                        cu_k=cu_seqlens_k, max_q=max_seqlen_q, max_k=max_seqlen_k)
+    with _on(q.device):
+        return _run_forward(q, k, v, None, seed, scale, causal, bottom_right, dropout_p, varlen=True,
+                            cu_q=cu_seqlens_q.contiguous(), cu_k=cu_seqlens_k.contiguous(), max_q=max_seqlen_q,
+                            max_k=max_seqlen_k)  # the kernels read cu_seqlens[b] at offset b
 
 
 def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right, dropout_p,
                   deterministic, bias_grad, *, varlen, cu_q=None, cu_k=None, max_q=None, max_k=None):
+    lse = lse.contiguous()  # Delta is allocated like lse and written through lse's strides
     d, dv = q.shape[-1], v.shape[-1]
     if d != dv:  # as in _run_forward: the padded out and dout have zero columns, so Delta is unchanged
         w = max(d, dv)
@@ -861,7 +882,7 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else q.new_empty(q.shape)
     common = dict(MASK_KIND=mask_kind, CAUSAL=bool(causal), DROPOUT=dropout_p > 0, VARLEN=varlen, UPCAST=INTERPRET,
                   IEEE=q.dtype == torch.float32)
-    tail = (hq, group, nq, nk, d, scale * LOG2E, scale, int(bottom_right), seed, dropout_p, 1.0 / (1.0 - dropout_p))
+    tail = (hq, group, nq, nk, d, scale, scale, int(bottom_right), seed, dropout_p, 1.0 / (1.0 - dropout_p))
 
     bm, bn, warps, stages = _config("dkdv", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None)
     _bwd_dkdv[(triton.cdiv(nk, bn), hkv, b)](
@@ -887,16 +908,21 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
 def backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right, dropout_p, deterministic,
              bias_grad):
     """(dq, dk, dv, dbias or None) of ``fusedlayers.attention``."""
-    return _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right, dropout_p,
-                         deterministic, bias_grad, varlen=False)
+    with _on(q.device):
+        return _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right, dropout_p,
+                             deterministic, bias_grad, varlen=False)
 
 
 def varlen_backward(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, lse, seed,
                     scale, causal, bottom_right, dropout_p, deterministic):
     """(dq, dk, dv) of ``fusedlayers.attention_varlen``."""
-    dq, dk, dv, _ = _run_backward(dout, dlse, q, k, v, None, out, lse, seed, scale, causal, bottom_right, dropout_p,
-                                  deterministic, False, varlen=True, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
-                                  max_q=max_seqlen_q, max_k=max_seqlen_k)
+    from fusedlayers.ops import check_cu_seqlens_values  # the op body runs eagerly: values can be read
+
+    check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+    with _on(q.device):
+        dq, dk, dv, _ = _run_backward(dout, dlse, q, k, v, None, out, lse, seed, scale, causal, bottom_right,
+                                      dropout_p, deterministic, False, varlen=True, cu_q=cu_seqlens_q.contiguous(),
+                                      cu_k=cu_seqlens_k.contiguous(), max_q=max_seqlen_q, max_k=max_seqlen_k)
     return dq, dk, dv
 
 
@@ -905,8 +931,10 @@ def dropout_keep_mask(seed: int, shape, dropout_p: float, device) -> torch.Tenso
     total_k) for varlen; element at linear index i is ``tl.rand(seed, i) >= dropout_p``."""
     numel = math.prod(shape)
     keep = torch.empty(numel, dtype=torch.uint8, device=device)
-    block = 1 << 16
-    _keep_mask_kernel[(triton.cdiv(numel, block),)](keep, numel, seed, dropout_p, BLOCK=block)
+    block = _KEEP_MASK_BLOCK_INTERPRET if INTERPRET else _KEEP_MASK_BLOCK
+    with _on(keep.device):
+        _keep_mask_kernel[(triton.cdiv(numel, block),)](keep, numel, seed, dropout_p, BLOCK=block,
+                                                        **_launch_options(_KEEP_MASK_WARPS, 1))
     return keep.view(torch.bool).view(tuple(shape))
 
 
@@ -944,6 +972,11 @@ def compile_targets() -> list[tuple]:
                     signature, constexprs = _row_target(fn, tdt, bucket)
                     targets[name] = [(name, fn, signature, constexprs, {"num_warps": 4}, _aligned(fn, signature)),
                                      {8, 9}]
+    # dropout_keep_mask's kernel; numel as i64 (past 2**31 scores Triton specialises it so; i32 is no heavier)
+    name = f"attn_keep_mask_BLOCK{_KEEP_MASK_BLOCK}_w{_KEEP_MASK_WARPS}"
+    signature = {"Keep": "*u8", "numel": "i64", "seed": "i64", "dropout_p": "fp32", "BLOCK": "constexpr"}
+    targets[name] = [(name, _keep_mask_kernel, signature, {"BLOCK": _KEEP_MASK_BLOCK},
+                      {"num_warps": _KEEP_MASK_WARPS, "num_stages": 1}, _aligned(_keep_mask_kernel, signature)), {8, 9}]
     # A configuration only one generation picks (an _ARCH entry) is checked for that architecture only.
     return [t + ((None if majors == {8, 9} else ["sm_80" if 8 in majors else "sm_90a"]),)
             for t, majors in targets.values()]

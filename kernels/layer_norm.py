@@ -4,7 +4,7 @@ What it computes (the ``norm`` family of ``fusedlayers.registration``, row by ro
 x (M, N)):
 
     z    = dropout(x) + residual          # the residual stream; keep-mask from tl.rand
-    mean = sum(z) / N                     # fp32, not for RMS norm
+    mean = z0 + sum(z - z0) / N           # fp32, z0 = the row's first element; not for RMS norm
     rstd = 1 / sqrt(sum((z - mean)^2) / N + eps)    # biased variance, eps inside the sqrt
     y    = (z - mean) * rstd * weight + bias         # RMS: z * rstd * weight
 
@@ -188,7 +188,11 @@ def _norm_fwd_kernel(
         if RMS:
             zc = z
         else:
-            mean = tl.sum(z, axis=1) / N
+            # mean of the data shifted by each row's first element: exact for a constant row, whose
+            # deviations are then exactly 0 (a plain sum / N is off by a rounding error d, and with a
+            # small eps d / sqrt(d^2 + eps) is far from 0)
+            first = tl.sum(tl.where(cols[None, :] == 0, z, 0.0), axis=1)
+            mean = first + tl.sum(tl.where(mask, z - first[:, None], 0.0), axis=1) / N
             zc = tl.where(mask, z - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt_rn(tl.sum(zc * zc, axis=1) / N + eps)
         y = zc * rstd[:, None]
@@ -213,7 +217,8 @@ def _norm_fwd_kernel(
             else:
                 n_b = tl.minimum(N - start, BLOCK_N).to(tl.float32)  # elements in this block
                 n_a = start * 1.0  # elements before it (fp32)
-                mean_b = tl.sum(z, axis=1) / n_b
+                first = tl.sum(tl.where(cols[None, :] == 0, z, 0.0), axis=1)  # shifted, as above
+                mean_b = first + tl.sum(tl.where(mask, z - first[:, None], 0.0), axis=1) / n_b
                 zc = tl.where(mask, z - mean_b[:, None], 0.0)
                 delta = mean_b - mean
                 mean += delta * (n_b / (n_a + n_b))

@@ -10,6 +10,7 @@ dropout stream shared with the cpu backend, and small cases that compute-sanitiz
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -65,6 +66,46 @@ def test_status_says_unverified_without_a_passing_record(tmp_path, monkeypatch):
     monkeypatch.setattr(cuda_backend, "_committed_records",
                         lambda: [dict(rec, rows=[dict(row, failures=["case: out"])], source="x")])
     assert not cuda_backend.verified()
+
+
+def test_auto_tries_cuda_first_only_on_a_verified_gpu_and_torch(tmp_path, monkeypatch):
+    from fusedlayers import verify
+
+    monkeypatch.setenv("FUSEDLAYERS_CACHE", str(tmp_path))
+    monkeypatch.setattr(cuda_backend, "_committed_records", lambda: [])
+    monkeypatch.setattr(dispatch, "_CUDA_ORDERS", {})
+    gpu_name = "NVIDIA H200 (sm_90)"
+    monkeypatch.setattr(verify, "device_name", lambda device: gpu_name)
+    rows = [{"op": op, "backend": b, "dtype": "float16", "cases": 3, "worst_error": 0.1, "worst_bound": 1.0,
+             "failures": []} for op in ("attention", "norm") for b in ("cuda", "triton")]
+    good = {"device": gpu_name, "date": "2030-01-01T00:00:00", "level": "default", "passed": True,
+            "versions": {"torch": torch.__version__}, "rows": rows}
+
+    def order_with(record):
+        verify.record_path().parent.mkdir(parents=True, exist_ok=True)
+        verify.record_path().write_text(json.dumps({"cuda": record}))
+        dispatch._CUDA_ORDERS.clear()
+        return dispatch.auto_order(torch.device("cuda", 0))
+
+    assert order_with(good) == dispatch.VERIFIED_CUDA_ORDER == ("cuda", "triton", "reference")
+    assert order_with(dict(good, device="NVIDIA A100 (sm_80)")) == dispatch.AUTO_ORDER["cuda"]
+    assert order_with(dict(good, versions={"torch": "0.0.1"})) == dispatch.AUTO_ORDER["cuda"]
+    assert order_with(dict(good, level="quick")) == dispatch.AUTO_ORDER["cuda"]
+    assert order_with(dict(good, rows=[r for r in rows if r["op"] != "norm"])) == dispatch.AUTO_ORDER["cuda"]
+    failing = [dict(r, failures=["case: out"]) if r["backend"] == "cuda" and r["op"] == "norm" else r for r in rows]
+    assert order_with(dict(good, rows=failing)) == dispatch.AUTO_ORDER["cuda"]
+    # a failing triton row does not matter to the cuda backend's promotion
+    failing_triton = [dict(r, failures=["x"]) if r["backend"] == "triton" else r for r in rows]
+    assert order_with(dict(good, rows=failing_triton)) == dispatch.VERIFIED_CUDA_ORDER
+    # decided once per GPU: a record written later changes nothing in this process
+    verify.record_path().write_text(json.dumps({}))
+    assert dispatch.auto_order(torch.device("cuda", 0)) == dispatch.VERIFIED_CUDA_ORDER
+    assert dispatch.auto_order(torch.device("cpu")) == dispatch.AUTO_ORDER["cpu"]
+    # select follows the decided order: cuda first where it can serve
+    monkeypatch.setattr(dispatch, "why_not", lambda family, backend, call: None)
+    assert dispatch.select("attention", _attention_call(device=torch.device("cuda", 0))) == "cuda"
+    dispatch._CUDA_ORDERS.clear()
+    assert dispatch.select("attention", _attention_call(device=torch.device("cuda", 0))) == "triton"
 
 
 SAMPLE_LOG = """\
@@ -186,6 +227,50 @@ def test_varlen_equals_dense_per_sequence(causal):
         oi.float().square().sum().backward()
         torch.testing.assert_close(out[s], oi[0].transpose(0, 1), atol=2e-3, rtol=2e-3)
         torch.testing.assert_close(q.grad[s], qi.grad[0].transpose(0, 1), atol=5e-3, rtol=5e-3)
+
+
+def check_extreme_bias(dtype, bias_dtype, d: int, device, backend: str) -> list:
+    """Attention with a finite additive bias of ``finfo(bias_dtype).min`` (Hugging Face's padding value):
+    left padding of 0, 5 and all but one key, and one fully masked query row (every score then is the
+    finite finfo.min + s: the row attends uniformly, as the float64 reference says). Forward and backward
+    (bias gradient included) against the float64 reference by the test method's rule."""
+    from fusedlayers import ops, reference
+
+    b, h, nq, nk = 3, 2, 40, 70
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, generator=gen).to(device, dtype).requires_grad_() for n in (nq, nk, nk))
+    low = torch.finfo(bias_dtype).min
+    bias = torch.randn(b, 1, nq, nk, generator=gen, dtype=torch.float64) * 0.5
+    for i, pad in enumerate((0, 5, nk - 1)):
+        bias[i, :, :, :pad] = low
+    bias[:, :, 3, :] = low
+    bias = bias.to(device, bias_dtype).requires_grad_()
+    dout = torch.randn(b, h, nq, d, generator=gen).to(device, dtype)
+    dlse = torch.randn(b, h, nq, generator=gen).to(device)
+    out, lse = ops.attention(q, k, v, bias, return_lse=True, backend=backend)
+    grads = torch.autograd.grad((out, lse), (q, k, v, bias), (dout, dlse))
+    results = []
+    for cast in (testing._to64, lambda t: t.detach().requires_grad_()):
+        args = [cast(t) for t in (q, k, v, bias)]
+        o, l = reference.attention(*args)
+        results.append((o, l, torch.autograd.grad((o, l), args, (dout.to(o.dtype), dlse.to(l.dtype)))))
+    (o64, l64, g64), (ot, lt, gt) = results
+    comps = [testing.compare("out", out, o64, ot, testing.OUT_FACTOR),
+             testing.compare("lse", lse, l64, lt.float(), testing.OUT_FACTOR)]
+    comps += [testing.compare(name, g, r, t, testing.GRAD_FACTOR)
+              for name, g, r, t in zip(("dq", "dk", "dv", "dbias"), grads, g64, gt)]
+    return comps
+
+
+@gpu
+@needs_cuda_ext
+@pytest.mark.parametrize("d", (64, 128, 256))
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("bias_dtype", ("same", torch.float32), ids=str)
+def test_attention_finite_extreme_bias(bias_dtype, dtype, d):
+    # exp(S - m) as exp2(S * log2e - m * log2e) overflowed at m near -FLT_MAX: inf * 0 = NaN in out and grads
+    comps = check_extreme_bias(dtype, dtype if bias_dtype == "same" else bias_dtype, d, "cuda", "cuda")
+    testing.assert_all_ok(comps, f"{dtype} bias {bias_dtype} d{d}")
 
 
 # ------------------------------------------------ small cases for compute-sanitizer

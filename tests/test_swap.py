@@ -202,3 +202,28 @@ def test_compile_fullgraph_no_graph_break(backend):
 def test_import_does_not_import_transformers():
     code = "import sys, fusedlayers; fusedlayers.nn; fusedlayers.swap; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("model", [3, "model", {"layer": torch.nn.LayerNorm(4)}, [torch.nn.LayerNorm(4)]],
+                         ids=lambda m: type(m).__name__)
+def test_swap_and_unswap_name_a_model_that_is_not_a_module(model):
+    for fn in (fusedlayers.swap, fusedlayers.unswap):
+        with pytest.raises(TypeError, match=rf"{fn.__name__}\(model\): model must be a torch.nn.Module, got "):
+            fn(model)
+
+
+@pytest.mark.parametrize("include,error,says", [
+    (5, TypeError, "include must be .*got int 5"),
+    ([5], TypeError, "include must be .*an element 5"),
+    ([int], TypeError, "include: int is not a torch.nn.Module subclass"),
+    ("", ValueError, "include: an empty pattern"),
+    (torch.nn.LayerNorm(4), TypeError, "include must be .*LayerNorm instance \\(pass its class\\)"),
+    ({"LayerNorm": 1}, TypeError, "include must be .*got dict"),
+])
+def test_swap_names_a_bad_include_or_exclude(include, error, says):
+    model = torch.nn.Sequential(torch.nn.LayerNorm(4))
+    with pytest.raises(error, match=says):
+        fusedlayers.swap(model, include=include)
+    with pytest.raises(error, match=says.replace("include", "exclude")):
+        fusedlayers.swap(model, exclude=include)
+    assert type(model[0]) is torch.nn.LayerNorm  # nothing swapped on a refused call

@@ -142,14 +142,22 @@ def test_mlm_on_user_text_with_a_locally_trained_wordpiece(tmp_path):
 def test_cli_train_errors_are_clear(tmp_path, capsys):
     from fusedlayers.cli import main
 
-    with pytest.raises(SystemExit, match="unknown backend 'nope'"):
+    with pytest.raises(SystemExit) as e:
         main(["train", "mlm", "--backend", "nope", "--steps", "1", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "unknown backend 'nope'" in capsys.readouterr().err
     bad = tmp_path / "x.txt"
     bad.write_bytes(b"\xff\xfe\x00")
     assert main(["train", "mlm", "--text", str(bad), "--steps", "1", "--out", str(tmp_path)]) == 2
     assert "not UTF-8" in capsys.readouterr().err
-    assert main(["train", "classify", "--init-from", str(tmp_path / "none.safetensors"), "--steps", "1"]) == 2
-    assert "checkpoint not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["train", "classify", "--init-from", str(tmp_path / "none.safetensors"), "--steps", "1"])
+    assert e.value.code == 2 and "no such file" in capsys.readouterr().err
+    not_ours = tmp_path / "other.safetensors"  # a safetensors file whose metadata is not ours
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(not_ours), metadata={"format": "fusedlayers.transformer/1", "meta": "{"})
+    assert main(["train", "classify", "--init-from", str(not_ours), "--steps", "1", "--out", str(tmp_path)]) == 2
+    assert "other.safetensors" in capsys.readouterr().err
 
 
 def test_ddp_two_processes_on_gloo_train_and_agree(tmp_path):
@@ -163,3 +171,86 @@ def test_ddp_two_processes_on_gloo_train_and_agree(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["replicas_agree"] is True
     assert summary["history"][-1] < summary["history"][0]
+
+
+def _tiny_checkpoint(path):
+    model = torch.nn.Linear(3, 2)
+    checkpoint.save(str(path), model, torch.optim.AdamW(model.parameters()), {"step": 1})
+    return model
+
+
+@pytest.mark.parametrize("metadata,says", [
+    ({"format": checkpoint.FORMAT}, "lacks meta, param_groups"),
+    ({"format": checkpoint.FORMAT, "meta": "{not json", "param_groups": "[]"}, "'meta' is not valid JSON"),
+    ({"format": checkpoint.FORMAT, "meta": "[]", "param_groups": "[]"}, "must be a JSON object"),
+])
+def test_checkpoint_with_bad_metadata_raises_checkpoint_error_naming_the_file(tmp_path, metadata, says):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "bad.safetensors"
+    save_file({"rng.cpu": torch.get_rng_state(), "model.weight": torch.zeros(2, 3)}, str(path), metadata=metadata)
+    for call in (checkpoint.read, lambda p: checkpoint.load_model(p, torch.nn.Linear(3, 2, bias=False))):
+        with pytest.raises(checkpoint.CheckpointError, match=says) as e:
+            call(str(path))
+        assert "bad.safetensors" in str(e.value)
+
+
+def test_checkpoint_interrupted_mid_write_leaves_no_temp_file_and_the_old_one_intact(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    path = tmp_path / "ckpt.safetensors"
+    _tiny_checkpoint(path)
+    before = path.read_bytes()
+
+    def interrupted(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(str(path), torch.nn.Linear(3, 2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors"]
+    assert path.read_bytes() == before
+
+
+def test_checkpoint_save_removes_a_temp_file_left_by_a_killed_process(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".ckpt.safetensors.tmp.{int(dead.stdout)}"
+    stale.write_bytes(b"half a checkpoint")
+    _tiny_checkpoint(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors"]
+    assert checkpoint.read(str(path))[1]["meta"] == {"step": 1}
+
+
+def test_checkpoint_save_flushes_the_folder_after_the_rename(tmp_path, monkeypatch):
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to tell a folder's descriptor from a file's")
+    calls = []
+    real_replace, real_fsync = os.replace, os.fsync
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("replace"), real_replace(a, b))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync-dir" if os.path.isdir(
+        f"/proc/self/fd/{fd}") else "fsync-file"), real_fsync(fd))[1])
+    _tiny_checkpoint(tmp_path / "ckpt.safetensors")
+    assert calls == ["fsync-file", "replace", "fsync-dir"]
+
+
+def test_train_refuses_an_out_that_is_a_file_before_training(tmp_path):
+    out = tmp_path / "a_file"
+    out.write_text("x")
+    with pytest.raises(ValueError, match="existing file"):
+        train(TranslateTask(), ModelConfig(d_model=16, n_heads=2), TrainConfig(steps=5, out=str(out), quiet=True))
+    with pytest.raises(ValueError, match="TrainConfig.steps"):
+        train(TranslateTask(), ModelConfig(d_model=16, n_heads=2), TrainConfig(steps=-1, quiet=True))
+
+
+def test_context_parallel_flag_outside_torchrun_ends_with_one_line(tmp_path, capsys):
+    """--context-parallel 2 in one process: exit status 2 and the reason, before any training."""
+    from fusedlayers.cli import main
+
+    assert main(["train", "mlm", "--context-parallel", "2", "--steps", "1", "--out", str(tmp_path)]) == 2
+    assert "must divide the number of processes" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["train", "mlm", "--context-parallel", "0", "--steps", "1", "--out", str(tmp_path)])
+    assert e.value.code == 2

@@ -216,3 +216,58 @@ def test_compile_targets_cover_the_launch_configurations():
                             arch = "sm_80" if major == 8 else "sm_90a"  # and checked for this GPU's architecture
                             assert variants and all(n in archs_of and archs_of[n] in (None, [arch]) for n in checked), (
                                 kind, bucket, major, tag, dropout, masked)
+
+
+def test_every_launched_kernel_is_a_compile_target():
+    # benchmarks/resource_check.py compiles what compile_targets() lists: a kernel the launchers can
+    # launch and the list forgets is never checked for spills
+    import inspect
+    import re
+
+    source = inspect.getsource(A)
+    kernels = {name for name, obj in vars(A).items()
+               if hasattr(obj, "arg_names") and re.search(rf"\b{name}\[", source)}
+    assert {"_attn_fwd", "_split_combine", "_keep_mask_kernel", "_bwd_preprocess", "_bwd_dkdv", "_bwd_dq"} <= kernels
+    targeted = {t[1] for t in A.compile_targets()}
+    assert {name for name in kernels if getattr(A, name) not in targeted} == set()
+    keep = [t for t in A.compile_targets() if t[1] is A._keep_mask_kernel]
+    assert [t[3]["BLOCK"] for t in keep] == [A._KEEP_MASK_BLOCK] and A._KEEP_MASK_BLOCK <= 4096
+
+
+def test_launches_run_on_the_tensors_device(monkeypatch):
+    # Triton launches on the current CUDA device: every launcher enters the tensors' device first
+    # (tensors on cuda:1 with the current device 0 would otherwise be read from device 0)
+    import contextlib
+
+    entered = []
+
+    def on(device):
+        entered.append(torch.device(device).type)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(A, "_on", on)
+    case = AttentionCase(b=1, hq=2, hkv=1, nq=5, nk=9, d=16)
+    q, k, v, _, dout, dlse = testing.make_attention_inputs(case, torch.float32, DEVICE)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    out, lse = A.forward(q, k, v, None, 0, 0.25, False, False, 0.0)
+    assert len(entered) == 1
+    A.forward_split_kv(q, k, v, None, 0, 0.25, False, False, 0.0, num_splits=2)
+    A.backward(dout, dlse, q, k, v, None, out, lse, 0, 0.25, False, False, 0.0, False, False)
+    A.dropout_keep_mask(0, (1, 2, 5, 9), 0.5, q.device)
+    packed = [t[0].transpose(0, 1).contiguous() for t in (q, k, v)]
+    cu_q = torch.tensor([0, 5], dtype=torch.int32, device=q.device)
+    cu_k = torch.tensor([0, 9], dtype=torch.int32, device=q.device)
+    out_p, lse_p = A.varlen_forward(*packed, cu_q, cu_k, 5, 9, 0, 0.25, False, False, 0.0)
+    A.varlen_backward(torch.ones_like(out_p), torch.zeros_like(lse_p), *packed, cu_q, cu_k, 5, 9, out_p, lse_p, 0,
+                      0.25, False, False, 0.0, False)
+    assert entered == [q.device.type] * 6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_the_second_gpu_with_the_first_current():
+    case = AttentionCase(b=1, hq=4, hkv=2, nq=70, nk=90, d=64, mask="bias", dropout_p=0.1)
+    torch.cuda.set_device(0)
+    with torch.random.fork_rng(devices=[0, 1]):
+        testing.assert_all_ok(testing.check_attention(case, torch.bfloat16, "cuda:1", "triton"), str(case))
+    assert torch.cuda.current_device() == 0

@@ -4,8 +4,10 @@ One file holds the model's tensors (``model.*``), the optimizer's state (``optim
 torch's random-number state (``rng.cpu``, ``rng.cuda``) and, as JSON in the safetensors
 metadata, the step, the configs, the optimizer's hyper-parameters, the GradScaler state and
 the loss history. It is written to a temporary file in the same folder, flushed to disk, and
-renamed over the old one (``os.replace`` is atomic on POSIX and Windows): a crash mid-write
-leaves the previous checkpoint intact.
+renamed over the old one (``os.replace`` is atomic on POSIX and Windows), and the folder is
+flushed too, so that the rename itself survives a power loss: a crash mid-write leaves the
+previous checkpoint intact. The temporary file is removed on any error or interrupt; one left
+by a killed process is removed by the next save to the same path.
 """
 
 from __future__ import annotations
@@ -23,16 +25,18 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, corrupt, or not a fusedlayers.transformer checkpoint."""
 
 
-def save(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-         meta: Optional[dict] = None, scaler=None) -> None:
-    """Writes ``path`` atomically. ``meta`` is any JSON-serialisable dict (step, configs, ...)."""
+def save(path: str, model, optimizer=None, meta: Optional[dict] = None, scaler=None) -> None:
+    """Writes ``path`` atomically. ``meta`` is any JSON-serialisable dict (step, configs, ...).
+    ``model`` and ``optimizer`` are the objects or their ``state_dict()`` (a sharded run passes
+    the gathered full state in that same layout)."""
     from safetensors.torch import save_file
 
+    model_state = model if isinstance(model, dict) else model.state_dict()
     # clone(): tied weights share storage, which safetensors refuses; each key gets its own copy
-    tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model_state.items()}
     groups = []
     if optimizer is not None:
-        state = optimizer.state_dict()
+        state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
         for i, s in state["state"].items():
             for name, value in s.items():
                 if not torch.is_tensor(value):
@@ -46,15 +50,48 @@ def save(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Opti
                 "scaler": json.dumps(scaler.state_dict() if scaler is not None and scaler.is_enabled() else {})}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    prefix = f".{os.path.basename(path)}.tmp."
+    _remove_stale(folder, prefix)
+    tmp = os.path.join(folder, f"{prefix}{os.getpid()}")
     try:
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_folder(folder)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _remove_stale(folder: str, prefix: str) -> None:
+    """Removes temporary files ``<prefix><pid>`` left in ``folder`` by processes that no longer run."""
+    for name in os.listdir(folder):
+        pid = name[len(prefix):]
+        if not name.startswith(prefix) or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+            continue
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OSError):  # it exists (another user's), or this platform cannot tell
+            continue
+        try:
+            os.remove(os.path.join(folder, name))
+        except OSError:
+            pass
+
+
+def _fsync_folder(folder: str) -> None:
+    """Flushes the folder's entry list (the rename) to disk; POSIX only (Windows cannot open a folder)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read(path: str) -> tuple[dict, dict]:
@@ -73,7 +110,23 @@ def read(path: str) -> tuple[dict, dict]:
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path!r} is a safetensors file but not a {FORMAT} checkpoint "
                               f"(format {metadata.get('format')!r})")
-    return tensors, {k: json.loads(v) for k, v in metadata.items() if k != "format"}
+    missing = [key for key in ("meta", "param_groups") if key not in metadata]
+    if missing:
+        raise CheckpointError(f"{path!r}: its metadata lacks {', '.join(missing)} (corrupt or written by another "
+                              "program?)")
+    parsed = {}
+    for key, value in metadata.items():
+        if key == "format":
+            continue
+        try:
+            parsed[key] = json.loads(value)
+        except ValueError as e:
+            raise CheckpointError(f"{path!r}: its metadata {key!r} is not valid JSON ({e})") from None
+    if not isinstance(parsed["meta"], dict) or not isinstance(parsed["param_groups"], list):
+        raise CheckpointError(f"{path!r}: its metadata 'meta' must be a JSON object and 'param_groups' a list")
+    if "rng.cpu" not in tensors:
+        raise CheckpointError(f"{path!r}: the tensor 'rng.cpu' (torch's random state) is missing")
+    return tensors, parsed
 
 
 def load_model(path: str, model: torch.nn.Module, strict: bool = True) -> dict:

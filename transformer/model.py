@@ -175,6 +175,9 @@ class MultiHeadAttention(nn.Module):
         self.backend = cfg.backend
         self.record = False  # set True to keep the attention weights of the last call
         self.weights: Optional[Tensor] = None
+        # Context parallelism (transformer.train): None, or {"group": ProcessGroup, "layout": str}; then x is this
+        # rank's shard of the sequence and self-attention runs over the whole sequence through the ring.
+        self.context_parallel: Optional[dict] = None
 
     def _heads(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape
@@ -195,9 +198,16 @@ class MultiHeadAttention(nn.Module):
                 v = torch.cat([cache["v"], v], dim=2)
             if cache is not None:
                 cache["k"], cache["v"] = k, v
-        out = fusedlayers.attention(q, k, v, mask, causal=causal, causal_align="bottom_right",
-                                    dropout_p=self.dropout_p if self.training else 0.0, return_lse=self.record,
-                                    backend=self.backend)
+        if self.context_parallel is not None and memory is None and cache is None and not self.record:
+            from fusedlayers.distributed import context_parallel_attention
+
+            out = context_parallel_attention(q, k, v, mask, causal=causal, backend=self.backend,
+                                             dropout_p=self.dropout_p if self.training else 0.0,
+                                             **self.context_parallel)  # (B, H, N_local, Dh)
+        else:
+            out = fusedlayers.attention(q, k, v, mask, causal=causal, causal_align="bottom_right",
+                                        dropout_p=self.dropout_p if self.training else 0.0, return_lse=self.record,
+                                        backend=self.backend)
         if self.record:
             out, lse = out
             self.weights = attention_weights(q, k, lse, mask, causal).detach()  # (B, H, Nq, Nk)
@@ -403,11 +413,12 @@ class BertEmbeddings(nn.Module):
         nn.init.zeros_(self.segments.weight)
         self.norm, self.dropout = LayerNorm(cfg.d_model, cfg.backend), nn.Dropout(cfg.dropout)
 
-    def forward(self, ids: Tensor, segments: Optional[Tensor] = None) -> Tensor:
+    def forward(self, ids: Tensor, segments: Optional[Tensor] = None, offset: int = 0) -> Tensor:
+        # offset: position of ids[:, 0] in the sequence (a context-parallel shard)
         h = self.tokens(ids)  # (B, N, d)
         if segments is not None:
             h = h + self.segments(segments)
-        return self.dropout(self.norm(self.positions(h)))
+        return self.dropout(self.norm(self.positions(h, offset)))
 
 
 class BertEncoder(nn.Module):
@@ -424,15 +435,15 @@ class BertEncoder(nn.Module):
         self.mlm_head = MLMHead(cfg, self.embeddings.tokens)
         self.classifier = ClassifierHead(cfg)
 
-    def forward(self, ids: Tensor, segments: Optional[Tensor] = None) -> Tensor:
-        return self.encoder(self.embeddings(ids, segments), padding_mask(ids, self.cfg.pad_id))
+    def forward(self, ids: Tensor, segments: Optional[Tensor] = None, offset: int = 0) -> Tensor:
+        return self.encoder(self.embeddings(ids, segments, offset), padding_mask(ids, self.cfg.pad_id))
 
     def layers(self, ids: Tensor) -> list[Tensor]:
         """[embeddings, layer 1, ..., layer L] outputs, each (B, N, d)."""
         return self.encoder(self.embeddings(ids), padding_mask(ids, self.cfg.pad_id), all_layers=True)
 
-    def mlm_logits(self, ids: Tensor) -> Tensor:
-        return self.mlm_head(self(ids))  # (B, N, V)
+    def mlm_logits(self, ids: Tensor, offset: int = 0) -> Tensor:
+        return self.mlm_head(self(ids, offset=offset))  # (B, N, V)
 
     def classify(self, ids: Tensor) -> Tensor:
         return self.classifier(self(ids))  # (B, C)

@@ -3,7 +3,7 @@
 The loop is the paper's recipe (section 5.3): AdamW (beta2 = 0.98, eps = 1e-9), linear warm-up
 then inverse-square-root decay of the learning rate, label smoothing, gradient clipping; mixed
 precision on GPU (bfloat16 autocast, or float16 with a GradScaler where bf16 is missing); a
-tqdm bar with the loss and tokens/s; checkpoints (``transformer.checkpoint``) every
+progress bar with the loss and tokens/s (tqdm on a terminal, a few plain lines in a log); checkpoints (``transformer.checkpoint``) every
 ``save_every`` steps and at the end, resumable bit-exactly: the batch of step t is drawn from a
 generator seeded by (seed, t, rank), and the checkpoint holds torch's RNG state for dropout.
 
@@ -11,6 +11,19 @@ Several processes: launch with ``torchrun --nproc_per_node=N -m fusedlayers trai
 loop sees WORLD_SIZE > 1, joins the process group (gloo on CPU, NCCL on GPU) and wraps the
 model in DistributedDataParallel. Each rank draws its own batches; rank 0 writes checkpoints
 and the summary; at the end the ranks check that their weights are bit-identical.
+
+``fsdp=True`` shards parameters, gradients and optimizer state with FSDP2
+(``torch.distributed.fsdp.fully_shard``, each encoder/decoder layer and then the whole) instead
+of replicating them; checkpoints are gathered into the same single safetensors file as
+without it (so a run resumes with or without FSDP), and the returned model is a full copy.
+
+``context_parallel=C`` (mlm task) splits each sequence over C ranks: consecutive ranks form a
+context-parallel group that draws one batch, each rank embeds its contiguous shard of the
+tokens, and self-attention runs over the whole sequence with
+``fusedlayers.distributed.context_parallel_attention``. WORLD_SIZE / C groups train data-parallel
+(DDP or FSDP over all ranks); each rank's loss is its share of its group's token-mean loss,
+times C, so that the gradient average over the world is the data-parallel mean of the groups'
+full gradients.
 
 Typical::
 
@@ -59,6 +72,8 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end
     resume: bool = False  # continue from out/checkpoint.safetensors if it exists
     init_from: Optional[str] = None  # load matching weights (e.g. a pre-trained encoder) first
+    fsdp: bool = False  # several processes: FSDP2 (fully_shard) instead of DistributedDataParallel
+    context_parallel: int = 1  # ranks per sequence (mlm task); WORLD_SIZE must be a multiple
     eval: bool = True
     quiet: bool = False
 
@@ -219,17 +234,139 @@ TASKS = {"translate": TranslateTask, "mlm": MLMTask, "classify": ClassifyTask}
 
 
 class _Objective(nn.Module):
-    """model + task loss in one forward, the module DistributedDataParallel wraps."""
+    """model + task loss in one forward, the module DistributedDataParallel (or FSDP) wraps.
+    Returns (loss to differentiate, loss of the whole batch to report, tokens)."""
 
-    def __init__(self, model: nn.Module, task, label_smoothing: float):
+    def __init__(self, model: nn.Module, task, label_smoothing: float, cp_group=None, cp_size: int = 1):
         super().__init__()
         self.model, self.task, self.label_smoothing = model, task, label_smoothing
+        self.cp_group, self.cp_size = cp_group, cp_size
 
     def forward(self, batch: dict):
-        return self.task.loss(self.model, batch, self.label_smoothing)
+        if self.cp_size == 1:
+            loss, n_tokens = self.task.loss(self.model, batch, self.label_smoothing)
+            return loss, loss.detach(), n_tokens
+        return self._context_parallel_loss(batch)
+
+    def _context_parallel_loss(self, batch: dict):
+        """The mlm loss on this rank's contiguous shard of the sequence: the sum of its tokens'
+        losses over the whole batch's count of labelled tokens (so the group's shares add up to
+        the mean); the padding added to reach a multiple of cp_size is masked and unlabelled."""
+        import torch.distributed as dist
+
+        from fusedlayers.distributed import shard
+
+        ids, labels = batch["ids"], batch["labels"]  # (B, N), the same on every rank of the group
+        extra = -ids.shape[1] % self.cp_size
+        ids, labels = F.pad(ids, (0, extra), value=PAD), F.pad(labels, (0, extra), value=-100)
+        n_local = ids.shape[1] // self.cp_size
+        ids_local = shard(ids, 1, self.cp_group, layout="contiguous")  # (B, N / C)
+        labels_local = shard(labels, 1, self.cp_group, layout="contiguous")
+        offset = dist.get_rank(self.cp_group) * n_local
+        logits = self.model.mlm_logits(ids_local, offset=offset)  # (B, N / C, V)
+        total = F.cross_entropy(logits.flatten(0, 1).float(), labels_local.flatten(), ignore_index=-100,
+                                label_smoothing=self.label_smoothing, reduction="sum")
+        share = total / max(int((labels != -100).sum()), 1)
+        whole = share.detach().clone()
+        dist.all_reduce(whole, group=self.cp_group)  # the group's loss: the mean over the whole sequence
+        return share * self.cp_size, whole, int((ids != PAD).sum())
 
 
 # ------------------------------------------------------------------------------ the loop
+
+
+def _context_parallel_groups(rank: int, world: int, size: int):
+    """(this rank's context-parallel group, its data-parallel index): groups of ``size``
+    consecutive ranks. Every rank creates every group (torch.distributed's rule)."""
+    import torch.distributed as dist
+
+    mine = None
+    for first in range(0, world, size):
+        group = dist.new_group(list(range(first, first + size)))
+        if first <= rank < first + size:
+            mine = group
+    return mine, rank // size
+
+
+def _set_context_parallel(model: nn.Module, group) -> None:
+    """Routes every self-attention of ``model`` through the ring (group None: back to the local op)."""
+    from .model import MultiHeadAttention
+
+    for module in model.modules():
+        if isinstance(module, MultiHeadAttention):
+            module.context_parallel = None if group is None else {"group": group, "layout": "contiguous"}
+
+
+def _fully_shard(objective: nn.Module, model: nn.Module) -> None:
+    """FSDP2: each layer of the model's stacks is one unit, the rest (embeddings, heads) the root's."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList):
+            for layer in module:
+                fully_shard(layer)
+    fully_shard(objective)
+
+
+def _full_state(objective: nn.Module, optimizer) -> tuple[dict, dict]:
+    """The gathered (model state, optimizer state) of an FSDP run, in the layout of
+    ``model.state_dict()`` and ``optimizer.state_dict()`` without FSDP (parameters numbered in
+    the optimizer's order). A collective: every rank calls it, every rank gets the full state."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True)
+    model_sd = get_model_state_dict(objective, options=options)
+    optim_sd = get_optimizer_state_dict(objective, optimizer, options=options)
+    order = [name for group in optim_sd["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(order)}
+    groups, at = [], 0
+    for group in optim_sd["param_groups"]:
+        groups.append({**group, "params": list(range(at, at + len(group["params"])))})
+        at += len(group["params"])
+    state = {index[name]: value for name, value in optim_sd["state"].items()}
+    model_sd = {k[len("model."):]: v for k, v in model_sd.items() if k.startswith("model.")}
+    return model_sd, {"state": state, "param_groups": groups}
+
+
+def _load_full_state(objective: nn.Module, optimizer, model: nn.Module, path: str, scaler) -> dict:
+    """Resumes an FSDP run from a gathered checkpoint: every rank reads the file and keeps its
+    shards of the model and the optimizer state. Returns the checkpoint's ``meta``."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    tensors, metadata = checkpoint.read(path)
+    options = StateDictOptions(full_state_dict=True)
+    model_sd = {f"model.{k[len('model.'):]}": v for k, v in tensors.items() if k.startswith("model.")}
+    set_model_state_dict(objective, model_sd, options=options)
+    names = [f"model.{n}" for n, _ in _named_unique_parameters(model)]
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(names[int(i)], {})[name] = value
+    groups, at = [], 0
+    for group in metadata["param_groups"]:
+        groups.append({**group, "params": names[at:at + len(group["params"])]})
+        at += len(group["params"])
+    # strict=False: a parameter that never got a gradient (an unused head) has no optimizer state, as without FSDP
+    set_optimizer_state_dict(objective, optimizer, {"state": state, "param_groups": groups},
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+    if scaler is not None and metadata.get("scaler"):
+        scaler.load_state_dict(metadata["scaler"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    return metadata["meta"]
+
+
+def _named_unique_parameters(model: nn.Module) -> list:
+    """(name, parameter) in the optimizer's order: _param_groups' decay group, then no-decay."""
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append((name, p))
+    return decay + no_decay
 
 
 def _distributed(device: str):
@@ -252,12 +389,9 @@ def _distributed(device: str):
 
 def _param_groups(model: nn.Module, weight_decay: float):
     """Weight decay on weight matrices only (not on biases, norms, position vectors)."""
-    decay, no_decay, seen = [], [], set()
-    for _, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
+    named = _named_unique_parameters(model)
+    decay = [p for _, p in named if p.dim() >= 2]
+    no_decay = [p for _, p in named if p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -282,26 +416,59 @@ def train(task, model_cfg: Optional[ModelConfig] = None, cfg: Optional[TrainConf
     ``cfg.seed``, so every rank starts from the same weights.
     """
     model_cfg, cfg = model_cfg or ModelConfig(), cfg or TrainConfig()
+    for name, low in (("steps", 0), ("batch_size", 1), ("save_every", 0), ("warmup", 0)):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"TrainConfig.{name} must be an int >= {low}, got {value!r}")
+    if cfg.out and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):  # before the work, not at the save
+        raise ValueError(f"TrainConfig.out {cfg.out!r} is an existing file, not a folder")
+    cp = cfg.context_parallel
+    if not isinstance(cp, int) or isinstance(cp, bool) or cp < 1:
+        raise ValueError(f"TrainConfig.context_parallel must be an int >= 1, got {cp!r}")
+    if cp > 1 and task.name != "mlm":
+        raise ValueError(f"TrainConfig.context_parallel > 1 is implemented for the mlm task (a bidirectional "
+                         f"encoder over one sequence), not {task.name!r}")
+    world_env = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_env % cp:
+        raise ValueError(f"TrainConfig.context_parallel ({cp}) must divide the number of processes "
+                         f"(WORLD_SIZE = {world_env}); launch with torchrun --nproc_per_node=<a multiple of {cp}>")
     rank, world, device = _distributed(cfg.device)
+    fsdp = cfg.fsdp and world > 1
+    cp_group, dp_rank = _context_parallel_groups(rank, world, cp) if cp > 1 else (None, rank)
     if model is None:
         torch.manual_seed(cfg.seed)
         model = task.make_model(model_cfg)
     model.to(device)
     if cfg.init_from:
         checkpoint.load_model(cfg.init_from, model, strict=False)
+    if cp > 1:
+        if model.cfg.dropout > 0:
+            raise ValueError("TrainConfig.context_parallel > 1 needs a model with dropout 0: context-parallel "
+                             "attention has no dropout (fusedlayers.distributed.context_parallel_attention)")
+        _set_context_parallel(model, cp_group)
+    objective = _Objective(model, task, cfg.label_smoothing, cp_group, cp)
+    if fsdp:
+        _fully_shard(objective, model)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9)
     autocast, scaler = _amp(device, cfg.amp)
     path = os.path.join(cfg.out, CHECKPOINT) if cfg.out else None
     start, history = 0, []
     if cfg.resume and path and os.path.exists(path):
-        meta = checkpoint.load(path, model, optimizer, scaler)
+        if fsdp:
+            meta = _load_full_state(objective, optimizer, model, path, scaler)
+        else:
+            meta = checkpoint.load(path, model, optimizer, scaler)
         start, history = meta["step"], meta["history"]
     if start == 0:
         torch.manual_seed(cfg.seed + 1 + rank)  # the dropout stream; a resumed run restored it above
 
-    objective = _Objective(model, task, cfg.label_smoothing)
-    if world > 1:
+    if world > 1 and not fsdp:
         objective = nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
+
+    def save(step):
+        state = _full_state(objective, optimizer) if fsdp else (model, optimizer)  # FSDP: every rank gathers
+        if rank == 0:
+            checkpoint.save(path, *state, meta(step), scaler)
 
     def meta(step):
         return {"step": step, "task": task.name, "model_config": model.cfg.to_dict(), "train_config": asdict(cfg),
@@ -309,9 +476,9 @@ def train(task, model_cfg: Optional[ModelConfig] = None, cfg: Optional[TrainConf
 
     bar = None
     if not cfg.quiet and rank == 0:
-        from tqdm import tqdm
+        from ..cli import progress_bar  # a bar on a terminal, a few plain lines in a log
 
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"{task.name}", dynamic_ncols=True, file=sys.stderr)
+        bar = progress_bar(total=cfg.steps, initial=start, desc=f"{task.name}", file=sys.stderr)
     tokens, timed = 0, 0.0
     model.train()
 
@@ -319,32 +486,35 @@ def train(task, model_cfg: Optional[ModelConfig] = None, cfg: Optional[TrainConf
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step + 1, cfg)
-        batch = _to(task.batch(step_generator(cfg.seed, step, rank), cfg.batch_size), device)
+        batch = _to(task.batch(step_generator(cfg.seed, step, dp_rank), cfg.batch_size), device)
         with autocast():
-            loss, n_tokens = objective(batch)
+            loss, whole, n_tokens = objective(batch)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        history.append(loss.item())  # .item() synchronises, so the time below is real
+        history.append(whole.item())  # .item() synchronises, so the time below is real
         dt = time.perf_counter() - t0
         if step > start:  # the first step warms up allocators and caches
-            tokens, timed = tokens + n_tokens * world, timed + dt
+            tokens, timed = tokens + n_tokens * (world // cp), timed + dt
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]:.3f}", tok_s=f"{tokens / timed:,.0f}" if timed else "-")
-        if path and rank == 0 and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            checkpoint.save(path, model, optimizer, meta(step + 1), scaler)
+        if path and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save(step + 1)
     if bar is not None:
         bar.close()
-    if path and rank == 0 and cfg.steps > start:
-        checkpoint.save(path, model, optimizer, meta(cfg.steps), scaler)
+    if path and cfg.steps > start:
+        save(cfg.steps)
+    if fsdp or cp > 1:  # from here on a plain full model: evaluation and the caller see one module
+        model = _plain_copy(task, model, objective, optimizer) if fsdp else model
+        _set_context_parallel(model, None)
 
     result = {"task": task.name, "step": cfg.steps, "history": history, "tokens_per_s": tokens / timed if timed else None,
               "seconds": timed, "world_size": world, "device": str(device), "backend": model.cfg.backend,
-              "metrics": {}}
+              "fsdp": fsdp, "context_parallel": cp, "metrics": {}}
     if world > 1:
         result["replicas_agree"] = _replicas_agree(model)
     if cfg.eval and rank == 0:
@@ -359,6 +529,14 @@ def train(task, model_cfg: Optional[ModelConfig] = None, cfg: Optional[TrainConf
         dist.barrier()
     result["model"] = model
     return result
+
+
+def _plain_copy(task, model: nn.Module, objective: nn.Module, optimizer) -> nn.Module:
+    """A full, unsharded copy of an FSDP-trained model on every rank (a collective)."""
+    state, _ = _full_state(objective, optimizer)
+    plain = task.make_model(model.cfg).to(next(iter(state.values())).device)
+    plain.load_state_dict(state)
+    return plain
 
 
 def _replicas_agree(model: nn.Module) -> bool:

@@ -41,6 +41,20 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
                 "fusedlayers::", op, ": cu_seqlens must be contiguous 1-D int32 CPU tensors");
   }
   set_qkv(p, op, q, k, v, cu_q ? &*cu_q : nullptr, cu_k ? &*cu_k : nullptr, max_q, max_k);
+  if (cu_q.has_value()) {  // the kernels index q, k, v, out with these offsets: check every value
+    const int64_t totals[2] = {q.size(0), k.size(0)}, maxes[2] = {max_q, max_k};
+    const char* names[2] = {"cu_seqlens_q", "cu_seqlens_k"};
+    const int32_t* offs[2] = {p.cu_seqlens_q, p.cu_seqlens_k};
+    for (int t = 0; t < 2; ++t) {
+      TORCH_CHECK(offs[t][0] == 0 && offs[t][p.batch] == totals[t], "fusedlayers::", op, ": ", names[t],
+                  " must start at 0 and end at the token count ", totals[t]);
+      for (int64_t b = 0; b < p.batch; ++b) {
+        const int64_t len = static_cast<int64_t>(offs[t][b + 1]) - offs[t][b];
+        TORCH_CHECK(len >= 0 && len <= maxes[t], "fusedlayers::", op, ": ", names[t], " holds a sequence of length ",
+                    len, " (must be in [0, max_seqlen = ", maxes[t], "])");
+      }
+    }
+  }
   if (mask.has_value()) {
     const at::Tensor& m = *mask;
     check_cpu(m, op, "attn_mask");
@@ -74,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
                                                      const std::optional<at::Tensor>& cu_k, int64_t max_q,
                                                      int64_t max_k, int64_t seed, double scale, bool causal,
                                                      bool bottom_right, double dropout_p) {
-  const at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
+  const at::Tensor q = qkv_rows(q_in), k = qkv_rows(k_in), v = qkv_rows(v_in);
   AttentionParams p = make_params(kFwd, q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, causal, bottom_right,
                                   dropout_p);
   auto [out, lse] = alloc_out(p, q);
@@ -88,7 +102,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, const at::Tensor& out_in,
     const at::Tensor& lse_in, int64_t seed, double scale, bool causal, bool bottom_right, double dropout_p,
     bool bias_grad) {
-  const at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
+  for (auto* t : {&dout_in, &dlse_in, &out_in, &lse_in}) check_cpu(*t, kBwd, "dout, dlse, out, lse");
+  const at::Tensor q = qkv_rows(q_in), k = qkv_rows(k_in), v = qkv_rows(v_in);
   AttentionParams p = make_params(kBwd, q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, causal, bottom_right,
                                   dropout_p);
   const auto [out, dout, lse, dlse] = bwd_inputs(p, kBwd, q, out_in, dout_in, lse_in, dlse_in);

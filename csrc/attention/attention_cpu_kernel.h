@@ -16,7 +16,8 @@
 // accumulators, summed over the query heads of its GQA group in a fixed order) and the
 // dQ of each of its query blocks, so no two threads ever write the same element:
 // deterministic by construction, no atomics. For each query block and key block:
-//     P  = exp(scale * Q K^T + mask - lse)          (recomputed from the saved lse)
+//     P  = exp(scale * Q K^T + mask - lse)          (recomputed from the saved lse; rows whose
+//                                                    |lse| >= kLseExact: from their own max and sum)
 //     dP = dropout(dO V^T)                           Delta_i = rowsum(dO_i * O_i)
 //     dV += dropout(P)^T dO
 //     dS = P * (dP - Delta + dlse)                   (dlse: lse's own gradient)
@@ -64,6 +65,10 @@ void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const T*
     gemm(ta, tb, m, n, k, alpha, af.data(), ca, bf.data(), cb, beta, c, ldc);
   }
 }
+
+// |lse| from which the backward recomputes a row's max and sum instead of trusting lse: there
+// a float32 lse is coarser than 2^-11, and past ~2^25 log(l) vanishes from it entirely.
+constexpr float kLseExact = 4096.0f;
 
 // Where sequence b starts and how long it is (dense: 0 and the full length).
 struct Seq {
@@ -132,7 +137,9 @@ void forward(const AttentionParams& p) {
   const T* vp = static_cast<const T*>(p.v);
   T* op = static_cast<T*>(p.out);
 
-#pragma omp parallel num_threads(at::get_num_threads()) if (n_tasks > 1 && !omp_in_parallel())
+// one thread when the scores are fewer than kParallelGrain
+#pragma omp parallel num_threads(at::get_num_threads()) \
+    if (n_tasks > 1 && p.batch * p.heads_q * p.seqlen_q * p.seqlen_k >= kParallelGrain && !omp_in_parallel())
   {
     std::unique_ptr<float[]> s_buf(new float[kBlockQ * kBlockK]);   // S, then P
     std::unique_ptr<float[]> o_acc(new float[kBlockQ * Dv]);        // O accumulator
@@ -189,7 +196,12 @@ void forward(const AttentionParams& p) {
       }
       for (int64_t i = 0; i < mq; ++i) {
         const int64_t r = sq.q_start + i0 + i;
-        store_row(o_acc.get() + i * Dv, Dv, op + b * p.o_bs + h * p.o_hs + r * p.o_rs, softmax_inv_sum(state[i]));
+        T* o_row = op + b * p.o_bs + h * p.o_hs + r * p.o_rs;
+        if (state[i].l == 0.0f) {  // no allowed key: exactly 0, even where P V met a NaN / inf of v (0 * NaN)
+          std::fill(o_row, o_row + Dv, T(0));
+        } else {
+          store_row(o_acc.get() + i * Dv, Dv, o_row, softmax_inv_sum(state[i]));
+        }
         p.lse[b * p.lse_bs + h * p.lse_hs + r] = softmax_lse(state[i]);
       }
     }
@@ -209,7 +221,9 @@ void backward(const AttentionParams& p) {
   const T* doutp = static_cast<const T*>(p.dout);
   constexpr bool lowp = !std::is_same_v<T, float>;
 
-#pragma omp parallel num_threads(at::get_num_threads()) if (n_tasks > 1 && !omp_in_parallel())
+// one thread when the scores are fewer than kParallelGrain
+#pragma omp parallel num_threads(at::get_num_threads()) \
+    if (n_tasks > 1 && p.batch * p.heads_q * p.seqlen_q * p.seqlen_k >= kParallelGrain && !omp_in_parallel())
   {
     const int64_t nk_max = p.seqlen_k;
     std::unique_ptr<float[]> dk_acc(new float[nk_max * D]);   // dK of this KV head, unscaled
@@ -219,7 +233,9 @@ void backward(const AttentionParams& p) {
     std::unique_ptr<float[]> dP(new float[kBlockQ * kBlockK]);  // dP, then dS
     std::unique_ptr<T[]> t_buf(new T[lowp ? kBlockQ * kBlockK : 1]);  // GEMM operand in T
     std::unique_ptr<float[]> row_a(new float[std::max(D, Dv)]), row_b(new float[std::max(D, Dv)]);
-    std::vector<float> lse(kBlockQ), delta(kBlockQ), dlse(kBlockQ);
+    std::vector<float> lse(kBlockQ), delta(kBlockQ), dlse(kBlockQ), row_m(kBlockQ), row_inv_l(kBlockQ);
+    std::vector<char> exact(kBlockQ);
+    std::vector<SoftmaxState> stats(kBlockQ);
 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n_tasks; ++task) {
@@ -248,6 +264,28 @@ void backward(const AttentionParams& p) {
           }
           const int64_t kend = key_end(p, sq, i0, mq);
           const int64_t diag = p.causal ? i0 + sq.shift + 1 : kend;
+          // A row whose finite lse is large (a huge bias such as finfo.min padding) has lost
+          // log(l) to float32 rounding, and P = exp(S - lse) would be off by up to the factor l:
+          // its max m and sum l are recomputed from the same scores, and P = exp(S - m) / l.
+          bool any_exact = false;
+          for (int64_t i = 0; i < mq; ++i) {
+            exact[i] = std::isfinite(lse[i]) && std::fabs(lse[i]) >= kLseExact;
+            any_exact = any_exact || exact[i];
+            stats[i] = softmax_init();
+          }
+          for (int64_t kb = 0; any_exact && kb < kend; kb += kBlockK) {
+            const int64_t nk = std::min(kBlockK, kend - kb);
+            mm<T>(false, true, mq, nk, D, p.scale, Q, p.q_rs, K + kb * p.k_rs, p.k_rs, 0.0f, P.get(), kBlockK);
+            const bool needs_mask = p.mask_kind != 0 || kb + nk > diag;
+            for (int64_t i = 0; i < mq; ++i) {
+              if (!exact[i]) continue;
+              float* s = P.get() + i * kBlockK;
+              if (needs_mask) mask_row<T>(p, sq, b, h, i0 + i, kb, nk, s);
+              const float m_new = softmax_new_max(stats[i], row_max(s, nk));
+              if (m_new != -INFINITY) softmax_update(stats[i], m_new, exp_sub_sum(s, nk, m_new));
+            }
+          }
+          for (int64_t i = 0; any_exact && i < mq; ++i) row_m[i] = stats[i].m, row_inv_l[i] = softmax_inv_sum(stats[i]);
           for (int64_t kb = 0; kb < kend; kb += kBlockK) {
             const int64_t nk = std::min(kBlockK, kend - kb);
             float* Pb = P.get();
@@ -265,7 +303,12 @@ void backward(const AttentionParams& p) {
                 continue;
               }
               if (needs_mask) mask_row<T>(p, sq, b, h, r, kb, nk, s);
-              exp_sub_sum(s, nk, lse[i]);  // P = exp(S - lse)
+              if (exact[i]) {  // P = exp(S - m) / l
+                exp_sub_sum(s, nk, row_m[i]);
+                scale_row(s, nk, row_inv_l[i]);
+              } else {
+                exp_sub_sum(s, nk, lse[i]);  // P = exp(S - lse)
+              }
               if (p.dropout_p > 0) {
                 const int64_t index0 = b * p.drop_bs + h * p.drop_hs + (sq.q_start + r) * p.drop_rs + sq.k_start + kb;
                 dropout_row(dp, nk, p.seed, static_cast<uint64_t>(index0), p.dropout_p, inv_keep);

@@ -390,13 +390,15 @@ __global__ void __launch_bounds__(FwdTile<T, kD>::kThreads, 1) attention_fwd_ker
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_new = softmax_new_max(st[i], mx);
-      const float m_log2 = m_new == -INFINITY ? 0.0f : m_new * kLog2e;  // a row with no key yet: P = 0
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with no key yet: P = exp(-inf) = 0
       float sum = 0.0f;
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
         for (int e = 2 * i; e < 2 * i + 2; ++e) {
-          s[nt][e] = exp2f(fmaf(s[nt][e], kLog2e, -m_log2));  // P = exp(S - m)
+          // P = exp(S - m), subtracted before scaling to base 2: S and m near -FLT_MAX (an additive
+          // padding bias such as finfo.min) times log2(e) would overflow to -inf, and -inf - -inf is NaN
+          s[nt][e] = exp2f((s[nt][e] - m_use) * kLog2e);
           sum += s[nt][e];
         }
       }
@@ -489,22 +491,23 @@ struct DkdvTile {
   static constexpr int kSmem = (2 * kBlockN + 4 * kBlockM) * kLd * static_cast<int>(sizeof(T)) + 4 * kBlockM * 4;
 };
 
-// Row terms of query rows m0 .. m0 + kBlockM of head h into shared memory: lse in log2
+// Row terms of query rows m0 .. m0 + kBlockM of head h into shared memory: lse in natural
 // units (+inf where the row saw no key or is past the end, so that P = 0 there) and
-// Delta - dlse (0 past the end).
+// Delta - dlse (0 past the end). P = exp2((S - lse) * log2(e)): subtracted first (see the
+// forward), so that an lse near -FLT_MAX does not overflow.
 template <int kBlockM>
 __device__ __forceinline__ void load_row_terms(const AttentionParams& p, const Seq& sq, int b, int h, int m0,
-                                               float* s_lse2, float* s_delta) {
+                                               float* s_lse, float* s_delta) {
   for (int i = threadIdx.x; i < kBlockM; i += blockDim.x) {
     const int r = m0 + i;
-    float lse2 = INFINITY, delta = 0.0f;
+    float lse_r = INFINITY, delta = 0.0f;
     if (r < sq.len_q) {
       const int64_t at = b * p.lse_bs + h * p.lse_hs + sq.q_start + r;
       const float lse = p.lse[at];
-      lse2 = lse == -INFINITY ? INFINITY : lse * kLog2e;
+      lse_r = lse == -INFINITY ? INFINITY : lse;
       delta = p.delta[at];
     }
-    s_lse2[i] = lse2;
+    s_lse[i] = lse_r;
     s_delta[i] = delta;
   }
 }
@@ -521,8 +524,8 @@ __global__ void __launch_bounds__(DkdvTile<T, kD>::kThreads, 1) attention_dkdv_k
   T* sV = sK + kBlockN * kLd;
   T* sQ = sV + kBlockN * kLd;           // [2][kBlockM][kLd]
   T* sdO = sQ + 2 * kBlockM * kLd;      // [2][kBlockM][kLd]
-  float* sLse2 = reinterpret_cast<float*>(sdO + 2 * kBlockM * kLd);  // [2][kBlockM]
-  float* sDelta = sLse2 + 2 * kBlockM;                             // [2][kBlockM]
+  float* sLse = reinterpret_cast<float*>(sdO + 2 * kBlockM * kLd);  // [2][kBlockM]
+  float* sDelta = sLse + 2 * kBlockM;                             // [2][kBlockM]
 
   const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
   const Seq sq = seq_of(p, b);
@@ -554,7 +557,7 @@ __global__ void __launch_bounds__(DkdvTile<T, kD>::kThreads, 1) attention_dkdv_k
     copy_tile<T, kBlockM, kD, kThreads>(sQ + stage * kBlockM * kLd, gQ, p.q_rs, sq.len_q - m0, p.head_dim, p.aligned);
     copy_tile<T, kBlockM, kD, kThreads>(sdO + stage * kBlockM * kLd, gdO, p.o_rs, sq.len_q - m0, p.head_dim_v,
                                         p.aligned);
-    load_row_terms<kBlockM>(p, sq, b, h, m0, sLse2 + stage * kBlockM, sDelta + stage * kBlockM);
+    load_row_terms<kBlockM>(p, sq, b, h, m0, sLse + stage * kBlockM, sDelta + stage * kBlockM);
   };
   const float inv_keep = p.dropout_p > 0.0f ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
   const int d_max = p.head_dim > p.head_dim_v ? p.head_dim : p.head_dim_v;
@@ -585,7 +588,7 @@ __global__ void __launch_bounds__(DkdvTile<T, kD>::kThreads, 1) attention_dkdv_k
       }
       __syncthreads();
       const uint32_t stage_off = stage * kStageBytes;
-      const float* cLse2 = sLse2 + stage * kBlockM;
+      const float* cLse = sLse + stage * kBlockM;
       const float* cDelta = sDelta + stage * kBlockM;
 
       // S^T = K Q^T and dP^T = V dO^T (16 keys x kBlockM queries per warp)
@@ -636,7 +639,7 @@ __global__ void __launch_bounds__(DkdvTile<T, kD>::kThreads, 1) attention_dkdv_k
         for (int e = 0; e < 4; ++e) {
           const int key = key_a + (e / 2) * 8, qi = nt * 8 + 2 * tq + (e % 2), r = m0 + qi;
           const float x = check ? masked_logit<T>(p, sq, b, h, r, key, s[nt][e]) : s[nt][e] * p.scale;
-          const float prob = exp2f(fmaf(x, kLog2e, -cLse2[qi]));
+          const float prob = exp2f((x - cLse[qi]) * kLog2e);
           float dpv = dp[nt][e], pd = prob;
           if (p.dropout_p > 0.0f) {
             const bool keep = (keep_bits >> (4 * nt + e)) & 1u;
@@ -764,16 +767,16 @@ __global__ void __launch_bounds__(DqTile<T, kD>::kThreads, 1) attention_dq_kerne
   cp_async_commit();
 
   // this thread's row terms (see load_row_terms)
-  float lse2[2], delta[2];
+  float lse_r[2], delta[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int r = row_a + 8 * i;
-    lse2[i] = INFINITY;
+    lse_r[i] = INFINITY;
     delta[i] = 0.0f;
     if (r < sq.len_q) {
       const int64_t at = b * p.lse_bs + h * p.lse_hs + sq.q_start + r;
       const float lse = p.lse[at];
-      lse2[i] = lse == -INFINITY ? INFINITY : lse * kLog2e;
+      lse_r[i] = lse == -INFINITY ? INFINITY : lse;
       delta[i] = p.delta[at];
     }
   }
@@ -848,7 +851,7 @@ __global__ void __launch_bounds__(DqTile<T, kD>::kThreads, 1) attention_dq_kerne
       for (int e = 0; e < 4; ++e) {
         const int i = e / 2, r = row_a + 8 * i, c = n0 + nt * 8 + 2 * tq + (e % 2);
         const float x = check ? masked_logit<T>(p, sq, b, h, r, c, s[nt][e]) : s[nt][e] * p.scale;
-        const float prob = exp2f(fmaf(x, kLog2e, -lse2[i]));
+        const float prob = exp2f((x - lse_r[i]) * kLog2e);
         const bool keep = (keep_bits >> (4 * nt + e)) & 1u;
         const float dpv = p.dropout_p > 0.0f ? (keep ? dp[nt][e] * inv_keep : 0.0f) : dp[nt][e];
         s[nt][e] = prob * (dpv - delta[i]);

@@ -11,6 +11,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <tuple>
 #include <vector>
@@ -20,6 +21,33 @@ namespace fusedlayers::attention_host {
 // t itself when its last dim is contiguous (rows may be strided), else a contiguous copy.
 inline at::Tensor rows_contiguous(const at::Tensor& t) {
   return (t.dim() == 0 || t.stride(-1) == 1 || t.size(-1) == 1) ? t : t.contiguous();
+}
+
+// t itself when the kernels can read it through its strides, else a contiguous copy. They read
+// each row (dim row_dim; the others are free, stride 0 included) as a run of t.size(-1) elements
+// and hand runs of rows to BLAS, whose leading dimension (the row stride) must be at least the row
+// length and fit an int: so the last dim must be contiguous and the rows must neither repeat nor
+// overlap (expand / unfold / as_strided along the rows give a copy). A dim of size 1 counts as
+// contiguous, as in torch; set_qkv then reports a leading dimension of the row length for it.
+inline at::Tensor kernel_rows(const at::Tensor& t, int64_t row_dim) {
+  if (t.dim() == 0 || t.numel() == 0) return t.contiguous();
+  const int64_t n = t.size(-1);
+  const bool last_ok = t.stride(-1) == 1 || n == 1;
+  const int64_t rs = t.stride(row_dim);
+  const bool rows_ok = t.size(row_dim) == 1 || (rs >= n && rs <= INT32_MAX);
+  return last_ok && rows_ok ? t : t.contiguous();
+}
+
+// The row stride the kernels use for dim d of t (see kernel_rows): its stride, or the row length
+// where the dim has one row and its stride is never stepped (any value is legal in torch there).
+inline int64_t row_stride(const at::Tensor& t, int64_t d) {
+  return t.size(d) == 1 ? std::max<int64_t>(t.size(-1), 1) : t.stride(d);
+}
+
+// q, k, v (dense (B, H, N, D): rows on dim 2; varlen (T, H, D): rows on dim 0) through kernel_rows;
+// other ranks pass unchanged, for set_qkv to refuse.
+inline at::Tensor qkv_rows(const at::Tensor& t) {
+  return t.dim() == 4 ? kernel_rows(t, 2) : t.dim() == 3 ? kernel_rows(t, 0) : t;
 }
 
 // Stride of dim d of the mask, 0 where it broadcasts (size 1).
@@ -58,9 +86,9 @@ void set_qkv(Params& p, const char* op, const at::Tensor& q, const at::Tensor& k
     p.cu_seqlens_q = cu_q->const_data_ptr<int32_t>();
     p.cu_seqlens_k = cu_k->const_data_ptr<int32_t>();
     p.q_bs = p.k_bs = p.v_bs = 0;
-    p.q_hs = q.stride(1), p.q_rs = q.stride(0);
-    p.k_hs = k.stride(1), p.k_rs = k.stride(0);
-    p.v_hs = v.stride(1), p.v_rs = v.stride(0);
+    p.q_hs = q.stride(1), p.q_rs = row_stride(q, 0);
+    p.k_hs = k.stride(1), p.k_rs = row_stride(k, 0);
+    p.v_hs = v.stride(1), p.v_rs = row_stride(v, 0);
     const int64_t tq = q.size(0), tk = k.size(0);
     p.drop_bs = 0, p.drop_hs = tq * tk, p.drop_rs = tk;
   } else {
@@ -69,9 +97,9 @@ void set_qkv(Params& p, const char* op, const at::Tensor& q, const at::Tensor& k
     p.seqlen_k = static_cast<Int>(k.size(2));
     TORCH_CHECK(k.size(0) == p.batch && v.size(0) == p.batch && v.size(2) == p.seqlen_k, "fusedlayers::", op,
                 ": bad shapes q ", q.sizes(), " k ", k.sizes(), " v ", v.sizes());
-    p.q_bs = q.stride(0), p.q_hs = q.stride(1), p.q_rs = q.stride(2);
-    p.k_bs = k.stride(0), p.k_hs = k.stride(1), p.k_rs = k.stride(2);
-    p.v_bs = v.stride(0), p.v_hs = v.stride(1), p.v_rs = v.stride(2);
+    p.q_bs = q.stride(0), p.q_hs = q.stride(1), p.q_rs = row_stride(q, 2);
+    p.k_bs = k.stride(0), p.k_hs = k.stride(1), p.k_rs = row_stride(k, 2);
+    p.v_bs = v.stride(0), p.v_hs = v.stride(1), p.v_rs = row_stride(v, 2);
     const int64_t nq = p.seqlen_q, nk = p.seqlen_k;
     p.drop_bs = p.heads_q * nq * nk, p.drop_hs = nq * nk, p.drop_rs = nk;  // (B, Hq, Nq, Nk)
   }
@@ -149,6 +177,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_inputs(Params& p,
   TORCH_CHECK(out.sizes() == dout.sizes() && lse.sizes() == dlse.sizes(), "fusedlayers::", op, ": out ",
               out.sizes(), " / dout ", dout.sizes(), " or lse ", lse.sizes(), " / dlse ", dlse.sizes(),
               " shapes differ");
+  const int64_t hq = p.heads_q, dv = p.head_dim_v;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const std::vector<int64_t> want_out =
+      varlen ? std::vector<int64_t>{q.size(0), hq, dv} : std::vector<int64_t>{q.size(0), hq, q.size(2), dv};
+  const std::vector<int64_t> want_lse =
+      varlen ? std::vector<int64_t>{hq, q.size(0)} : std::vector<int64_t>{q.size(0), hq, q.size(2)};
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(want_out) && lse.sizes() == at::IntArrayRef(want_lse), "fusedlayers::",
+              op, ": out / dout must have shape ", at::IntArrayRef(want_out), " and lse / dlse ",
+              at::IntArrayRef(want_lse), ", got ", out.sizes(), " and ", lse.sizes());
   set_out_layout(p, q.size(0));
   p.out = const_cast<void*>(out.const_data_ptr());
   p.dout = dout.const_data_ptr();

@@ -18,6 +18,9 @@ inline namespace CPU_CAPABILITY {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = Vec::size();
+// Below this many elements a kernel runs on one thread: waking an OpenMP team costs more
+// (torch's at::internal::GRAIN_SIZE, the same rule as at::parallel_for).
+constexpr int64_t kParallelGrain = 32768;
 
 template <typename T>
 inline Vec load_vec(const T* p) {
@@ -84,6 +87,7 @@ inline void scale_row(float* a, int64_t n, float s) {
   for (; j < n; ++j) a[j] *= s;
 }
 
+// max_j a[j]; NaN when any a[j] is NaN (a NaN score must not pass for a masked one).
 inline float row_max(const float* a, int64_t n) {
   int64_t j = 0;
   float m = -INFINITY;
@@ -92,8 +96,19 @@ inline float row_max(const float* a, int64_t n) {
     for (; j + kVec <= n; j += kVec) vm = at::vec::maximum(vm, Vec::loadu(a + j));
     m = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vm);
   }
-  for (; j < n; ++j) m = std::fmax(m, a[j]);
+  for (; j < n; ++j) m = (a[j] > m || a[j] != a[j]) ? a[j] : m;  // NaN propagates, as at::vec::maximum
   return m;
+}
+
+// sum_j (a[j] - shift): the shifted sum of a mean (with shift = a[0], a constant row sums to exactly 0).
+inline float row_sum_shifted(const float* a, int64_t n, float shift) {
+  int64_t j = 0;
+  const Vec vs(shift);
+  Vec acc(0.0f);
+  for (; j + kVec <= n; j += kVec) acc = acc + (Vec::loadu(a + j) - vs);
+  float s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+  for (; j < n; ++j) s += a[j] - shift;
+  return s;
 }
 
 inline float row_sum(const float* a, int64_t n) {

@@ -106,6 +106,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_bwd_cpu(
   p.zin = zin.const_data_ptr();
   p.zin_dtype = dtype_of(zin, kBwd, "zin");
   p.zin_rs = zin.stride(0);
+  check_cpu(dy_in, kBwd, "dy");
+  check_cpu(mean_in, kBwd, "mean");
+  check_cpu(rstd_in, kBwd, "rstd");
+  if (dz_in.has_value()) check_cpu(*dz_in, kBwd, "dz");
   const at::Tensor dy = dy_in.contiguous().to(x_dtype);
   TORCH_CHECK(dy.sizes() == zin.sizes(), "fusedlayers::", kBwd, ": dy must have zin's shape");
   p.dy = dy.const_data_ptr();

@@ -4,7 +4,8 @@
 // statistic is taken there, and each output is written once.
 //
 // Forward, row z = dropout(x) + residual (float32):
-//     mean = sum(z) / N;  var = sum((z - mean)^2) / N   (two passes over the cached row)
+//     mean = z0 + sum(z - z0) / N;  var = sum((z - mean)^2) / N   (two passes over the cached
+//     row, shifted by its first element z0: a constant row normalises to exactly 0)
 //     rstd = 1 / sqrt(var + eps)                         (RMS: mean = 0, var = mean(z^2))
 //     y = (z - mean) * rstd * weight + bias;  z stored when the op keeps the stream.
 // Backward, with xhat = (z - mean) * rstd and wdy = dy * weight:
@@ -74,7 +75,9 @@ inline void forward(const NormParams& p) {
   const int64_t n = p.hidden;
   const float inv_keep = p.dropout_p > 0 ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
   const bool plain_f32 = p.x_dtype == DType::f32 && p.dropout_p == 0 && p.residual == nullptr;  // z = x
-#pragma omp parallel num_threads(at::get_num_threads()) if (p.rows > 1 && !omp_in_parallel())
+  // one thread below kParallelGrain elements
+#pragma omp parallel num_threads(at::get_num_threads()) \
+    if (p.rows > 1 && p.rows * n >= kParallelGrain && !omp_in_parallel())
   {
     std::unique_ptr<float[]> z(new float[n]), tmp(new float[n]), w(new float[n]), bias(new float[n]);
     load_affine(p, w.get(), bias.get());
@@ -98,10 +101,19 @@ inline void forward(const NormParams& p) {
         }
         zr = z.get();
       }
-      if (p.z != nullptr) store_row_any(zr, n, row_ptr(p.z, p.z_dtype, row, n), p.z_dtype);
+      if (p.z != nullptr) {
+        char* zrow = row_ptr(p.z, p.z_dtype, row, n);
+        store_row_any(zr, n, zrow, p.z_dtype);
+        // statistics of the stored (rounded) z, which backward reads back: with the unrounded
+        // ones, zin - mean of a constant fp16 row would be a rounding error times rstd (1e6 at eps 1e-12)
+        if (p.z_dtype != DType::f32) load_row_any(zrow, p.z_dtype, n, z.get()), zr = z.get();
+      }
 
-      // statistics: exact two-pass mean / M2 over the cached row (common/mean_var.h)
-      const float mean = p.rms ? 0.0f : row_sum(zr, n) / static_cast<float>(n);
+      // statistics: two passes over the cached row (common/mean_var.h). The mean is taken of
+      // the data shifted by its first element, so a constant row has exactly its value as mean
+      // and M2 = 0 (y = bias, as torch gives); a plain sum / N is off by a rounding error d and,
+      // with a small eps, d / sqrt(d^2 + eps) is far from 0.
+      const float mean = p.rms ? 0.0f : zr[0] + row_sum_shifted(zr, n, zr[0]) / static_cast<float>(n);
       const Vec vm(mean);
       Vec acc(0.0f);
       int64_t j = 0;
@@ -133,7 +145,9 @@ inline void backward(const NormParams& p) {
   const float inv_keep = p.dropout_p > 0 ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
   const float inv_n = 1.0f / static_cast<float>(n);
   const bool want_dw = p.dweight != nullptr, want_db = p.dbias != nullptr;
-  const int threads = omp_in_parallel() ? 1 : std::max<int>(1, std::min<int64_t>(at::get_num_threads(), p.rows));
+  const int threads = omp_in_parallel() || p.rows * n < kParallelGrain
+                          ? 1
+                          : std::max<int>(1, std::min<int64_t>(at::get_num_threads(), p.rows));
   // per-thread partial sums of dweight and dbias: (threads, n) each
   std::vector<float> dw_part(want_dw ? threads * n : 0, 0.0f), db_part(want_db ? threads * n : 0, 0.0f);
 

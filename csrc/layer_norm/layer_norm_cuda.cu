@@ -123,10 +123,12 @@ __device__ __forceinline__ void fold_chunk(const float (&v)[kChunk], int n, bool
     for (int i = 0; i < kChunk; ++i) ss += v[i] * v[i];  // padding is 0
     return;
   }
+  // mean of the chunk shifted by its first element: exact for a constant chunk (a plain sum / n
+  // is off by a rounding error d, and a constant row must normalise to exactly 0 whatever eps)
   float sum = 0.0f;
 #pragma unroll
-  for (int i = 0; i < kChunk; ++i) sum += v[i];
-  const float mean = sum / static_cast<float>(n);
+  for (int i = 0; i < kChunk; ++i) sum += i < n ? v[i] - v[0] : 0.0f;
+  const float mean = v[0] + sum / static_cast<float>(n);
   float m2 = 0.0f;
 #pragma unroll
   for (int i = 0; i < kChunk; ++i) {

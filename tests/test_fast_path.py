@@ -1,0 +1,266 @@
+"""The eager fast path of the public ops (csrc/eager.cpp, ``fusedlayers.ops.fast_norm``):
+which calls it serves, that it gives bitwise the numbers and gradients of the torch.library
+op path (the same kernels), that it stands for exactly the backend the dispatch table
+picks, that it steps aside for every call the Python path must see (invalid arguments,
+layouts, subclasses, modes, torch.compile), and double backward through its nodes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fusedlayers
+from fusedlayers import _ext, dispatch, ops, registration
+
+pytestmark = pytest.mark.skipif(_ext.FAST is None, reason=f"no C++ fast path: {_ext.ERROR or 'old extension'}")
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _norm_via_ops(x, residual, weight, bias, eps, rms, prenorm, residual_in_fp32):
+    """The same call through the torch.library op on the cpu backend."""
+    n = x.shape[-1]
+    y, z, _, _ = registration.norm_fwd(x.reshape(-1, n), None if residual is None else residual.reshape(-1, n),
+                                       weight, bias, None, eps, 0.0, rms, prenorm, residual_in_fp32, "cpu")
+    return (y.view(x.shape), z.view(x.shape)) if prenorm else y.view(x.shape)
+
+
+def _leaves(*ts):
+    return [t for t in ts if t is not None and t.requires_grad]
+
+
+def _run(fn, inputs, seed=0):
+    out = fn()
+    outs = out if isinstance(out, tuple) else (out,)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs)
+    return [o.detach() for o in outs], torch.autograd.grad(loss, inputs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rms", (False, True))
+@pytest.mark.parametrize("residual,prenorm,fp32", [(False, False, False), (True, False, False), (True, True, False),
+                                                   (True, True, True), (False, True, False)])
+@pytest.mark.parametrize("affine", ("wb", "w", "none"))
+def test_norm_matches_op_path_bitwise(dtype, rms, residual, prenorm, fp32, affine):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 40, dtype=dtype, requires_grad=True)
+    r = torch.randn(3, 5, 40, dtype=dtype, requires_grad=True) if residual else None
+    w = torch.randn(40, requires_grad=True) if affine != "none" else None
+    b = torch.randn(40, requires_grad=True) if affine == "wb" and not rms else None
+    fast = lambda: ops.fast_norm(x, r, w, b, 1e-5, 1, rms, prenorm, fp32, "auto")  # noqa: E731
+    assert fast() is not None
+    leaves = _leaves(x, r, w, b)
+    outs, grads = _run(fast, leaves)
+    ref_outs, ref_grads = _run(lambda: _norm_via_ops(x, r, w, b, 1e-5, rms, prenorm, fp32), leaves)
+    for a, e in zip(outs + list(grads), ref_outs + list(ref_grads)):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        assert torch.equal(a, e)
+
+
+def test_public_norms_and_modules_take_the_fast_path(monkeypatch):
+    calls = []
+    real = _ext.FAST
+
+    class Spy:
+        def norm(self, *args):
+            out = real.norm(*args)
+            calls.append(out is not None)
+            return out
+
+        attention = real.attention
+
+    monkeypatch.setattr(ops, "_FAST", Spy())
+    x, r, w, b = torch.randn(2, 8, 32), torch.randn(2, 8, 32), torch.randn(32), torch.randn(32)
+    fusedlayers.layer_norm(x, w, b)
+    fusedlayers.rms_norm(x, w)
+    fusedlayers.add_layer_norm(x, r, w, b, prenorm=True)
+    fusedlayers.add_rms_norm(x, r, w)
+    ln = fusedlayers.nn.LayerNorm((8, 32))  # two normalised dims: one row of 256
+    torch.testing.assert_close(ln(x), F.layer_norm(x, (8, 32), ln.weight, ln.bias))
+    rms = fusedlayers.nn.RMSNorm(32)
+    torch.testing.assert_close(rms(x), F.rms_norm(x, (32,), rms.weight))
+    assert calls == [True] * 6
+    fusedlayers.add_layer_norm(x, r, w, b, dropout_p=0.5)  # dropout: the Python path, never offered
+    fusedlayers.layer_norm(x, w, b, backend="reference")
+    assert len(calls) == 6
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", (None, "bool", "bias", "bias_grad", "bias_f32_3d"))
+@pytest.mark.parametrize("causal,bottom_right", [(False, False), (True, False), (True, True)])
+def test_attention_matches_op_path_bitwise(dtype, mask, causal, bottom_right):
+    torch.manual_seed(0)
+    b, hq, hkv, nq, nk, d = 2, 4, 2, 9, 13, 16
+    q = torch.randn(b, nq, hq, d, dtype=dtype).transpose(1, 2).requires_grad_()  # strided rows, as in a model
+    k = torch.randn(b, hkv, nk, d, dtype=dtype, requires_grad=True)
+    v = torch.randn(b, hkv, nk, 24, dtype=dtype, requires_grad=True)
+    m = None
+    if mask == "bool":
+        m = torch.rand(b, 1, nq, nk) > 0.3
+    elif mask in ("bias", "bias_grad"):
+        m = torch.randn(b, 1, 1, nk, dtype=dtype, requires_grad=mask == "bias_grad")
+    elif mask == "bias_f32_3d":
+        m = torch.randn(hq, nq, nk, requires_grad=True)
+    fast = lambda: _ext.FAST.attention(q, k, v, m, causal, bottom_right, 0.3, True)  # noqa: E731
+    assert fast() is not None
+    m4 = None if m is None else m.view((1,) * (4 - m.dim()) + tuple(m.shape))
+    leaves = _leaves(q, k, v, m)
+    outs, grads = _run(fast, leaves)
+    ref_outs, ref_grads = _run(lambda: registration.attention_fwd(q, k, v, m4, None, 0.3, causal, bottom_right, 0.0,
+                                                                  False, "cpu"), leaves)
+    for a, e in zip(outs + list(grads), ref_outs + list(ref_grads)):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        assert torch.equal(a, e)
+
+
+def test_fast_path_serves_only_calls_auto_gives_the_cpu_backend():
+    """Every call the fast path serves is one the dispatch table gives to ``cpu``."""
+    x = torch.randn(4, 16)
+    for dtype in DTYPES:
+        for wdtype in DTYPES:
+            xs, w = x.to(dtype), torch.randn(16, dtype=wdtype)
+            assert ops.fast_norm(xs, None, w, None, 1e-5, 1, False, False, False, "auto") is not None
+            call = dispatch.NormCall(xs.device, dtype, wdtype, None, 4, 16, False, 0.0)
+            assert dispatch.select("norm", call) == "cpu"
+    assert ops._FAST_BACKENDS == ("auto", "cpu")
+    assert dispatch.AUTO_ORDER["cpu"][0] == "cpu"
+
+
+def test_declines_what_the_python_path_must_see():
+    fast = _ext.FAST
+    x, w = torch.randn(4, 16), torch.randn(16)
+    q = torch.randn(1, 2, 5, 8)
+    declined = [
+        fast.norm(x.double(), None, None, None, 1e-5, 1, False, False, False),  # dtype the kernels lack
+        fast.norm(x.t(), None, None, None, 1e-5, 1, False, False, False),  # not contiguous
+        fast.norm(x, None, torch.randn(15), None, 1e-5, 1, False, False, False),  # wrong weight: Python's error
+        fast.norm(x, None, w, None, float("nan"), 1, False, False, False),
+        fast.norm(x, None, w, None, -1.0, 1, False, False, False),
+        fast.norm(x, None, w, None, "1e-5", 1, False, False, False),
+        fast.norm(x[:0], None, w, None, 1e-5, 1, False, False, False),  # empty
+        fast.norm([[1.0]], None, None, None, 1e-5, 1, False, False, False),  # not a tensor
+        fast.norm(x, x.t().contiguous().t(), None, None, 1e-5, 1, False, False, False),  # residual not contiguous
+        fast.norm(x, None, torch.randn(32)[::2], None, 1e-5, 1, False, False, False),  # weight not contiguous
+        fast.attention(torch.randn(1, 2, 1, 8).expand(1, 2, 5, 8), q, q, None, False, False, None, False),  # overlap
+        fast.attention(q, q, q, torch.ones(5, 5, dtype=torch.bool).expand(2, 5, 5), False, False, None, False),
+        fast.attention(q, q, q, torch.ones(5, 5, dtype=torch.int32), False, False, None, False),
+        fast.attention(q, q, q, torch.ones(3, 5, 5), False, False, None, False),  # does not broadcast
+        fast.attention(q, q[..., :4], q, None, False, False, None, False),  # head dims differ
+        fast.attention(q, q, q, None, False, False, float("inf"), False),
+        fast.attention(q.double(), q.double(), q.double(), None, False, False, None, False),
+    ]
+    assert all(out is None for out in declined)
+    # Parameters are plain tensors to it
+    assert fast.norm(x, None, torch.nn.Parameter(w), None, 1e-5, 1, False, False, False) is not None
+
+
+def test_bad_arguments_still_get_the_python_errors():
+    x = torch.randn(4, 16)
+    with pytest.raises(ValueError, match="weight"):
+        fusedlayers.layer_norm(x, torch.randn(15))
+    with pytest.raises(ValueError, match="eps"):
+        fusedlayers.layer_norm(x, eps=float("nan"))
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="head dim"):
+        fusedlayers.attention(q, q[..., :4], q)
+    with pytest.raises(ValueError, match="causal_align"):
+        fusedlayers.attention(q, q, q, causal_align="middle")
+
+
+class _CountingMode(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_dispatch_modes_and_subclasses_see_the_library_op():
+    x, w = torch.randn(4, 16), torch.randn(16)
+    with _CountingMode() as mode:
+        fusedlayers.layer_norm(x, w)
+    assert any("fusedlayers.norm_fwd" in op for op in mode.ops), mode.ops
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as fake:
+        xf = fake.from_tensor(x)
+        y = fusedlayers.layer_norm(xf, fake.from_tensor(w))
+        assert y.shape == x.shape and type(y) is not torch.Tensor
+
+
+def test_compile_traces_the_library_op():
+    torch._dynamo.reset()
+    x = torch.randn(4, 16, requires_grad=True)
+    w = torch.randn(16)
+    q = torch.randn(1, 2, 5, 8, requires_grad=True)
+
+    def f(x, q):
+        return fusedlayers.layer_norm(x, w).sum() + fusedlayers.attention(q, q, q, causal=True).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    expected = f(x, q)
+    got = compiled(x, q)
+    torch.testing.assert_close(got, expected)
+    got.backward()
+    assert x.grad is not None and q.grad is not None
+
+
+def test_no_grad_and_inference_mode():
+    x = torch.randn(4, 16, requires_grad=True)
+    with torch.no_grad():
+        y = fusedlayers.layer_norm(x)
+    assert not y.requires_grad
+    with torch.inference_mode():
+        y = fusedlayers.layer_norm(torch.randn(4, 16))
+        assert y.is_inference()
+    y = fusedlayers.layer_norm(x)
+    assert y.requires_grad and y.grad_fn is not None
+
+
+@pytest.mark.parametrize("rms", (False, True))
+@pytest.mark.parametrize("residual", (False, True))
+def test_norm_double_backward_matches_torch(rms, residual):
+    """Hessian-vector products through the fast path's node equal torch's own."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 32, requires_grad=True)
+    r = torch.randn(6, 32, requires_grad=True) if residual else None
+    w = torch.randn(32, requires_grad=True)
+    b = None if rms else torch.randn(32, requires_grad=True)
+    dy = torch.randn(6, 32)
+    leaves = _leaves(x, r, w, b)
+
+    def hvp(norm):
+        y = norm()
+        grads = torch.autograd.grad((y * dy).sum(), leaves, create_graph=True)
+        penalty = sum((g ** 2).sum() for g in grads)
+        second = torch.autograd.grad(penalty, leaves, allow_unused=True)  # the bias's gradient is constant
+        return [torch.zeros_like(t) if s is None else s for t, s in zip(leaves, second)]
+
+    z = (lambda: x if r is None else x + r)
+    torch_norm = (lambda: F.rms_norm(z(), (32,), w, 1e-5)) if rms else (lambda: F.layer_norm(z(), (32,), w, b))
+    ours = (lambda: ops.fast_norm(x, r, w, b, 1e-5, 1, rms, False, False, "auto"))
+    for a, e in zip(hvp(ours), hvp(torch_norm)):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_double_backward_matches_the_op_path():
+    """create_graph=True through the fast path's node: the Python path's differentiable
+    backward, so second-order gradients equal those through the torch.library op."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 5, 8, requires_grad=True)
+    k = torch.randn(1, 2, 6, 8, requires_grad=True)
+    bias = torch.randn(1, 1, 5, 6, requires_grad=True)
+
+    def second_order(fn):
+        out = fn()
+        grads = torch.autograd.grad(out.pow(2).sum(), (q, k, bias), create_graph=True)
+        return torch.autograd.grad(sum((g * g).sum() for g in grads), (q, k, bias))
+
+    fast = second_order(lambda: _ext.FAST.attention(q, k, k, bias, True, False, None, False))
+    slow = second_order(lambda: registration.attention_fwd(q, k, k, bias, None, 8 ** -0.5, True, False, 0.0, False,
+                                                           "cpu")[0])
+    for a, e in zip(fast, slow):
+        torch.testing.assert_close(a, e)
