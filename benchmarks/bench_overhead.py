@@ -12,7 +12,7 @@ torch's, so the goal is at most 1.5x torch's equivalent op (DESIGN.md, "Host ove
 Each row times ``ours`` and ``torch`` in interleaved pairs in this process (a batch of calls
 of one, then of the other, repeated), and reports the median time per call of each and the
 median of the per-pair ratios ours / torch (below 1: faster than torch). Modes: ``fwd``
-(inputs without requires_grad), ``fwd, grad`` (the forward alone with inputs that require
+(inputs without requires_grad), ``fwd-grad`` (the forward alone with inputs that require
 grad: the autograd node is built) and ``fwd+bwd`` (forward and ``backward()``).
 
 Competitors: ``F.layer_norm``, ``F.rms_norm``, ``F.layer_norm(x + r)`` /

@@ -224,7 +224,7 @@ OVERHEAD_GOAL = 1.5  # host time per call, ours / torch's equivalent op, at most
 def overhead_cases():
     """(op, mode, ours, torch) on tiny CPU inputs, where a call's time is the host's: each
     a function of no argument making one call (and its backward in fwd+bwd). Modes: ``fwd``
-    (no input requires grad), ``fwd, grad`` (the forward alone with inputs that require grad:
+    (no input requires grad), ``fwd-grad`` (the forward alone with inputs that require grad:
     the autograd node is built), ``fwd+bwd``. Competitors: F.layer_norm, F.rms_norm,
     F.layer_norm(x + r), F.rms_norm(x + r), F.scaled_dot_product_attention, and the torch.nn
     modules against their fusedlayers.nn drop-ins."""
@@ -252,7 +252,7 @@ def overhead_cases():
         plain = q if name == "attention" else x
         xg, rg = plain.clone().requires_grad_(), r.clone().requires_grad_()
         yield name, "fwd", (lambda f=ours: f(plain, r)), (lambda f=theirs: f(plain, r))
-        yield name, "fwd, grad", (lambda f=ours: f(xg, rg)), (lambda f=theirs: f(xg, rg))
+        yield name, "fwd-grad", (lambda f=ours: f(xg, rg)), (lambda f=theirs: f(xg, rg))
         yield name, "fwd+bwd", (lambda f=ours: f(xg, rg).sum().backward()), \
             (lambda f=theirs: f(xg, rg).sum().backward())
 

@@ -209,14 +209,18 @@ struct NormFunction : public torch::autograd::Function<NormFunction> {
       return out;
     }
     const Tensor zin = saved[4].view({-1, a.hidden});
+    // Without dropout the residual's gradient is dx itself: when it also has x's dtype the
+    // kernel writes it once and both inputs get that tensor (autograd copies before it
+    // accumulates into a shared one), as torch's own x + residual backward does.
+    const bool share = residual.defined() && residual.scalar_type() == x.scalar_type();
     const std::optional<at::ScalarType> residual_dtype =
-        residual.defined() ? std::optional<at::ScalarType>(residual.scalar_type()) : std::nullopt;
+        residual.defined() && !share ? std::optional<at::ScalarType>(residual.scalar_type()) : std::nullopt;
     auto [dx, dres, dw, db] =
         norm_bwd_op().call(dy.reshape({-1, a.hidden}), dz.defined() ? opt(dz.reshape({-1, a.hidden})) : std::nullopt,
                            zin, opt(weight), opt(bias), saved[5], saved[6], 0, 0.0, a.rms, x.scalar_type(),
                            residual_dtype);
     out[0] = dx.view(x.sizes());
-    if (residual.defined()) out[1] = dres.view(residual.sizes());
+    if (residual.defined()) out[1] = share ? out[0] : dres.view(residual.sizes());
     if (weight.defined()) out[2] = dw;
     if (bias.defined()) out[3] = db;
     return out;

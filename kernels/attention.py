@@ -12,10 +12,13 @@ from Triton's Philox ``tl.rand(seed, offset)`` with offset = the linear index of
 regenerate the same mask. Head dims 1..256 are padded to a power-of-two block >= 16 with
 masked loads: one kernel source serves every head dim. When v's head dim Dv differs from q's, the
 launchers zero-pad the narrower side to the wider (a copy; see _run_forward).
-Backward (same names as ``fusedlayers.reference_backend``): P = exp(S - lse) recomputed,
+Backward (same names as ``fusedlayers.reference_backend``): P = exp((S - row_m) - row_c) recomputed,
+with (row_m, row_c) = (lse, 0), or (row max, log(row sum)) recomputed from the scores on a row with
+|lse| >= 4096 (a huge bias on every visible key, e.g. finfo.min: the float32 lse has lost log(l)),
 dP = dO V^T (times the dropout keep-mask / (1-p)), Delta = rowsum(dO * O) - dlse, dS = P * (dP -
 Delta), dV = P_dropped^T dO, dK = dS^T Q * scale, dQ = dS K * scale, d(bias) = dS.
-    * ``_bwd_preprocess`` computes Delta; ``_bwd_dkdv`` owns one key block of one KV head and
+    * ``_bwd_preprocess`` computes Delta, ``_bwd_row_stats`` (row_m, row_c) (it reads Q and K only in a
+      query block holding a row with |lse| >= 4096); ``_bwd_dkdv`` owns one key block of one KV head and
       loops over the query blocks of every query head of its group (dK, dV in registers, no
       atomics); dQ is either atomically added into an fp32 buffer by the same kernel (default)
       or computed by ``_bwd_dq``, one query block per program (``deterministic=True``: no
@@ -59,6 +62,9 @@ LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 LN2 = 0.6931471805599453  # ln(2): natural lse = base-2 lse * LN2
 MAX_HEAD_DIM = 256
 MASK_NONE, MASK_BOOL, MASK_BIAS = 0, 1, 2
+# |lse| from which the backward recomputes a row's max and sum (_bwd_row_stats): past 4096 the float32 lse
+# = m + log(l) keeps log(l) to at most ~2**-11 absolutely, and under a huge bias (finfo.min) not at all
+LSE_EXACT = tl.constexpr(4096.0)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -329,6 +335,74 @@ def _bwd_preprocess(
 
 
 @triton.jit
+def _bwd_row_stats(
+    Q, K, Mask,  # as in _attn_fwd
+    Lse,  # (B, Hq, Nq) fp32 natural lse of the forward
+    RowM, RowC,  # outputs laid out like Lse: the backward's P = exp((S - row_m) - row_c)
+    CuQ, CuK,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_lb, stride_lh, stride_ln,  # strides of Lse, RowM and RowC
+    GROUP, Nq, Nk, D, qk_scale, bottom_right,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """(row_m, row_c) = (lse, 0), or (row max, log(row sum)) on a row with |lse| >= LSE_EXACT: there the float32
+    lse = m + log(l) has lost log(l) (every visible key carries a huge bias, e.g. finfo.min), so m and l are
+    recomputed from the scores (keys as in _attn_fwd, no dropout: l counts dropped entries too). Only a block
+    holding such a row reads Q and K."""
+    pid_m = tl.program_id(0)  # grid (query blocks, Hq, B)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(CuQ, CuK, b, Nq, Nk, VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen_q:
+        return
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < seqlen_q
+    rows = (q_start + offs_m).to(tl.int64)
+    lse_off = b * stride_lb + h * stride_lh + rows * stride_ln
+    lse = tl.load(Lse + lse_off, mask=row_ok, other=0.0)
+    # an lse of -inf (no key), +inf (a +inf score) or NaN stays row_m (_bwd_tile handles it)
+    exact = (tl.abs(lse) >= LSE_EXACT) & (tl.abs(lse) < float("inf"))
+    row_m = lse
+    row_c = tl.zeros([BLOCK_M], tl.float32)
+    if tl.max(exact.to(tl.int32), 0) > 0:
+        shift = (seqlen_k - seqlen_q) * bottom_right
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d[None, :] < D
+        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None] & d_ok, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        Kb = K + b * stride_kb + (h // GROUP) * stride_kh + k_start.to(tl.int64) * stride_kn
+        mask_base = Mask + b * stride_mb + h * stride_mh
+        hi = seqlen_k
+        if CAUSAL:
+            hi = tl.minimum(hi, start_m + BLOCK_M + shift)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        for start_n in range(0, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = tl.load(Kb + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=(offs_n[:, None] < seqlen_k) & d_ok, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            s = _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, mask_base, stride_mm, stride_mn, qk_scale,
+                        MASK_KIND, CAUSAL, True, True, IEEE)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = (l_i * tl.math.exp2((m_i - m_safe) * 1.4426950408889634)
+                   + tl.sum(tl.math.exp2((s - m_safe[:, None]) * 1.4426950408889634), 1))
+            m_i = m_new
+        row_m = tl.where(exact, m_i, lse)
+        row_c = tl.where(exact, tl.math.log2(l_i) * 0.6931471805599453, 0.0)
+    tl.store(RowM + lse_off, row_m, mask=row_ok)
+    tl.store(RowC + lse_off, row_c, mask=row_ok)
+
+
+@triton.jit
 def _bwd_dp(do, v, do_rows, stride_dd, v_rows, stride_vd, do_ok, v_ok, D, IEEE: tl.constexpr):
     """dP = dO V^T of a (BLOCK_M, BLOCK_N) tile; ``do``/``v`` the loaded tiles, ``do_rows``/``v_rows`` pointers to
     their rows (with ``do_ok``/``v_ok`` the rows in bounds). 16-bit inputs: one MMA dot. fp32 (IEEE): in fp64,
@@ -353,19 +427,20 @@ def _bwd_dp(do, v, do_rows, stride_dd, v_rows, stride_vd, do_ok, v_ok, D, IEEE: 
 
 
 @triton.jit
-def _bwd_tile(q, k, v, do, do_rows, stride_dd, v_rows, stride_vd, D, lse, Delta_i, offs_m, offs_n, seqlen_q,
+def _bwd_tile(q, k, v, do, do_rows, stride_dd, v_rows, stride_vd, D, row_m, row_c, Delta_i, offs_m, offs_n, seqlen_q,
               seqlen_k, shift, mask_base, stride_mm, stride_mn, qk_scale, seed, drop_base, drop_sm, dropout_p, inv_keep,
               MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, CHECK: tl.constexpr,
               IEEE: tl.constexpr):
-    """P (dropped and rescaled, for dV) and dS of one (BLOCK_M, BLOCK_N) tile (dP = dO V^T by _bwd_dp).
+    """P (dropped and rescaled, for dV) and dS of one (BLOCK_M, BLOCK_N) tile (dP = dO V^T by _bwd_dp);
+    P = exp((S - row_m) - row_c), (row_m, row_c) from _bwd_row_stats ((lse, 0) on an ordinary row).
 
     Keys past the sequence end need no mask here: their K and V rows load as 0 (so they add nothing
-    to dQ), their dK/dV/dbias are never stored, and P = exp2(min(S - lse, 0)) stays finite."""
+    to dQ), their dK/dV/dbias are never stored, and P = exp2(min(S - row_m - row_c, 0)) stays finite."""
     s = _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, mask_base, stride_mm, stride_mn, qk_scale,
                 MASK_KIND, CAUSAL, CHECK, False, IEEE)
-    lse_safe = tl.where(lse == float("-inf"), float("inf"), lse)  # a row that saw no key: P = 0
-    # S - lse before the log2(e) scaling (no overflow for an extreme finite bias); NaN propagates
-    P = tl.math.exp2(tl.minimum((s - lse_safe[:, None]) * 1.4426950408889634, 0.0,
+    m_safe = tl.where(row_m == float("-inf"), float("inf"), row_m)  # a row that saw no key: P = 0
+    # S - row_m before the log2(e) scaling (no overflow for an extreme finite bias); NaN propagates
+    P = tl.math.exp2(tl.minimum(((s - m_safe[:, None]) - row_c[:, None]) * 1.4426950408889634, 0.0,
                                 propagate_nan=tl.PropagateNan.ALL))
     dP = _bwd_dp(do, v, do_rows, stride_dd, v_rows, stride_vd, offs_m < seqlen_q, offs_n < seqlen_k, D, IEEE)
     if DROPOUT:
@@ -379,8 +454,8 @@ def _bwd_tile(q, k, v, do, do_rows, stride_dd, v_rows, stride_vd, D, lse, Delta_
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, v_rows, stride_vd, Qb, DOb, Lseb, Deltab, DQb, DBb, mask_base, stride_qn, stride_qd,
-                    stride_dn, stride_dd, stride_ln, stride_dqn, stride_dqd, stride_bm, stride_bn, stride_mm,
+def _bwd_dkdv_inner(dk, dv, k, v, v_rows, stride_vd, Qb, DOb, RowMb, RowCb, Deltab, DQb, DBb, mask_base, stride_qn,
+                    stride_qd, stride_dn, stride_dd, stride_ln, stride_dqn, stride_dqd, stride_bm, stride_bn, stride_mm,
                     stride_mn, offs_n, offs_d, D, lo, hi, seqlen_q, seqlen_k, shift, qk_scale, sm_scale, seed,
                     drop_base, drop_sm, dropout_p, inv_keep, BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr,
                     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, DBIAS: tl.constexpr,
@@ -393,14 +468,16 @@ def _bwd_dkdv_inner(dk, dv, k, v, v_rows, stride_vd, Qb, DOb, Lseb, Deltab, DQb,
         ok = row_ok[:, None] & d_ok
         q = tl.load(Qb + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=ok, other=0.0)
         do = tl.load(DOb + offs_m[:, None] * stride_dn + offs_d[None, :] * stride_dd, mask=ok, other=0.0)
-        lse = tl.load(Lseb + offs_m * stride_ln, mask=row_ok, other=float("-inf"))
+        row_m = tl.load(RowMb + offs_m * stride_ln, mask=row_ok, other=float("-inf"))
+        row_c = tl.load(RowCb + offs_m * stride_ln, mask=row_ok, other=0.0)
         Delta_i = tl.load(Deltab + offs_m * stride_ln, mask=row_ok, other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
-        P_drop, dS = _bwd_tile(q, k, v, do, DOb + offs_m * stride_dn, stride_dd, v_rows, stride_vd, D, lse, Delta_i,
-                               offs_m, offs_n, seqlen_q, seqlen_k, shift, mask_base, stride_mm, stride_mn, qk_scale,
-                               seed, drop_base, drop_sm, dropout_p, inv_keep, MASK_KIND, CAUSAL, DROPOUT, CHECK, IEEE)
+        P_drop, dS = _bwd_tile(q, k, v, do, DOb + offs_m * stride_dn, stride_dd, v_rows, stride_vd, D, row_m,
+                               row_c, Delta_i, offs_m, offs_n, seqlen_q, seqlen_k, shift, mask_base, stride_mm,
+                               stride_mn, qk_scale, seed, drop_base, drop_sm, dropout_p, inv_keep, MASK_KIND, CAUSAL,
+                               DROPOUT, CHECK, IEEE)
         dv += _dot(tl.trans(P_drop.to(do.dtype)), do, IEEE)  # dV += P_drop^T dO
         dk += _dot(tl.trans(dS.to(q.dtype)), q, IEEE)  # dK += dS^T Q (times scale at the end)
         if DBIAS:
@@ -415,7 +492,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, v_rows, stride_vd, Qb, DOb, Lseb, Deltab, DQb,
 @triton.jit
 def _bwd_dkdv(
     Q, K, V, Mask, DO,  # as in _attn_fwd; DO: gradient of the output, any strides
-    Lse, Delta,  # (B, Hq, Nq) fp32 natural lse, and Delta (fp64 for fp32 inputs), same strides
+    RowM, RowC, Delta,  # (B, Hq, Nq) fp32 row_m, row_c (_bwd_row_stats), Delta (fp64 for fp32 inputs), same strides
     DQ,  # fp32 dQ accumulator (zeros) when ATOMIC_DQ; unused otherwise
     DK, DV,  # outputs, k's / v's dtype
     DB,  # fp32 dS per (b, h): the bias gradient before its broadcast reduction, when DBIAS
@@ -425,7 +502,7 @@ def _bwd_dkdv(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_db, stride_dh, stride_dn, stride_dd,  # strides of DO
-    stride_lb, stride_lh, stride_ln,  # strides of Lse and Delta
+    stride_lb, stride_lh, stride_ln,  # strides of RowM, RowC and Delta
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,  # strides of DQ
     stride_dkb, stride_dkh, stride_dkn,  # strides of DK and DV (head-dim stride 1)
     stride_bb, stride_bh, stride_bm, stride_bn,  # strides of DB
@@ -475,22 +552,24 @@ def _bwd_dkdv(
         h = hk * GROUP + g
         Qb = Q + b * stride_qb + h * stride_qh + q_off * stride_qn
         DOb = DO + b * stride_db + h * stride_dh + q_off * stride_dn
-        Lseb = Lse + b * stride_lb + h * stride_lh + q_off * stride_ln
+        RowMb = RowM + b * stride_lb + h * stride_lh + q_off * stride_ln
+        RowCb = RowC + b * stride_lb + h * stride_lh + q_off * stride_ln
         Deltab = Delta + b * stride_lb + h * stride_lh + q_off * stride_ln
         DQb = DQ + b * stride_dqb + h * stride_dqh + q_off * stride_dqn
         DBb = DB + b * stride_bb + h * stride_bh
         mask_base = Mask + b * stride_mb + h * stride_mh
         drop_base = b * drop_sb + h * drop_sh + q_off * drop_sm + k_start
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, v_rows, stride_vd, Qb, DOb, Lseb, Deltab, DQb, DBb, mask_base,
-                                 stride_qn, stride_qd, stride_dn, stride_dd, stride_ln, stride_dqn, stride_dqd,
-                                 stride_bm, stride_bn, stride_mm, stride_mn, offs_n, offs_d, D, m_lo, m_mid, seqlen_q,
-                                 seqlen_k, shift, qk_scale, sm_scale, seed, drop_base, drop_sm, dropout_p, inv_keep,
-                                 BLOCK_M, MASK_KIND, CAUSAL, DROPOUT, ATOMIC_DQ, DBIAS, True, UPCAST, IEEE)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, v_rows, stride_vd, Qb, DOb, Lseb, Deltab, DQb, DBb, mask_base,
-                                 stride_qn, stride_qd, stride_dn, stride_dd, stride_ln, stride_dqn, stride_dqd,
-                                 stride_bm, stride_bn, stride_mm, stride_mn, offs_n, offs_d, D, m_mid, seqlen_q,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, v_rows, stride_vd, Qb, DOb, RowMb, RowCb, Deltab, DQb, DBb,
+                                 mask_base, stride_qn, stride_qd, stride_dn, stride_dd, stride_ln, stride_dqn,
+                                 stride_dqd, stride_bm, stride_bn, stride_mm, stride_mn, offs_n, offs_d, D, m_lo, m_mid,
                                  seqlen_q, seqlen_k, shift, qk_scale, sm_scale, seed, drop_base, drop_sm, dropout_p,
-                                 inv_keep, BLOCK_M, MASK_KIND, CAUSAL, DROPOUT, ATOMIC_DQ, DBIAS, False, UPCAST, IEEE)
+                                 inv_keep, BLOCK_M, MASK_KIND, CAUSAL, DROPOUT, ATOMIC_DQ, DBIAS, True, UPCAST, IEEE)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, v_rows, stride_vd, Qb, DOb, RowMb, RowCb, Deltab, DQb, DBb,
+                                 mask_base, stride_qn, stride_qd, stride_dn, stride_dd, stride_ln, stride_dqn,
+                                 stride_dqd, stride_bm, stride_bn, stride_mm, stride_mn, offs_n, offs_d, D, m_mid,
+                                 seqlen_q, seqlen_q, seqlen_k, shift, qk_scale, sm_scale, seed, drop_base, drop_sm,
+                                 dropout_p, inv_keep, BLOCK_M, MASK_KIND, CAUSAL, DROPOUT, ATOMIC_DQ, DBIAS, False,
+                                 UPCAST, IEEE)
     out_off = b * stride_dkb + hk * stride_dkh + k_rows[:, None] * stride_dkn + offs_d[None, :]
     st_ok = _lt(offs_n[:, None], seqlen_k) & _lt(offs_d[None, :], D)  # kv_ok, recomputed (see _lt)
     tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=st_ok)
@@ -498,11 +577,11 @@ def _bwd_dkdv(
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, do_rows, stride_dd, lse, Delta_i, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd,
-                  mask_base, stride_mm, stride_mn, offs_m, offs_d, D, lo, hi, seqlen_q, seqlen_k, shift, qk_scale,
-                  seed, drop_base, drop_sm, dropout_p, inv_keep, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
-                  CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, CHECK: tl.constexpr, UPCAST: tl.constexpr,
-                  IEEE: tl.constexpr):
+def _bwd_dq_inner(dq, q, do, do_rows, stride_dd, row_m, row_c, Delta_i, Kb, Vb, stride_kn, stride_kd, stride_vn,
+                  stride_vd, mask_base, stride_mm, stride_mn, offs_m, offs_d, D, lo, hi, seqlen_q, seqlen_k, shift,
+                  qk_scale, seed, drop_base, drop_sm, dropout_p, inv_keep, BLOCK_N: tl.constexpr,
+                  MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, CHECK: tl.constexpr,
+                  UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """dQ of one query block accumulated over key blocks [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -512,16 +591,17 @@ def _bwd_dq_inner(dq, q, do, do_rows, stride_dd, lse, Delta_i, Kb, Vb, stride_kn
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        P_drop, dS = _bwd_tile(q, k, v, do, do_rows, stride_dd, Vb + offs_n * stride_vn, stride_vd, D, lse, Delta_i,
-                               offs_m, offs_n, seqlen_q, seqlen_k, shift, mask_base, stride_mm, stride_mn, qk_scale,
-                               seed, drop_base, drop_sm, dropout_p, inv_keep, MASK_KIND, CAUSAL, DROPOUT, CHECK, IEEE)
+        P_drop, dS = _bwd_tile(q, k, v, do, do_rows, stride_dd, Vb + offs_n * stride_vn, stride_vd, D, row_m,
+                               row_c, Delta_i, offs_m, offs_n, seqlen_q, seqlen_k, shift, mask_base, stride_mm,
+                               stride_mn, qk_scale, seed, drop_base, drop_sm, dropout_p, inv_keep, MASK_KIND, CAUSAL,
+                               DROPOUT, CHECK, IEEE)
         dq += _dot(dS.to(k.dtype), k, IEEE)  # dQ += dS K
     return dq
 
 
 @triton.jit
 def _bwd_dq(
-    Q, K, V, Mask, DO, Lse, Delta,  # as in _bwd_dkdv
+    Q, K, V, Mask, DO, RowM, RowC, Delta,  # as in _bwd_dkdv
     DQ,  # output in q's dtype
     CuQ, CuK,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -529,7 +609,7 @@ def _bwd_dq(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_db, stride_dh, stride_dn, stride_dd,  # strides of DO
-    stride_lb, stride_lh, stride_ln,  # strides of Lse and Delta
+    stride_lb, stride_lh, stride_ln,  # strides of RowM, RowC and Delta
     stride_dqb, stride_dqh, stride_dqn,  # strides of DQ (head-dim stride 1)
     drop_sb, drop_sh, drop_sm,
     Hq, GROUP, Nq, Nk, D,
@@ -556,7 +636,8 @@ def _bwd_dq(
                 mask=ok, other=0.0)
     do_rows = DO + b * stride_db + h * stride_dh + q_rows * stride_dn
     do = tl.load(do_rows[:, None] + offs_d[None, :] * stride_dd, mask=ok, other=0.0)
-    lse = tl.load(Lse + b * stride_lb + h * stride_lh + q_rows * stride_ln, mask=row_ok, other=float("-inf"))
+    row_m = tl.load(RowM + b * stride_lb + h * stride_lh + q_rows * stride_ln, mask=row_ok, other=float("-inf"))
+    row_c = tl.load(RowC + b * stride_lb + h * stride_lh + q_rows * stride_ln, mask=row_ok, other=0.0)
     Delta_i = tl.load(Delta + b * stride_lb + h * stride_lh + q_rows * stride_ln, mask=row_ok, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -572,14 +653,14 @@ def _bwd_dq(
     else:
         mid = hi
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dq = _bwd_dq_inner(dq, q, do, do_rows, stride_dd, lse, Delta_i, Kb, Vb, stride_kn, stride_kd, stride_vn,
-                       stride_vd, mask_base, stride_mm, stride_mn, offs_m, offs_d, D, 0, mid, seqlen_q, seqlen_k,
-                       shift, qk_scale, seed, drop_base, drop_sm, dropout_p, inv_keep, BLOCK_N, MASK_KIND, CAUSAL,
-                       DROPOUT, False, UPCAST, IEEE)
-    dq = _bwd_dq_inner(dq, q, do, do_rows, stride_dd, lse, Delta_i, Kb, Vb, stride_kn, stride_kd, stride_vn,
-                       stride_vd, mask_base, stride_mm, stride_mn, offs_m, offs_d, D, mid, hi, seqlen_q, seqlen_k,
-                       shift, qk_scale, seed, drop_base, drop_sm, dropout_p, inv_keep, BLOCK_N, MASK_KIND, CAUSAL,
-                       DROPOUT, True, UPCAST, IEEE)
+    dq = _bwd_dq_inner(dq, q, do, do_rows, stride_dd, row_m, row_c, Delta_i, Kb, Vb, stride_kn, stride_kd,
+                       stride_vn, stride_vd, mask_base, stride_mm, stride_mn, offs_m, offs_d, D, 0, mid, seqlen_q,
+                       seqlen_k, shift, qk_scale, seed, drop_base, drop_sm, dropout_p, inv_keep, BLOCK_N, MASK_KIND,
+                       CAUSAL, DROPOUT, False, UPCAST, IEEE)
+    dq = _bwd_dq_inner(dq, q, do, do_rows, stride_dd, row_m, row_c, Delta_i, Kb, Vb, stride_kn, stride_kd,
+                       stride_vn, stride_vd, mask_base, stride_mm, stride_mn, offs_m, offs_d, D, mid, hi, seqlen_q,
+                       seqlen_k, shift, qk_scale, seed, drop_base, drop_sm, dropout_p, inv_keep, BLOCK_N, MASK_KIND,
+                       CAUSAL, DROPOUT, True, UPCAST, IEEE)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + q_rows[:, None] * stride_dqn + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=_lt(offs_m[:, None], seqlen_q) & _lt(offs_d[None, :], D))
 
@@ -638,17 +719,19 @@ _FP32_CONFIGS = {  # fp32: FMA dots (no TF32), fp64 dP in backward: smaller tile
     ("decode", True, False):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 4, 1)),
     ("decode", True, True):   ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 4, 1)),
     ("dkdv", False, False):   ((32, 16, 4, 1),  (32, 32, 8, 1),  (32, 32, 8, 1),  (16, 64, 8, 2),  (16, 16, 4, 1)),
-    ("dkdv", False, True):    ((32, 32, 8, 1),  (32, 32, 8, 1),  (32, 32, 8, 1),  (32, 32, 8, 1),  (16, 16, 8, 1)),
-    ("dkdv", True, False):    ((32, 64, 8, 1),  (16, 32, 4, 1),  (32, 32, 8, 1),  (16, 32, 8, 2),  (16, 16, 8, 1)),
+    ("dkdv", False, True):    ((32, 32, 8, 1),  (16, 64, 8, 2),  (32, 32, 8, 1),  (32, 32, 8, 1),  (16, 16, 8, 1)),
+    ("dkdv", True, False):    ((32, 64, 8, 1),  (32, 64, 8, 1),  (32, 32, 8, 1),  (16, 32, 8, 2),  (16, 16, 8, 1)),
     ("dkdv", True, True):     ((32, 32, 8, 1),  (16, 64, 8, 1),  (16, 16, 4, 1),
                                (32, 32, 8, 1), _ARCH((16, 32, 8, 1), (16, 16, 8, 1))),
     ("dq", False, False):     ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 8, 1)),
-    ("dq", False, True):      ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 8, 1)),
+    ("dq", False, True):      ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (64, 32, 8, 2),  (16, 32, 8, 1)),
     ("dq", True, False):      ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 8, 1)),
     ("dq", True, True):       ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 8, 1)),
 }
 
 _INTERPRETER_CONFIG = (64, 64, 4, 1)
+# _bwd_row_stats (BLOCK_M, BLOCK_N, num_warps) per head-dim bucket, every dtype; one stage
+_ROW_STATS_CONFIGS = ((32, 32, 4), (32, 32, 4), (32, 32, 4), (32, 32, 4), (32, 16, 8))
 _ROWS_BLOCK = 64 if INTERPRET else 32  # rows per program of the row kernels (preprocess, combine); 16 spills
 # dropout_keep_mask: scores per program. 1024 over 4 warps is 8 per thread (Philox gives 4 per call); the
 # interpreter costs per program, not per element, so it takes whole 64 K blocks.
@@ -676,6 +759,13 @@ def _config(kind: str, d: int, dtype: torch.dtype, device: torch.device, dropout
         return _INTERPRETER_CONFIG
     major = 9 if torch.cuda.get_device_capability(device)[0] >= 9 else 8
     return _gpu_config(kind, _bucket(d), dtype, major, dropout, masked)
+
+
+def _row_stats_config(d: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of _bwd_row_stats (its key loop runs only on rows with a huge lse)."""
+    if INTERPRET:
+        return _INTERPRETER_CONFIG[:3]
+    return _ROW_STATS_CONFIGS[_BUCKETS.index(_bucket(d))]
 
 
 def _launch_options(warps: int, stages: int) -> dict:
@@ -865,11 +955,19 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
     _bwd_preprocess[(triton.cdiv(pre_n, _ROWS_BLOCK), hq, pre_b)](
         out, dout, dlse, Delta, *strides(out), *strides(dout), *gs, *ls, pre_n, d,
         BLOCK_M=_ROWS_BLOCK, BLOCK_D=_bucket(d))
+    # P = exp((S - row_m) - row_c), laid out like lse: (lse, 0), or the exact (max, log(sum)) of a row whose
+    # float32 lse is too coarse (|lse| >= LSE_EXACT; see _bwd_row_stats)
+    mask, ms, mask_kind = _mask_args(attn_mask, q)
+    row_m, row_c = torch.empty_like(lse), torch.empty_like(lse)
+    bm, bn, warps = _row_stats_config(d)
+    _bwd_row_stats[(triton.cdiv(nq, bm), hq, b)](
+        q, k, mask, lse, row_m, row_c, cu_q, cu_k, *strides(q), *strides(k), *ms, *ls, group, nq, nk, d, scale,
+        int(bottom_right), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d), MASK_KIND=mask_kind, CAUSAL=bool(causal),
+        VARLEN=varlen, UPCAST=INTERPRET, IEEE=q.dtype == torch.float32, **_launch_options(warps, 1))
 
     dk = k.new_empty(k.shape)
     dv = v.new_empty(v.shape)
     dk_s = strides(dk)[:3]
-    mask, ms, mask_kind = _mask_args(attn_mask, q)
     dbias = db_buf = None
     db_s = (0, 0, 0, 0)
     if bias_grad:
@@ -886,7 +984,7 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
 
     bm, bn, warps, stages = _config("dkdv", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None)
     _bwd_dkdv[(triton.cdiv(nk, bn), hkv, b)](
-        q, k, v, mask, dout, lse, Delta, dq_acc, dk, dv, db_buf if db_buf is not None else dq_acc, cu_q, cu_k,
+        q, k, v, mask, dout, row_m, row_c, Delta, dq_acc, dk, dv, db_buf if db_buf is not None else dq_acc, cu_q, cu_k,
         *strides(q), *strides(k), *strides(v), *ms, *strides(dout), *ls, *strides(dq_acc), *dk_s, *db_s, *drop,
         *tail, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d), ATOMIC_DQ=atomic, DBIAS=bias_grad, **common,
         **_launch_options(warps, stages))
@@ -896,7 +994,7 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
         dq = dq_acc
         bm, bn, warps, stages = _config("dq", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None)
         _bwd_dq[(triton.cdiv(nq, bm), hq, b)](
-            q, k, v, mask, dout, lse, Delta, dq, cu_q, cu_k, *strides(q), *strides(k), *strides(v), *ms,
+            q, k, v, mask, dout, row_m, row_c, Delta, dq, cu_q, cu_k, *strides(q), *strides(k), *strides(v), *ms,
             *strides(dout), *ls, *strides(dq)[:3], *drop, *tail, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d),
             **common, **_launch_options(warps, stages))
     if bias_grad and dbias is None:
@@ -972,6 +1070,12 @@ def compile_targets() -> list[tuple]:
                     signature, constexprs = _row_target(fn, tdt, bucket)
                     targets[name] = [(name, fn, signature, constexprs, {"num_warps": 4}, _aligned(fn, signature)),
                                      {8, 9}]
+            for bucket, (bm, bn, warps) in zip(_BUCKETS, _ROW_STATS_CONFIGS):
+                for variant in ("all", "varlen"):  # causal with an fp32 bias; causal, packed
+                    name = f"attn_rowstats_{variant}_{tdt}_d{bucket}_BM{bm}_BN{bn}_w{warps}"
+                    fn, signature, constexprs = _target("rowstats", variant, tdt, bucket, bm, bn)
+                    targets[name] = [(name, fn, signature, constexprs, {"num_warps": warps, "num_stages": 1},
+                                      _aligned(fn, signature)), {8, 9}]
     # dropout_keep_mask's kernel; numel as i64 (past 2**31 scores Triton specialises it so; i32 is no heavier)
     name = f"attn_keep_mask_BLOCK{_KEEP_MASK_BLOCK}_w{_KEEP_MASK_WARPS}"
     signature = {"Keep": "*u8", "numel": "i64", "seed": "i64", "dropout_p": "fp32", "BLOCK": "constexpr"}
@@ -1017,7 +1121,7 @@ def _gpu_config(kind: str, bucket: int, dtype: torch.dtype, major: int, dropout:
 
 
 def _target(kind: str, variant: str, tdt: str, bucket: int, bm: int, bn: int):
-    fn = {"fwd": _attn_fwd, "decode": _attn_fwd, "dkdv": _bwd_dkdv, "dq": _bwd_dq}[kind]
+    fn = {"fwd": _attn_fwd, "decode": _attn_fwd, "dkdv": _bwd_dkdv, "dq": _bwd_dq, "rowstats": _bwd_row_stats}[kind]
     on = variant in ("all", "deterministic", "mask")
     varlen = variant == "varlen"
     dropout = variant != "mask" and (on or varlen)
@@ -1031,7 +1135,7 @@ def _target(kind: str, variant: str, tdt: str, bucket: int, bm: int, bn: int):
             signature[arg] = "*fp32" if kind == "decode" and on else "*" + tdt  # split-KV partials are fp32
         elif arg == "DQ":
             signature[arg] = "*fp32" if kind == "dkdv" or tdt == "fp32" else "*" + tdt
-        elif arg in ("Lse", "DB"):
+        elif arg in ("Lse", "RowM", "RowC", "DB"):
             signature[arg] = "*fp32"
         elif arg == "Delta":
             signature[arg] = "*fp64" if tdt == "fp32" else "*fp32"

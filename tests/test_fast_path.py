@@ -264,3 +264,22 @@ def test_attention_double_backward_matches_the_op_path():
                                                            "cpu")[0])
     for a, e in zip(fast, slow):
         torch.testing.assert_close(a, e)
+
+
+def test_residual_gradient_shared_with_x_never_aliases_the_accumulated_grads():
+    """The fast path hands x and the residual one gradient tensor (same dtype, no dropout);
+    autograd must still give each leaf its own .grad, right after repeated backwards."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, requires_grad=True)
+    r = torch.randn(4, 32, requires_grad=True)
+    w = torch.randn(32)
+    for _ in range(2):
+        fusedlayers.add_layer_norm(x, r, w, None).pow(2).sum().backward()
+    assert x.grad.data_ptr() != r.grad.data_ptr()
+    torch.testing.assert_close(x.grad, r.grad, rtol=0, atol=0)
+    x.grad.add_(1.0)  # in-place on one leaf's grad leaves the other's alone
+    assert not torch.equal(x.grad, r.grad)
+    xs, rs = x.detach().requires_grad_(), r.detach().requires_grad_()
+    y = _norm_via_ops(xs, rs, w, None, 1e-5, False, False, False)
+    dx, dr = torch.autograd.grad(y.pow(2).sum(), (xs, rs))
+    torch.testing.assert_close(r.grad, 2 * dr, rtol=0, atol=0)

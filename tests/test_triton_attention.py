@@ -176,6 +176,69 @@ def test_bias_gradient_reduced_to_broadcast_shape(shape):
         torch.testing.assert_close(g.cpu().double(), g64, atol=2e-5, rtol=1e-4)
 
 
+def _against_reference(run, ref, inputs, seeds) -> list:
+    """Comparisons of out, lse and the gradients of ``run(*inputs)`` with ``ref`` run in float64 and in the
+    inputs' own dtypes (each returns (out, lse); ``seeds`` are the gradients of out and lse)."""
+    out, lse = run(*inputs)
+    grads = torch.autograd.grad((out, lse), inputs, seeds)
+    results = []
+    for cast in (lambda t: t.detach().cpu().double().requires_grad_(), lambda t: t.detach().requires_grad_()):
+        args = [cast(t) for t in inputs]
+        o, l = ref(*args)
+        results.append((o, l, torch.autograd.grad((o, l), args, [s.to(o.device, o.dtype) for s in seeds])))
+    (o64, l64, g64), (ot, lt, gt) = results
+    comps = [testing.compare("out", out, o64, ot, testing.OUT_FACTOR),
+             testing.compare("lse", lse, l64, lt.float(), testing.OUT_FACTOR)]
+    return comps + [testing.compare(name, g, r, t, testing.GRAD_FACTOR)
+                    for name, g, r, t in zip(("dq", "dk", "dv", "dbias"), grads, g64, gt)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_backward_of_rows_whose_every_key_has_a_huge_bias(dtype):
+    # Hugging Face's causal left padding: finfo(float32).min on the padded keys, so the first rows of a padded
+    # sequence see only padded keys; row 3 carries finfo.min on every key. Those rows' float32 lse = finfo.min +
+    # log(l) rounds to finfo.min: the backward recomputes their max and sum (_bwd_row_stats).
+    b, h, n, d = 2, 2, 70, 32
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, generator=gen).to(DEVICE, dtype).requires_grad_() for _ in range(3))
+    bias = torch.randn(b, 1, n, n, generator=gen) * 0.5
+    bias[1, :, :, :20] = torch.finfo(torch.float32).min
+    bias[:, :, 3, :] = torch.finfo(torch.float32).min
+    bias = bias.to(DEVICE).requires_grad_()
+    seeds = (torch.randn(b, h, n, d, generator=gen).to(DEVICE, dtype), torch.randn(b, h, n, generator=gen).to(DEVICE))
+    comps = _against_reference(
+        lambda *t: fusedlayers.attention(*t, causal=True, return_lse=True, backend="triton"),
+        lambda *t: reference.attention(*t, causal=True), (q, k, v, bias), seeds)
+    testing.assert_all_ok(comps, f"huge bias {dtype}")
+
+
+def test_varlen_backward_of_rows_with_huge_scores():
+    # Scores near -1e5 on every key of the second sequence (q and k share a large first component): the float32
+    # lse there is too coarse for log(l), as under a finfo.min bias
+    lens = [17, 64, 3]
+    tq = sum(lens)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(tq, h, 16, generator=gen) for h in (4, 2, 2))
+    q[17:81, :, 0] = -400.0
+    k[17:81, :, 0] = 1000.0
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in (q, k, v))
+    cu = torch.tensor([0] + lens).cumsum(0).to(DEVICE, torch.int32)
+    seeds = (torch.randn(tq, 4, 16, generator=gen).to(DEVICE), torch.randn(4, tq, generator=gen).to(DEVICE))
+
+    def ref(q, k, v):  # each sequence on its own, packed back
+        outs, lses = [], []
+        for s, e in zip(cu.tolist()[:-1], cu.tolist()[1:]):
+            o, l = reference.attention(*(t[s:e].transpose(0, 1).unsqueeze(0) for t in (q, k, v)), causal=True)
+            outs.append(o[0].transpose(0, 1))
+            lses.append(l[0])
+        return torch.cat(outs), torch.cat(lses, dim=1)
+
+    comps = _against_reference(
+        lambda *t: fusedlayers.attention_varlen(*t, cu, cu, 64, 64, causal=True, return_lse=True, backend="triton"),
+        ref, (q, k, v), seeds)
+    testing.assert_all_ok(comps, "varlen huge scores")
+
+
 def test_refusals_name_the_reason(monkeypatch):
     call = testing.attention_call_for(AttentionCase(b=1, hq=1, hkv=1, nq=4, nk=4, d=16), torch.float32, DEVICE)
     from dataclasses import replace
@@ -227,7 +290,8 @@ def test_every_launched_kernel_is_a_compile_target():
     source = inspect.getsource(A)
     kernels = {name for name, obj in vars(A).items()
                if hasattr(obj, "arg_names") and re.search(rf"\b{name}\[", source)}
-    assert {"_attn_fwd", "_split_combine", "_keep_mask_kernel", "_bwd_preprocess", "_bwd_dkdv", "_bwd_dq"} <= kernels
+    assert {"_attn_fwd", "_split_combine", "_keep_mask_kernel", "_bwd_preprocess", "_bwd_row_stats", "_bwd_dkdv",
+            "_bwd_dq"} <= kernels
     targeted = {t[1] for t in A.compile_targets()}
     assert {name for name in kernels if getattr(A, name) not in targeted} == set()
     keep = [t for t in A.compile_targets() if t[1] is A._keep_mask_kernel]

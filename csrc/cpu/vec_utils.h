@@ -6,6 +6,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -44,6 +45,47 @@ inline void store_vec2(T* p, const Vec& a, const Vec& b) {
   }
 }
 
+// Non-temporal ("streaming") stores, for outputs far larger than the caches: a line is written
+// without being read first (no read-for-ownership), which saves a third of the memory traffic
+// of an output written once. A thread that streamed calls stream_fence() before others read.
+constexpr int64_t kStreamBytes = int64_t{8} << 20;  // outputs above this many bytes are streamed
+
+// stream_vec2(p, a, b): store_vec2 with streaming stores; p aligned to sizeof(Vec) bytes.
+template <typename T>
+inline void stream_vec2(T* p, const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_stream_ps(p, a);
+    _mm512_stream_ps(p + kVec, b);
+  } else {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), at::vec::convert_from_float<T>(a, b));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_stream_ps(p, a);
+    _mm256_stream_ps(p + kVec, b);
+  } else {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_from_float<T>(a, b));
+  }
+#else
+  store_vec2(p, a, b);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// How many leading elements of `out` to store one by one before it is aligned for stream_vec2.
+template <typename T>
+inline int64_t stream_head(const T* out, int64_t n) {
+  const auto misaligned = reinterpret_cast<uintptr_t>(out) % sizeof(Vec);
+  if (misaligned % sizeof(T) != 0) return n;  // never aligned: no streaming
+  return std::min<int64_t>(n, misaligned == 0 ? 0 : (sizeof(Vec) - misaligned) / sizeof(T));
+}
+
 // out[j] = float(in[j])
 template <typename T>
 inline void load_row(const T* in, int64_t n, float* out) {
@@ -52,11 +94,15 @@ inline void load_row(const T* in, int64_t n, float* out) {
   for (; j < n; ++j) out[j] = static_cast<float>(in[j]);
 }
 
-// out[j] = T(in[j] * s)
+// out[j] = T(in[j] * s); `stream`: with streaming stores
 template <typename T>
-inline void store_row(const float* in, int64_t n, T* out, float s = 1.0f) {
+inline void store_row(const float* in, int64_t n, T* out, float s = 1.0f, bool stream = false) {
   int64_t j = 0;
   const Vec vs(s);
+  if (stream) {
+    for (const int64_t head = stream_head(out, n); j < head; ++j) out[j] = static_cast<T>(in[j] * s);
+    for (; j + 2 * kVec <= n; j += 2 * kVec) stream_vec2(out + j, Vec::loadu(in + j) * vs, Vec::loadu(in + j + kVec) * vs);
+  }
   for (; j + 2 * kVec <= n; j += 2 * kVec) store_vec2(out + j, Vec::loadu(in + j) * vs, Vec::loadu(in + j + kVec) * vs);
   for (; j < n; ++j) out[j] = static_cast<T>(in[j] * s);
 }
@@ -69,11 +115,11 @@ inline void load_row_any(const void* in, DType t, int64_t n, float* out) {
   }
 }
 
-inline void store_row_any(const float* in, int64_t n, void* out, DType t, float s = 1.0f) {
+inline void store_row_any(const float* in, int64_t n, void* out, DType t, float s = 1.0f, bool stream = false) {
   switch (t) {
-    case DType::f32: return store_row(in, n, static_cast<float*>(out), s);
-    case DType::f16: return store_row(in, n, static_cast<c10::Half*>(out), s);
-    case DType::bf16: return store_row(in, n, static_cast<c10::BFloat16*>(out), s);
+    case DType::f32: return store_row(in, n, static_cast<float*>(out), s, stream);
+    case DType::f16: return store_row(in, n, static_cast<c10::Half*>(out), s, stream);
+    case DType::bf16: return store_row(in, n, static_cast<c10::BFloat16*>(out), s, stream);
   }
 }
 

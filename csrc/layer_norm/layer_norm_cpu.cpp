@@ -72,8 +72,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cpu(
   set_affine(p, kFwd, weight, bias, w_keep, b_keep);
 
   const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor y = at::empty(x.sizes(), x.options());
-  at::Tensor z = keep_stream ? at::empty(x.sizes(), x.options().dtype(stream_dtype)) : at::empty({0}, x.options());
+  at::Tensor y = empty_output(x.sizes(), x.options());
+  at::Tensor z = keep_stream ? empty_output(x.sizes(), x.options().dtype(stream_dtype)) : at::empty({0}, x.options());
   at::Tensor mean = at::empty({rms ? 0 : p.rows}, f32);
   at::Tensor rstd = at::empty({p.rows}, f32);
   p.y = y.mutable_data_ptr();
@@ -129,8 +129,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_bwd_cpu(
   at::Tensor w_keep, b_keep;
   set_affine(p, kBwd, weight, bias, w_keep, b_keep);
 
-  at::Tensor dx = at::empty(zin.sizes(), zin.options().dtype(x_dtype));
-  at::Tensor dres = residual_dtype.has_value() ? at::empty(zin.sizes(), zin.options().dtype(*residual_dtype))
+  at::Tensor dx = empty_output(zin.sizes(), zin.options().dtype(x_dtype));
+  at::Tensor dres = residual_dtype.has_value() ? empty_output(zin.sizes(), zin.options().dtype(*residual_dtype))
                                                : at::empty({0}, zin.options());
   const auto f32 = zin.options().dtype(at::kFloat);
   at::Tensor dw = weight.has_value() ? at::empty({p.hidden}, f32) : at::empty({0}, zin.options());

@@ -61,20 +61,28 @@ inline void load_affine(const NormParams& p, float* w, float* bias) {
   if (p.bias != nullptr) load_row_any(p.bias, p.bias_dtype, n, bias); else std::fill(bias, bias + n, 0.0f);
 }
 
-// y[j] = T((z[j] - mean) * rstd * w[j] + bias[j])
+// y[j] = T((z[j] - mean) * rstd * w[j] + bias[j]); `stream`: with streaming stores
 template <typename T>
-inline void store_affine(const float* z, int64_t n, float mean, float rstd, const float* w, const float* bias, T* y) {
+inline void store_affine(const float* z, int64_t n, float mean, float rstd, const float* w, const float* bias, T* y,
+                         bool stream) {
   const Vec vm(mean), vr(rstd);
   auto at = [&](int64_t j) { return at::vec::fmadd((Vec::loadu(z + j) - vm) * vr, Vec::loadu(w + j), Vec::loadu(bias + j)); };
+  auto one = [&](int64_t j) { y[j] = static_cast<T>((z[j] - mean) * rstd * w[j] + bias[j]); };
   int64_t j = 0;
+  if (stream) {
+    for (const int64_t head = stream_head(y, n); j < head; ++j) one(j);
+    for (; j + 2 * kVec <= n; j += 2 * kVec) stream_vec2(y + j, at(j), at(j + kVec));
+  }
   for (; j + 2 * kVec <= n; j += 2 * kVec) store_vec2(y + j, at(j), at(j + kVec));
-  for (; j < n; ++j) y[j] = static_cast<T>((z[j] - mean) * rstd * w[j] + bias[j]);
+  for (; j < n; ++j) one(j);
 }
 
 inline void forward(const NormParams& p) {
   const int64_t n = p.hidden;
   const float inv_keep = p.dropout_p > 0 ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
   const bool plain_f32 = p.x_dtype == DType::f32 && p.dropout_p == 0 && p.residual == nullptr;  // z = x
+  // y (and a float32 z, which is not read back here) streamed past the caches when large
+  const bool stream = p.rows * n * dtype_size(p.x_dtype) > kStreamBytes;
   // one thread below kParallelGrain elements
 #pragma omp parallel num_threads(at::get_num_threads()) \
     if (p.rows > 1 && p.rows * n >= kParallelGrain && !omp_in_parallel())
@@ -103,7 +111,7 @@ inline void forward(const NormParams& p) {
       }
       if (p.z != nullptr) {
         char* zrow = row_ptr(p.z, p.z_dtype, row, n);
-        store_row_any(zr, n, zrow, p.z_dtype);
+        store_row_any(zr, n, zrow, p.z_dtype, 1.0f, stream && p.z_dtype == DType::f32);
         // statistics of the stored (rounded) z, which backward reads back: with the unrounded
         // ones, zin - mean of a constant fp16 row would be a rounding error times rstd (1e6 at eps 1e-12)
         if (p.z_dtype != DType::f32) load_row_any(zrow, p.z_dtype, n, z.get()), zr = z.get();
@@ -130,13 +138,18 @@ inline void forward(const NormParams& p) {
       // y = (z - mean) * rstd * w + bias
       char* y = row_ptr(p.y, p.x_dtype, row, n);
       switch (p.x_dtype) {
-        case DType::f32: store_affine(zr, n, mean, rstd, w.get(), bias.get(), reinterpret_cast<float*>(y)); break;
-        case DType::f16: store_affine(zr, n, mean, rstd, w.get(), bias.get(), reinterpret_cast<c10::Half*>(y)); break;
+        case DType::f32:
+          store_affine(zr, n, mean, rstd, w.get(), bias.get(), reinterpret_cast<float*>(y), stream);
+          break;
+        case DType::f16:
+          store_affine(zr, n, mean, rstd, w.get(), bias.get(), reinterpret_cast<c10::Half*>(y), stream);
+          break;
         case DType::bf16:
-          store_affine(zr, n, mean, rstd, w.get(), bias.get(), reinterpret_cast<c10::BFloat16*>(y));
+          store_affine(zr, n, mean, rstd, w.get(), bias.get(), reinterpret_cast<c10::BFloat16*>(y), stream);
           break;
       }
     }
+    if (stream) stream_fence();
   }
 }
 
@@ -145,6 +158,7 @@ inline void backward(const NormParams& p) {
   const float inv_keep = p.dropout_p > 0 ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
   const float inv_n = 1.0f / static_cast<float>(n);
   const bool want_dw = p.dweight != nullptr, want_db = p.dbias != nullptr;
+  const bool stream = p.rows * n * dtype_size(p.x_dtype) > kStreamBytes;  // dx, dresidual past the caches
   const int threads = omp_in_parallel() || p.rows * n < kParallelGrain
                           ? 1
                           : std::max<int>(1, std::min<int64_t>(at::get_num_threads(), p.rows));
@@ -207,10 +221,13 @@ inline void backward(const NormParams& p) {
         load_row_any(row_ptr(p.dz, p.dz_dtype, row, n), p.dz_dtype, n, wdy.get());
         add_row(g.get(), wdy.get(), n);
       }
-      if (p.dresidual != nullptr) store_row_any(g.get(), n, row_ptr(p.dresidual, p.residual_dtype, row, n), p.residual_dtype);
+      if (p.dresidual != nullptr) {
+        store_row_any(g.get(), n, row_ptr(p.dresidual, p.residual_dtype, row, n), p.residual_dtype, 1.0f, stream);
+      }
       if (p.dropout_p > 0) dropout_row(g.get(), n, p.seed, static_cast<uint64_t>(row * n), p.dropout_p, inv_keep);
-      store_row_any(g.get(), n, row_ptr(p.dx, p.x_dtype, row, n), p.x_dtype);
+      store_row_any(g.get(), n, row_ptr(p.dx, p.x_dtype, row, n), p.x_dtype, 1.0f, stream);
     }
+    if (stream) stream_fence();
   }
   // partials in thread order, columns split over the threads
   if (want_dw || want_db) {
