@@ -16,11 +16,11 @@
 // dispatcher, so both give bitwise the same numbers.
 //
 // Autograd: NormFunction and AttentionFunction are the backward formulas of
-// fusedlayers/registration.py in C++. A norm's backward with create_graph=True recomputes
-// the forward with differentiable ATen ops and differentiates it; attention's calls the
-// Python path's differentiable backward (registration.attention_double_backward).
+// fusedlayers/registration.py in C++. A backward with create_graph=True calls the Python
+// path's differentiable backward (registration.norm_double_backward / attention_double_backward).
 #include <torch/extension.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <ATen/PythonTorchFunctionTLS.h>
@@ -150,23 +150,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_forward(const Tensor& x, const T
   return {at::_unsafe_view(y, x.sizes()), a.keep_stream ? at::_unsafe_view(z, x.sizes()) : z, mean, rstd};
 }
 
-// The same forward in differentiable ATen ops, for a backward with create_graph=True.
-std::tuple<Tensor, Tensor> norm_forward_differentiable(const Tensor& x, const Tensor& residual, const Tensor& weight,
-                                                       const Tensor& bias, const NormArgs& a) {
-  Tensor z = residual.defined() ? x.to(a.stream_dtype) + residual.to(a.stream_dtype) : x.to(a.stream_dtype);
-  const Tensor zf = z.to(at::kFloat).view({-1, a.hidden});
-  Tensor y;
-  if (a.rms) {
-    y = zf * at::rsqrt(zf.pow(2).mean({-1}, true) + a.eps);
-  } else {
-    const Tensor centred = zf - zf.mean({-1}, true);
-    y = centred * at::rsqrt(centred.pow(2).mean({-1}, true) + a.eps);
-  }
-  if (weight.defined()) y = y * weight.to(at::kFloat).view({-1});
-  if (bias.defined()) y = y + bias.to(at::kFloat).view({-1});
-  return {y.to(x.scalar_type()).view(x.sizes()), z};
-}
-
 struct NormFunction : public torch::autograd::Function<NormFunction> {
   // Inputs: x, residual, weight, bias (nullopt when absent), and the NormArgs fields.
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& residual_in,
@@ -195,20 +178,30 @@ struct NormFunction : public torch::autograd::Function<NormFunction> {
     Tensor dy = grads[0].defined() ? grads[0] : at::zeros_like(x);
     const Tensor dz = a.prenorm && grads.size() > 1 ? grads[1] : Tensor();
     variable_list out(10);
-    if (at::GradMode::is_enabled()) {  // create_graph=True: a differentiable backward
-      auto [y, z] = norm_forward_differentiable(x, residual, weight, bias, a);
-      variable_list outputs{y}, grad_outputs{dy}, inputs;
-      if (dz.defined()) outputs.push_back(z), grad_outputs.push_back(dz);
-      std::vector<int> index;
-      for (int i = 0; i < 4; ++i) {
-        if (needs_grad(ctx, saved, i)) inputs.push_back(saved[i]), index.push_back(i);
+    const Tensor zin = saved[4].view({-1, a.hidden});
+    if (at::GradMode::is_enabled()) {  // create_graph=True: the Python path's differentiable backward
+      py::gil_scoped_acquire gil;
+      static const auto* double_backward =
+          new py::object(py::module_::import("fusedlayers.registration").attr("norm_double_backward"));
+      auto none_or = [](const Tensor& t) { return t.defined() ? py::cast(t) : py::none(); };
+      auto dtype = [](at::ScalarType t) {
+        return py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(torch::getTHPDtype(t)));
+      };
+      // the stream again from the inputs, so that the second-order terms reach x and the residual
+      // (the saved z is not an output of this node unless prenorm)
+      const Tensor z = residual.defined() ? x.to(a.stream_dtype) + residual.to(a.stream_dtype) : x.to(a.stream_dtype);
+      const py::tuple g = (*double_backward)(
+          dy.reshape({-1, a.hidden}), dz.defined() ? py::cast(dz.reshape({-1, a.hidden})) : py::none(),
+          z.reshape({-1, a.hidden}),
+          none_or(weight.defined() ? weight.view({-1}) : weight), none_or(bias.defined() ? bias.view({-1}) : bias),
+          saved[5], saved[6], py::none(), a.eps, 0.0, a.rms, dtype(x.scalar_type()),
+          residual.defined() ? dtype(residual.scalar_type()) : py::none(), "cpu");
+      const Tensor* shapes[4] = {&x, &residual, &weight, &bias};
+      for (size_t i = 0; i < 4; ++i) {
+        if (shapes[i]->defined() && !g[i].is_none()) out[i] = THPVariable_Unpack(g[i].ptr()).view(shapes[i]->sizes());
       }
-      const auto g = torch::autograd::grad(outputs, inputs, grad_outputs, /*retain_graph=*/true,
-                                           /*create_graph=*/true, /*allow_unused=*/true);
-      for (size_t j = 0; j < index.size(); ++j) out[index[j]] = g[j];
       return out;
     }
-    const Tensor zin = saved[4].view({-1, a.hidden});
     // Without dropout the residual's gradient is dx itself: when it also has x's dtype the
     // kernel writes it once and both inputs get that tensor (autograd copies before it
     // accumulates into a shared one), as torch's own x + residual backward does.
