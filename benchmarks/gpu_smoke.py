@@ -84,31 +84,21 @@ def cases(tiny: bool):
 
     from fusedlayers.testing import AttentionCase
 
-    if tiny:  # the same features at interpreter sizes
-        return [
-            ("bf16 d128 fwd+bwd", AttentionCase(b=1, hq=4, hkv=2, nq=40, nk=40, d=128, mask="key_padding",
-                                                causal="top_left"), torch.bfloat16, False),
-            ("dropout", AttentionCase(b=1, hq=2, hkv=2, nq=33, nk=50, d=64, mask="bias", dropout_p=0.1),
-             torch.bfloat16, False),
-            ("split-KV decode", AttentionCase(b=1, hq=4, hkv=2, nq=1, nk=130, d=128, mask="key_padding"),
-             torch.bfloat16, False),
-            ("fp32 bwd", AttentionCase(b=1, hq=2, hkv=2, nq=33, nk=40, d=64, mask="bias"), torch.float32, False),
-            ("d256 non-atomic dQ", AttentionCase(b=1, hq=2, hkv=1, nq=20, nk=30, d=256, causal="bottom_right"),
-             torch.bfloat16, False),
-            ("deterministic", AttentionCase(b=1, hq=2, hkv=2, nq=20, nk=30, d=80), torch.float16, True),
-        ]
-    return [
-        ("bf16 d128 fwd+bwd", AttentionCase(b=2, hq=8, hkv=2, nq=1000, nk=1000, d=128, mask="key_padding",
-                                            causal="top_left"), torch.bfloat16, False),
-        ("dropout", AttentionCase(b=2, hq=4, hkv=4, nq=300, nk=257, d=64, mask="bias", dropout_p=0.1),
+    sizes = ("b", "hq", "hkv", "nq", "nk", "d")
+    table = [  # name, features, interpreter sizes (--tiny), GPU sizes, dtype, deterministic
+        ("bf16 d128 fwd+bwd", dict(mask="key_padding", causal="top_left"), (1, 4, 2, 40, 40, 128),
+         (2, 8, 2, 1000, 1000, 128), torch.bfloat16, False),
+        ("dropout", dict(mask="bias", dropout_p=0.1), (1, 2, 2, 33, 50, 64), (2, 4, 4, 300, 257, 64),
          torch.bfloat16, False),
-        ("split-KV decode", AttentionCase(b=2, hq=8, hkv=2, nq=1, nk=4096, d=128, mask="key_padding"),
+        ("split-KV decode", dict(mask="key_padding"), (1, 4, 2, 1, 130, 128), (2, 8, 2, 1, 4096, 128),
          torch.bfloat16, False),
-        ("fp32 bwd", AttentionCase(b=1, hq=4, hkv=2, nq=257, nk=300, d=64, mask="bias"), torch.float32, False),
-        ("d256 non-atomic dQ", AttentionCase(b=1, hq=4, hkv=2, nq=200, nk=300, d=256, causal="bottom_right"),
+        ("fp32 bwd", dict(mask="bias"), (1, 2, 2, 33, 40, 64), (1, 4, 2, 257, 300, 64), torch.float32, False),
+        ("d256 non-atomic dQ", dict(causal="bottom_right"), (1, 2, 1, 20, 30, 256), (1, 4, 2, 200, 300, 256),
          torch.bfloat16, False),
-        ("deterministic", AttentionCase(b=1, hq=4, hkv=4, nq=129, nk=129, d=80, mask="bool"), torch.float16, True),
+        ("deterministic", dict(mask="bool"), (1, 2, 2, 20, 30, 80), (1, 4, 4, 129, 129, 80), torch.float16, True),
     ]
+    return [(name, AttentionCase(**dict(zip(sizes, small if tiny else large)), **features), dtype, deterministic)
+            for name, features, small, large, dtype, deterministic in table]
 
 
 def _poison(device: str) -> None:

@@ -1,4 +1,4 @@
-// fusedlayers._C: entry point of the C++/CUDA extension, and its CPU kernels.
+// fusedlayers._C: entry point of the C++/CUDA extension: the op schemas and _ext_info.
 //
 // Built by setup.py (torch BuildExtension, g++ -O3 -fopenmp) into fusedlayers/_C*.so,
 // together with every other csrc/**/*.cpp and, when CUDA is built, csrc/**/*.cu and
@@ -15,11 +15,8 @@
 //   FUSEDLAYERS_CUDA_ARCHS       "8.0"-style TORCH_CUDA_ARCH_LIST, when WITH_CUDA
 //   FUSEDLAYERS_NO_CUDA_REASON   why CUDA was not built, when not WITH_CUDA
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <cstdint>
 #include <string>
 
 #ifndef FUSEDLAYERS_WITH_CUDA
@@ -44,34 +41,17 @@ std::string ext_info() {
 #endif
 }
 
-// Trivial op proving the CPU registration (and OpenMP linkage): x * 2 + 1.
-at::Tensor ext_smoke_cpu(const at::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat,
-              "fusedlayers::_ext_smoke: x must be float32, got ", x.scalar_type());
-  TORCH_CHECK(x.is_contiguous(), "fusedlayers::_ext_smoke: x must be contiguous");
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  const float* in = x.const_data_ptr<float>();
-  float* o = out.mutable_data_ptr<float>();
-  const int64_t n = x.numel();
-#pragma omp parallel for if (n > (1 << 16))
-  for (int64_t i = 0; i < n; ++i) {
-    o[i] = in[i] * 2.0f + 1.0f;
-  }
-  return out;
-}
-
 }  // namespace
 }  // namespace fusedlayers
 
 // TORCH_LIBRARY_FRAGMENT, not TORCH_LIBRARY: the Python side defines ops in the same
 // namespace. torch.library.custom_op("fusedlayers::...") uses a FRAGMENT library and would
-// coexist with TORCH_LIBRARY in either import order (tested, torch 2.14.1), but a Python
+// coexist with TORCH_LIBRARY in either import order (torch 2.14.1), but a Python
 // torch.library.Library("fusedlayers", "DEF") created before this module is imported makes
 // TORCH_LIBRARY throw during static initialisation, which aborts the interpreter (no
 // Python exception to catch). As a fragment this module can be imported in any case.
 TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
   m.def("_ext_info() -> str");
-  m.def("_ext_smoke(Tensor x) -> Tensor");
 
   // Kernel ops, device-neutral names: CPU impls in csrc/{attention,layer_norm,cpu}/*_cpu.cpp,
   // CUDA impls of the same schemas in the .cu files. Called from the Python custom ops'
@@ -101,14 +81,14 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
   m.def("_mean_var_test(Tensor x, int block) -> Tensor");
   // What the CPU kernels run on: SIMD level and GEMM provider (benchmarks state it).
   m.def("_cpu_kernels_info() -> str");
+  // Bytes of shared memory per block the CUDA attention kernels of head dim `head_dim`
+  // (max of D and Dv) need, forward or backward, whichever is more. Needs no GPU; its kernel is
+  // registered only by a build with the CUDA part (csrc/attention/attention_op_cuda.cpp).
+  m.def("_attention_cuda_smem(int head_dim) -> int");
 }
 
 // _ext_info has no tensor argument, so no backend key: CompositeExplicitAutograd serves
 // every call.
 TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) {
   m.impl("_ext_info", &fusedlayers::ext_info);
-}
-
-TORCH_LIBRARY_IMPL(fusedlayers, CPU, m) {
-  m.impl("_ext_smoke", &fusedlayers::ext_smoke_cpu);
 }

@@ -31,10 +31,6 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 MAX_GRID = 65535  # heads and sequences per launch (gridDim.y / gridDim.z)
-# Shared memory per block (bytes) the attention kernels need, by head-dim bucket: the largest
-# kSmem of FwdTile / DkdvTile / DqTile in csrc/attention/attention_cuda_kernel.cuh (keep in
-# step). Over 99 KB for buckets 128 and 256: sm_80 / sm_90 have it, sm_86 / sm_89 do not.
-SMEM_BYTES = {64: 55_296, 128: 104_448, 256: 135_168}
 
 
 def _dt(dtype: torch.dtype) -> str:
@@ -62,11 +58,19 @@ def _attention_why_not(call) -> Optional[str]:
     if call.heads_q > MAX_GRID or call.batch > MAX_GRID:
         return f"more than {MAX_GRID} heads or sequences"
     d = max(call.head_dim, call.head_dim_v)
-    need = SMEM_BYTES[64 if d <= 64 else 128 if d <= 128 else 256]
+    need = smem_bytes(d)
     limit = _smem_limit(call.device)
     if limit is not None and need > limit:
         return f"head dim {d} needs {need} bytes of shared memory per block, this GPU allows {limit}"
     return None
+
+
+def smem_bytes(head_dim: int) -> int:
+    """Shared memory per block (bytes) the CUDA attention kernels of this head dim (max of D and
+    Dv, 1..256) need, forward or backward: the extension's own figure (``_attention_cuda_smem``,
+    no GPU needed), so an extension built with the CUDA part is required. Over 99 KB for head dims
+    over 64: sm_80 / sm_90 have it, sm_86 / sm_89 do not."""
+    return int(torch.ops.fusedlayers._attention_cuda_smem(int(head_dim)))
 
 
 def _smem_limit(device: torch.device) -> Optional[int]:

@@ -19,7 +19,12 @@ attention family
     seed, scale, causal, bottom_right, dropout_p)`` and ``varlen_backward`` likewise, and
     ``dropout_keep_mask(seed, shape, dropout_p, device) -> bool Tensor`` (its own random
     stream, so tests can check dropout against the reference). Shapes and conventions:
-    ``fusedlayers.registration``.
+    ``fusedlayers.registration``. ``VARIANTS``: the score variants it serves (argument names:
+    "window_size", "softcap", "alibi_slopes", "sinks"); ``why_not`` here refuses the others,
+    except sinks, which ``registration.join_sinks`` adds to the (out, lse) of any backend that
+    does not take them (its backward must take P from the saved lse). A call with variants
+    reaches ``forward`` / ``backward`` / ``varlen_*`` with one more argument, ``mods``
+    (``registration.ScoreMods``).
 norm family
     ``why_not(call: NormCall)``, ``forward``, ``backward``, ``dropout_keep_mask``, see
     ``fusedlayers.registration``.
@@ -66,6 +71,11 @@ class BackendError(RuntimeError):
     """No backend can serve a call; the message gives every backend's reason."""
 
 
+def _device_dtype(call) -> str:
+    """The start of a call's description: ``cuda bfloat16``."""
+    return f"{call.device.type} {str(call.dtype).replace('torch.', '')}"
+
+
 @dataclass(frozen=True)
 class AttentionCall:
     """What a backend needs to know to accept or refuse an attention call."""
@@ -85,14 +95,25 @@ class AttentionCall:
     dropout_p: float
     deterministic: bool
     varlen: bool
+    window: tuple[int, int] = (-1, -1)  # window_size (left, right), -1 = unbounded side
+    softcap: float = 0.0
+    alibi: bool = False  # alibi_slopes given
+    sinks: bool = False  # sinks given
+    sinks_grad: bool = False  # the sinks require grad
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The score variants of the call, by argument name (empty for plain attention)."""
+        return tuple(name for name, on in (("window_size", self.window != (-1, -1)), ("softcap", self.softcap > 0),
+                                           ("alibi_slopes", self.alibi), ("sinks", self.sinks)) if on)
 
     def __str__(self) -> str:
-        dt = str(self.dtype).replace("torch.", "")
-        return (f"{self.device.type} {dt}, B={self.batch} Hq={self.heads_q} Hkv={self.heads_kv} "
+        return (f"{_device_dtype(self)}, B={self.batch} Hq={self.heads_q} Hkv={self.heads_kv} "
                 f"Nq={self.seqlen_q} Nk={self.seqlen_k} D={self.head_dim}"
                 + (f" Dv={self.head_dim_v}" if self.head_dim_v != self.head_dim else "")
                 + (f", {self.mask} mask" if self.mask else "") + (", causal" if self.causal else "")
-                + (f", dropout {self.dropout_p}" if self.dropout_p else "") + (", varlen" if self.varlen else ""))
+                + (f", dropout {self.dropout_p}" if self.dropout_p else "") + (", varlen" if self.varlen else "")
+                + "".join(f", {v}" for v in self.variants))
 
 
 @dataclass(frozen=True)
@@ -109,8 +130,7 @@ class NormCall:
     dropout_p: float
 
     def __str__(self) -> str:
-        dt = str(self.dtype).replace("torch.", "")
-        return (f"{self.device.type} {dt}, rows={self.rows} hidden={self.hidden}"
+        return (f"{_device_dtype(self)}, rows={self.rows} hidden={self.hidden}"
                 + (", rms" if self.rms else "") + (", residual" if self.residual_dtype else "")
                 + (f", dropout {self.dropout_p}" if self.dropout_p else ""))
 
@@ -155,7 +175,13 @@ def auto_order(device: torch.device) -> tuple[str, ...]:
 def why_not(family: str, backend: str, call) -> Optional[str]:
     """None if ``backend`` can serve ``call`` of op ``family``, else the reason."""
     impl, error = _IMPLS.get((family, backend), (None, f"no {family} implementation yet"))
-    return error if impl is None else impl.why_not(call)
+    if impl is None:
+        return error
+    missing = [name for name in getattr(call, "variants", ())
+               if name != "sinks" and name not in getattr(impl, "VARIANTS", ())]  # sinks: registration.join_sinks
+    if missing:
+        return f"no {', '.join(missing)} on this backend"
+    return impl.why_not(call)
 
 
 def implementation(family: str, backend: str):

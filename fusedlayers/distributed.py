@@ -311,7 +311,7 @@ class _RingAttention(torch.autograd.Function):
                 if backend == "reference":  # its backward recomputes the block's own softmax: not usable here
                     dq, dk, dv = _torch_block_backward(*args, scale, blk_causal)
                 else:
-                    dq, dk, dv, _ = registration.attention_bwd(*args, None, scale, blk_causal, False, 0.0,
+                    dq, dk, dv, _, _ = registration.attention_bwd(*args, None, scale, blk_causal, False, 0.0,
                                                                deterministic, False, backend)
                 dq_acc[:, :, qs] += dq.float()
                 dk_blk[:, :, ks] += dk.float()

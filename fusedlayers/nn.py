@@ -35,7 +35,6 @@ the same arithmetic as torch's own), so it is correct but not fast. Pass
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -245,30 +244,18 @@ def materialized_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[
                            causal: bool = False, scale: Optional[float] = None,
                            dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
     """Attention that also returns its weights: the score matrix is formed, as in
-    ``torch.nn.MultiheadAttention``'s ``need_weights=True`` path (softmax, then dropout
-    on the weights with ``torch.nn.functional.dropout``, then ``weights @ v``).
+    ``torch.nn.MultiheadAttention``'s ``need_weights=True`` path (the reference's softmax,
+    :func:`fusedlayers.reference.attention_probs`, then dropout on the weights with
+    ``torch.nn.functional.dropout``, then ``weights @ v``).
 
     Arguments and conventions as :func:`fusedlayers.attention` (bool mask True =
     attend, GQA, top-left causal, a fully masked row gives 0). Returns ``(out (B, Hq,
     Nq, Dv), weights (B, Hq, Nq, Nk))``, weights after dropout. Differentiable by autograd.
     """
-    hq, hkv, nq, nk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    k = k.repeat_interleave(hq // hkv, dim=1)  # (B, Hq, Nk, D)
-    v = v.repeat_interleave(hq // hkv, dim=1)  # (B, Hq, Nk, Dv)
-    s = (q * scale) @ k.transpose(-2, -1)  # (B, Hq, Nq, Nk)
-    allowed = reference.causal_mask(nq, nk, device=q.device) if causal else None
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        allowed = attn_mask if allowed is None else allowed & attn_mask
-    elif attn_mask is not None:
-        s = s + attn_mask
-    if allowed is not None:
-        s = s.masked_fill(~allowed, float("-inf"))
-    dead = s.amax(dim=-1, keepdim=True) == float("-inf")  # rows that see no key
-    p = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    p = reference.attention_probs(q, k, attn_mask, causal=causal, scale=scale)  # (B, Hq, Nq, Nk)
     if dropout_p > 0:
         p = F.dropout(p, p=dropout_p)
-    return p @ v, p
+    return p @ v.repeat_interleave(q.shape[1] // v.shape[1], dim=1), p  # v: (B, Hkv, Nk, Dv) -> (B, Hq, Nk, Dv)
 
 
 def _as_allowed(mask: Tensor, name: str) -> Tensor:
@@ -447,6 +434,21 @@ def _add_norm(x: Tensor, residual: Tensor, dropout: torch.nn.Module, norm: torch
     return (norm(z), z) if prenorm else norm(z)
 
 
+def _adopt_children(layer: torch.nn.Module, backend: str, attentions: tuple, norms: tuple) -> None:
+    """Turns a torch Transformer layer's attention and norm children into ours (sharing
+    their parameters) and sets its ``backend``."""
+    layer.backend = _check_backend(backend)
+    for name in attentions:
+        setattr(layer, name, MultiheadAttention.from_torch(getattr(layer, name), backend))
+    for name in norms:
+        setattr(layer, name, LayerNorm.from_torch(getattr(layer, name), backend))
+
+
+def _feed_forward(layer: torch.nn.Module, x: Tensor) -> Tensor:
+    """The feed-forward block of torch's Transformer layers: linear2(dropout(activation(linear1(x))))."""
+    return layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
+
+
 class TransformerEncoderLayer(_FromTorch, torch.nn.TransformerEncoderLayer):
     """``torch.nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward=2048,
     dropout=0.1, activation=relu, layer_norm_eps=1e-5, batch_first=False,
@@ -468,17 +470,13 @@ class TransformerEncoderLayer(_FromTorch, torch.nn.TransformerEncoderLayer):
                  backend: str = "auto") -> None:
         super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
                          norm_first, bias, device, dtype)
-        self.backend = _check_backend(backend)
-        self.self_attn = MultiheadAttention.from_torch(self.self_attn, backend)
-        self.norm1 = LayerNorm.from_torch(self.norm1, backend)
-        self.norm2 = LayerNorm.from_torch(self.norm2, backend)
+        _adopt_children(self, backend, ("self_attn",), ("norm1", "norm2"))
 
     def _sa(self, x, attn_mask, key_padding_mask, is_causal):
         return self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False,
                               is_causal=is_causal)[0]
 
-    def _ff(self, x):
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+    _ff = _feed_forward
 
     def forward(self, src: Tensor, src_mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
                 is_causal: bool = False) -> Tensor:
@@ -520,14 +518,9 @@ class TransformerDecoderLayer(_FromTorch, torch.nn.TransformerDecoderLayer):
                  backend: str = "auto") -> None:
         super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
                          norm_first, bias, device, dtype)
-        self.backend = _check_backend(backend)
-        self.self_attn = MultiheadAttention.from_torch(self.self_attn, backend)
-        self.multihead_attn = MultiheadAttention.from_torch(self.multihead_attn, backend)
-        for name in ("norm1", "norm2", "norm3"):
-            setattr(self, name, LayerNorm.from_torch(getattr(self, name), backend))
+        _adopt_children(self, backend, ("self_attn", "multihead_attn"), ("norm1", "norm2", "norm3"))
 
-    def _ff(self, x):
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+    _ff = _feed_forward
 
     def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
                 memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,

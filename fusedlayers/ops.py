@@ -114,6 +114,44 @@ def _check_attention_args(q, causal_align, dropout_p, scale):
     return dropout_p, float(scale)
 
 
+def _check_mods(q: Tensor, window_size, softcap, alibi_slopes, sinks, batch: int, heads_q: int):
+    """Validates the score variants; returns them as ``registration.ScoreMods``."""
+    left = right = -1
+    if window_size is not None:
+        if not isinstance(window_size, (tuple, list)) or len(window_size) != 2 or any(
+                w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < -1) for w in window_size):
+            raise ValueError(f"window_size must be None or a pair (left, right) of ints >= 0, or -1 / None for an "
+                             f"unbounded side, got {window_size!r}")
+        left, right = (-1 if w is None else int(w) for w in window_size)
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (softcap >= 0 and
+                                                                                  math.isfinite(softcap)):
+        raise ValueError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
+    for name, t, shapes in (("alibi_slopes", alibi_slopes, ((heads_q,), (batch, heads_q))),
+                            ("sinks", sinks, ((heads_q,),))):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point torch.Tensor or None, got "
+                            f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
+        if tuple(t.shape) not in shapes:
+            raise ValueError(f"{name} must have shape {' or '.join(str(x) for x in shapes)} (Hq = {heads_q}), "
+                             f"got {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+    if alibi_slopes is not None and alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32 (as in FlashAttention), got {alibi_slopes.dtype}")
+    if alibi_slopes is not None and alibi_slopes.requires_grad:
+        raise ValueError("alibi_slopes are constants: no gradient is computed for them (detach them)")
+    return registration.ScoreMods(left, right, float(softcap), alibi_slopes, sinks)
+
+
+def _call_variants(mods) -> dict:
+    """The AttentionCall fields of the score variants."""
+    return dict(window=(mods.window_left, mods.window_right), softcap=mods.softcap,
+                alibi=mods.alibi_slopes is not None, sinks=mods.sinks is not None,
+                sinks_grad=mods.sinks is not None and mods.sinks.requires_grad)
+
+
 def _draw_seed(dropout_p: float) -> Optional[Tensor]:
     """Dropout seed from torch's default (CPU) generator: torch.manual_seed reproduces it."""
     if dropout_p == 0:
@@ -159,6 +197,10 @@ def attention(
     return_lse: bool = False,
     deterministic: bool = False,
     backend: str = "auto",
+    window_size: Optional[tuple[Optional[int], Optional[int]]] = None,
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Scaled dot-product attention, ``softmax(q k^T * scale + mask) v``, fused.
 
@@ -193,17 +235,29 @@ def attention(
         deterministic: bitwise-reproducible backward (no atomics), possibly slower.
         backend: "auto" (fastest that can serve the call) or one of "cuda", "triton",
             "cpu", "reference".
+        window_size: ``(left, right)``, local (sliding-window) attention: the query at key
+            position p(i) (``i``, or ``i + Nk - Nq`` with ``causal_align="bottom_right"``)
+            sees key j only when ``p(i) - left <= j <= p(i) + right``; None or -1 leaves a
+            side unbounded. Combines with ``causal`` and the mask by AND.
+        softcap: when > 0, scores become ``softcap * tanh(s / softcap)``, s = q k^T * scale,
+            before any bias (Gemma 2).
+        alibi_slopes: float32 (Hq,) or (B, Hq): adds ``-slope * |p(i) - j|`` to the score
+            (after softcap); no bias tensor is formed.
+        sinks: (Hq,) one logit per query head that joins each row's softmax denominator and
+            carries no value (gpt-oss); gets its gradient when it requires grad. lse includes
+            it; a row that sees no key returns 0 with lse = sink.
 
     Returns:
         out (B, Hq, Nq, Dv) in q's dtype, or ``(out, lse)`` with ``return_lse``. A query
-        row that sees no key (fully masked) gets output 0, lse -inf and gradient 0.
+        row that sees no key (fully masked) gets output 0, lse -inf (the sink with
+        ``sinks``) and gradient 0.
 
     Raises:
         TypeError / ValueError naming the argument for malformed inputs;
         ``fusedlayers.BackendError`` listing every backend's reason when none can serve.
     """
     if (_FAST is not None and dropout_p == 0 and causal_align in _ALIGNS and backend in _FAST_BACKENDS
-            and not _compiling()):
+            and window_size is None and not softcap and alibi_slopes is None and sinks is None and not _compiling()):
         out = _FAST.attention(q, k, v, attn_mask, bool(causal), causal_align == "bottom_right", scale,
                               bool(return_lse))
         if out is not None:
@@ -225,16 +279,18 @@ def attention(
                          f"key/value heads (k.shape[1] = {hkv})")
     mask = _check_mask(attn_mask, q, (b, hq, nq, nk))
     dropout_p, scale = _check_attention_args(q, causal_align, dropout_p, scale)
+    mods = _check_mods(q, window_size, softcap, alibi_slopes, sinks, b, hq)
     empty = q.numel() == 0 or k.numel() == 0 or v.numel() == 0
 
     call = AttentionCall(
         device=q.device, dtype=q.dtype, batch=b, heads_q=hq, heads_kv=hkv, seqlen_q=nq, seqlen_k=nk,
         head_dim=d, head_dim_v=v.shape[3], mask=None if mask is None else "bool" if mask.dtype == torch.bool else "float",
         mask_grad=mask is not None and mask.requires_grad, causal=bool(causal), dropout_p=dropout_p,
-        deterministic=bool(deterministic), varlen=False)
+        deterministic=bool(deterministic), varlen=False, **_call_variants(mods))
     name = _serve_empty(backend) if empty else dispatch.select("attention", call, backend)
     out, lse = registration.attention_fwd(q, k, v, mask, _draw_seed(dropout_p), scale, bool(causal),
-                                          causal_align == "bottom_right", dropout_p, bool(deterministic), name)
+                                          causal_align == "bottom_right", dropout_p, bool(deterministic), name,
+                                          *mods)
     return (out, lse) if return_lse else out
 
 
@@ -254,6 +310,10 @@ def attention_varlen(
     return_lse: bool = False,
     deterministic: bool = False,
     backend: str = "auto",
+    window_size: Optional[tuple[Optional[int], Optional[int]]] = None,
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Attention over variable-length sequences packed without padding.
 
@@ -264,8 +324,10 @@ def attention_varlen(
         cu_seqlens_q, cu_seqlens_k: int32, (B + 1,), cumulative sequence lengths starting
             at 0 and ending at total_q / total_k, on q's device.
         max_seqlen_q, max_seqlen_k: the longest sequence (sizes the kernel grid).
-        causal, causal_align, dropout_p, scale, return_lse, deterministic, backend: as in
-            :func:`attention`, applied per sequence.
+        causal, causal_align, dropout_p, scale, return_lse, deterministic, backend,
+            window_size, softcap, alibi_slopes, sinks: as in :func:`attention`, applied per
+            sequence (positions count from each sequence's start; ``alibi_slopes`` (B, Hq)
+            gives each sequence its row).
 
     Returns:
         out (total_q, Hq, Dv), or ``(out, lse)`` with lse (Hq, total_q) float32 (the
@@ -298,16 +360,18 @@ def attention_varlen(
         if not isinstance(n, int) or n < (1 if total else 0):
             raise ValueError(f"{name} must be a positive int (0 allowed when there are no tokens), got {n!r}")
     dropout_p, scale = _check_attention_args(q, causal_align, dropout_p, scale)
+    mods = _check_mods(q, window_size, softcap, alibi_slopes, sinks, cu_seqlens_q.numel() - 1, hq)
     empty = q.numel() == 0 or k.numel() == 0 or v.numel() == 0
 
     call = AttentionCall(
         device=q.device, dtype=q.dtype, batch=cu_seqlens_q.numel() - 1, heads_q=hq, heads_kv=hkv,
         seqlen_q=max_seqlen_q, seqlen_k=max_seqlen_k, head_dim=d, head_dim_v=v.shape[2], mask=None, mask_grad=False,
-        causal=bool(causal), dropout_p=dropout_p, deterministic=bool(deterministic), varlen=True)
+        causal=bool(causal), dropout_p=dropout_p, deterministic=bool(deterministic), varlen=True,
+        **_call_variants(mods))
     name = _serve_empty(backend) if empty else dispatch.select("attention", call, backend)
     out, lse = registration.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                        _draw_seed(dropout_p), scale, bool(causal), causal_align == "bottom_right",
-                                       dropout_p, bool(deterministic), name)
+                                       dropout_p, bool(deterministic), name, *mods)
     return (out, lse) if return_lse else out
 
 

@@ -1,10 +1,9 @@
 """The ``reference`` backend: the naive reference (``fusedlayers.reference``) behind the
 backend interface of ``fusedlayers.dispatch``.
 
-Forward runs the reference. Backward is the textbook gradient, spelled out with the
-score matrix materialised, in the names the kernels use (P, dP, Delta, dS): it runs under
-any dispatch mode (autograd is off inside a custom op's body) and is itself tested against
-autograd through the float64 reference. Dropout keep-masks come from a ``torch.Generator`` on the inputs' device seeded with the
+Forward runs ``reference.attention``; backward runs ``reference.attention_backward``, the
+textbook gradient spelled out with the score matrix (autograd is off inside a custom op's
+body), itself tested against autograd through the float64 reference. Dropout keep-masks come from a ``torch.Generator`` on the inputs' device seeded with the
 op's seed, so backward regenerates exactly the forward's mask.
 """
 
@@ -51,88 +50,84 @@ def _attention_why_not(call) -> Optional[str]:
     return None
 
 
-def _attention_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p):
+def _mods_kwargs(mods, acc):
+    """The reference's keyword arguments of the call's score variants, at precision ``acc``."""
+    if mods is None:
+        return {}
+    kw = mods.reference_kwargs()
+    for name in ("alibi_slopes", "sinks"):
+        if kw[name] is not None:
+            kw[name] = kw[name].to(acc)
+    return kw
+
+
+def _attention_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, mods=None):
     acc = _acc(q.dtype)  # float32 accumulation, as every backend promises
     b, hq, nq = q.shape[:3]
     keep = _keep_mask(seed, (b, hq, nq, k.shape[2]), dropout_p, q.device) if dropout_p > 0 else None
     mask = attn_mask.to(acc) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
     out, lse = reference.attention(q.to(acc), k.to(acc), v.to(acc), mask, causal=causal,
                                    causal_align=_align(bottom_right), dropout_p=dropout_p, dropout_mask=keep,
-                                   scale=scale)
+                                   scale=scale, **_mods_kwargs(mods, acc))
     return out.to(q.dtype).contiguous(), lse.float().contiguous()
 
 
 def _attention_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right, dropout_p,
-                        deterministic, bias_grad):
-    acc = _acc(q.dtype)
-    b, hq, nq, _ = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    group = hq // hkv
-    qf, kf, vf, do = (t.to(acc) for t in (q, k, v, dout))
-    kf = kf.repeat_interleave(group, dim=1)  # (B, Hq, Nk, D)
-    vf = vf.repeat_interleave(group, dim=1)  # (B, Hq, Nk, Dv)
-
-    # Recompute S
-    s = (qf @ kf.transpose(-2, -1)) * scale  # S: (B, Hq, Nq, Nk)
-    allowed = reference.causal_mask(nq, nk, _align(bottom_right), q.device) if causal else None
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        allowed = attn_mask if allowed is None else allowed & attn_mask
-    elif attn_mask is not None:
-        s = s + attn_mask.to(acc)
-    if allowed is not None:
-        s = s.masked_fill(~allowed, float("-inf"))
-    # P from S again at the accumulation precision (the saved lse is float32, which would cap
-    # a float64 gradient at ~1e-7); 0 on rows that see no key
-    # (NaN and +inf scores as in reference.attention: such a row's P is NaN)
-    m = s.amax(dim=-1, keepdim=True)
-    e = torch.exp(s - torch.where(torch.isfinite(m), m, 0))
-    l = e.sum(dim=-1, keepdim=True)
-    p = e / torch.where(l != 0, l, 1)  # P
-    drop = 1.0
-    if dropout_p > 0:
-        drop = _keep_mask(seed, (b, hq, nq, nk), dropout_p, q.device) / (1.0 - dropout_p)
-
-    dv = (p * drop).transpose(-2, -1) @ do  # dV = (P * keep / (1-p))^T dO
-    dp = (do @ vf.transpose(-2, -1)) * drop  # dP
-    delta = (p * dp).sum(dim=-1, keepdim=True)  # Delta_i = sum_j P_ij dP_ij (= rowsum(dO * O))
-    ds = p * (dp - delta + dlse.to(acc).unsqueeze(-1))  # dS; lse's own gradient adds P * dlse
-    dq = (ds @ kf) * scale
-    dk = (ds.transpose(-2, -1) @ qf) * scale
-    # GQA: a KV head's gradient sums over the query heads of its group
-    dk = dk.view(b, hkv, group, nk, -1).sum(dim=2)
-    dv = dv.view(b, hkv, group, nk, -1).sum(dim=2)
+                        deterministic, bias_grad, mods=None):
+    acc = _acc(q.dtype)  # P again at the accumulation precision (the saved lse is float32, which would cap a
+    b, hq, nq, _ = q.shape  # float64 gradient at ~1e-7)
+    keep = _keep_mask(seed, (b, hq, nq, k.shape[2]), dropout_p, q.device) if dropout_p > 0 else None
+    mask = attn_mask.to(acc) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
+    dq, dk, dv, ds, _ = reference.attention_backward(
+        dout.to(acc), dlse.to(acc), q.to(acc), k.to(acc), v.to(acc), mask, causal=causal,
+        causal_align=_align(bottom_right), dropout_p=dropout_p, dropout_mask=keep, scale=scale,
+        **_mods_kwargs(mods, acc))
     dbias = _sum_to(ds, attn_mask.shape).to(attn_mask.dtype) if bias_grad else None
     return _contiguous(dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias)
 
 
-def _varlen_as_dense(q, k, v, cu_q, cu_k, causal, bottom_right):
-    """Packed (T, H, D) inputs as one dense (1, H, T, D) problem with a block-diagonal mask."""
-    allowed = reference.varlen_mask(cu_q, cu_k, causal=causal, causal_align=_align(bottom_right))
-    return [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)], allowed
+def _varlen_as_dense(q, k, v, cu_q, cu_k, causal, bottom_right, mods):
+    """Packed (T, H, D) inputs as one dense (1, H, T, D) problem with a block-diagonal mask, the
+    positions inside each sequence and ALiBi's per-sequence slopes as one row per query."""
+    window = (mods.window_left, mods.window_right) if mods is not None else None
+    allowed, pos_q, pos_k, seq_q = reference._varlen_layout(cu_q, cu_k, causal, _align(bottom_right), window)
+    dense = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
+    slopes = reference._varlen_slopes(mods.alibi_slopes, seq_q) if mods is not None else None
+    return dense, allowed, (pos_q, pos_k), slopes
 
 
-def _varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, seed, scale, causal, bottom_right, dropout_p):
+def _varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, seed, scale, causal, bottom_right, dropout_p, mods=None):
     from .ops import check_cu_seqlens_values  # the op body runs eagerly: values can be read
 
     check_cu_seqlens_values(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
-    (qd, kd, vd), allowed = _varlen_as_dense(q, k, v, cu_q, cu_k, causal, bottom_right)
-    out, lse = _attention_forward(qd, kd, vd, allowed, seed, scale, False, False, dropout_p)
-    return out[0].transpose(0, 1).contiguous(), lse[0].contiguous()  # (Tq, Hq, Dv), (Hq, Tq)
+    acc = _acc(q.dtype)
+    keep = _keep_mask(seed, (1, q.shape[1], q.shape[0], k.shape[0]), dropout_p, q.device) if dropout_p > 0 else None
+    out, lse = reference.attention_varlen(q.to(acc), k.to(acc), v.to(acc), cu_q, cu_k, causal=causal,
+                                          causal_align=_align(bottom_right), dropout_p=dropout_p,
+                                          dropout_mask=keep[0] if keep is not None else None, scale=scale,
+                                          **_mods_kwargs(mods, acc))
+    return out.to(q.dtype).contiguous(), lse.float().contiguous()  # (Tq, Hq, Dv), (Hq, Tq)
 
 
 def _varlen_backward(dout, dlse, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, seed, scale, causal, bottom_right,
-                     dropout_p, deterministic):
+                     dropout_p, deterministic, mods=None):
     from .ops import check_cu_seqlens_values
 
     check_cu_seqlens_values(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
-    (qd, kd, vd), allowed = _varlen_as_dense(q, k, v, cu_q, cu_k, causal, bottom_right)
-    dq, dk, dv, _ = _attention_backward(dout.transpose(0, 1).unsqueeze(0), dlse.unsqueeze(0), qd, kd, vd, allowed,
-                                        None, lse.unsqueeze(0), seed, scale, False, False, dropout_p, deterministic,
-                                        False)
-    return _contiguous(*(t[0].transpose(0, 1) for t in (dq, dk, dv)))
+    acc = _acc(q.dtype)
+    (qd, kd, vd), allowed, positions, slopes = _varlen_as_dense(q, k, v, cu_q, cu_k, causal, bottom_right, mods)
+    keep = _keep_mask(seed, (1, q.shape[1], q.shape[0], k.shape[0]), dropout_p, q.device) if dropout_p > 0 else None
+    kw = _mods_kwargs(mods, acc)
+    kw.pop("window_size", None)  # in `allowed`
+    kw["alibi_slopes"] = slopes.to(acc) if slopes is not None else None
+    dq, dk, dv, _, _ = reference.attention_backward(
+        dout.transpose(0, 1).unsqueeze(0).to(acc), dlse.unsqueeze(0).to(acc), qd.to(acc), kd.to(acc), vd.to(acc),
+        None, dropout_p=dropout_p, dropout_mask=keep, scale=scale, allowed=allowed, positions=positions, **kw)
+    return _contiguous(*(t[0].transpose(0, 1).to(x.dtype) for t, x in ((dq, q), (dk, k), (dv, v))))
 
 
 attention = SimpleNamespace(
+    VARIANTS=frozenset({"window_size", "softcap", "alibi_slopes", "sinks"}),
     why_not=_attention_why_not,
     forward=_attention_forward,
     backward=_attention_backward,

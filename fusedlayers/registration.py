@@ -4,12 +4,14 @@ Every public op runs through one of three op pairs in namespace ``fusedlayers``:
 
 ====================  ======================================================================
 ``attention_fwd``     (q, k, v, attn_mask?, seed?, scale, causal, bottom_right, dropout_p,
-                      deterministic, backend) -> (out (B,Hq,Nq,Dv), lse (B,Hq,Nq) fp32)
+                      deterministic, backend, window_left, window_right, softcap,
+                      alibi_slopes?, sinks?) -> (out (B,Hq,Nq,Dv), lse (B,Hq,Nq) fp32)
 ``attention_bwd``     (dout, dlse, q, k, v, attn_mask?, out, lse, seed?, ..., bias_grad,
-                      backend) -> (dq, dk, dv, dbias: mask's shape, or empty)
+                      backend, <the variants>, sinks_grad) -> (dq, dk, dv, dbias: mask's
+                      shape, or empty, dsinks (Hq,) or empty)
 ``varlen_fwd``        (q (Tq,Hq,D), k, v (Tk,Hkv,D), cu_seqlens_q, cu_seqlens_k,
                       max_seqlen_q, max_seqlen_k, seed?, ...) -> (out (Tq,Hq,Dv), lse (Hq,Tq))
-``varlen_bwd``        -> (dq, dk, dv)
+``varlen_bwd``        -> (dq, dk, dv, dsinks)
 ``norm_fwd``          (x (M,N), residual?, weight?, bias?, seed?, eps, dropout_p, rms, prenorm,
                       residual_in_fp32, backend) -> (y (M,N), z, mean (M,), rstd (M,))
 ``norm_bwd``          (dy, dz?, zin, weight?, bias?, mean, rstd, seed?, eps, dropout_p, rms,
@@ -18,7 +20,10 @@ Every public op runs through one of three op pairs in namespace ``fusedlayers``:
 
 Conventions every backend keeps: outputs are new contiguous tensors; ``attn_mask`` is
 4-D, each dim either 1 (broadcast) or full size; ``lse`` is float32, natural log, -inf on
-rows that see no key; ``seed`` is a CPU int64 scalar drawn from torch's default generator
+rows that see no key (the sink's logit when there is one); the score variants
+(``ScoreMods``: window, softcap, ALiBi, sinks) reach a backend as one argument; sinks are
+joined to the (out, lse) of a backend that does not take them itself (``join_sinks``), and
+their gradient comes from the final (out, lse) (``sinks_gradient``); ``seed`` is a CPU int64 scalar drawn from torch's default generator
 when ``dropout_p > 0`` (the backend turns it into its own keep-mask and regenerates the
 same mask in backward). For the norms, ``z = dropout(x) + residual`` is the pre-norm
 residual stream: it is returned (dtype float32 if ``residual_in_fp32``, else residual's,
@@ -43,7 +48,7 @@ sees one opaque op per call and never a graph break.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -71,22 +76,70 @@ def _create_graph(*tensors: Optional[Tensor]) -> bool:
 # ----------------------------------------------------------------------------- attention
 
 
+class ScoreMods(NamedTuple):
+    """The score variants of an attention call (``reference.attention``'s keyword arguments),
+    handed to a backend as one argument: ``window_left`` / ``window_right`` (-1 unbounded),
+    ``softcap`` (0 off), ``alibi_slopes`` (float32 (Hq,) or (B, Hq), or None), ``sinks``
+    (float32 (Hq,) or None)."""
+
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    alibi_slopes: Optional[Tensor] = None
+    sinks: Optional[Tensor] = None
+
+    def any(self) -> bool:
+        return (self.window_left >= 0 or self.window_right >= 0 or self.softcap > 0 or self.alibi_slopes is not None
+                or self.sinks is not None)
+
+    def reference_kwargs(self) -> dict:
+        """As keyword arguments of ``reference.attention``."""
+        return dict(window_size=(self.window_left, self.window_right), softcap=self.softcap,
+                    alibi_slopes=self.alibi_slopes, sinks=self.sinks)
+
+
+NO_MODS = ScoreMods()
+
+
+def _native_sinks(impl) -> bool:
+    """Whether a backend takes sinks itself; the others get them joined (``join_sinks``)."""
+    return "sinks" in getattr(impl, "VARIANTS", ())
+
+
+def _mods_kw(mods: ScoreMods, impl) -> dict:
+    """The ``mods`` argument of a backend call (none for plain attention); sinks only for a
+    backend that takes them itself."""
+    mods = mods if _native_sinks(impl) else mods._replace(sinks=None)
+    return {"mods": mods} if mods.any() else {}
+
+
+def _no_key_lse(shape, sinks: Optional[Tensor], like: Tensor) -> Tensor:
+    """lse of rows that see no key: -inf, or the head's sink logit."""
+    if sinks is None:
+        return like.new_full(shape, float("-inf"), dtype=torch.float32)
+    return sinks.float().view(-1, 1).expand(shape).contiguous()
+
+
 @torch.library.custom_op("fusedlayers::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], seed: Optional[Tensor],
                   scale: float, causal: bool, bottom_right: bool, dropout_p: float, deterministic: bool,
-                  backend: str) -> tuple[Tensor, Tensor]:
+                  backend: str, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+                  alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    mods = ScoreMods(window_left, window_right, softcap, alibi_slopes, sinks)
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         if q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0:  # no query, or no key
             b, hq, nq = q.shape[:3]
-            return (q.new_zeros((b, hq, nq, v.shape[3])),
-                    q.new_full((b, hq, nq), float("-inf"), dtype=torch.float32))
+            return q.new_zeros((b, hq, nq, v.shape[3])), _no_key_lse((b, hq, nq), sinks, q)
         backend = "reference"  # head dim 0: the scores are the mask alone
     impl = dispatch.implementation("attention", backend)
-    return impl.forward(q, k, v, attn_mask, _seed(seed), scale, causal, bottom_right, dropout_p)
+    out, lse = impl.forward(q, k, v, attn_mask, _seed(seed), scale, causal, bottom_right, dropout_p,
+                            **_mods_kw(mods, impl))
+    return (out, lse) if _native_sinks(impl) else join_sinks(out, lse, sinks, varlen=False)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, deterministic, backend):
+def _(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, deterministic, backend, window_left=-1,
+      window_right=-1, softcap=0.0, alibi_slopes=None, sinks=None):
     b, hq, nq = q.shape[:3]
     return q.new_empty((b, hq, nq, v.shape[3])), q.new_empty((b, hq, nq), dtype=torch.float32)
 
@@ -94,40 +147,92 @@ def _(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, determin
 @torch.library.custom_op("fusedlayers::attention_bwd", mutates_args=())
 def attention_bwd(dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
                   out: Tensor, lse: Tensor, seed: Optional[Tensor], scale: float, causal: bool, bottom_right: bool,
-                  dropout_p: float, deterministic: bool, bias_grad: bool,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  dropout_p: float, deterministic: bool, bias_grad: bool, backend: str, window_left: int = -1,
+                  window_right: int = -1, softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+                  sinks: Optional[Tensor] = None,
+                  sinks_grad: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    mods = ScoreMods(window_left, window_right, softcap, alibi_slopes, sinks)
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         if q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0:  # the output did not depend on them
             dbias = torch.zeros_like(attn_mask) if bias_grad else q.new_empty(_EMPTY)
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
+            dsinks = sinks_gradient(dout, dlse, out, lse, sinks, varlen=False) if sinks_grad else q.new_empty(_EMPTY)
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias, dsinks
         backend = "reference"
     impl = dispatch.implementation("attention", backend)
+    _check_joined_sinks(sinks, impl, backend)
     dq, dk, dv, dbias = impl.backward(dout, dlse, q, k, v, attn_mask, out, lse, _seed(seed), scale, causal,
-                                      bottom_right, dropout_p, deterministic, bias_grad)
-    return dq, dk, dv, dbias if dbias is not None else q.new_empty(_EMPTY)
+                                      bottom_right, dropout_p, deterministic, bias_grad, **_mods_kw(mods, impl))
+    dsinks = sinks_gradient(dout, dlse, out, lse, sinks, varlen=False) if sinks_grad else q.new_empty(_EMPTY)
+    return dq, dk, dv, dbias if dbias is not None else q.new_empty(_EMPTY), dsinks
+
+
+SINK_LIMIT = 1024.0
+
+
+def _check_joined_sinks(sinks: Optional[Tensor], impl, backend: str) -> None:
+    """The kernels' backward recomputes the softmax statistics of rows whose |lse| >= 4096 from
+    the keys alone; with |sink| < SINK_LIMIT such a row's joined lse equals its keys' lse in
+    float32 (the sink's share is below exp(-3072)), so the backward stays exact. Reads the
+    values (a device sync on a GPU): called once per backward with sinks."""
+    if sinks is not None and not _native_sinks(impl) and bool((sinks.detach().float().abs() >= SINK_LIMIT).any()):
+        raise ValueError(f"sinks: the {backend} backend's backward needs |sink| < {SINK_LIMIT:g} (got a max of "
+                         f"{sinks.detach().float().abs().max().item():g}); backend='reference' has no such limit")
+
+
+def join_sinks(out: Tensor, lse: Tensor, sinks: Optional[Tensor], *, varlen: bool) -> tuple[Tensor, Tensor]:
+    """(out, lse) of attention over the keys -> that of the softmax whose denominator also
+    holds ``exp(sink_h)``: ``lse' = logaddexp(lse, sink)``, ``out' = out * exp(lse - lse')``
+    (the merge of a split-KV combine with a block that carries no value). One pass over out,
+    and the kernels see no sink. A row with no key gets out 0 and lse = sink; a kernel
+    backward that takes P = exp(S - lse') from the saved lse is exact given (out', lse')."""
+    if sinks is None:
+        return out, lse
+    sink = sinks.float().view(-1, 1)  # (Hq, 1): lse is (B, Hq, Nq), or (Hq, Tq) for varlen
+    joined = torch.logaddexp(lse, sink)
+    factor = torch.exp(lse - joined)  # 0 on rows with no key (lse = -inf)
+    factor = factor.transpose(0, 1) if varlen else factor  # (Tq, Hq) like varlen out's leading dims
+    return (out.float() * factor.unsqueeze(-1)).to(out.dtype), joined.contiguous()
+
+
+def sinks_gradient(dout: Tensor, dlse: Tensor, out: Tensor, lse: Tensor, sinks: Tensor, *, varlen: bool) -> Tensor:
+    """d loss / d sinks (Hq,), from the joined (out, lse): ``sum_i P_sink,i * (dlse_i -
+    Delta_i)`` with ``P_sink,i = exp(sink - lse_i)`` and ``Delta_i = rowsum(dO * O)`` (dropout
+    included). A fixed-order torch reduction: deterministic."""
+    delta = (dout.float() * out.float()).sum(dim=-1)  # (B, Hq, Nq), or (Tq, Hq) for varlen
+    delta = delta.transpose(0, 1) if varlen else delta
+    p_sink = torch.exp(sinks.float().view(-1, 1) - lse)
+    p_sink = torch.where(lse == float("-inf"), 0.0, p_sink)  # a -inf sink on a row with no key
+    g = p_sink * (dlse.float() - delta)
+    return g.sum(dim=tuple(i for i in range(g.dim()) if i != g.dim() - 2)).to(sinks.dtype)
 
 
 @attention_bwd.register_fake
 def _(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right, dropout_p, deterministic,
-      bias_grad, backend):
+      bias_grad, backend, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, sinks=None,
+      sinks_grad=False):
     dbias = attn_mask.new_empty(attn_mask.shape) if bias_grad else q.new_empty(_EMPTY)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+    dsinks = sinks.new_empty(sinks.shape) if sinks_grad else q.new_empty(_EMPTY)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias, dsinks
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, deterministic, backend = inputs
-    ctx.save_for_backward(q, k, v, attn_mask, seed, *output)
+    (q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, deterministic, backend, window_left,
+     window_right, softcap, alibi_slopes, sinks) = inputs
+    ctx.save_for_backward(q, k, v, attn_mask, seed, alibi_slopes, sinks, *output)
     ctx.args = (scale, causal, bottom_right, dropout_p, deterministic)
+    ctx.mods = (window_left, window_right, softcap)
     ctx.backend = backend
 
 
 def attention_double_backward(dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor,
                               attn_mask: Optional[Tensor], seed: Optional[Tensor], scale: float, causal: bool,
-                              bottom_right: bool, dropout_p: float, backend: str, needs_input_grad) -> tuple:
-    """(dq, dk, dv, dbias) of ``attention_fwd`` as a differentiable function of (dout, dlse,
-    q, k, v, attn_mask): autograd through the reference attention, recomputed with the
-    forward backend's keep-mask; None where ``needs_input_grad`` (4 flags) says no. For any
-    autograd node of attention whose backward runs under ``create_graph=True``."""
+                              bottom_right: bool, dropout_p: float, backend: str, needs_input_grad,
+                              mods: ScoreMods = NO_MODS) -> tuple:
+    """(dq, dk, dv, dbias, dsinks) of ``attention_fwd`` as a differentiable function of (dout,
+    dlse, q, k, v, attn_mask, sinks): autograd through the reference attention, recomputed with
+    the forward backend's keep-mask; None where ``needs_input_grad`` (4 or 5 flags: q, k, v,
+    attn_mask, sinks) says no. For any autograd node of attention whose backward runs under
+    ``create_graph=True``."""
     from . import reference
 
     b, hq, nq = q.shape[:3]
@@ -139,28 +244,40 @@ def attention_double_backward(dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, 
     mask = attn_mask.to(acc) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
     out, lse = reference.attention(q.to(acc), k.to(acc), v.to(acc), mask, causal=causal,
                                    causal_align="bottom_right" if bottom_right else "top_left", dropout_p=dropout_p,
-                                   dropout_mask=keep, scale=scale)
-    wanted = [i for i in range(4) if needs_input_grad[i] and (q, k, v, attn_mask)[i] is not None]
-    grads = torch.autograd.grad((out, lse), [(q, k, v, attn_mask)[i] for i in wanted],
-                                (dout.to(acc), dlse.to(acc)), create_graph=True, allow_unused=True)
-    result = [None] * 4
+                                   dropout_mask=keep, scale=scale, **mods.reference_kwargs())
+    inputs = (q, k, v, attn_mask, mods.sinks)
+    needs = tuple(needs_input_grad) + (False,) * (5 - len(needs_input_grad))
+    wanted = [i for i in range(5) if needs[i] and inputs[i] is not None]
+    grads = torch.autograd.grad((out, lse), [inputs[i] for i in wanted], (dout.to(acc), dlse.to(acc)),
+                                create_graph=True, allow_unused=True)
+    result = [None] * 5
     for i, g in zip(wanted, grads):
-        t = (q, k, v, attn_mask)[i]
-        result[i] = torch.zeros_like(t) if g is None else g.to(t.dtype)
+        result[i] = torch.zeros_like(inputs[i]) if g is None else g.to(inputs[i].dtype)
     return tuple(result)
 
 
+def _needs(ctx, i: int) -> bool:
+    """ctx.needs_input_grad[i], False for a defaulted argument the caller did not pass."""
+    return len(ctx.needs_input_grad) > i and ctx.needs_input_grad[i]
+
+
 def _attention_backward(ctx, dout, dlse):
-    q, k, v, attn_mask, seed, out, lse = ctx.saved_tensors
-    if _create_graph(dout, dlse, q, k, v, attn_mask):
-        scale, causal, bottom_right, dropout_p, _ = ctx.args
-        return attention_double_backward(dout, dlse, q, k, v, attn_mask, seed, scale, causal, bottom_right,
-                                         dropout_p, ctx.backend, ctx.needs_input_grad[:4]) + (None,) * 7
-    bias_grad = attn_mask is not None and ctx.needs_input_grad[3]
+    q, k, v, attn_mask, seed, alibi_slopes, sinks, out, lse = ctx.saved_tensors
     scale, causal, bottom_right, dropout_p, deterministic = ctx.args
-    dq, dk, dv, dbias = attention_bwd(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right,
-                                      dropout_p, deterministic, bias_grad, ctx.backend)
-    return dq, dk, dv, dbias if bias_grad else None, None, None, None, None, None, None, None
+    mods = ScoreMods(*ctx.mods, alibi_slopes, sinks)
+    n = len(ctx.needs_input_grad)  # the caller's argument count (trailing defaults omitted)
+    nones = (None,) * 11  # seed ... alibi_slopes
+    if _create_graph(dout, dlse, q, k, v, attn_mask, sinks):
+        needs = ctx.needs_input_grad[:4] + (_needs(ctx, 15),)
+        dq, dk, dv, dbias, dsinks = attention_double_backward(dout, dlse, q, k, v, attn_mask, seed, scale, causal,
+                                                              bottom_right, dropout_p, ctx.backend, needs, mods)
+        return ((dq, dk, dv, dbias) + nones + (dsinks,))[:n]
+    bias_grad = attn_mask is not None and ctx.needs_input_grad[3]
+    sinks_grad = sinks is not None and _needs(ctx, 15)
+    dq, dk, dv, dbias, dsinks = attention_bwd(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
+                                              bottom_right, dropout_p, deterministic, bias_grad, ctx.backend,
+                                              *ctx.mods, alibi_slopes, sinks, sinks_grad)
+    return ((dq, dk, dv, dbias if bias_grad else None) + nones + (dsinks if sinks_grad else None,))[:n]
 
 
 attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
@@ -172,24 +289,27 @@ attention_fwd.register_autograd(_attention_backward, setup_context=_attention_se
 @torch.library.custom_op("fusedlayers::varlen_fwd", mutates_args=())
 def varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                max_seqlen_k: int, seed: Optional[Tensor], scale: float, causal: bool, bottom_right: bool,
-               dropout_p: float, deterministic: bool, backend: str) -> tuple[Tensor, Tensor]:
+               dropout_p: float, deterministic: bool, backend: str, window_left: int = -1, window_right: int = -1,
+               softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+               sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    mods = ScoreMods(window_left, window_right, softcap, alibi_slopes, sinks)
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         if q.shape[0] * q.shape[1] == 0 or k.shape[0] == 0:  # no query, or no key
             from .ops import check_cu_seqlens_values
 
             check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
             tq, hq = q.shape[:2]
-            return (q.new_zeros((tq, hq, v.shape[2])),
-                    q.new_full((hq, tq), float("-inf"), dtype=torch.float32))
+            return q.new_zeros((tq, hq, v.shape[2])), _no_key_lse((hq, tq), sinks, q)
         backend = "reference"  # head dim 0: the scores are the mask alone
     impl = dispatch.implementation("attention", backend)
-    return impl.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, _seed(seed),
-                               scale, causal, bottom_right, dropout_p)
+    out, lse = impl.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, _seed(seed),
+                                   scale, causal, bottom_right, dropout_p, **_mods_kw(mods, impl))
+    return (out, lse) if _native_sinks(impl) else join_sinks(out, lse, sinks, varlen=True)
 
 
 @varlen_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, scale, causal, bottom_right,
-      dropout_p, deterministic, backend):
+      dropout_p, deterministic, backend, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, sinks=None):
     tq, hq = q.shape[:2]
     return q.new_empty((tq, hq, v.shape[2])), q.new_empty((hq, tq), dtype=torch.float32)
 
@@ -198,31 +318,45 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, sca
 def varlen_bwd(dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, out: Tensor, lse: Tensor,
                seed: Optional[Tensor], scale: float, causal: bool, bottom_right: bool, dropout_p: float,
-               deterministic: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+               deterministic: bool, backend: str, window_left: int = -1, window_right: int = -1,
+               softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
+               sinks_grad: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    mods = ScoreMods(window_left, window_right, softcap, alibi_slopes, sinks)
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         if q.shape[0] * q.shape[1] == 0 or k.shape[0] == 0:  # the output did not depend on them
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+            dsinks = sinks_gradient(dout, dlse, out, lse, sinks, varlen=True) if sinks_grad else q.new_empty(_EMPTY)
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dsinks
         backend = "reference"
     impl = dispatch.implementation("attention", backend)
-    return impl.varlen_backward(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out,
-                                lse, _seed(seed), scale, causal, bottom_right, dropout_p, deterministic)
+    _check_joined_sinks(sinks, impl, backend)
+    dq, dk, dv = impl.varlen_backward(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                      out, lse, _seed(seed), scale, causal, bottom_right, dropout_p, deterministic,
+                                      **_mods_kw(mods, impl))
+    dsinks = sinks_gradient(dout, dlse, out, lse, sinks, varlen=True) if sinks_grad else q.new_empty(_EMPTY)
+    return dq, dk, dv, dsinks
 
 
 @varlen_bwd.register_fake
 def _(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, lse, seed, scale, causal,
-      bottom_right, dropout_p, deterministic, backend):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+      bottom_right, dropout_p, deterministic, backend, window_left=-1, window_right=-1, softcap=0.0,
+      alibi_slopes=None, sinks=None, sinks_grad=False):
+    dsinks = sinks.new_empty(sinks.shape) if sinks_grad else q.new_empty(_EMPTY)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
 
 
 def _varlen_setup(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, max_q, max_k, seed, scale, causal, bottom_right, dropout_p, deterministic,
-     backend) = inputs
-    ctx.save_for_backward(q, k, v, cu_q, cu_k, seed, *output)
+     backend, window_left, window_right, softcap, alibi_slopes, sinks) = inputs
+    ctx.save_for_backward(q, k, v, cu_q, cu_k, seed, alibi_slopes, sinks, *output)
     ctx.args = (max_q, max_k, scale, causal, bottom_right, dropout_p, deterministic)
+    ctx.mods = (window_left, window_right, softcap)
     ctx.backend = backend
 
 
-def _varlen_double_backward(ctx, dout, dlse, q, k, v, cu_q, cu_k):
+_VARLEN_NONES = (None,) * 15  # cu_seqlens_q ... alibi_slopes
+
+
+def _varlen_double_backward(ctx, dout, dlse, q, k, v, cu_q, cu_k, mods):
     """As :func:`attention_double_backward`, through the reference varlen attention."""
     from . import reference
 
@@ -232,25 +366,30 @@ def _varlen_double_backward(ctx, dout, dlse, q, k, v, cu_q, cu_k):
                                   "supported with dropout_p > 0")
     acc = _acc(q.dtype)
     out, lse = reference.attention_varlen(q.to(acc), k.to(acc), v.to(acc), cu_q, cu_k, causal=causal,
-                                          causal_align="bottom_right" if bottom_right else "top_left", scale=scale)
-    wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
-    grads = torch.autograd.grad((out, lse), [(q, k, v)[i] for i in wanted], (dout.to(acc), dlse.to(acc)),
+                                          causal_align="bottom_right" if bottom_right else "top_left", scale=scale,
+                                          **mods.reference_kwargs())
+    inputs = (q, k, v, mods.sinks)
+    needs = ctx.needs_input_grad[:3] + (_needs(ctx, 18),)
+    wanted = [i for i in range(4) if needs[i] and inputs[i] is not None]
+    grads = torch.autograd.grad((out, lse), [inputs[i] for i in wanted], (dout.to(acc), dlse.to(acc)),
                                 create_graph=True, allow_unused=True)
-    result = [None] * 3
+    result = [None] * 4
     for i, g in zip(wanted, grads):
-        t = (q, k, v)[i]
-        result[i] = torch.zeros_like(t) if g is None else g.to(t.dtype)
-    return tuple(result) + (None,) * 11
+        result[i] = torch.zeros_like(inputs[i]) if g is None else g.to(inputs[i].dtype)
+    return (tuple(result[:3]) + _VARLEN_NONES + (result[3],))[:len(ctx.needs_input_grad)]
 
 
 def _varlen_backward(ctx, dout, dlse):
-    q, k, v, cu_q, cu_k, seed, out, lse = ctx.saved_tensors
-    if _create_graph(dout, dlse, q, k, v):
-        return _varlen_double_backward(ctx, dout, dlse, q, k, v, cu_q, cu_k)
+    q, k, v, cu_q, cu_k, seed, alibi_slopes, sinks, out, lse = ctx.saved_tensors
+    mods = ScoreMods(*ctx.mods, alibi_slopes, sinks)
+    if _create_graph(dout, dlse, q, k, v, sinks):
+        return _varlen_double_backward(ctx, dout, dlse, q, k, v, cu_q, cu_k, mods)
     max_q, max_k, scale, causal, bottom_right, dropout_p, deterministic = ctx.args
-    dq, dk, dv = varlen_bwd(dout, dlse, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, seed, scale, causal,
-                            bottom_right, dropout_p, deterministic, ctx.backend)
-    return (dq, dk, dv) + (None,) * 11
+    sinks_grad = sinks is not None and _needs(ctx, 18)
+    dq, dk, dv, dsinks = varlen_bwd(dout, dlse, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, seed, scale, causal,
+                                    bottom_right, dropout_p, deterministic, ctx.backend, *ctx.mods, alibi_slopes,
+                                    sinks, sinks_grad)
+    return ((dq, dk, dv) + _VARLEN_NONES + (dsinks if sinks_grad else None,))[:len(ctx.needs_input_grad)]
 
 
 varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup)

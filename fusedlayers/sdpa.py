@@ -87,7 +87,7 @@ def _backward(grad_out, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scal
     if lse.dtype != torch.float32 or lse.shape != q.shape[:3]:
         raise RuntimeError(f"fusedlayers SDPA backward: lse must be float32 of shape {tuple(q.shape[:3])}, got "
                            f"{lse.dtype} {tuple(lse.shape)} (was the forward run by another implementation?)")
-    dq, dk, dv, _ = registration.attention_bwd(
+    dq, dk, dv, _, _ = registration.attention_bwd(
         grad_out.contiguous(), torch.zeros_like(lse), q, k, v, mask, out, lse.contiguous(), seed, _scale(q, scale),
         bool(is_causal), False, float(dropout_p), torch.are_deterministic_algorithms_enabled(), False, name)
     return dq, dk, dv

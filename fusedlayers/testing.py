@@ -102,7 +102,9 @@ class AttentionCase:
     causal: None, "top_left" or "bottom_right".
     strided: q, k, v are (B, N, H, D) tensors transposed to (B, H, N, D): not contiguous.
     dv: v's head dim when it differs from q's and k's (None: d). Left out of repr, so the
-    inputs drawn for the other fields do not change with it.
+    inputs drawn for the other fields do not change with it; so are the score variants
+    (window, softcap, alibi, sinks: ``fusedlayers.attention``'s arguments), whose own inputs
+    come from :func:`make_variants`.
     """
 
     b: int = 2
@@ -116,6 +118,10 @@ class AttentionCase:
     dropout_p: float = 0.0
     strided: bool = False
     dv: Optional[int] = field(default=None, repr=False)
+    window: Optional[tuple[int, int]] = field(default=None, repr=False)  # window_size
+    softcap: float = field(default=0.0, repr=False)
+    alibi: bool = field(default=False, repr=False)  # alibi_slopes (B, Hq)
+    sinks: bool = field(default=False, repr=False)  # sinks (Hq,), requiring grad
 
     def __str__(self) -> str:
         defaults = AttentionCase()
@@ -146,6 +152,36 @@ def make_attention_mask(case: AttentionCase, dtype, device, gen) -> Optional[Ten
         bias[:, :, 0, :] = float("-inf")
         return bias.to(device=device, dtype=dtype).requires_grad_()
     raise ValueError(f"unknown mask kind {case.mask!r}")
+
+
+def make_variants(case, batch: int, dtype, device) -> dict:
+    """The score-variant keyword arguments of a case (attention or varlen): ALiBi slopes
+    float32 (batch, Hq) in ALiBi's geometric series, sinks (Hq,) in ``dtype`` requiring grad;
+    the same on every run."""
+    kw = {}
+    if case.window is not None:
+        kw["window_size"] = case.window
+    if case.softcap:
+        kw["softcap"] = case.softcap
+    if case.alibi:
+        base = torch.tensor([2.0 ** (-8.0 * (h + 1) / case.hq) for h in range(case.hq)], dtype=torch.float64)
+        kw["alibi_slopes"] = (base * torch.linspace(1.0, 1.5, batch, dtype=torch.float64)[:, None]).to(
+            device=device, dtype=torch.float32)
+    if case.sinks:
+        kw["sinks"] = _randn((case.hq,), _generator("sinks", case), dtype, device).requires_grad_()
+    return kw
+
+
+def _cast_variants(kw: dict, cast) -> dict:
+    """The variants with their tensors cast like the other inputs of a reference run."""
+    return {name: cast(t) if isinstance(t, Tensor) else t for name, t in kw.items()}
+
+
+def _variant_call_fields(case) -> dict:
+    from .reference import window_bounds
+
+    return dict(window=window_bounds(case.window), softcap=case.softcap, alibi=case.alibi, sinks=case.sinks,
+                sinks_grad=case.sinks)
 
 
 def make_attention_inputs(case: AttentionCase, dtype, device):
@@ -194,6 +230,7 @@ def attention_grid(level: str = "default") -> list[AttentionCase]:
         replace(small, dropout_p=0.3, mask="bias", causal="top_left"),
         replace(small, dropout_p=0.1, nq=17, nk=113, hkv=1),
     ]
+    default += variant_grid()
     if level == "default":
         return default
     seqlens = (1, 17, 113, 128, 1025)
@@ -204,6 +241,27 @@ def attention_grid(level: str = "default") -> list[AttentionCase]:
     return default + full
 
 
+def variant_grid() -> list[AttentionCase]:
+    """The score variants alone and with the features they must compose with (masks and a
+    bias gradient, both causal alignments, Nq != Nk, GQA / MQA, dropout, head dims)."""
+    small = AttentionCase(b=2, hq=4, hkv=2, nq=64, nk=64, d=32)
+    return [
+        replace(small, window=(8, 0), causal="top_left"),  # sliding window, causal
+        replace(small, window=(5, 7)),  # two-sided local attention
+        replace(small, window=(16, None), nq=17, nk=113, causal="bottom_right", hkv=1),  # decode-like, MQA
+        replace(small, window=(3, 2), mask="key_padding", dropout_p=0.2, causal="top_left"),
+        replace(small, window=(0, 0), mask="bias"),  # each query sees its own position only
+        replace(small, softcap=2.0, mask="bias"),  # softcap + bias gradient
+        replace(small, softcap=5.0, causal="bottom_right", nq=17, d=40),
+        replace(small, alibi=True, causal="top_left"),
+        replace(small, alibi=True, window=(12, 12), mask="bool", nq=113, nk=128),
+        replace(small, sinks=True),
+        replace(small, sinks=True, mask="bool", causal="bottom_right", nq=113, nk=17),  # rows with no key
+        replace(small, sinks=True, dropout_p=0.3, window=(10, 0), causal="top_left", hkv=1),
+        replace(small, window=(20, 0), softcap=3.0, alibi=True, sinks=True, mask="bias_inf", causal="top_left"),
+    ]
+
+
 def attention_call_for(case: AttentionCase, dtype, device) -> dispatch.AttentionCall:
     """The dispatch descriptor of a case (to ask a backend whether it can serve it)."""
     q, k, v, mask, _, _ = make_attention_inputs(case, dtype, device)
@@ -212,7 +270,7 @@ def attention_call_for(case: AttentionCase, dtype, device) -> dispatch.Attention
                                   heads_kv=case.hkv, seqlen_q=case.nq, seqlen_k=case.nk, head_dim=case.d,
                                   head_dim_v=case.dv or case.d, mask=mask_kind, mask_grad=mask is not None and mask.requires_grad,
                                   causal=case.causal is not None, dropout_p=case.dropout_p, deterministic=False,
-                                  varlen=False)
+                                  varlen=False, **_variant_call_fields(case))
 
 
 def _grad_list(outputs, inputs, grad_outputs):
@@ -244,13 +302,15 @@ def check_attention(case: AttentionCase, dtype, device, backend: str, rng_seed: 
     given) and compares out, lse and every gradient with the rule. Raises AssertionError on a
     wrong shape or dtype."""
     q, k, v, mask, dout, dlse = make_attention_inputs(case, dtype, device)
+    variants = make_variants(case, case.b, dtype, device)
     align = case.causal or "top_left"
     torch.manual_seed(rng_seed)
     out, lse = ops.attention(q, k, v, mask, causal=case.causal is not None, causal_align=align,
-                             dropout_p=case.dropout_p, return_lse=True, deterministic=deterministic, backend=backend)
+                             dropout_p=case.dropout_p, return_lse=True, deterministic=deterministic, backend=backend,
+                             **variants)
     assert out.shape == (*q.shape[:3], v.shape[3]) and out.dtype == dtype, (out.shape, out.dtype)
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32, (lse.shape, lse.dtype)
-    inputs = [q, k, v, mask if mask is not None and mask.requires_grad else None]
+    inputs = [q, k, v, mask if mask is not None and mask.requires_grad else None, variants.get("sinks")]
     grads = _grad_list((out, lse), inputs, (dout, dlse))
 
     keep = _dropout_keep("attention", backend, case.dropout_p, (case.b, case.hq, case.nq, case.nk), device, rng_seed)
@@ -259,18 +319,133 @@ def check_attention(case: AttentionCase, dtype, device, backend: str, rng_seed: 
     for label, cast in (("ref64", _to64), ("torch", lambda t: t.detach().requires_grad_(t.requires_grad)
                                                     if t is not None and t.is_floating_point() else t)):
         args = [cast(t) for t in (q, k, v, mask)]
+        var = _cast_variants(variants, cast)
         keep_here = keep.cpu() if (keep is not None and label == "ref64") else keep
-        o, l = reference.attention(*args, dropout_mask=keep_here, **kwargs)
-        g = _grad_list((o, l), [*args[:3], args[3] if mask is not None and mask.requires_grad else None],
+        o, l = reference.attention(*args, dropout_mask=keep_here, **kwargs, **var)
+        g = _grad_list((o, l), [*args[:3], args[3] if mask is not None and mask.requires_grad else None,
+                                var.get("sinks")],
                        (cast(dout).detach().to(o.dtype), cast(dlse).detach().to(l.dtype)))
         results[label] = (o, l, g)
 
     (o64, l64, g64), (ot, lt, gt) = results["ref64"], results["torch"]
     comps = [compare("out", out, o64, ot, OUT_FACTOR),
              compare("lse", lse, l64, lt.float(), OUT_FACTOR)]
-    for name, g, r, t in zip(("dq", "dk", "dv", "dbias"), grads, g64, gt):
+    for name, g, r, t in zip(("dq", "dk", "dv", "dbias", "dsinks"), grads, g64, gt):
         if g is not None:
             comps.append(compare(name, g, r, t, GRAD_FACTOR))
+    return comps
+
+
+# ---------------------------------------------------------------------------- packed attention
+
+
+@dataclass(frozen=True)
+class VarlenCase:
+    """One case of the packed-sequence check of ``fusedlayers.attention_varlen``: sequence b
+    has ``lens_q[b]`` queries and ``lens_k[b]`` keys, packed without padding.
+    causal: None, "top_left" or "bottom_right" (per sequence). dv: v's head dim (None: d)."""
+
+    lens_q: tuple[int, ...] = (17, 1, 64)
+    lens_k: tuple[int, ...] = (17, 1, 64)
+    hq: int = 4
+    hkv: int = 2
+    d: int = 32
+    causal: Optional[str] = None
+    dropout_p: float = 0.0
+    dv: Optional[int] = None
+    window: Optional[tuple[int, int]] = field(default=None, repr=False)  # as in AttentionCase
+    softcap: float = field(default=0.0, repr=False)
+    alibi: bool = field(default=False, repr=False)
+    sinks: bool = field(default=False, repr=False)
+
+    def __str__(self) -> str:
+        defaults = VarlenCase()
+        return "-".join(f"{f.name}{getattr(self, f.name)}" for f in fields(self)
+                        if getattr(self, f.name) != getattr(defaults, f.name) or f.name in ("lens_q", "lens_k"))
+
+
+def varlen_grid(level: str = "default") -> list[VarlenCase]:
+    """Cases of the packed check: equal and unequal query / key lengths, a one-token
+    sequence, both causal alignments, dropout, v's own head dim; ``full`` adds long
+    sequences and a large head dim."""
+    uneven = VarlenCase(lens_q=(5, 40, 13), lens_k=(30, 40, 7))
+    quick = [VarlenCase(), replace(uneven, causal="bottom_right")]
+    if level == "quick":
+        return quick
+    default = quick + [replace(uneven, causal="top_left", dropout_p=0.2), replace(uneven, causal="bottom_right", dv=48)]
+    default += [  # the score variants per sequence: positions from each sequence's start
+        replace(uneven, window=(6, 0), causal="bottom_right"),
+        replace(uneven, window=(4, 9), softcap=3.0),
+        replace(uneven, alibi=True, causal="top_left"),
+        replace(uneven, sinks=True, causal="bottom_right", window=(10, 2), dropout_p=0.2),
+    ]
+    if level == "default":
+        return default
+    return default + [VarlenCase(lens_q=(113, 1025, 1), lens_k=(128, 1025, 17), d=128, causal="bottom_right"),
+                      VarlenCase(lens_q=(300, 7), lens_k=(300, 7), hkv=1, d=80, causal="top_left", dropout_p=0.1)]
+
+
+def varlen_call_for(case: VarlenCase, dtype, device) -> dispatch.AttentionCall:
+    """The dispatch descriptor of a packed case (to ask a backend whether it can serve it)."""
+    return dispatch.AttentionCall(device=torch.device(device), dtype=dtype, batch=len(case.lens_q), heads_q=case.hq,
+                                  heads_kv=case.hkv, seqlen_q=max(case.lens_q), seqlen_k=max(case.lens_k),
+                                  head_dim=case.d, head_dim_v=case.dv or case.d, mask=None, mask_grad=False,
+                                  causal=case.causal is not None, dropout_p=case.dropout_p, deterministic=False,
+                                  varlen=True, **_variant_call_fields(case))
+
+
+def _cu_seqlens(lens, device) -> Tensor:
+    """(B + 1,) int32 offsets of packed sequences of lengths ``lens``: [0, l0, l0 + l1, ...]."""
+    return torch.tensor([0, *lens], device=device).cumsum(0).to(torch.int32)
+
+
+def check_attention_varlen(case: VarlenCase, dtype, device, backend: str, rng_seed: int = 0) -> list[Comparison]:
+    """Runs ``fusedlayers.attention_varlen`` on ``backend`` for one case and compares out, lse
+    and dq, dk, dv with the rule. The float64 truth runs the dense reference one sequence at
+    a time (so it also checks the packed reference's block-diagonal mask); PyTorch's own error
+    is that of the packed reference in the kernel's dtype. Raises AssertionError on a wrong
+    shape or dtype."""
+    gen = _generator("varlen", case)
+    tq, tk, dv = sum(case.lens_q), sum(case.lens_k), case.dv or case.d
+    q, k, v = (_randn(shape, gen, dtype, device).requires_grad_()
+               for shape in ((tq, case.hq, case.d), (tk, case.hkv, case.d), (tk, case.hkv, dv)))
+    dout = _randn((tq, case.hq, dv), gen, dtype, device)
+    cu_q, cu_k = _cu_seqlens(case.lens_q, device), _cu_seqlens(case.lens_k, device)
+    variants = make_variants(case, len(case.lens_q), dtype, device)
+    kwargs = dict(causal=case.causal is not None, causal_align=case.causal or "top_left", dropout_p=case.dropout_p)
+    torch.manual_seed(rng_seed)
+    out, lse = ops.attention_varlen(q, k, v, cu_q, cu_k, max(case.lens_q), max(case.lens_k), return_lse=True,
+                                    backend=backend, **kwargs, **variants)
+    assert out.shape == (tq, case.hq, dv) and out.dtype == dtype, (out.shape, out.dtype)
+    assert lse.shape == (case.hq, tq) and lse.dtype == torch.float32, (lse.shape, lse.dtype)
+    sinks = variants.get("sinks")
+    grads = _grad_list(out, (q, k, v, sinks), dout)
+    keep = _dropout_keep("attention", backend, case.dropout_p, (case.hq, tq, tk), device, rng_seed)
+
+    # float64 truth, one sequence at a time through the dense reference
+    q64, k64, v64 = (_to64(t) for t in (q, k, v))
+    var64 = _cast_variants(variants, _to64)
+    outs, lses = [], []
+    for b in range(len(case.lens_q)):
+        sq, sk = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        var_b = dict(var64, alibi_slopes=var64["alibi_slopes"][b]) if "alibi_slopes" in var64 else var64
+        o, l = reference.attention(*(t.transpose(0, 1)[None] for t in (q64[sq], k64[sk], v64[sk])),  # (1, H, N, D)
+                                   dropout_mask=None if keep is None else keep.cpu()[:, sq, sk][None], **kwargs,
+                                   **var_b)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(l[0])
+    out64, lse64 = torch.cat(outs), torch.cat(lses, dim=1)
+    grads64 = _grad_list(out64, (q64, k64, v64, var64.get("sinks")), dout.cpu().double())
+    # PyTorch's own error at this dtype: the packed reference run in the dtype
+    qt, kt, vt = (t.detach().requires_grad_() for t in (q, k, v))
+    var_t = _cast_variants(variants, lambda t: t.detach().requires_grad_(t.requires_grad))
+    ot, lt = reference.attention_varlen(qt, kt, vt, cu_q, cu_k, dropout_mask=keep, **kwargs, **var_t)
+    grads_t = _grad_list(ot, (qt, kt, vt, var_t.get("sinks")), dout)
+
+    comps = [compare("out", out, out64, ot, OUT_FACTOR), compare("lse", lse, lse64, lt.float(), OUT_FACTOR)]
+    for name, g, g64, gt in zip(("dq", "dk", "dv", "dsinks"), grads, grads64, grads_t):
+        if g is not None:
+            comps.append(compare(name, g, g64, gt, GRAD_FACTOR))
     return comps
 
 

@@ -1,9 +1,9 @@
 """``fusedlayers verify``: the test method's grid on this machine, for every backend.
 
 Runs ``fusedlayers.testing``'s checks (float64 reference, FlashAttention-style bound) for
-every op family, every backend that can serve this device, and fp32 / fp16 / bf16; prints
-one table row per (op, backend, dtype) with the worst error against its bound; writes a
-record (device, date, versions, results) that ``fusedlayers info`` reads back.
+every op family (attention, packed ``attention_varlen``, the norms), every backend that can
+serve this device, and fp32 / fp16 / bf16; prints one table row per (op, backend, dtype)
+with the worst error against its bound; writes a record (device, date, versions, results) that ``fusedlayers info`` reads back.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ import torch
 from . import dispatch, testing
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# table row -> (dispatch op family, grid, call descriptor, check)
 FAMILIES = {
-    "attention": (testing.attention_grid, testing.attention_call_for, testing.check_attention),
-    "norm": (testing.norm_grid, testing.norm_call_for, testing.check_norm),
+    "attention": ("attention", testing.attention_grid, testing.attention_call_for, testing.check_attention),
+    "varlen": ("attention", testing.varlen_grid, testing.varlen_call_for, testing.check_attention_varlen),
+    "norm": ("norm", testing.norm_grid, testing.norm_call_for, testing.check_norm),
 }
 
 
@@ -56,14 +58,14 @@ def run(level: str = "default", backends=None, device: Optional[torch.device] = 
     """Checks every (op family, backend, dtype) that can be served on ``device``."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
-    for family, (grid_of, call_for, check) in FAMILIES.items():
+    for op, (family, grid_of, call_for, check) in FAMILIES.items():
         grid = grid_of(level)
         for backend in backends or dispatch.BACKENDS:
             for dtype in DTYPES:
                 served = [c for c in grid if dispatch.why_not(family, backend, call_for(c, dtype, device)) is None]
                 if not served:
                     continue
-                row = Row(family, backend, str(dtype).replace("torch.", ""), len(served), 0.0, 1.0)
+                row = Row(op, backend, str(dtype).replace("torch.", ""), len(served), 0.0, 1.0)
                 worst = -1.0
                 for case in served:
                     for comp in check(case, dtype, device, backend):

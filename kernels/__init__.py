@@ -1,4 +1,5 @@
-"""Triton kernels of fusedlayers, one file per op family; see issue #3/#4.
+"""Triton kernels of fusedlayers, one file per op family (``attention.py``, ``layer_norm.py``),
+and ``interpreter.py``: what runs only under the Triton interpreter.
 
 This folder is installed as ``fusedlayers.kernels`` (``package_dir`` in ``setup.py``); no
 top-level ``kernels`` module is installed, so import it as ``fusedlayers.kernels``.

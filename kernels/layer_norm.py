@@ -39,26 +39,31 @@ arithmetic is in fp32: loads are upcast, stores round to the output dtype.
 Dropout keep-mask: ``tl.rand(seed, row * N + col) >= p``: it depends on (seed, row, col)
 only, not on the block size, so backward and ``dropout_keep_mask`` regenerate it.
 
-On CPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, tests only).
-Its fp32 -> bf16 cast truncates and its bf16 conversions are slow Python, so under the
-``INTERPRET`` flag bf16 is loaded and stored as raw 16 bits (widened by a shift; rounded
-to nearest-even by hand); launches use bigger row tiles and fewer programs there. On a GPU
-the flag is off and the native loads, casts and stores are used.
+On CPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, tests only),
+unchanged: the kernel bodies never test for it. The two conversions the interpreter gets
+wrong for bf16 (its fp32 -> bf16 cast truncates instead of rounding to nearest even, its
+bf16 -> fp32 cast misreads subnormals) go through ``to_f32`` and ``to_dtype`` of
+``kernels/interpreter.py``, used by ``_load`` and ``_store``/``_stream`` here. What runs
+only under the interpreter is therefore just those two helpers' bf16 branches (the bit
+manipulation that widens bf16 by a shift and rounds fp32 to bf16 by hand); what only a
+GPU runs is their other side, the native casts ``v.to(tl.float32)`` of a loaded bf16
+value and ``v.to(tl.bfloat16)`` of an fp32 result. Every other kernel line is the same code
+on both. What differs besides is host-side: the launch configuration under the interpreter
+(bigger row tiles, fewer programs, one warp: ``_config``, ``_tiles_per_group``).
 
 Check:     python -m pytest -q tests/test_norm.py tests/test_triton_norm.py -k triton
            (on CPU through the interpreter; the same tests run unchanged on a GPU)
 Benchmark: python benchmarks/bench_norm.py          (GPU; forward/backward GB/s vs torch)
 Resources: python benchmarks/resource_check.py      (registers/spills/shared, sm_80 and sm_90a)
 Measured:  correctness on CPU (interpreter) only. Every GPU configuration compiles for
-           sm_80 and sm_90a with 0 spills (at most 123 registers in the backward, 88 in the
-           forward). No GPU timing yet: the session that wrote it had no GPU.
+           sm_80 and sm_90a with 0 spills (at most 123 registers in the backward, 89 in the
+           forward). No GPU timing yet.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from typing import Optional
 
 import torch
@@ -66,10 +71,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fusedlayers.kernels.interpreter import INTERPRET, to_dtype, to_f32
 from fusedlayers.registration import keeps_stream, stream_dtype
-
-# Snapshot at import, as @triton.jit decides interpretation at decoration time.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 FWD_BLOCK_CAP = 8192  # widest column block of the forward; wider rows loop over blocks
 BWD_BLOCK_CAP = 4096  # of the backward (it holds more per element: 8192 would spill)
@@ -94,61 +97,45 @@ def _keep(seed, offsets, dropout_p):
 
 
 @triton.jit
-def _rne_bf16_bits(v):
-    """The bits of fp32 v rounded to the nearest bf16 (ties to even), in the high half of a
-    uint32 (NaN stays NaN): the interpreter's own fp32 -> bf16 cast truncates."""
-    bits = v.to(tl.uint32, bitcast=True)
-    bits = tl.add(bits, 0x7FFF + ((bits >> 16) & 1), sanitize_overflow=False) & 0xFFFF0000
-    return tl.where(v == v, bits, v.to(tl.uint32, bitcast=True))
+def _load(ptrs, mask):
+    """Loads ptrs' values as fp32 (0 outside ``mask``)."""
+    return to_f32(tl.load(ptrs, mask=mask, other=0.0))
 
 
 @triton.jit
-def _round(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """fp32 v rounded to the nearest value of ``dtype`` (ties to even), as fp32."""
-    if INTERPRET and dtype == tl.bfloat16:
-        r = _rne_bf16_bits(v).to(tl.float32, bitcast=True)
-    else:
-        r = v.to(dtype).to(tl.float32)
-    return r
-
-
-@triton.jit
-def _load(ptrs, mask, INTERPRET: tl.constexpr):
-    """Loads ptrs' values as fp32 (0 outside ``mask``). The interpreter converts bf16 in
-    slow Python: there, bf16 is read as its 16 bits and widened by a shift."""
-    if INTERPRET and ptrs.dtype.element_ty == tl.bfloat16:
-        bits = tl.load(ptrs.to(tl.pointer_type(tl.uint16), bitcast=True), mask=mask, other=0)
-        v = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    return v
-
-
-@triton.jit
-def _store(ptrs, v, mask, INTERPRET: tl.constexpr):
+def _store(ptrs, v, mask):
     """Stores fp32 v into ptrs' dtype, rounding to nearest even."""
-    if INTERPRET and ptrs.dtype.element_ty == tl.bfloat16:
-        tl.store(ptrs.to(tl.pointer_type(tl.uint16), bitcast=True), (_rne_bf16_bits(v) >> 16).to(tl.uint16),
-                 mask=mask)
-    else:
-        tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
+    tl.store(ptrs, to_dtype(v, ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _load_stream(X, R, Z, rows, cols, mask, stride_x, stride_r, N, dropout_p, keep_scale, seed,
-                 HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_Z: tl.constexpr,
-                 INTERPRET: tl.constexpr):
-    """z = dropout(x) + residual for a (BLOCK_M, BLOCK_N) tile, fp32, 0 outside ``mask``.
-    A stored z is rounded to its dtype first, so that y, mean and rstd are those of the
-    stream actually returned, and backward (which reads that z) sees the same xhat."""
-    z = _load(X + rows[:, None] * stride_x + cols[None, :], mask, INTERPRET)
+def _stream(X, R, Z, rows, row_ok, cols, stride_x, stride_r, N, dropout_p, keep_scale, seed,
+            HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_Z: tl.constexpr, WRITE_Z: tl.constexpr):
+    """(z, mask): z = dropout(x) + residual of the (BLOCK_M, BLOCK_N) tile at rows x cols,
+    fp32, 0 outside ``mask``; WRITE_Z also stores it to Z. A stored z is rounded to its
+    dtype first, so that y, mean and rstd are those of the stream actually returned, and
+    backward (which reads that z) sees the same xhat."""
+    mask = row_ok[:, None] & (cols[None, :] < N)
+    z = _load(X + rows[:, None] * stride_x + cols[None, :], mask)
     if HAS_DROPOUT:
         z = tl.where(_keep(seed, rows[:, None] * N + cols[None, :], dropout_p), z * keep_scale, 0.0)
     if HAS_RESIDUAL:
-        z += _load(R + rows[:, None] * stride_r + cols[None, :], mask, INTERPRET)
+        z += _load(R + rows[:, None] * stride_r + cols[None, :], mask)
     if STORE_Z:
-        z = _round(z, Z.dtype.element_ty, INTERPRET)
-    return z
+        z = to_f32(to_dtype(z, Z.dtype.element_ty))
+        if WRITE_Z:
+            _store(Z + rows[:, None] * N + cols[None, :], z, mask)
+    return z, mask
+
+
+@triton.jit
+def _write_y(Y, W, B, y, rows, cols, mask, N, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Stores y * weight + bias of one tile (y: the normalised values, fp32)."""
+    if HAS_WEIGHT:
+        y *= _load(W + cols, cols < N)[None, :]
+    if HAS_BIAS:
+        y += _load(B + cols, cols < N)[None, :]
+    _store(Y + rows[:, None] * N + cols[None, :], y, mask)
 
 
 @triton.jit
@@ -173,18 +160,14 @@ def _norm_fwd_kernel(
     HAS_DROPOUT: tl.constexpr, STORE_Z: tl.constexpr,
     RMS: tl.constexpr,  # RMS norm: no mean, no bias
     SINGLE_BLOCK: tl.constexpr,  # N <= BLOCK_N: one pass over the row, held in registers
-    INTERPRET: tl.constexpr,  # running under the Triton interpreter (bf16 rounding)
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows = rows.to(tl.int64)  # M * N may exceed 2**31
     cols = tl.arange(0, BLOCK_N)
     if SINGLE_BLOCK:
-        mask = row_ok[:, None] & (cols[None, :] < N)
-        z = _load_stream(X, R, Z, rows, cols, mask, stride_x, stride_r, N, dropout_p, keep_scale, seed,
-                         HAS_RESIDUAL, HAS_DROPOUT, STORE_Z, INTERPRET)
-        if STORE_Z:
-            _store(Z + rows[:, None] * N + cols[None, :], z, mask, INTERPRET)
+        z, mask = _stream(X, R, Z, rows, row_ok, cols, stride_x, stride_r, N, dropout_p, keep_scale, seed,
+                          HAS_RESIDUAL, HAS_DROPOUT, STORE_Z, STORE_Z)
         if RMS:
             zc = z
         else:
@@ -195,23 +178,14 @@ def _norm_fwd_kernel(
             mean = first + tl.sum(tl.where(mask, z - first[:, None], 0.0), axis=1) / N
             zc = tl.where(mask, z - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt_rn(tl.sum(zc * zc, axis=1) / N + eps)
-        y = zc * rstd[:, None]
-        if HAS_WEIGHT:
-            y *= _load(W + cols, cols < N, INTERPRET)[None, :]
-        if HAS_BIAS:
-            y += _load(B + cols, cols < N, INTERPRET)[None, :]
-        _store(Y + rows[:, None] * N + cols[None, :], y, mask, INTERPRET)
+        _write_y(Y, W, B, zc * rstd[:, None], rows, cols, mask, N, HAS_WEIGHT, HAS_BIAS)
     else:
         # pass 1: statistics, block by block (Chan et al.'s pairwise update of mean and M2)
         mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
         m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum of squared deviations (RMS: of squares)
         for start in range(0, N, BLOCK_N):
-            c = start + cols
-            mask = row_ok[:, None] & (c[None, :] < N)
-            z = _load_stream(X, R, Z, rows, c, mask, stride_x, stride_r, N, dropout_p, keep_scale, seed,
-                             HAS_RESIDUAL, HAS_DROPOUT, STORE_Z, INTERPRET)
-            if STORE_Z:
-                _store(Z + rows[:, None] * N + c[None, :], z, mask, INTERPRET)
+            z, mask = _stream(X, R, Z, rows, row_ok, start + cols, stride_x, stride_r, N, dropout_p, keep_scale,
+                              seed, HAS_RESIDUAL, HAS_DROPOUT, STORE_Z, STORE_Z)
             if RMS:
                 m2 += tl.sum(z * z, axis=1)
             else:
@@ -226,19 +200,13 @@ def _norm_fwd_kernel(
         rstd = 1.0 / tl.sqrt_rn(m2 / N + eps)
         # pass 2: normalise (z recomputed from the inputs, not read back)
         for start in range(0, N, BLOCK_N):
-            c = start + cols
-            mask = row_ok[:, None] & (c[None, :] < N)
-            z = _load_stream(X, R, Z, rows, c, mask, stride_x, stride_r, N, dropout_p, keep_scale, seed,
-                             HAS_RESIDUAL, HAS_DROPOUT, STORE_Z, INTERPRET)
+            z, mask = _stream(X, R, Z, rows, row_ok, start + cols, stride_x, stride_r, N, dropout_p, keep_scale,
+                              seed, HAS_RESIDUAL, HAS_DROPOUT, STORE_Z, False)
             if RMS:
                 y = z * rstd[:, None]
             else:
                 y = (z - mean[:, None]) * rstd[:, None]
-            if HAS_WEIGHT:
-                y *= _load(W + c, c < N, INTERPRET)[None, :]
-            if HAS_BIAS:
-                y += _load(B + c, c < N, INTERPRET)[None, :]
-            _store(Y + rows[:, None] * N + c[None, :], y, mask, INTERPRET)
+            _write_y(Y, W, B, y, rows, start + cols, mask, N, HAS_WEIGHT, HAS_BIAS)
     if not RMS:
         tl.store(MEAN + rows, mean, mask=row_ok)
     tl.store(RSTD + rows, rstd, mask=row_ok)
@@ -246,10 +214,10 @@ def _norm_fwd_kernel(
 
 @triton.jit
 def _xhat_wdy(DY, ZIN, w, rows, cols, mask, mean, rstd, stride_dy, stride_zin,
-              HAS_WEIGHT: tl.constexpr, RMS: tl.constexpr, INTERPRET: tl.constexpr):
+              HAS_WEIGHT: tl.constexpr, RMS: tl.constexpr):
     """dy, xhat and wdy of one tile (fp32, 0 outside ``mask``)."""
-    dy = _load(DY + rows[:, None] * stride_dy + cols[None, :], mask, INTERPRET)
-    zin = _load(ZIN + rows[:, None] * stride_zin + cols[None, :], mask, INTERPRET)
+    dy = _load(DY + rows[:, None] * stride_dy + cols[None, :], mask)
+    zin = _load(ZIN + rows[:, None] * stride_zin + cols[None, :], mask)
     xhat = zin * rstd[:, None] if RMS else (zin - mean[:, None]) * rstd[:, None]
     xhat = tl.where(mask, xhat, 0.0)
     wdy = dy * w[None, :] if HAS_WEIGHT else dy
@@ -266,7 +234,7 @@ def _norm_bwd_c_kernel(
     stride_dy, stride_zin,  # row strides, in elements
     M, N,  # rows, hidden size
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile: rows x columns (a loop over N)
-    HAS_WEIGHT: tl.constexpr, RMS: tl.constexpr, INTERPRET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, RMS: tl.constexpr,
 ):
     """Rows wider than one block: the row constants c1, c2 of the backward, in a loop over
     column blocks (the main kernel then runs over (row group, column block) programs)."""
@@ -281,9 +249,9 @@ def _norm_bwd_c_kernel(
     s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         c = start + tl.arange(0, BLOCK_N)
-        w = _load(W + c, c < N, INTERPRET) if HAS_WEIGHT else c
+        w = _load(W + c, c < N) if HAS_WEIGHT else c
         dy, xhat, wdy = _xhat_wdy(DY, ZIN, w, rows, c, row_ok[:, None] & (c[None, :] < N), mean, rstd,
-                                  stride_dy, stride_zin, HAS_WEIGHT, RMS, INTERPRET)
+                                  stride_dy, stride_zin, HAS_WEIGHT, RMS)
         s1 += tl.sum(xhat * wdy, axis=1)
         s2 += tl.sum(wdy, axis=1)
     tl.store(C1 + rows, s1 / N, mask=row_ok)
@@ -312,14 +280,13 @@ def _norm_bwd_kernel(
     HAS_DZ: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, STORE_DRES: tl.constexpr, RMS: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,  # N <= BLOCK_N: c1, c2 computed here, in registers
-    INTERPRET: tl.constexpr,
 ):
     """Program (g, j): rows of group g, columns of block j. dx (and dresidual) of each
     tile; the group's dweight/dbias sums in registers, stored once to row g of the partials."""
     group = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    w = _load(W + cols, col_ok, INTERPRET) if HAS_WEIGHT else cols
+    w = _load(W + cols, col_ok) if HAS_WEIGHT else cols
     dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     first = group * tiles_per_group
@@ -332,8 +299,7 @@ def _norm_bwd_kernel(
         mean = rstd  # unused for RMS
         if not RMS:
             mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
-        dy, xhat, wdy = _xhat_wdy(DY, ZIN, w, rows, cols, mask, mean, rstd, stride_dy, stride_zin, HAS_WEIGHT, RMS,
-                                  INTERPRET)
+        dy, xhat, wdy = _xhat_wdy(DY, ZIN, w, rows, cols, mask, mean, rstd, stride_dy, stride_zin, HAS_WEIGHT, RMS)
         if SINGLE_BLOCK:
             c1 = tl.sum(xhat * wdy, axis=1) / N
             c2 = tl.sum(wdy, axis=1) / N
@@ -347,13 +313,13 @@ def _norm_bwd_kernel(
         else:
             dz = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DZ:
-            dz += _load(DZ + rows[:, None] * stride_dz + cols[None, :], mask, INTERPRET)
+            dz += _load(DZ + rows[:, None] * stride_dz + cols[None, :], mask)
         if STORE_DRES:
-            _store(DRES + rows[:, None] * N + cols[None, :], dz, mask, INTERPRET)
+            _store(DRES + rows[:, None] * N + cols[None, :], dz, mask)
         dx = dz
         if HAS_DROPOUT:
             dx = tl.where(_keep(seed, rows[:, None] * N + cols[None, :], dropout_p), dz * keep_scale, 0.0)
-        _store(DX + rows[:, None] * N + cols[None, :], dx, mask, INTERPRET)
+        _store(DX + rows[:, None] * N + cols[None, :], dx, mask)
         if HAS_WEIGHT:
             dw_acc += tl.sum(dy * xhat, axis=0)
         if HAS_BIAS:
@@ -383,7 +349,7 @@ def _keep_mask_kernel(
 # ----------------------------------------------------------------------------- launch config
 
 
-def _config(m: int, n: int, backward: bool = False, interpret: bool = INTERPRET) -> tuple[int, int, int]:
+def _config(m: int, n: int, backward: bool = False, interpret: bool = bool(INTERPRET)) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the forward (or backward) kernel for x (m, n)."""
     cap = BWD_BLOCK_CAP if backward else FWD_BLOCK_CAP
     block_n = min(max(triton.next_power_of_2(n), MIN_BLOCK), cap)
@@ -480,7 +446,7 @@ def forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bia
             _row_stride(x), _row_stride(residual), m, n, eps, dropout_p, 1.0 / (1.0 - dropout_p), seed,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None and not rms, HAS_DROPOUT=dropout_p > 0, STORE_Z=store_z, RMS=rms,
-            SINGLE_BLOCK=n <= block_n, INTERPRET=INTERPRET, num_warps=num_warps)
+            SINGLE_BLOCK=n <= block_n, num_warps=num_warps)
     return y, z, mean, rstd
 
 
@@ -507,14 +473,13 @@ def backward(dy: Tensor, dz: Optional[Tensor], zin: Tensor, weight: Optional[Ten
             c2 = None if rms else rstd.new_empty((m,))
             _norm_bwd_c_kernel[(n_tiles,)](
                 dy, zin, weight, None if rms else mean, rstd, c1, c2, _row_stride(dy), _row_stride(zin), m, n,
-                BLOCK_M=block_m, BLOCK_N=block_n, HAS_WEIGHT=weight is not None, RMS=rms, INTERPRET=INTERPRET,
-                num_warps=num_warps)
+                BLOCK_M=block_m, BLOCK_N=block_n, HAS_WEIGHT=weight is not None, RMS=rms, num_warps=num_warps)
         _norm_bwd_kernel[(n_groups, n_col_blocks)](
             dy, dz, zin, weight, None if rms else mean, rstd, c1, c2, dx, dres, dw_part, db_part,
             _row_stride(dy), _row_stride(dz), _row_stride(zin), m, n, per, dropout_p, 1.0 / (1.0 - dropout_p),
             seed, BLOCK_M=block_m, BLOCK_N=block_n, HAS_DZ=dz is not None, HAS_WEIGHT=weight is not None,
             HAS_BIAS=has_bias, HAS_DROPOUT=dropout_p > 0, STORE_DRES=dres is not None, RMS=rms,
-            SINGLE_BLOCK=single, INTERPRET=INTERPRET, num_warps=num_warps)
+            SINGLE_BLOCK=single, num_warps=num_warps)
     dw = dw_part.sum(0).to(weight.dtype) if weight is not None else None
     db = db_part.sum(0).to(bias.dtype) if has_bias else None
     return dx, dres, dw, db
@@ -582,12 +547,12 @@ def compile_targets() -> list[tuple]:
                 if not backward:
                     targets.append(target(f"norm_fwd_{tag}", _norm_fwd_kernel, dict(
                         flags, HAS_RESIDUAL=features, HAS_BIAS=features, HAS_DROPOUT=features, STORE_Z=features,
-                        SINGLE_BLOCK=single, INTERPRET=False), features, num_warps))
+                        SINGLE_BLOCK=single), features, num_warps))
                     continue
                 if not single:
-                    targets.append(target(f"norm_bwd_c_{tag}", _norm_bwd_c_kernel, dict(flags, INTERPRET=False),
-                                          features, num_warps))
+                    targets.append(target(f"norm_bwd_c_{tag}", _norm_bwd_c_kernel, dict(flags), features,
+                                          num_warps))
                 targets.append(target(f"norm_bwd_{tag}", _norm_bwd_kernel, dict(
                     flags, HAS_DZ=features, HAS_BIAS=features, HAS_DROPOUT=features, STORE_DRES=features,
-                    SINGLE_BLOCK=single, INTERPRET=False), features, num_warps))
+                    SINGLE_BLOCK=single), features, num_warps))
     return targets

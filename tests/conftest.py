@@ -5,6 +5,7 @@ interpreter is decided when a kernel is decorated (at import of its module), so 
 variable is set here, before any test imports fusedlayers' kernel modules.
 """
 
+import contextlib
 import os
 
 import pytest
@@ -49,6 +50,30 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+def dtype_id(x) -> str:
+    """Test id of a parameter, dtypes without their ``torch.`` prefix: ``float16``."""
+    return str(x).replace("torch.", "")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Runs the block on ``n`` torch threads and restores the former count after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """The test runs on one torch thread (training results that do not depend on the machine's
+    core count), the former count restored after. Use with ``pytest.mark.usefixtures``."""
+    with torch_threads(1):
+        yield
 
 
 def skip_unless_serves(family: str, backend: str, call) -> None:

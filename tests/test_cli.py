@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import fusedlayers
@@ -29,13 +30,16 @@ def test_verify_quick_passes_and_prints_a_table(tmp_path):
     r = _run("verify", "--quick", "--backend", "reference", cache=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "all passed" in r.stdout
-    assert "attention  reference  float32" in r.stdout and "norm       reference  bfloat16" in r.stdout
+    for row in ("attention  reference  float32", "varlen     reference  float16", "norm       reference  bfloat16"):
+        assert row in r.stdout
     info = _run("info", cache=tmp_path)
     assert "correctness: verified on " in info.stdout and "all passed" in info.stdout
 
 
-def test_verify_fails_on_a_wrong_kernel(monkeypatch, tmp_path):
-    """A kernel off by a little (32 ulps at 1.0 on one output element) must fail verification."""
+@pytest.mark.parametrize("entry,op", [("forward", "attention"), ("varlen_forward", "varlen")])
+def test_verify_fails_on_a_wrong_kernel(monkeypatch, tmp_path, entry, op):
+    """A kernel off by a little (32 ulps at 1.0 on one output element) must fail verification,
+    dense or packed."""
     from types import SimpleNamespace
 
     from fusedlayers import dispatch, reference_backend, verify
@@ -43,23 +47,21 @@ def test_verify_fails_on_a_wrong_kernel(monkeypatch, tmp_path):
     ref = reference_backend.attention
 
     def forward(*args):
-        out, lse = ref.forward(*args)
+        out, lse = getattr(ref, entry)(*args)
         out = out.clone()
         out.view(-1)[7] += 32 * torch.finfo(out.dtype).eps
         return out, lse
 
-    broken = SimpleNamespace(**{**vars(ref), "forward": forward})
+    broken = SimpleNamespace(**{**vars(ref), entry: forward})
     monkeypatch.setitem(dispatch._IMPLS, ("attention", "cuda"), (broken, None))
     monkeypatch.setenv("FUSEDLAYERS_CACHE", str(tmp_path))
     assert verify.main("quick", ["cuda"]) == 1
     rows = verify.read_records()["cpu"]["rows"]
-    assert [r["op"] for r in rows if r["failures"]] == ["attention"] * 3  # every dtype caught it
+    assert [r["op"] for r in rows if r["failures"]] == [op] * 3  # every dtype caught it
     assert "FAILURES" in verify.summary("cpu")
 
 
 # ---------------------------------------------------------------------------- flag validation
-
-import pytest  # noqa: E402
 
 from fusedlayers.cli import PlainProgress, main  # noqa: E402
 

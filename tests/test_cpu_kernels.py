@@ -14,6 +14,8 @@ import fusedlayers
 from fusedlayers import _ext, dispatch, testing
 from fusedlayers.testing import AttentionCase, NormCase
 
+from conftest import torch_threads
+
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"extension unavailable: {_ext.ERROR}")
 
 ops = torch.ops.fusedlayers
@@ -103,13 +105,9 @@ def _attention_grads(case, dtype, **kw):
 
 def test_backward_is_bitwise_identical_across_runs_and_thread_counts():
     case = AttentionCase(b=2, hq=4, hkv=2, nq=200, nk=300, d=48, mask="bias", causal="top_left", dropout_p=0.2)
-    threads = torch.get_num_threads()
-    try:
-        runs = [_attention_grads(case, torch.bfloat16, deterministic=True) for _ in range(2)]
-        torch.set_num_threads(1)
+    runs = [_attention_grads(case, torch.bfloat16, deterministic=True) for _ in range(2)]
+    with torch_threads(1):
         runs.append(_attention_grads(case, torch.bfloat16, deterministic=True))
-    finally:
-        torch.set_num_threads(threads)
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)

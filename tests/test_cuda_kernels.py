@@ -50,6 +50,20 @@ def test_attention_refusals_name_the_reason():
     assert cuda_backend.attention.why_not(_attention_call(head_dim=256, head_dim_v=256)) is None
 
 
+@needs_cuda_ext
+def test_shared_memory_need_is_the_extensions_own(monkeypatch):
+    # Needs no GPU: the largest kSmem of the forward / dK dV / dQ tiles of the head dim's bucket.
+    sizes = {d: cuda_backend.smem_bytes(d) for d in (1, 64, 65, 128, 129, 256)}
+    assert sizes == {1: 55_296, 64: 55_296, 65: 104_448, 128: 104_448, 129: 135_168, 256: 135_168}
+    with pytest.raises(RuntimeError, match=r"head_dim must be in 1\.\.256"):
+        cuda_backend.smem_bytes(257)
+    # a GPU with 100 KB per block (sm_86-like) takes bucket 64 only
+    monkeypatch.setattr(cuda_backend, "_smem_limit", lambda device: 101_376)
+    assert cuda_backend.attention.why_not(_attention_call(head_dim=64, head_dim_v=64)) is None
+    assert cuda_backend.attention.why_not(_attention_call(head_dim=64, head_dim_v=80)) == (
+        "head dim 80 needs 104448 bytes of shared memory per block, this GPU allows 101376")
+
+
 def test_status_says_unverified_without_a_passing_record(tmp_path, monkeypatch):
     monkeypatch.setenv("FUSEDLAYERS_CACHE", str(tmp_path))
     monkeypatch.setattr(cuda_backend, "_committed_records", lambda: [])

@@ -1,5 +1,4 @@
-"""The optional C++/CUDA extension: it loads when built and says why when not; its smoke op
-is registered for CPU (and CUDA) tensors through torch.library."""
+"""The optional C++/CUDA extension: the device kernels it registers through torch.library."""
 
 import pytest
 import torch
@@ -7,17 +6,6 @@ import torch
 from fusedlayers import _ext
 
 needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"extension unavailable: {_ext.ERROR}")
-
-
-def test_import_never_fails_and_explains():
-    assert _ext.available() or "not built" in _ext.ERROR or "failed to load" in _ext.ERROR
-
-
-@needs_ext
-def test_cpu_smoke_op():
-    x = torch.randn(5, 3)
-    torch.testing.assert_close(torch.ops.fusedlayers._ext_smoke(x), x * 2 + 1)
-    assert _ext.INFO.startswith("cpu")
 
 
 @needs_ext

@@ -9,13 +9,9 @@ import fusedlayers
 from fusedlayers import dispatch, testing
 from fusedlayers.testing import NormCase
 
-from conftest import DEVICE, skip_unless_serves
+from conftest import DEVICE, dtype_id, skip_unless_serves
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def _id(x):
-    return str(x).replace("torch.", "")
 
 
 def _run(case, dtype, backend):
@@ -24,7 +20,7 @@ def _run(case, dtype, backend):
 
 
 @pytest.mark.parametrize("backend", dispatch.BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", testing.norm_grid("default"), ids=str)
 def test_grid(case, dtype, backend):
     _run(case, dtype, backend)
@@ -32,7 +28,7 @@ def test_grid(case, dtype, backend):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", dispatch.BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_full_grid(full_norm_case, dtype, backend):
     _run(full_norm_case, dtype, backend)
 

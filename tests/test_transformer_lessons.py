@@ -6,7 +6,6 @@ probe). One lesson also runs through the command line.
 """
 
 import pytest
-import torch
 
 from fusedlayers.transformer import lessons
 
@@ -15,13 +14,7 @@ from fusedlayers.transformer import lessons
 def out(tmp_path_factory):
     return tmp_path_factory.mktemp("lessons")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", list(lessons.LESSONS))

@@ -12,13 +12,7 @@ from fusedlayers.transformer.model import ModelConfig, make_bert, make_encoder_d
 
 TINY = dict(vocab_size=23, tgt_vocab_size=19, d_model=32, n_heads=2, d_ff=48, n_layers=1, max_len=16)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ids(gen, vocab, b, n, pad_tail=True):
@@ -136,12 +130,26 @@ def test_attention_weights_are_probabilities():
     torch.manual_seed(0)
     model = make_encoder_decoder(**TINY).eval()
     src = _ids(torch.Generator().manual_seed(2), 23, 2, 11)
-    attn = model.decoder.layers[0].cross_attn
-    attn.record = True
+    attn, self_attn = model.decoder.layers[0].cross_attn, model.decoder.layers[0].self_attn
+    attn.record = self_attn.record = True
     model(src, _ids(torch.Generator().manual_seed(3), 19, 2, 5, pad_tail=False))
     w = attn.weights  # (B, H, Nt, Ns)
     torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]))
     assert float(w[1, :, :, -3:].abs().max()) == 0.0  # padded source words get no attention
+    ws = self_attn.weights  # (B, H, Nt, Nt), causal: no weight on a later word
+    torch.testing.assert_close(ws.sum(-1), torch.ones(ws.shape[:-1]))
+    assert torch.equal(ws, ws.tril()) and bool((ws.diagonal(dim1=-2, dim2=-1) > 0).all())
+
+
+def test_norms_are_the_library_modules_under_the_checkpoint_keys():
+    from fusedlayers import nn as fl_nn
+
+    bert = make_bert(**TINY, prenorm=True)
+    norms = {name for name, m in bert.named_modules() if isinstance(m, (fl_nn.LayerNorm, fl_nn.AddLayerNorm))}
+    assert norms == {"embeddings.norm", "encoder.input_norm", "encoder.layers.0.norm_1", "encoder.layers.0.norm_2",
+                     "mlm_head.norm"}
+    keys = set(bert.state_dict())
+    assert all({f"{n}.weight", f"{n}.bias"} <= keys for n in norms)  # the keys saved checkpoints hold
 
 
 def test_model_has_one_class_per_box_and_ties_embeddings():

@@ -21,13 +21,9 @@ from fusedlayers.transformer.data import TextTokenizer, load_text
 from fusedlayers.transformer.model import ModelConfig
 from fusedlayers.transformer.train import ClassifyTask, MLMTask, TrainConfig, TranslateTask, train
 
+from conftest import torch_threads
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_translation_reaches_stated_exact_match():
@@ -39,10 +35,10 @@ def test_translation_reaches_stated_exact_match():
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    torch.set_num_threads(1)
     out = str(tmp_path_factory.mktemp("mlm"))
-    r = train(MLMTask(n_train=5000), ModelConfig(),
-              TrainConfig(steps=400, batch_size=64, lr=2e-3, warmup=100, quiet=True, out=out))
+    with torch_threads(1):  # a module fixture: set up before the tests' own one_thread
+        r = train(MLMTask(n_train=5000), ModelConfig(),
+                  TrainConfig(steps=400, batch_size=64, lr=2e-3, warmup=100, quiet=True, out=out))
     return r, os.path.join(out, "checkpoint.safetensors")
 
 

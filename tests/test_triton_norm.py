@@ -117,6 +117,24 @@ def test_bf16_stores_round_to_nearest_even(hidden):
     assert torch.equal(y16, y32.to(torch.bfloat16))
 
 
+def test_bf16_subnormals_load_and_round_exactly():
+    # bf16 subnormals in, the stream z = dropout(x) + residual out: z must be the fp32 result
+    # of the exact inputs, rounded to nearest even (interpreted, bf16 -> fp32 and fp32 -> bf16
+    # go through kernels/interpreter.py: the interpreter's own casts misread subnormals and
+    # truncate)
+    tiny, p, seed = torch.finfo(torch.bfloat16).tiny, 0.3, 3
+    gen = torch.Generator().manual_seed(1)
+    x, r = ((torch.rand(3, 200, generator=gen) * 2 - 1) * (0.99 * tiny) for _ in range(2))
+    x, r = (t.to(device=DEVICE, dtype=torch.bfloat16) for t in (x, r))
+    assert (x.abs() < tiny).all() and (x != 0).float().mean() > 0.9
+    _, z, _, _ = K.forward(x, r, None, None, seed, 1e-5, p, False, True, False)
+    keep = K.dropout_keep_mask(seed, x.shape, p, DEVICE)
+    scale = torch.tensor(1 / (1 - p), dtype=torch.float32)
+    z32 = torch.where(keep, x.float() * scale, 0.0) + r.float()
+    assert (z32 != z32.to(torch.bfloat16).float()).any()  # rounding is exercised
+    assert torch.equal(z, z32.to(torch.bfloat16))
+
+
 def test_expanded_and_strided_gradients():
     # y.sum().backward() hands the op an expanded dy (stride 0); any stride must work
     x = torch.randn(6, 2, 40, device=DEVICE)[:, 0].requires_grad_()  # rows with stride 80

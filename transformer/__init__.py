@@ -1,4 +1,4 @@
-"""Reference Transformer built on fusedlayers (issue #7): the model of "Attention is all you
+"""Reference Transformer built on fusedlayers: the model of "Attention is all you
 need" and BERT, their training, decoding, probing, and the lessons.
 
 This folder is installed as ``fusedlayers.transformer`` (``package_dir`` in ``setup.py``); no

@@ -3,7 +3,8 @@
 Each lesson trains what it needs (a tiny model, d_model 64, on the synthetic language; trained
 models are kept under ``<out>/models/`` and reused by later lessons with the same settings),
 prints a short explanation with the numbers it measured, writes ``<out>/<name>.png`` and
-returns its numbers as a dict.
+returns its numbers as a dict. The lesson called ``<name>`` is the function ``lesson_<name>``
+(``-`` as ``_``), listed in :data:`LESSONS`.
 
     attention          self- and cross-attention maps of a trained translator
     parallel           a Transformer layer vs a recurrent layer over growing lengths
@@ -26,7 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import checkpoint, probe as probing
+from . import checkpoint, probe
 from .data import CLS, EOS, MASK, SEP, split_corpus
 from .generate import beam_search, greedy
 from .model import EncoderDecoder, ModelConfig
@@ -99,7 +100,7 @@ def _plt():
 # ------------------------------------------------------------------------------ attention
 
 
-def attention(L: Lesson) -> dict:
+def lesson_attention(L: Lesson) -> dict:
     task = TranslateTask()
     r = L.trained(task, "translate")
     model: EncoderDecoder = r["model"].eval()
@@ -173,7 +174,7 @@ def attention(L: Lesson) -> dict:
 # ------------------------------------------------------------------------------ parallel
 
 
-def parallel(L: Lesson) -> dict:
+def lesson_parallel(L: Lesson) -> dict:
     from torch import nn
 
     from .model import EncoderLayer
@@ -240,7 +241,7 @@ def parallel(L: Lesson) -> dict:
 # ------------------------------------------------------------------------------ order
 
 
-def order(L: Lesson) -> dict:
+def lesson_order(L: Lesson) -> dict:
     from .model import sinusoids
 
     task = TranslateTask()
@@ -284,7 +285,7 @@ def order(L: Lesson) -> dict:
 # ------------------------------------------------------------------------------ residual
 
 
-def residual(L: Lesson) -> dict:
+def lesson_residual(L: Lesson) -> dict:
     task = TranslateTask()
     layers = 2 if L.quick else 6
     runs = {flag: L.trained(task, f"translate-{layers}l-{'res' if flag else 'nores'}", n_layers=layers, residual=flag)
@@ -323,7 +324,7 @@ def residual(L: Lesson) -> dict:
 # ------------------------------------------------------------------------------ generate
 
 
-def generate(L: Lesson) -> dict:
+def lesson_generate(L: Lesson) -> dict:
     task = TranslateTask()
     r = L.trained(task, "translate")
     model: EncoderDecoder = r["model"].eval()
@@ -381,7 +382,7 @@ def generate(L: Lesson) -> dict:
 # ------------------------------------------------------------------------------ mlm
 
 
-def mlm(L: Lesson) -> dict:
+def lesson_mlm(L: Lesson) -> dict:
     task = MLMTask()
     r = L.trained(task, "mlm")
     model = r["model"].eval()
@@ -471,7 +472,7 @@ def _nouns():
 # ------------------------------------------------------------------------------ pretrain-finetune
 
 
-def pretrain_finetune(L: Lesson) -> dict:
+def lesson_pretrain_finetune(L: Lesson) -> dict:
     pre = L.trained(MLMTask(), "mlm")
     ckpt = os.path.join(L.out, "models", "mlm", "checkpoint.safetensors")
     task = ClassifyTask()
@@ -510,13 +511,13 @@ def pretrain_finetune(L: Lesson) -> dict:
 # ------------------------------------------------------------------------------ probe
 
 
-def probe(L: Lesson) -> dict:
+def lesson_probe(L: Lesson) -> dict:
     task = MLMTask()
     r = L.trained(task, "mlm")
     n_train, n_test = (200, 100) if L.quick else (1000, 300)
     train_s, test_s = split_corpus(n_train, n_test, seed=99)
-    res = probing.probe(r["model"], train_s, test_s, task.vocab, device=L.device, steps=60 if L.quick else 200)
-    probing.plot(res, L.figure("probe"), title=f"probing a {r['model'].cfg.n_layers}-layer MLM encoder")
+    res = probe.probe(r["model"], train_s, test_s, task.vocab, device=L.device, steps=60 if L.quick else 200)
+    probe.plot(res, L.figure("probe"), title=f"probing a {r['model'].cfg.n_layers}-layer MLM encoder")
     acc, ex = res.accuracy, res.expected_layer
     lines = _rows(f"{t:10s} " + "  ".join(f"{a:.2f}" for a in res.accuracy[t])
                       + f"   (majority {res.majority[t]:.2f}; scalar mix {res.mix_accuracy[t]:.2f},"
@@ -537,8 +538,9 @@ def probe(L: Lesson) -> dict:
 
 
 LESSONS: dict[str, Callable[[Lesson], dict]] = {
-    "attention": attention, "parallel": parallel, "order": order, "residual": residual, "generate": generate,
-    "mlm": mlm, "pretrain-finetune": pretrain_finetune, "probe": probe,
+    "attention": lesson_attention, "parallel": lesson_parallel, "order": lesson_order, "residual": lesson_residual,
+    "generate": lesson_generate, "mlm": lesson_mlm, "pretrain-finetune": lesson_pretrain_finetune,
+    "probe": lesson_probe,
 }
 
 

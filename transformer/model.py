@@ -1,8 +1,10 @@
 """The Transformer of "Attention is all you need" (Vaswani et al. 2017) and BERT (Devlin et al.
 2019), one class per box of the paper's figure, on fusedlayers' ops.
 
-Every attention is one call of :func:`fusedlayers.attention`, every "Add & Norm" one call of
-:func:`fusedlayers.add_layer_norm` (residual add, dropout and layer norm fused). Which kernel
+Every attention is one call of :func:`fusedlayers.attention` (as nanoGPT calls
+``F.scaled_dot_product_attention``); the norms are the library's own modules,
+:class:`fusedlayers.nn.LayerNorm` and, for each "Add & Norm" box,
+:class:`fusedlayers.nn.AddLayerNorm` (residual add, dropout and layer norm fused). Which kernel
 serves them is decided by ``fusedlayers.dispatch``: the model passes its ``backend`` string
 ("auto" by default) through and never branches on it.
 
@@ -33,9 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fusedlayers
+from fusedlayers import reference
+from fusedlayers.nn import AddLayerNorm, LayerNorm
 
 __all__ = [
-    "ModelConfig", "LayerNorm", "PositionalEncoding", "Embeddings", "MultiHeadAttention", "FeedForward", "AddNorm",
+    "ModelConfig", "PositionalEncoding", "Embeddings", "MultiHeadAttention", "FeedForward", "AddNorm",
     "EncoderLayer", "DecoderLayer", "Encoder", "Decoder", "EncoderDecoder", "BertEncoder", "MLMHead",
     "ClassifierHead", "make_encoder_decoder", "make_bert", "padding_mask",
 ]
@@ -88,18 +92,6 @@ def padding_mask(ids: Tensor, pad_id: int) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ boxes
-
-
-class LayerNorm(nn.Module):
-    """``nn.LayerNorm`` (biased variance, eps inside the root) on :func:`fusedlayers.layer_norm`."""
-
-    def __init__(self, d: int, backend: str = "auto", eps: float = 1e-5):
-        super().__init__()
-        self.weight, self.bias = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d))
-        self.eps, self.backend = eps, backend
-
-    def forward(self, x: Tensor) -> Tensor:
-        return fusedlayers.layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend)
 
 
 class PositionalEncoding(nn.Module):
@@ -206,26 +198,20 @@ class MultiHeadAttention(nn.Module):
                                              **self.context_parallel)  # (B, H, N_local, Dh)
         else:
             out = fusedlayers.attention(q, k, v, mask, causal=causal, causal_align="bottom_right",
-                                        dropout_p=self.dropout_p if self.training else 0.0, return_lse=self.record,
-                                        backend=self.backend)
+                                        dropout_p=self.dropout_p if self.training else 0.0, backend=self.backend)
         if self.record:
-            out, lse = out
-            self.weights = attention_weights(q, k, lse, mask, causal).detach()  # (B, H, Nq, Nk)
+            self.weights = attention_weights(q, k, mask, causal).detach()  # (B, H, Nq, Nk)
         out = out.transpose(1, 2).reshape(b, nq, d)  # (B, H, Nq, Dh) -> (B, Nq, d)
         return self.w_o(out)
 
 
-def attention_weights(q: Tensor, k: Tensor, lse: Tensor, mask: Optional[Tensor], causal: bool) -> Tensor:
-    """The probabilities the attention op used, P = exp(q k^T / sqrt(Dh) - lse), recovered from
-    its log-sum-exp (no second softmax). (B, H, Nq, Nk); masked entries 0."""
-    s = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, Nq, Nk)
-    p = torch.exp(s - lse[..., None])
-    allowed = torch.ones_like(p, dtype=torch.bool)
-    if mask is not None:
-        allowed = allowed & mask
-    if causal:
-        allowed = allowed & fusedlayers.reference.causal_mask(q.shape[2], k.shape[2], "bottom_right", q.device)
-    return torch.where(allowed & torch.isfinite(lse)[..., None], p, torch.zeros_like(p))
+def attention_weights(q: Tensor, k: Tensor, mask: Optional[Tensor], causal: bool) -> Tensor:
+    """The attention probabilities P = softmax(q k^T / sqrt(Dh)) of :meth:`MultiHeadAttention.forward`
+    (before dropout), formed in float32 by the reference (:func:`fusedlayers.reference.attention_probs`,
+    the same masking rules as the op: bool ``mask`` True = attend, causal aligned bottom-right): a
+    second softmax beside the fused kernel, which never forms P. (B, H, Nq, Nk); masked entries
+    and rows that see no key 0."""
+    return reference.attention_probs(q.float(), k.float(), mask, causal=causal, causal_align="bottom_right")
 
 
 class FeedForward(nn.Module):
@@ -241,8 +227,9 @@ class FeedForward(nn.Module):
         return self.w_2(self.dropout(self.act(self.w_1(x))))  # (B, N, d) -> (B, N, d_ff) -> (B, N, d)
 
 
-class AddNorm(nn.Module):
-    """The "Add & Norm" box: LayerNorm(x + Dropout(Sublayer(x))), one fused op.
+class AddNorm(AddLayerNorm):
+    """The "Add & Norm" box: LayerNorm(x + Dropout(Sublayer(x))), one fused op
+    (:class:`fusedlayers.nn.AddLayerNorm`; the same ``weight`` and ``bias`` parameters).
 
     A layer carries two tensors: ``x``, what the next sublayer reads, and ``stream``, the
     residual stream. ``forward(out, stream)`` takes the sublayer's output and returns the new
@@ -256,14 +243,11 @@ class AddNorm(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.weight, self.bias = nn.Parameter(torch.ones(cfg.d_model)), nn.Parameter(torch.zeros(cfg.d_model))
-        self.dropout_p, self.prenorm, self.residual, self.backend = cfg.dropout, cfg.prenorm, cfg.residual, cfg.backend
+        super().__init__(cfg.d_model, dropout=cfg.dropout, prenorm=cfg.prenorm, backend=cfg.backend)
+        self.residual = cfg.residual
 
     def forward(self, out: Tensor, stream: Tensor) -> tuple[Tensor, Tensor]:
-        y = fusedlayers.add_layer_norm(out, stream if self.residual else None, self.weight, self.bias,
-                                       dropout_p=self.dropout_p if self.training else 0.0, prenorm=self.prenorm,
-                                       backend=self.backend)
+        y = super().forward(out, stream if self.residual else None)
         return y if self.prenorm else (y, y)
 
 
@@ -306,7 +290,7 @@ class _Stack(nn.Module):
     def __init__(self, layer, cfg: ModelConfig):
         super().__init__()
         self.layers = nn.ModuleList(layer(cfg) for _ in range(cfg.n_layers))
-        self.input_norm = LayerNorm(cfg.d_model, cfg.backend) if cfg.prenorm else nn.Identity()
+        self.input_norm = LayerNorm(cfg.d_model, backend=cfg.backend) if cfg.prenorm else nn.Identity()
 
 
 class Encoder(_Stack):
@@ -381,7 +365,7 @@ class MLMHead(nn.Module):
 
     def __init__(self, cfg: ModelConfig, embedding: nn.Embedding):
         super().__init__()
-        self.dense, self.norm = nn.Linear(cfg.d_model, cfg.d_model), LayerNorm(cfg.d_model, cfg.backend)
+        self.dense, self.norm = nn.Linear(cfg.d_model, cfg.d_model), LayerNorm(cfg.d_model, backend=cfg.backend)
         self.decoder = nn.Linear(cfg.d_model, cfg.vocab_size)
         self.decoder.weight = embedding.weight
 
@@ -411,7 +395,7 @@ class BertEmbeddings(nn.Module):
         self.positions = PositionalEncoding(cfg.d_model, cfg.max_len, cfg.positions)
         self.segments = nn.Embedding(cfg.n_segments, cfg.d_model)
         nn.init.zeros_(self.segments.weight)
-        self.norm, self.dropout = LayerNorm(cfg.d_model, cfg.backend), nn.Dropout(cfg.dropout)
+        self.norm, self.dropout = LayerNorm(cfg.d_model, backend=cfg.backend), nn.Dropout(cfg.dropout)
 
     def forward(self, ids: Tensor, segments: Optional[Tensor] = None, offset: int = 0) -> Tensor:
         # offset: position of ids[:, 0] in the sequence (a context-parallel shard)

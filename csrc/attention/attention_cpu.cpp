@@ -112,8 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 
   at::Tensor dbias_acc;
   if (bias_grad) {
-    TORCH_CHECK(mask.has_value() && mask->is_floating_point(), "fusedlayers::", kBwd,
-                ": bias_grad needs a float attn_mask");
+    check_bias_grad(kBwd, mask);
     // float32 accumulator with full B and Hq dims (each task owns its (b, h) slice) and
     // the mask's own q / k dims (broadcast ones summed in place)
     const int64_t mq = mask->size(2), mk = mask->size(3);

@@ -3,7 +3,7 @@
 // gradient allocations and the bias-gradient reduction. What differs by device stays in the op
 // files: which dtypes, head dims and grid sizes a device takes, where cu_seqlens must live, how
 // a mask is converted, and the kernel call. Templates over the params type: cpu::AttentionParams
-// and cuda::AttentionParams share these field names (the CUDA sizes are int).
+// and cuda::AttentionParams are AttentionParamsOf (common/params.h) with int64_t and int sizes.
 // Semantics: fusedlayers/registration.py.
 #pragma once
 
@@ -13,15 +13,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <vector>
 
-namespace fusedlayers::attention_host {
+#include "common/op_utils.h"
 
-// t itself when its last dim is contiguous (rows may be strided), else a contiguous copy.
-inline at::Tensor rows_contiguous(const at::Tensor& t) {
-  return (t.dim() == 0 || t.stride(-1) == 1 || t.size(-1) == 1) ? t : t.contiguous();
-}
+namespace fusedlayers::attention_host {
 
 // t itself when the kernels can read it through its strides, else a contiguous copy. They read
 // each row (dim row_dim; the others are free, stride 0 included) as a run of t.size(-1) elements
@@ -207,6 +205,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> alloc_grads(Params& p, const at::
   p.dk_bs = varlen ? 0 : dk.stride(0), p.dk_hs = dk.stride(1), p.dk_rs = dk.stride(r);
   p.dv_bs = varlen ? 0 : dv.stride(0), p.dv_hs = dv.stride(1), p.dv_rs = dv.stride(r);
   return {dq, dk, dv};
+}
+
+// bias_grad asks for the gradient of a bias: attn_mask must be a float tensor.
+inline void check_bias_grad(const char* op, const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(mask.has_value() && mask->is_floating_point(), "fusedlayers::", op, ": bias_grad needs a float attn_mask");
 }
 
 // The bias gradient in the mask's shape and dtype: the float32 `acc` (4-D, each dim full or

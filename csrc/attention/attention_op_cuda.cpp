@@ -18,6 +18,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -35,8 +36,6 @@ using namespace fusedlayers::attention_host;
 constexpr const char* kFwd = "attention_fwd_kernel";
 constexpr const char* kBwd = "attention_bwd_kernel";
 constexpr int64_t kMaxGrid = 65535;  // gridDim.y / gridDim.z limit (heads, batch)
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 void check_device(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name) {
   TORCH_CHECK(t.is_cuda(), "fusedlayers::", op, ": ", name, " must be a CUDA tensor, got ", t.device());
@@ -59,7 +58,7 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
               ": the cuda backend takes float16 or bfloat16 q, k, v (tensor-core kernels), got ", q.scalar_type(),
               "; use backend='triton' for float32");
   AttentionParams p{};
-  p.bf16 = q.scalar_type() == at::kBFloat16;
+  p.dtype = q.scalar_type() == at::kBFloat16 ? DType::bf16 : DType::f16;
   std::optional<at::Tensor> cq, ck;  // the offsets, on q's device (the kernels read them there)
   for (auto [cu, dev] : {std::pair{&cu_q, &cq}, std::pair{&cu_k, &ck}}) {
     if (!cu->has_value()) continue;
@@ -140,8 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
 
   at::Tensor dbias_full;
   if (bias_grad) {
-    TORCH_CHECK(mask.has_value() && mask->is_floating_point(), "fusedlayers::", kBwd,
-                ": bias_grad needs a float attn_mask");
+    check_bias_grad(kBwd, mask);
     // dS written once per (b, h, query, key) into a full-size float32 buffer (zero where
     // causal skipping never visits), then summed over the mask's broadcast dims
     dbias_full = at::zeros({p.batch, p.heads_q, p.seqlen_q, p.seqlen_k}, q.options().dtype(at::kFloat));
@@ -155,8 +153,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   return {dq, dk, dv, dbias};
 }
 
+int64_t attention_cuda_smem(int64_t head_dim) {
+  TORCH_CHECK(head_dim >= 1 && head_dim <= 256, "fusedlayers::_attention_cuda_smem: head_dim must be in 1..256, got ",
+              head_dim);
+  const int d = static_cast<int>(head_dim);
+  return std::max(attention_fwd_smem(d), attention_bwd_smem(d));
+}
+
 }  // namespace
 }  // namespace fusedlayers::cuda
+
+// No tensor argument, so no backend key: CompositeExplicitAutograd serves every call.
+TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) {
+  m.impl("_attention_cuda_smem", &fusedlayers::cuda::attention_cuda_smem);
+}
 
 TORCH_LIBRARY_IMPL(fusedlayers, CUDA, m) {
   m.impl("attention_fwd_kernel", &fusedlayers::cuda::attention_fwd_cuda);

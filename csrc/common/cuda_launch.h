@@ -20,4 +20,15 @@ void opt_in_smem(Kernel kernel, int smem, const char* what) {
   }
 }
 
+#if defined(__CUDACC__)
+// Launches kernel(p) on `grid` with Tile::kThreads threads and Tile::kSmem bytes of dynamic
+// shared memory (opted in first) on `stream`, and checks the launch.
+template <typename Tile, typename Kernel, typename Params>
+void launch_tile_kernel(Kernel kernel, const char* what, dim3 grid, const Params& p, cudaStream_t stream) {
+  opt_in_smem(kernel, Tile::kSmem, what);
+  kernel<<<grid, Tile::kThreads, Tile::kSmem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
+
 }  // namespace fusedlayers::cuda

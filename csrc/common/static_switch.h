@@ -1,9 +1,9 @@
-// The one place where runtime options become template constants (after flash-attention's
-// csrc/flash_attn/src/static_switch.h). Each macro evaluates its last argument, a lambda,
+// The one place where runtime options become template constants (the pattern of
+// FlashAttention's static_switch.h). Each macro evaluates its last argument, a lambda,
 // with a constexpr / type alias named by the caller bound to the runtime value:
 //
 //   FL_HEADDIM_SWITCH(p.head_dim_max, kD, [&] {
-//     FL_HALF_SWITCH(p.bf16, T, [&] { launch<T, kD>(p, stream); });
+//     FL_HALF_SWITCH(p.dtype == DType::bf16, T, [&] { launch<T, kD>(p, stream); });
 //   });
 //
 // Every combination a switch can reach is instantiated, so keep them few: the CUDA
@@ -56,7 +56,7 @@
   }()
 
 // NAME = the CUDA type of a fusedlayers DType code (0 float32, 1 float16, 2 bfloat16;
-// the numbering of fusedlayers::cpu::DType and fusedlayers::cuda::DType).
+// common/params.h).
 #define FL_FLOAT_SWITCH(DTYPE_CODE, NAME, ...) \
   [&] {                                        \
     switch (static_cast<int>(DTYPE_CODE)) {    \

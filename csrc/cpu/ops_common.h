@@ -10,24 +10,13 @@
 
 #include <cstdint>
 
+#include "common/op_utils.h"
 #include "cpu/kernels.h"
 
 namespace fusedlayers::cpu {
 
 inline DType dtype_of(const at::Tensor& t, const char* op, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::f32;
-    case at::kHalf: return DType::f16;
-    case at::kBFloat16: return DType::bf16;
-    default:
-      TORCH_CHECK(false, "fusedlayers::", op, ": ", name, " must be float32, float16 or bfloat16 on the cpu backend, got ",
-                  t.scalar_type());
-  }
-}
-
-// t itself when its last dim is contiguous (rows may be strided), else a contiguous copy.
-inline at::Tensor rows_contiguous(const at::Tensor& t) {
-  return (t.dim() == 0 || t.stride(-1) == 1 || t.size(-1) == 1) ? t : t.contiguous();
+  return dtype_code(t.scalar_type(), op, name, "cpu");
 }
 
 // A new tensor (at::empty) whose memory the kernel writes for the first time. A large fresh

@@ -1,0 +1,368 @@
+// The CUDA attention backward kernels, included by attention_bwd_cuda.cu. No torch header.
+//
+// attention_dkdv_kernel  one block per (key block, KV head, batch); each warp owns 16 keys;
+//     loops over the query heads of the GQA group and their query blocks (Q / dO tiles
+//     double-buffered), recomputes P from lse; dK, dV in registers (in chunks of kDChunk
+//     columns when kD = 256); writes dbias. Every dK, dV, dbias element has one writer:
+//     deterministic.
+// attention_dq_kernel    dQ in a second pass (deterministic, no atomics): one block per
+//     query block, each warp owns 16 query rows and accumulates dQ = dS K in registers.
+//     Accumulating dQ by atomics inside the dK / dV kernel instead would need more
+//     registers there than it has at kD >= 128 without spilling, and would not be
+//     deterministic.
+// Math (names as in fusedlayers/reference_backend.py):
+//   P = exp(S - lse), dP = dropout(dO V^T), dS = P * (dP - Delta + dlse),
+//   dV = dropout(P)^T dO, dK = scale * dS^T Q, dQ = scale * dS K, dbias = dS.
+#pragma once
+
+#include "attention/attention_kernel_utils.cuh"
+
+namespace fusedlayers::cuda::attn {
+
+// dK / dV kernel tiles: kWarps * 16 keys per block, kBlockM queries per inner step, dK and
+// dV held in registers kDChunk columns at a time (the query loop runs kD / kDChunk times).
+template <int kD>
+struct BwdCfg;
+template <>
+struct BwdCfg<64> {
+  static constexpr int kWarps = 4, kBlockM = 32, kDChunk = 64;
+};
+template <>
+struct BwdCfg<128> {
+  static constexpr int kWarps = 4, kBlockM = 16, kDChunk = 128;
+};
+template <>
+struct BwdCfg<256> {
+  static constexpr int kWarps = 4, kBlockM = 16, kDChunk = 128;
+};
+
+template <typename T, int kD>
+struct DkdvTile {
+  static constexpr int kWarps = BwdCfg<kD>::kWarps, kThreads = 32 * kWarps;
+  static constexpr int kBlockN = 16 * kWarps, kBlockM = BwdCfg<kD>::kBlockM, kDChunk = BwdCfg<kD>::kDChunk;
+  static constexpr int kLd = kD + kPad;
+  // K, V; Q and dO in two stages; lse and Delta in two stages
+  static constexpr int kSmem = (2 * kBlockN + 4 * kBlockM) * kLd * static_cast<int>(sizeof(T)) + 4 * kBlockM * 4;
+};
+
+// Row terms of query rows m0 .. m0 + kBlockM of head h into shared memory: lse in natural
+// units (+inf where the row saw no key or is past the end, so that P = 0 there) and
+// Delta - dlse (0 past the end). P = exp2((S - lse) * log2(e)): subtracted first (see the
+// forward), so that an lse near -FLT_MAX does not overflow.
+template <int kBlockM>
+__device__ __forceinline__ void load_row_terms(const AttentionParams& p, const Seq& sq, int b, int h, int m0,
+                                               float* s_lse, float* s_delta) {
+  for (int i = threadIdx.x; i < kBlockM; i += blockDim.x) {
+    const int r = m0 + i;
+    float lse_r = INFINITY, delta = 0.0f;
+    if (r < sq.len_q) {
+      const int64_t at = b * p.lse_bs + h * p.lse_hs + sq.q_start + r;
+      const float lse = p.lse[at];
+      lse_r = lse == -INFINITY ? INFINITY : lse;
+      delta = p.delta[at];
+    }
+    s_lse[i] = lse_r;
+    s_delta[i] = delta;
+  }
+}
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(DkdvTile<T, kD>::kThreads, 1) attention_dkdv_kernel(const AttentionParams p) {
+  using Tile = DkdvTile<T, kD>;
+  constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kLd = Tile::kLd;
+  constexpr int kThreads = Tile::kThreads, kDChunk = Tile::kDChunk;
+  constexpr int kMT = kBlockM / 8;       // n-tiles of S^T (queries) per warp
+  constexpr int kCT = kDChunk / 8;       // n-tiles of the dK / dV chunk
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + kBlockN * kLd;
+  T* sQ = sV + kBlockN * kLd;           // [2][kBlockM][kLd]
+  T* sdO = sQ + 2 * kBlockM * kLd;      // [2][kBlockM][kLd]
+  float* sLse = reinterpret_cast<float*>(sdO + 2 * kBlockM * kLd);  // [2][kBlockM]
+  float* sDelta = sLse + 2 * kBlockM;                             // [2][kBlockM]
+
+  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const Seq sq = seq_of(p, b);
+  const int n0 = n_block * kBlockN;
+  if (n0 >= sq.len_k) return;
+  const int group = p.heads_q / p.heads_kv;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tq = lane % 4;
+  const int key_a = n0 + warp * 16 + lane / 4;  // this thread's keys: key_a, key_a + 8
+
+  const T* gK = static_cast<const T*>(p.k) + b * p.k_bs + hk * p.k_hs + (sq.k_start + n0) * p.k_rs;
+  const T* gV = static_cast<const T*>(p.v) + b * p.v_bs + hk * p.v_hs + (sq.k_start + n0) * p.v_rs;
+  copy_tile<T, kBlockN, kD, kThreads>(sK, gK, p.k_rs, sq.len_k - n0, p.head_dim, p.aligned);
+  copy_tile<T, kBlockN, kD, kThreads>(sV, gV, p.v_rs, sq.len_k - n0, p.head_dim_v, p.aligned);
+  cp_async_commit();
+
+  // query blocks that see any of these keys: from the first row on or below the causal
+  // diagonal of key n0 to the end
+  int m_first = 0;
+  if (p.causal) {
+    const int r = n0 - sq.shift;
+    m_first = r > 0 ? r / kBlockM : 0;
+  }
+  const int m_count = (sq.len_q + kBlockM - 1) / kBlockM - m_first;
+  const int steps = m_count > 0 ? group * m_count : 0;  // (query head, query block) pairs
+  auto load_q_step = [&](int it, int stage) {
+    const int h = hk * group + it / m_count, m0 = (m_first + it % m_count) * kBlockM;
+    const T* gQ = static_cast<const T*>(p.q) + b * p.q_bs + h * p.q_hs + (sq.q_start + m0) * p.q_rs;
+    const T* gdO = static_cast<const T*>(p.dout) + b * p.o_bs + h * p.o_hs + (sq.q_start + m0) * p.o_rs;
+    copy_tile<T, kBlockM, kD, kThreads>(sQ + stage * kBlockM * kLd, gQ, p.q_rs, sq.len_q - m0, p.head_dim, p.aligned);
+    copy_tile<T, kBlockM, kD, kThreads>(sdO + stage * kBlockM * kLd, gdO, p.o_rs, sq.len_q - m0, p.head_dim_v,
+                                        p.aligned);
+    load_row_terms<kBlockM>(p, sq, b, h, m0, sLse + stage * kBlockM, sDelta + stage * kBlockM);
+  };
+  const float inv_keep = p.dropout_p > 0.0f ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+  const int d_max = p.head_dim > p.head_dim_v ? p.head_dim : p.head_dim_v;
+  const uint32_t k_a = smem_u32(sK) + lane_rm<kLd>(lane) + off<kLd>(warp * 16, 0);
+  const uint32_t v_a = smem_u32(sV) + lane_rm<kLd>(lane) + off<kLd>(warp * 16, 0);
+  const uint32_t q_b = smem_u32(sQ) + lane_nm<kLd>(lane), q_bt = smem_u32(sQ) + lane_rm<kLd>(lane);
+  const uint32_t do_b = smem_u32(sdO) + lane_nm<kLd>(lane), do_bt = smem_u32(sdO) + lane_rm<kLd>(lane);
+  constexpr uint32_t kStageBytes = off<kLd>(kBlockM, 0);
+
+  for (int c0 = 0; c0 < d_max; c0 += kDChunk) {
+    float dk[kCT][4], dv[kCT][4];
+#pragma unroll
+    for (int i = 0; i < kCT; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.0f;
+    }
+    if (steps > 0) load_q_step(0, 0);
+    cp_async_commit();
+
+    for (int it = 0; it < steps; ++it) {
+      const int h = hk * group + it / m_count, m0 = (m_first + it % m_count) * kBlockM, stage = it & 1;
+      if (it + 1 < steps) {
+        load_q_step(it + 1, stage ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+      const uint32_t stage_off = stage * kStageBytes;
+      const float* cLse = sLse + stage * kBlockM;
+      const float* cDelta = sDelta + stage * kBlockM;
+
+      // S^T = K Q^T and dP^T = V dO^T (16 keys x kBlockM queries per warp)
+      float s[kMT][4], dp[kMT][4];
+#pragma unroll
+      for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.0f;
+      }
+      gemm<T, kD, kLd>(s, k_a, q_b + stage_off, p.head_dim);
+      gemm<T, kD, kLd>(dp, v_a, do_b + stage_off, p.head_dim_v);
+
+      // P^T = exp(S^T - lse), dS^T = P^T * (dP^T - Delta + dlse); s <- dropout(P)^T, dp <- dS^T
+      const bool check = tile_needs_mask(p, sq, m0, n0, kBlockN);
+      uint32_t keep_bits = ~0u;
+      if (p.dropout_p > 0.0f) {
+        keep_bits = dropout_bits<kMT>(p, sq, b, h, [&](int nt, int e, int& r, int& c) {
+          r = m0 + nt * 8 + 2 * tq + (e % 2);
+          c = key_a + (e / 2) * 8;
+        });
+      }
+#pragma unroll
+      for (int nt = 0; nt < kMT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = key_a + (e / 2) * 8, qi = nt * 8 + 2 * tq + (e % 2), r = m0 + qi;
+          const float x = check ? masked_logit<T>(p, sq, b, h, r, key, s[nt][e]) : s[nt][e] * p.scale;
+          const float prob = exp2f((x - cLse[qi]) * kLog2e);
+          float dpv = dp[nt][e], pd = prob;
+          if (p.dropout_p > 0.0f) {
+            const bool keep = (keep_bits >> (4 * nt + e)) & 1u;
+            dpv = keep ? dpv * inv_keep : 0.0f;
+            pd = keep ? prob * inv_keep : 0.0f;
+          }
+          const float ds = prob * (dpv - cDelta[qi]);
+          s[nt][e] = pd;
+          dp[nt][e] = ds;
+          if (p.dbias != nullptr && c0 == 0 && r < sq.len_q && key < sq.len_k) {
+            p.dbias[b * p.db_bs + h * p.db_hs + r * p.db_qs + key * p.db_ks] = ds;
+          }
+        }
+      }
+
+      // dV += dropout(P)^T dO and dK += dS^T Q, columns c0 .. c0 + kDChunk
+      gemm_rs<T, kLd>(dv, s, do_bt + stage_off + off<kLd>(0, c0), p.head_dim_v - c0);
+      gemm_rs<T, kLd>(dk, dp, q_bt + stage_off + off<kLd>(0, c0), p.head_dim - c0);
+
+      __syncthreads();  // the stage read here is refilled two steps on
+    }
+
+    // dK = scale * sum dS^T Q, dV = sum dropout(P)^T dO over the group's heads
+    const bool pairs = (p.head_dim % 2 == 0) && (p.head_dim_v % 2 == 0) && (p.dk_rs % 2 == 0) &&
+                       (p.dk_hs % 2 == 0) && (p.dk_bs % 2 == 0) && (p.dv_rs % 2 == 0) && (p.dv_hs % 2 == 0) &&
+                       (p.dv_bs % 2 == 0);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int key = key_a + 8 * i;
+      if (key >= sq.len_k) continue;
+      T* dk_row = static_cast<T*>(p.dk) + b * p.dk_bs + hk * p.dk_hs + (sq.k_start + key) * p.dk_rs;
+      T* dv_row = static_cast<T*>(p.dv) + b * p.dv_bs + hk * p.dv_hs + (sq.k_start + key) * p.dv_rs;
+#pragma unroll
+      for (int ct = 0; ct < kCT; ++ct) {
+        const int col = c0 + ct * 8 + 2 * tq;
+        store_pair(dk_row, col, p.head_dim, dk[ct][2 * i] * p.scale, dk[ct][2 * i + 1] * p.scale, pairs);
+        store_pair(dv_row, col, p.head_dim_v, dv[ct][2 * i], dv[ct][2 * i + 1], pairs);
+      }
+    }
+  }
+  cp_async_wait<0>();  // no copy may be in flight when the block exits (no query step)
+}
+
+// The deterministic dQ pass: tiles as the forward's.
+template <int kD>
+struct DqCfg;
+template <>
+struct DqCfg<64> {
+  static constexpr int kWarps = 4, kBlockN = 64;
+};
+template <>
+struct DqCfg<128> {
+  static constexpr int kWarps = 4, kBlockN = 64;
+};
+template <>
+struct DqCfg<256> {
+  static constexpr int kWarps = 4, kBlockN = 32;
+};
+
+template <typename T, int kD>
+struct DqTile {
+  static constexpr int kWarps = DqCfg<kD>::kWarps, kThreads = 32 * kWarps;
+  static constexpr int kBlockM = 16 * kWarps, kBlockN = DqCfg<kD>::kBlockN;
+  static constexpr int kLd = kD + kPad;
+  // Q, dO; K and V in two stages each
+  static constexpr int kSmem = (2 * kBlockM + 4 * kBlockN) * kLd * static_cast<int>(sizeof(T));
+};
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(DqTile<T, kD>::kThreads, 1) attention_dq_kernel(const AttentionParams p) {
+  using Tile = DqTile<T, kD>;
+  constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kLd = Tile::kLd, kThreads = Tile::kThreads;
+  constexpr int kNT = kBlockN / 8, kDT = kD / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sdO = sQ + kBlockM * kLd;
+  T* sK = sdO + kBlockM * kLd;     // [2][kBlockN][kLd]
+  T* sV = sK + 2 * kBlockN * kLd;  // [2][kBlockN][kLd]
+
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const Seq sq = seq_of(p, b);
+  const int m0 = m_block * kBlockM;
+  if (m0 >= sq.len_q) return;
+  const int hk = h / (p.heads_q / p.heads_kv);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tq = lane % 4;
+  const int row_a = m0 + warp * 16 + lane / 4;
+
+  const T* gQ = static_cast<const T*>(p.q) + b * p.q_bs + h * p.q_hs + (sq.q_start + m0) * p.q_rs;
+  const T* gdO = static_cast<const T*>(p.dout) + b * p.o_bs + h * p.o_hs + (sq.q_start + m0) * p.o_rs;
+  const T* gK = static_cast<const T*>(p.k) + b * p.k_bs + hk * p.k_hs + sq.k_start * p.k_rs;
+  const T* gV = static_cast<const T*>(p.v) + b * p.v_bs + hk * p.v_hs + sq.k_start * p.v_rs;
+  const int n_end = key_end(p, sq, m0, kBlockM);
+  const int n_blocks = (n_end + kBlockN - 1) / kBlockN;
+  auto load_kv = [&](int j, int stage) {
+    const int n0 = j * kBlockN;
+    copy_tile<T, kBlockN, kD, kThreads>(sK + stage * kBlockN * kLd, gK + n0 * p.k_rs, p.k_rs, n_end - n0,
+                                        p.head_dim, p.aligned);
+    copy_tile<T, kBlockN, kD, kThreads>(sV + stage * kBlockN * kLd, gV + n0 * p.v_rs, p.v_rs, n_end - n0,
+                                        p.head_dim_v, p.aligned);
+  };
+  copy_tile<T, kBlockM, kD, kThreads>(sQ, gQ, p.q_rs, sq.len_q - m0, p.head_dim, p.aligned);
+  copy_tile<T, kBlockM, kD, kThreads>(sdO, gdO, p.o_rs, sq.len_q - m0, p.head_dim_v, p.aligned);
+  if (n_blocks > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  // this thread's row terms (see load_row_terms)
+  float lse_r[2], delta[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = row_a + 8 * i;
+    lse_r[i] = INFINITY;
+    delta[i] = 0.0f;
+    if (r < sq.len_q) {
+      const int64_t at = b * p.lse_bs + h * p.lse_hs + sq.q_start + r;
+      const float lse = p.lse[at];
+      lse_r[i] = lse == -INFINITY ? INFINITY : lse;
+      delta[i] = p.delta[at];
+    }
+  }
+  const float inv_keep = p.dropout_p > 0.0f ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+
+  float dq[kDT][4];
+#pragma unroll
+  for (int i = 0; i < kDT; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.0f;
+  const uint32_t q_a = smem_u32(sQ) + lane_rm<kLd>(lane) + off<kLd>(warp * 16, 0);
+  const uint32_t do_a = smem_u32(sdO) + lane_rm<kLd>(lane) + off<kLd>(warp * 16, 0);
+  const uint32_t k_b = smem_u32(sK) + lane_nm<kLd>(lane), k_bt = smem_u32(sK) + lane_rm<kLd>(lane);
+  const uint32_t v_b = smem_u32(sV) + lane_nm<kLd>(lane);
+  constexpr uint32_t kStageBytes = off<kLd>(kBlockN, 0);
+
+  for (int j = 0; j < n_blocks; ++j) {
+    const int n0 = j * kBlockN;
+    if (j + 1 < n_blocks) {
+      load_kv(j + 1, (j + 1) & 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const uint32_t stage_off = (j & 1) * kStageBytes;
+
+    // S = Q K^T, dP = dO V^T
+    float s[kNT][4], dp[kNT][4];
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.0f;
+    }
+    gemm<T, kD, kLd>(s, q_a, k_b + stage_off, p.head_dim);
+    gemm<T, kD, kLd>(dp, do_a, v_b + stage_off, p.head_dim_v);
+
+    // dS = P * (dropout(dP) - Delta + dlse)
+    const bool check = tile_needs_mask(p, sq, m0, n0, kBlockN);
+    uint32_t keep_bits = ~0u;
+    if (p.dropout_p > 0.0f) {
+      keep_bits = dropout_bits<kNT>(p, sq, b, h, [&](int nt, int e, int& r, int& c) {
+        r = row_a + (e / 2) * 8;
+        c = n0 + nt * 8 + 2 * tq + (e % 2);
+      });
+    }
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e / 2, r = row_a + 8 * i, c = n0 + nt * 8 + 2 * tq + (e % 2);
+        const float x = check ? masked_logit<T>(p, sq, b, h, r, c, s[nt][e]) : s[nt][e] * p.scale;
+        const float prob = exp2f((x - lse_r[i]) * kLog2e);
+        const bool keep = (keep_bits >> (4 * nt + e)) & 1u;
+        const float dpv = p.dropout_p > 0.0f ? (keep ? dp[nt][e] * inv_keep : 0.0f) : dp[nt][e];
+        s[nt][e] = prob * (dpv - delta[i]);
+      }
+    }
+
+    // dQ += dS K
+    gemm_rs<T, kLd>(dq, s, k_bt + stage_off, p.head_dim);
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+
+  const bool pairs = (p.head_dim % 2 == 0) && (p.dq_rs % 2 == 0) && (p.dq_hs % 2 == 0) && (p.dq_bs % 2 == 0);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = row_a + 8 * i;
+    if (r >= sq.len_q) continue;
+    T* row = static_cast<T*>(p.dq) + b * p.dq_bs + h * p.dq_hs + (sq.q_start + r) * p.dq_rs;
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt) {
+      store_pair(row, dt * 8 + 2 * tq, p.head_dim, dq[dt][2 * i] * p.scale, dq[dt][2 * i + 1] * p.scale, pairs);
+    }
+  }
+}
+
+}  // namespace fusedlayers::cuda::attn
