@@ -74,39 +74,51 @@ def _attention_why_not(call) -> Optional[str]:
     return _why_not(call.device, call.dtype, "attention_fwd_kernel")
 
 
-def _attention_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p):
+def _mods_args(mods) -> tuple:
+    """The trailing variant arguments of the kernel ops (window_left, window_right, softcap,
+    alibi_slopes) of a call's ``ScoreMods`` (None: plain attention). Sinks never reach this
+    backend (``registration.join_sinks``)."""
+    if mods is None:
+        return -1, -1, 0.0, None
+    assert mods.sinks is None, "the cpu backend does not take sinks itself"
+    return mods.window_left, mods.window_right, float(mods.softcap), mods.alibi_slopes
+
+
+def _attention_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, mods=None):
     return _ops().attention_fwd_kernel(q, k, v, attn_mask, None, None, 0, 0, seed, scale, causal, bottom_right,
-                                       dropout_p)
+                                       dropout_p, *_mods_args(mods))
 
 
 def _attention_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right, dropout_p,
-                        deterministic, bias_grad):
+                        deterministic, bias_grad, mods=None):
     # deterministic by construction: every element of dq, dk, dv, dbias has one writer
     dq, dk, dv, dbias = _ops().attention_bwd_kernel(dout, dlse, q, k, v, attn_mask, None, None, 0, 0, out, lse, seed,
-                                                    scale, causal, bottom_right, dropout_p, bias_grad)
+                                                    scale, causal, bottom_right, dropout_p, bias_grad,
+                                                    *_mods_args(mods))
     return dq, dk, dv, dbias if bias_grad else None
 
 
-def _varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, seed, scale, causal, bottom_right, dropout_p):
+def _varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, seed, scale, causal, bottom_right, dropout_p, mods=None):
     from .ops import check_cu_seqlens_values  # the op body runs eagerly: values can be read
 
     check_cu_seqlens_values(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
     return _ops().attention_fwd_kernel(q, k, v, None, cu_q.contiguous(), cu_k.contiguous(), max_q, max_k, seed,
-                                       scale, causal, bottom_right, dropout_p)
+                                       scale, causal, bottom_right, dropout_p, *_mods_args(mods))
 
 
 def _varlen_backward(dout, dlse, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, seed, scale, causal, bottom_right,
-                     dropout_p, deterministic):
+                     dropout_p, deterministic, mods=None):
     from .ops import check_cu_seqlens_values
 
     check_cu_seqlens_values(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
     dq, dk, dv, _ = _ops().attention_bwd_kernel(dout, dlse, q, k, v, None, cu_q.contiguous(), cu_k.contiguous(),
                                                 max_q, max_k, out, lse, seed, scale, causal, bottom_right, dropout_p,
-                                                False)
+                                                False, *_mods_args(mods))
     return dq, dk, dv
 
 
 attention = SimpleNamespace(
+    VARIANTS=frozenset({"window_size", "softcap", "alibi_slopes"}),
     why_not=_attention_why_not,
     forward=_attention_forward,
     backward=_attention_backward,

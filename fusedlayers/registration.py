@@ -197,12 +197,16 @@ def join_sinks(out: Tensor, lse: Tensor, sinks: Optional[Tensor], *, varlen: boo
 def sinks_gradient(dout: Tensor, dlse: Tensor, out: Tensor, lse: Tensor, sinks: Tensor, *, varlen: bool) -> Tensor:
     """d loss / d sinks (Hq,), from the joined (out, lse): ``sum_i P_sink,i * (dlse_i -
     Delta_i)`` with ``P_sink,i = exp(sink - lse_i)`` and ``Delta_i = rowsum(dO * O)`` (dropout
-    included). A fixed-order torch reduction: deterministic."""
-    delta = (dout.float() * out.float()).sum(dim=-1)  # (B, Hq, Nq), or (Tq, Hq) for varlen
+    included). A fixed-order torch reduction: deterministic. Accumulated in float64, as the
+    Triton kernels' Delta (dlse_i - Delta_i cancels, and the sum runs over every row of the
+    batch); the products dO * O are exact in float32 for fp16 / bf16 inputs, so only float32 and
+    float64 inputs are copied to float64."""
+    wide = torch.float32 if torch.finfo(out.dtype).bits <= 16 else torch.float64
+    delta = (dout.to(wide) * out.to(wide)).sum(dim=-1, dtype=torch.float64)  # (B, Hq, Nq), or (Tq, Hq) varlen
     delta = delta.transpose(0, 1) if varlen else delta
-    p_sink = torch.exp(sinks.float().view(-1, 1) - lse)
+    p_sink = torch.exp(sinks.double().view(-1, 1) - lse.double())
     p_sink = torch.where(lse == float("-inf"), 0.0, p_sink)  # a -inf sink on a row with no key
-    g = p_sink * (dlse.float() - delta)
+    g = p_sink * (dlse.double() - delta)
     return g.sum(dim=tuple(i for i in range(g.dim()) if i != g.dim() - 2)).to(sinks.dtype)
 
 

@@ -150,6 +150,63 @@ def test_varlen_equals_dense_per_sequence(causal):
             torch.testing.assert_close(packed[s], dense[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
 
 
+# ------------------------------------------------------------------ score variants
+
+
+def test_window_reads_only_the_keys_of_its_window():
+    # Keys no query's window reaches hold NaN in k and v: a kernel that touched their blocks would get
+    # 0 * NaN = NaN in P V (forward) and dP = dO V^T (backward). The windowed kernel skips them, and
+    # matches the reference on the same problem with those keys finite.
+    gen = torch.Generator().manual_seed(6)
+    nq, nk, left, hq, d = 300, 6000, 700, 2, 32
+    q = torch.randn(1, hq, nq, d, generator=gen)
+    k, v = (torch.randn(1, 1, nk, d, generator=gen) for _ in range(2))
+    dout = torch.randn(1, hq, nq, d, generator=gen)
+    first = nk - nq - left  # the first key any query sees (bottom_right: query i sits at key nk - nq + i)
+    kw = dict(causal=True, causal_align="bottom_right", window_size=(left, 0), softcap=4.0,
+              alibi_slopes=torch.tensor([0.01, 0.002]))
+    results = {}
+    for backend in ("cpu", "reference"):
+        kb, vb = k.clone(), v.clone()
+        if backend == "cpu":
+            kb[:, :, :first], vb[:, :, :first] = float("nan"), float("nan")
+        leaves = [t.clone().requires_grad_() for t in (q, kb, vb)]
+        out = fusedlayers.attention(*leaves, backend=backend, **kw)
+        results[backend] = (out, *torch.autograd.grad(out, leaves, dout))
+    (out, dq, dk, dv), (out_r, dq_r, dk_r, dv_r) = results["cpu"], results["reference"]
+    for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.isfinite(t).all(), name
+    assert torch.equal(dk[:, :, :first], torch.zeros_like(dk[:, :, :first]))
+    assert torch.equal(dv[:, :, :first], torch.zeros_like(dv[:, :, :first]))
+    for a, r in ((out, out_r), (dq, dq_r), (dk, dk_r), (dv, dv_r)):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+
+
+def test_variants_on_rows_of_huge_lse():
+    # A +5000 bias on some query rows: |lse| >= 4096, where the backward recomputes the rows' max and
+    # sum from the scores (kLseExact) and must apply softcap, ALiBi and the window there too.
+    case = AttentionCase(b=1, hq=2, hkv=1, nq=40, nk=70, d=16, mask="bias", causal="bottom_right", window=(9, 3),
+                         softcap=2.5, alibi=True)
+    dtype = torch.float32
+    q, k, v, mask, dout, dlse = testing.make_attention_inputs(case, dtype, "cpu")
+    mask = (mask.detach() + torch.where(torch.arange(case.nq) % 3 == 0, 5000.0, 0.0)[:, None]).requires_grad_()
+    variants = testing.make_variants(case, case.b, dtype, "cpu")
+    kw = dict(causal=True, causal_align="bottom_right", **variants)
+    out, lse = fusedlayers.attention(q, k, v, mask, return_lse=True, backend="cpu", **kw)
+    assert lse[0, 0, 0] > 4096
+    grads = torch.autograd.grad((out, lse), (q, k, v, mask), (dout, dlse))
+    refs = {}
+    for label, cast in (("ref64", lambda t: t.detach().double().requires_grad_()),
+                        ("torch", lambda t: t.detach().requires_grad_())):
+        args = [cast(t) for t in (q, k, v, mask)]
+        o, l = fusedlayers.reference.attention(*args, **kw)
+        refs[label] = (o, l, *torch.autograd.grad((o, l), args, (dout.to(o.dtype), dlse.to(l.dtype))))
+    comps = [testing.compare(name, a, r, t, testing.OUT_FACTOR if name in ("out", "lse") else testing.GRAD_FACTOR)
+             for name, a, r, t in zip(("out", "lse", "dq", "dk", "dv", "dbias"), (out, lse, *grads), refs["ref64"],
+                                      refs["torch"])]
+    testing.assert_all_ok(comps, str(case))
+
+
 # ------------------------------------------------------------------ native-speed sizes
 
 
@@ -157,6 +214,9 @@ def test_varlen_equals_dense_per_sequence(causal):
 @pytest.mark.parametrize("case", [
     AttentionCase(b=1, hq=2, hkv=1, nq=2048, nk=2048, d=256),
     AttentionCase(b=1, hq=2, hkv=2, nq=2048, nk=2048, d=64, causal="bottom_right", mask="key_padding", strided=True),
+    # window edges inside key blocks of 512, several blocks per query block, softcap and ALiBi
+    AttentionCase(b=1, hq=2, hkv=1, nq=2048, nk=2048, d=64, mask="bias", window=(700, 300), softcap=5.0,
+                  alibi=True),
 ], ids=str)
 def test_large_attention_within_the_rule(case, dtype):
     testing.assert_all_ok(testing.check_attention(case, dtype, "cpu", "cpu"), f"cpu {case} {dtype}")

@@ -3,11 +3,14 @@
 //
 // Forward: one task per (sequence b, query head h, block of block_q query rows), spread
 // over the OpenMP threads (dynamic schedule, causal blocks heaviest first). A task walks
-// the key blocks of block_k keys its rows can see (causal: blocks past the diagonal are
-// skipped, only the diagonal blocks are masked element-wise) and keeps the online-softmax
-// state of its rows (common/online_softmax.h):
+// the key blocks of block_k keys its rows can see, from the left window edge of its first
+// row to the causal diagonal / right window edge of its last (key_span: other blocks are
+// skipped, so a sliding window of W keys costs O(N W); only the blocks that straddle an
+// edge are masked element-wise) and keeps the online-softmax state of its rows
+// (common/online_softmax.h):
 //     S = scale * Q K_blk^T           GEMM (torch's BLAS, common/cpu_gemm.h)
-//     S += bias / -inf where masked   at::vec row loops, mask read through its strides
+//     S = softcap * tanh(S / softcap), S -= slope * |p(i) - j| (ALiBi), S += bias,
+//     -inf where masked               at::vec row loops, mask read through its strides (score_row)
 //     m_new = max(m, rowmax S); P = exp(S - m_new); l = alpha * l + rowsum P
 //     O = alpha * O + dropout(P) V    GEMM (P in the inputs' dtype for fp16 / bf16)
 // then out = O / l, lse = m + log l (0 and -inf for rows that saw no key).
@@ -15,13 +18,16 @@
 // Backward: one task per (sequence b, KV head hk): it owns dK, dV of that head (float32
 // accumulators, summed over the query heads of its GQA group in a fixed order) and the
 // dQ of each of its query blocks, so no two threads ever write the same element:
-// deterministic by construction, no atomics. For each query block and key block:
-//     P  = exp(scale * Q K^T + mask - lse)          (recomputed from the saved lse; rows whose
-//                                                    |lse| >= kLseExact: from their own max and sum)
+// deterministic by construction, no atomics. For each query block and the key blocks of its
+// key_span:
+//     P  = exp(score(scale * Q K^T) - lse)          (score_row as in forward, recomputed from the
+//                                                    saved lse; rows whose |lse| >= kLseExact: from
+//                                                    their own max and sum)
 //     dP = dropout(dO V^T)                           Delta_i = rowsum(dO_i * O_i)
 //     dV += dropout(P)^T dO
 //     dS = P * (dP - Delta + dlse)                   (dlse: lse's own gradient)
-//     dQ += scale * dS K,  dK += scale * dS^T Q,  dbias += dS (in the mask's shape)
+//     dbias += dS (in the mask's shape);  dS' = dS * (1 - tanh^2(raw / softcap)) with a softcap, else dS
+//     dQ += scale * dS' K,  dK += scale * dS'^T Q
 //
 // Tiles (block_q x block_k, 256 x 512 by default) are chosen by the op glue
 // (attention_cpu.cpp). fp16 / bf16 inputs go to the GEMM as they are (MKL's
@@ -66,6 +72,13 @@ void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const T*
   }
 }
 
+// sum_d a[d] * b[d] in double.
+inline double dot_double(const float* a, const float* b, int64_t n) {
+  double acc = 0.0;
+  for (int64_t d = 0; d < n; ++d) acc += static_cast<double>(a[d]) * b[d];
+  return acc;
+}
+
 // |lse| from which the backward recomputes a row's max and sum instead of trusting lse: there
 // a float32 lse is coarser than 2^-11, and past ~2^25 log(l) vanishes from it entirely.
 constexpr float kLseExact = 4096.0f;
@@ -87,17 +100,62 @@ inline Seq seq_of(const AttentionParams& p, int64_t b) {
   return s;
 }
 
-// Keys a query block [i0, i0 + mq) may see: [0, end). Causal: up to the last row's diagonal.
-inline int64_t key_end(const AttentionParams& p, const Seq& s, int64_t i0, int64_t mq) {
-  if (!p.causal) return s.len_k;
-  return std::clamp<int64_t>(i0 + mq + s.shift, 0, s.len_k);
+// The keys row r (position in its sequence) may see: [row_lo, row_hi), empty when row_lo >=
+// row_hi. Both are nondecreasing in r, so a block of rows [i0, i0 + mq) sees at most the keys
+// [row_lo(i0), row_hi(i0 + mq - 1)) and every key in [row_lo(i0 + mq - 1), row_hi(i0)).
+inline int64_t row_lo(const AttentionParams& p, const Seq& s, int64_t r) {
+  if (p.window_left < 0) return 0;
+  return std::clamp<int64_t>(r + s.shift - p.window_left, 0, s.len_k);
 }
 
-// Adds the mask / bias / causal rule to one row of scores s[0 .. nk) = keys kb .. kb + nk
-// of query row r (position in its sequence).
+inline int64_t row_hi(const AttentionParams& p, const Seq& s, int64_t r) {
+  int64_t hi = s.len_k;
+  if (p.causal) hi = std::min(hi, r + s.shift + 1);
+  if (p.window_right >= 0) hi = std::min(hi, r + s.shift + p.window_right + 1);
+  return std::max<int64_t>(hi, 0);
+}
+
+// The key blocks of a query block: keys [first, end) in steps of block_k; a key block
+// [kb, kb + nk) needs the causal / window rule element-wise iff it straddles an edge of some
+// row's range (the diagonal blocks under causal, the two window edges).
+struct KeySpan {
+  int64_t first, end, lo_max, hi_min;
+  bool edge(int64_t kb, int64_t nk) const { return kb < lo_max || kb + nk > hi_min; }
+};
+
+inline KeySpan key_span(const AttentionParams& p, const Seq& s, int64_t i0, int64_t mq) {
+  return {row_lo(p, s, i0), row_hi(p, s, i0 + mq - 1), row_lo(p, s, i0 + mq - 1), row_hi(p, s, i0)};
+}
+
+// s[j] = c * tanh(s[j] / c), with tanh(s[j] / c) also in t[j] when t is not null.
+inline void softcap_row(float* s, int64_t n, float c, float* t) {
+  const Vec vc(c);
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) {
+    const Vec th = (Vec::loadu(s + j) / vc).tanh();
+    if (t != nullptr) th.store(t + j);
+    (th * vc).store(s + j);
+  }
+  for (; j < n; ++j) {
+    const float th = std::tanh(s[j] / c);
+    if (t != nullptr) t[j] = th;
+    s[j] = c * th;
+  }
+}
+
+// Turns one row of raw scores s[0 .. nk) = scale * q_r . k_j, keys j = kb .. kb + nk of query
+// row r (position in its sequence), into the scores of the softmax: softcap (tanh values into
+// `cap` when not null), ALiBi, bias / bool mask, and, on an edge block, -inf outside the row's
+// causal / window range.
 template <typename T>
-inline void mask_row(const AttentionParams& p, const Seq& sq, int64_t b, int64_t h, int64_t r, int64_t kb,
-                     int64_t nk, float* s) {
+inline void score_row(const AttentionParams& p, const Seq& sq, int64_t b, int64_t h, int64_t r, int64_t kb,
+                      int64_t nk, bool edge, float* s, float* cap) {
+  if (p.softcap > 0.0f) softcap_row(s, nk, p.softcap, cap);
+  if (p.alibi != nullptr) {
+    const float slope = p.alibi[b * p.alibi_bs + h * p.alibi_hs];
+    const int64_t d0 = r + sq.shift - kb;  // p(r) - key kb
+    for (int64_t j = 0; j < nk; ++j) s[j] -= slope * static_cast<float>(std::abs(d0 - j));
+  }
   if (p.mask_kind != 0) {
     const int64_t off = b * p.m_bs + h * p.m_hs + r * p.m_qs + kb * p.m_ks;
     if (p.mask_kind == 1) {
@@ -119,9 +177,10 @@ inline void mask_row(const AttentionParams& p, const Seq& sq, int64_t b, int64_t
       for (int64_t j = 0; j < nk; ++j) s[j] += static_cast<float>(m[j * p.m_ks]);
     }
   }
-  if (p.causal) {
-    const int64_t first_hidden = std::max<int64_t>(r + sq.shift + 1 - kb, 0);
-    for (int64_t j = first_hidden; j < nk; ++j) s[j] = -INFINITY;
+  if (edge) {
+    const int64_t lo = std::min(row_lo(p, sq, r) - kb, nk), hi = std::max<int64_t>(row_hi(p, sq, r) - kb, 0);
+    for (int64_t j = 0; j < lo; ++j) s[j] = -INFINITY;
+    for (int64_t j = hi; j < nk; ++j) s[j] = -INFINITY;
   }
 }
 
@@ -161,18 +220,16 @@ void forward(const AttentionParams& p) {
       const T* V = vp + b * p.v_bs + hk * p.v_hs + sq.k_start * p.v_rs;
       std::fill(o_acc.get(), o_acc.get() + mq * Dv, 0.0f);
       std::fill(state.begin(), state.begin() + mq, softmax_init());
-      const int64_t kend = key_end(p, sq, i0, mq);
-      // keys past this one need the causal rule element-wise (the diagonal blocks)
-      const int64_t diag = p.causal ? i0 + sq.shift + 1 : kend;
+      const KeySpan span = key_span(p, sq, i0, mq);
 
-      for (int64_t kb = 0; kb < kend; kb += kBlockK) {
-        const int64_t nk = std::min(kBlockK, kend - kb);
+      for (int64_t kb = span.first; kb < span.end; kb += kBlockK) {
+        const int64_t nk = std::min(kBlockK, span.end - kb);
         mm<T>(false, true, mq, nk, D, p.scale, Q, p.q_rs, K + kb * p.k_rs, p.k_rs, 0.0f, S, kBlockK);
-        const bool needs_mask = p.mask_kind != 0 || kb + nk > diag;
+        const bool edge = span.edge(kb, nk);
         for (int64_t i = 0; i < mq; ++i) {
           float* s = S + i * kBlockK;
           const int64_t r = i0 + i;
-          if (needs_mask) mask_row<T>(p, sq, b, h, r, kb, nk, s);
+          score_row<T>(p, sq, b, h, r, kb, nk, edge, s, nullptr);
           SoftmaxState& st = state[i];
           const float m_new = softmax_new_max(st, row_max(s, nk));
           if (m_new == -INFINITY) {  // nothing visible yet: P = 0
@@ -232,7 +289,10 @@ void backward(const AttentionParams& p) {
     std::unique_ptr<float[]> P(new float[kBlockQ * kBlockK]);   // P, then dropout(P)
     std::unique_ptr<float[]> dP(new float[kBlockQ * kBlockK]);  // dP, then dS
     std::unique_ptr<T[]> t_buf(new T[lowp ? kBlockQ * kBlockK : 1]);  // GEMM operand in T
+    const bool softcap = p.softcap > 0.0f;
+    std::unique_ptr<float[]> cap(new float[softcap ? kBlockQ * kBlockK : 1]);  // tanh(s / softcap)
     std::unique_ptr<float[]> row_a(new float[std::max(D, Dv)]), row_b(new float[std::max(D, Dv)]);
+    std::vector<double> delta_d(kBlockQ);
     std::vector<float> lse(kBlockQ), delta(kBlockQ), dlse(kBlockQ), row_m(kBlockQ), row_inv_l(kBlockQ);
     std::vector<char> exact(kBlockQ);
     std::vector<SoftmaxState> stats(kBlockQ);
@@ -257,13 +317,13 @@ void backward(const AttentionParams& p) {
             const int64_t at = b * p.lse_bs + h * p.lse_hs + row0 + i;
             lse[i] = p.lse[at];
             dlse[i] = p.dlse[at];
-            // Delta_i = sum_j P_ij dP_ij = dO_i . O_i
+            // Delta_i = sum_j P_ij dP_ij = dO_i . O_i (in double for the dominant keys, below)
             load_row(dO + i * p.o_rs, Dv, row_a.get());
             load_row(outp + b * p.o_bs + h * p.o_hs + (row0 + i) * p.o_rs, Dv, row_b.get());
-            delta[i] = row_dot(row_a.get(), row_b.get(), Dv);
+            delta_d[i] = dot_double(row_a.get(), row_b.get(), Dv);
+            delta[i] = static_cast<float>(delta_d[i]);
           }
-          const int64_t kend = key_end(p, sq, i0, mq);
-          const int64_t diag = p.causal ? i0 + sq.shift + 1 : kend;
+          const KeySpan span = key_span(p, sq, i0, mq);
           // A row whose finite lse is large (a huge bias such as finfo.min padding) has lost
           // log(l) to float32 rounding, and P = exp(S - lse) would be off by up to the factor l:
           // its max m and sum l are recomputed from the same scores, and P = exp(S - m) / l.
@@ -273,36 +333,37 @@ void backward(const AttentionParams& p) {
             any_exact = any_exact || exact[i];
             stats[i] = softmax_init();
           }
-          for (int64_t kb = 0; any_exact && kb < kend; kb += kBlockK) {
-            const int64_t nk = std::min(kBlockK, kend - kb);
+          for (int64_t kb = span.first; any_exact && kb < span.end; kb += kBlockK) {
+            const int64_t nk = std::min(kBlockK, span.end - kb);
             mm<T>(false, true, mq, nk, D, p.scale, Q, p.q_rs, K + kb * p.k_rs, p.k_rs, 0.0f, P.get(), kBlockK);
-            const bool needs_mask = p.mask_kind != 0 || kb + nk > diag;
+            const bool edge = span.edge(kb, nk);
             for (int64_t i = 0; i < mq; ++i) {
               if (!exact[i]) continue;
               float* s = P.get() + i * kBlockK;
-              if (needs_mask) mask_row<T>(p, sq, b, h, i0 + i, kb, nk, s);
+              score_row<T>(p, sq, b, h, i0 + i, kb, nk, edge, s, nullptr);
               const float m_new = softmax_new_max(stats[i], row_max(s, nk));
               if (m_new != -INFINITY) softmax_update(stats[i], m_new, exp_sub_sum(s, nk, m_new));
             }
           }
           for (int64_t i = 0; any_exact && i < mq; ++i) row_m[i] = stats[i].m, row_inv_l[i] = softmax_inv_sum(stats[i]);
-          for (int64_t kb = 0; kb < kend; kb += kBlockK) {
-            const int64_t nk = std::min(kBlockK, kend - kb);
+          for (int64_t kb = span.first; kb < span.end; kb += kBlockK) {
+            const int64_t nk = std::min(kBlockK, span.end - kb);
             float* Pb = P.get();
             float* dPb = dP.get();
             mm<T>(false, true, mq, nk, D, p.scale, Q, p.q_rs, K + kb * p.k_rs, p.k_rs, 0.0f, Pb, kBlockK);
             mm<T>(false, true, mq, nk, Dv, 1.0f, dO, p.o_rs, V + kb * p.v_rs, p.v_rs, 0.0f, dPb, kBlockK);
-            const bool needs_mask = p.mask_kind != 0 || kb + nk > diag;
+            const bool edge = span.edge(kb, nk);
             for (int64_t i = 0; i < mq; ++i) {
               float* s = Pb + i * kBlockK;
               float* dp = dPb + i * kBlockK;
+              float* t = softcap ? cap.get() + i * kBlockK : nullptr;
               const int64_t r = i0 + i;
               if (lse[i] == -INFINITY) {  // the row saw no key: P = 0, dS = 0
                 std::fill(s, s + nk, 0.0f);
                 std::fill(dp, dp + nk, 0.0f);
                 continue;
               }
-              if (needs_mask) mask_row<T>(p, sq, b, h, r, kb, nk, s);
+              score_row<T>(p, sq, b, h, r, kb, nk, edge, s, t);
               if (exact[i]) {  // P = exp(S - m) / l
                 exp_sub_sum(s, nk, row_m[i]);
                 scale_row(s, nk, row_inv_l[i]);
@@ -320,9 +381,34 @@ void backward(const AttentionParams& p) {
                 (Vec::loadu(s + j) * (Vec::loadu(dp + j) + c)).store(dp + j);
               }
               for (; j < nk; ++j) dp[j] = s[j] * (dp[j] + (dlse[i] - delta[i]));
+              // A key with P_ij > 1/2 (one per row at most) has dP_ij close to Delta_i, and dP - Delta
+              // would keep the rounding errors of both (where the reference's Delta, summed from the
+              // same dP, cancels them): there dS comes from dP_ij and Delta_i in double, so a row with
+              // one visible key gets dS = dlse exactly.
+              for (int64_t jj = 0; jj < nk; ++jj) {
+                if (!(s[jj] > 0.5f)) continue;
+                load_row(dO + i * p.o_rs, Dv, row_a.get());
+                load_row(V + (kb + jj) * p.v_rs, Dv, row_b.get());
+                double dpd = dot_double(row_a.get(), row_b.get(), Dv);
+                if (p.dropout_p > 0) {
+                  const int64_t index =
+                      b * p.drop_bs + h * p.drop_hs + (sq.q_start + r) * p.drop_rs + sq.k_start + kb + jj;
+                  dpd = dropout_keep(p.seed, static_cast<uint64_t>(index), p.dropout_p) ? dpd * inv_keep : 0.0;
+                }
+                dp[jj] = s[jj] * static_cast<float>(dpd - delta_d[i] + dlse[i]);
+              }
               if (p.dbias != nullptr) {
                 float* db = p.dbias + b * p.db_bs + h * p.db_hs + r * p.db_qs + kb * p.db_ks;
                 for (int64_t jj = 0; jj < nk; ++jj) db[jj * p.db_ks] += dp[jj];
+              }
+              if (softcap) {  // the gradient of the raw score: dS * (1 - tanh^2)
+                const Vec one(1.0f);
+                int64_t jj = 0;
+                for (; jj + kVec <= nk; jj += kVec) {
+                  const Vec tv = Vec::loadu(t + jj);
+                  (Vec::loadu(dp + jj) * (one - tv * tv)).store(dp + jj);
+                }
+                for (; jj < nk; ++jj) dp[jj] *= 1.0f - t[jj] * t[jj];
               }
               if (p.dropout_p > 0) {  // dV uses the dropped P
                 const int64_t index0 = b * p.drop_bs + h * p.drop_hs + (sq.q_start + r) * p.drop_rs + sq.k_start + kb;

@@ -12,6 +12,7 @@
 #include <ATen/ops/sum.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -128,6 +129,34 @@ void set_scalars(Params& p, const char* op, double scale, bool causal, bool bott
   p.bottom_right = bottom_right;
   p.dropout_p = static_cast<float>(dropout_p);
   p.seed = static_cast<uint64_t>(seed);
+}
+
+// The score variants (sliding window, softcap, ALiBi slopes float32 (Hq,) or (B, Hq), B the
+// batch or, varlen, the sequence count), checked and set in p. The slopes' device is the caller's
+// to check. Call after set_qkv.
+template <class Params>
+void set_variants(Params& p, const char* op, int64_t window_left, int64_t window_right, double softcap,
+                  const std::optional<at::Tensor>& alibi) {
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, "fusedlayers::", op,
+              ": window_left and window_right must be >= 0, or -1 for an unbounded side, got ", window_left, " and ",
+              window_right);
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), "fusedlayers::", op,
+              ": softcap must be a finite float >= 0 (0 = off), got ", softcap);
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.softcap = static_cast<float>(softcap);
+  if (alibi.has_value()) {
+    const at::Tensor& a = *alibi;
+    const int64_t hq = p.heads_q, batch = p.batch;
+    TORCH_CHECK(a.scalar_type() == at::kFloat, "fusedlayers::", op, ": alibi_slopes must be float32, got ",
+                a.scalar_type());
+    TORCH_CHECK((a.dim() == 1 && a.size(0) == hq) || (a.dim() == 2 && a.size(0) == batch && a.size(1) == hq),
+                "fusedlayers::", op, ": alibi_slopes must have shape (", hq, ",) or (", batch, ", ", hq, "), got ",
+                a.sizes());
+    p.alibi = a.const_data_ptr<float>();
+    p.alibi_bs = a.dim() == 2 ? a.stride(0) : 0;
+    p.alibi_hs = a.stride(-1);
+  }
 }
 
 // out / lse (and dout / dlse) layout: dense (B, Hq, Nq, Dv) / (B, Hq, Nq); varlen (Tq, Hq, Dv) / (Hq, Tq).

@@ -96,6 +96,16 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
   return p;
 }
 
+// The CUDA kernels compute no score variant: a call must carry the defaults (the Python
+// backend never sends others; dispatch refuses variants for it).
+void check_no_variants(const char* op, int64_t window_left, int64_t window_right, double softcap,
+                       const std::optional<at::Tensor>& alibi) {
+  TORCH_CHECK(window_left == -1 && window_right == -1 && softcap == 0.0 && !alibi.has_value(), "fusedlayers::", op,
+              ": the CUDA kernels serve no window_size, softcap or alibi_slopes (got window (", window_left, ", ",
+              window_right, "), softcap ", softcap, ", alibi_slopes ", alibi.has_value() ? "given" : "none",
+              "); use backend='triton' or 'cpu'");
+}
+
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -103,7 +113,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
                                                       const std::optional<at::Tensor>& cu_q,
                                                       const std::optional<at::Tensor>& cu_k, int64_t max_q,
                                                       int64_t max_k, int64_t seed, double scale, bool causal,
-                                                      bool bottom_right, double dropout_p) {
+                                                      bool bottom_right, double dropout_p, int64_t window_left,
+                                                      int64_t window_right, double softcap,
+                                                      const std::optional<at::Tensor>& alibi) {
+  check_no_variants(kFwd, window_left, window_right, softcap, alibi);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
   std::vector<at::Tensor> keep;
@@ -119,7 +132,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& v_in, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_q,
     const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, const at::Tensor& out_in,
     const at::Tensor& lse_in, int64_t seed, double scale, bool causal, bool bottom_right, double dropout_p,
-    bool bias_grad) {
+    bool bias_grad, int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi) {
+  check_no_variants(kBwd, window_left, window_right, softcap, alibi);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
   std::vector<at::Tensor> keep;

@@ -45,6 +45,16 @@ struct AttentionParamsOf {
 
   float scale;
   bool causal, bottom_right;  // bottom_right: key j visible from query i iff j <= i + Nk - Nq
+  // Score variants, read by the CPU kernels only (the CUDA glue accepts the defaults alone).
+  // Row i of a sequence sits at key position p(i) = i (+ Nk - Nq when bottom_right) and sees
+  // keys p(i) - window_left <= j <= p(i) + window_right (-1: that side unbounded); the scaled
+  // score becomes softcap * tanh(s / softcap) when softcap > 0, then gets
+  // -slope * |p(i) - j| with slope = alibi[b * alibi_bs + h * alibi_hs] (float32, or null: no
+  // ALiBi), then the mask.
+  int64_t window_left = -1, window_right = -1;
+  float softcap = 0.0f;
+  const float* alibi = nullptr;
+  int64_t alibi_bs = 0, alibi_hs = 0;
   float dropout_p;
   uint64_t seed;
   // Dropout mask index of (b, h, query row r, key col c), r and c counted from the start of
