@@ -92,8 +92,9 @@ bool needs_grad(AutogradContext* ctx, const variable_list& inputs, size_t arg) {
 
 // ---------------------------------------------------------------------------- kernel ops
 // Typed handles of the schemas of csrc/ext.cpp. The attention ones end in the score variants
-// (window_left, window_right, softcap, alibi_slopes): the fast path serves plain attention
-// only (fusedlayers.ops sends variant calls to the Python path) and passes their defaults.
+// (window_left, window_right, softcap, alibi_slopes) and the dropout layout: the fast path
+// serves plain attention only (fusedlayers.ops sends variant calls to the Python path) and
+// passes their defaults.
 
 using NormFwdOp = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const std::optional<Tensor>&,
                                                              const std::optional<Tensor>&, const std::optional<Tensor>&,
@@ -105,11 +106,12 @@ using NormBwdOp = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, cons
 using AttnFwdOp = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
                                              const std::optional<Tensor>&, const std::optional<Tensor>&, int64_t,
                                              int64_t, int64_t, double, bool, bool, double, int64_t, int64_t, double,
-                                             const std::optional<Tensor>&);
+                                             const std::optional<Tensor>&, at::OptionalIntArrayRef);
 using AttnBwdOp = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
     const std::optional<Tensor>&, const std::optional<Tensor>&, int64_t, int64_t, const Tensor&, const Tensor&,
-    int64_t, double, bool, bool, double, bool, int64_t, int64_t, double, const std::optional<Tensor>&);
+    int64_t, double, bool, bool, double, bool, int64_t, int64_t, double, const std::optional<Tensor>&,
+    at::OptionalIntArrayRef);
 
 template <class Signature>
 c10::TypedOperatorHandle<Signature> kernel_op(const char* name) {
@@ -276,7 +278,7 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                const std::optional<Tensor>& mask_in, double scale, bool causal, bool bottom_right) {
     const Tensor mask = mask_in.value_or(Tensor());
     auto [out, lse] = attn_fwd_op().call(q, k, v, mask_in, std::nullopt, std::nullopt, 0, 0, 0, scale, causal,
-                                         bottom_right, 0.0, -1, -1, 0.0, std::nullopt);
+                                         bottom_right, 0.0, -1, -1, 0.0, std::nullopt, std::nullopt);
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({q, k, v, mask, out, lse});
     ctx->saved_data["scale"] = scale;
@@ -309,7 +311,7 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const bool bias_grad = mask.defined() && mask.is_floating_point() && needs_grad(ctx, saved, 3);
     auto [dq, dk, dv, dbias] =
         attn_bwd_op().call(dout, dlse, q, k, v, opt(mask), std::nullopt, std::nullopt, 0, 0, out, lse, 0,
-                           scale, causal, bottom_right, 0.0, bias_grad, -1, -1, 0.0, std::nullopt);
+                           scale, causal, bottom_right, 0.0, bias_grad, -1, -1, 0.0, std::nullopt, std::nullopt);
     return {dq, dk, dv, bias_grad ? dbias : Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
@@ -375,7 +377,7 @@ py::object attention(py::handle q_h, py::handle k_h, py::handle v_h, py::handle 
     } else {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(out, lse) = attn_fwd_op().call(q, k, v, opt(mask), std::nullopt, std::nullopt, 0, 0, 0, scale, causal,
-                                              bottom_right, 0.0, -1, -1, 0.0, std::nullopt);
+                                              bottom_right, 0.0, -1, -1, 0.0, std::nullopt, std::nullopt);
     }
   }
   return return_lse ? py::object(py::make_tuple(out, lse)) : py::cast(out);

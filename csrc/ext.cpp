@@ -61,14 +61,16 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
   // cu_seqlens (B + 1,) int32. seed: the dropout seed (0 when dropout_p = 0). window_left /
   // window_right (-1 unbounded), softcap (0 off), alibi_slopes (float32 (Hq,) or (B, Hq)): the
   // score variants, served by the CPU kernels; the CUDA ones take the defaults only.
+  // dropout_layout [row0, col0, rows, cols] (dense only, CPU kernels only): the call's keep-mask
+  // is the block at (row0, col0) of a (B, Hq, rows, cols) call's (fusedlayers/registration.py).
   m.def("attention_fwd_kernel(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? cu_seqlens_q, "
         "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, int seed, float scale, bool causal, "
         "bool bottom_right, float dropout_p, int window_left=-1, int window_right=-1, float softcap=0., "
-        "Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
+        "Tensor? alibi_slopes=None, int[]? dropout_layout=None) -> (Tensor out, Tensor lse)");
   m.def("attention_bwd_kernel(Tensor dout, Tensor dlse, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, "
         "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor out, Tensor lse, "
         "int seed, float scale, bool causal, bool bottom_right, float dropout_p, bool bias_grad, int window_left=-1, "
-        "int window_right=-1, float softcap=0., Tensor? alibi_slopes=None) "
+        "int window_right=-1, float softcap=0., Tensor? alibi_slopes=None, int[]? dropout_layout=None) "
         "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
   // x (M, N); z kept (in stream_dtype) when keep_stream, else empty.
   m.def("norm_fwd_kernel(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, int seed, float eps, "

@@ -84,17 +84,18 @@ def _mods_args(mods) -> tuple:
     return mods.window_left, mods.window_right, float(mods.softcap), mods.alibi_slopes
 
 
-def _attention_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, mods=None):
+def _attention_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, mods=None,
+                       dropout_layout=None):
     return _ops().attention_fwd_kernel(q, k, v, attn_mask, None, None, 0, 0, seed, scale, causal, bottom_right,
-                                       dropout_p, *_mods_args(mods))
+                                       dropout_p, *_mods_args(mods), dropout_layout)
 
 
 def _attention_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right, dropout_p,
-                        deterministic, bias_grad, mods=None):
+                        deterministic, bias_grad, mods=None, dropout_layout=None):
     # deterministic by construction: every element of dq, dk, dv, dbias has one writer
     dq, dk, dv, dbias = _ops().attention_bwd_kernel(dout, dlse, q, k, v, attn_mask, None, None, 0, 0, out, lse, seed,
                                                     scale, causal, bottom_right, dropout_p, bias_grad,
-                                                    *_mods_args(mods))
+                                                    *_mods_args(mods), dropout_layout)
     return dq, dk, dv, dbias if bias_grad else None
 
 
@@ -118,7 +119,7 @@ def _varlen_backward(dout, dlse, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, se
 
 
 attention = SimpleNamespace(
-    VARIANTS=frozenset({"window_size", "softcap", "alibi_slopes"}),
+    VARIANTS=frozenset({"window_size", "softcap", "alibi_slopes", "dropout_layout"}),
     why_not=_attention_why_not,
     forward=_attention_forward,
     backward=_attention_backward,

@@ -20,11 +20,14 @@ attention family
     ``dropout_keep_mask(seed, shape, dropout_p, device) -> bool Tensor`` (its own random
     stream, so tests can check dropout against the reference). Shapes and conventions:
     ``fusedlayers.registration``. ``VARIANTS``: the score variants it serves (argument names:
-    "window_size", "softcap", "alibi_slopes", "sinks"); ``why_not`` here refuses the others,
+    "window_size", "softcap", "alibi_slopes", "sinks"), and "dropout_layout" when its dense
+    ``forward`` / ``backward`` take a ``dropout_layout`` keyword argument (the keep-mask of a
+    block of a larger call, ``fusedlayers.registration``); ``why_not`` here refuses the others,
     except sinks, which ``registration.join_sinks`` adds to the (out, lse) of any backend that
     does not take them (its backward must take P from the saved lse). A call with variants
     reaches ``forward`` / ``backward`` / ``varlen_*`` with one more argument, ``mods``
-    (``registration.ScoreMods``).
+    (``registration.ScoreMods``); one with a dropout layout reaches ``forward`` / ``backward``
+    with the keyword argument ``dropout_layout`` ([row0, col0, rows, cols]).
 norm family
     ``why_not(call: NormCall)``, ``forward``, ``backward``, ``dropout_keep_mask``, see
     ``fusedlayers.registration``.
@@ -100,12 +103,15 @@ class AttentionCall:
     alibi: bool = False  # alibi_slopes given
     sinks: bool = False  # sinks given
     sinks_grad: bool = False  # the sinks require grad
+    dropout_layout: bool = False  # a dropout_layout is given (the keep-mask of a block of a larger call)
 
     @property
     def variants(self) -> tuple[str, ...]:
-        """The score variants of the call, by argument name (empty for plain attention)."""
+        """The score variants of the call and its dropout layout, by argument name (empty for plain
+    attention)."""
         return tuple(name for name, on in (("window_size", self.window != (-1, -1)), ("softcap", self.softcap > 0),
-                                           ("alibi_slopes", self.alibi), ("sinks", self.sinks)) if on)
+                                           ("alibi_slopes", self.alibi), ("sinks", self.sinks),
+                                           ("dropout_layout", self.dropout_layout)) if on)
 
     def __str__(self) -> str:
         return (f"{_device_dtype(self)}, B={self.batch} Hq={self.heads_q} Hkv={self.heads_kv} "

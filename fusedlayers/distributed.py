@@ -31,13 +31,22 @@ Layouts (``shard`` / ``unshard`` / ``context_parallel_attention`` take the same 
 * ``"contiguous"``: W chunks in order, rank r holds chunk r (tokens r*N/W .. (r+1)*N/W - 1).
   Causal attention is right but unbalanced: rank W-1 does about W times rank 0's work.
 
-Without a causal mask attention does not care where a key sits, so both layouts give the
-same result; with one, the layout passed to ``context_parallel_attention`` must be the one
-the shards were cut with.
+Without a causal mask or dropout attention does not care where a key sits, so both layouts
+give the same result; with either, the layout passed to ``context_parallel_attention`` must be
+the one the shards were cut with.
+
+Dropout: the keep-mask of the single-process op is a function of the seed and the global
+(batch, head, query, key) position. Every block call passes the op the block's global place
+(``dropout_layout`` = [first global query row, first global key column, global Nq, global
+Nk], ``fusedlayers.registration``), so each rank draws exactly its part of the single-process
+mask; the seed is drawn once per call from the default generator of every rank and group rank
+0's is broadcast to the others. With dropout each block call of the plan is cut at its chunk
+boundaries, so that each piece is one rectangle of the global mask (zigzag: up to 4 calls per
+ring step instead of 1 or 2; contiguous: no cut).
 
 What it does not do: a float bias over (query, key) pairs (only a key mask, which travels
 with its keys); packed variable-length sequences (pad them and pass a key mask); a bias
-gradient; double backward; dropout (see ``context_parallel_attention``).
+gradient; double backward.
 """
 
 from __future__ import annotations
@@ -49,7 +58,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import dispatch, registration
+from . import dispatch, ops, registration
 
 __all__ = ["context_parallel_attention", "shard", "unshard", "LAYOUTS"]
 
@@ -180,6 +189,42 @@ def _plan(q_chunks: tuple, k_chunks: tuple, causal: bool, q_len: int, k_len: int
             for i in range(n_q) for j in range(n_k) if rel[i][j] != "skip"]
 
 
+def _global_pieces(plan: list, q_chunks: tuple, k_chunks: tuple, q_len: int, k_len: int, chunks: int) -> list:
+    """``plan`` (of :func:`_plan`) cut at the chunk boundaries, each piece with its place in the
+    global (Nq, Nk) = (chunks * chunk_q, chunks * chunk_k) problem: a list of (q slice, k slice,
+    causal, [row0, col0, rows, cols]), the ``dropout_layout`` of the piece's block call. A piece
+    of a causal call of the plan is full (below the diagonal), skipped (above) or causal (on it:
+    chunks are equal, so a chunk-aligned square piece always starts on the diagonal)."""
+    cq, ck = q_len // len(q_chunks), k_len // len(k_chunks)
+    pieces = []
+    for qs, ks, causal in plan:
+        for i in range(qs.start // cq, -(-qs.stop // cq)):
+            a, b = max(qs.start, i * cq), min(qs.stop, (i + 1) * cq)
+            for j in range(ks.start // ck, -(-ks.stop // ck)):
+                c, d = max(ks.start, j * ck), min(ks.stop, (j + 1) * ck)
+                piece_causal = False
+                if causal:  # visible iff key (c - ks.start) + y <= query (a - qs.start) + x, local to the call
+                    qa, kc = a - qs.start, c - ks.start
+                    if kc > qa + (b - a) - 1:
+                        continue  # above the diagonal
+                    if kc + (d - c) - 1 > qa:
+                        assert qa == kc and b - a == d - c, "a causal piece off the diagonal"
+                        piece_causal = True
+                layout = [q_chunks[i] * cq + a - i * cq, k_chunks[j] * ck + c - j * ck, chunks * cq, chunks * ck]
+                pieces.append((slice(a, b), slice(c, d), piece_causal, layout))
+    return pieces
+
+
+def _pieces(q_chunks: tuple, k_chunks: tuple, causal: bool, q_len: int, k_len: int, chunks: int,
+            dropout: bool) -> list:
+    """The block calls of local queries against one K/V block: (q slice, k slice, causal,
+    dropout_layout); the layout is None without dropout (the plan's fused calls as they are)."""
+    plan = _plan(q_chunks, k_chunks, causal, q_len, k_len)
+    if not dropout or q_len == 0 or k_len == 0:  # an empty block call draws no mask
+        return [(qs, ks, c, None) for qs, ks, c in plan]
+    return _global_pieces(plan, q_chunks, k_chunks, q_len, k_len, chunks)
+
+
 # ---------------------------------------------------------------------------- ring
 
 
@@ -220,12 +265,15 @@ def _key_mask(mask: Optional[Tensor], ks: slice) -> Optional[Tensor]:
     return None if mask is None else mask[..., ks]
 
 
-def _torch_block_backward(dout, dlse, q, k, v, mask, out, lse, scale, causal):
+def _torch_block_backward(dout, dlse, q, k, v, mask, out, lse, scale, causal, dropout_p=0.0, seed=None,
+                          dropout_layout=None):
     """(dq, dk, dv) of one block against the global (out, lse), in plain torch at float32 (or
     float64): the formula of ``attention_bwd`` for backends whose backward recomputes its own
-    softmax instead of taking lse (the ``reference`` backend)::
+    softmax instead of taking lse (the ``reference`` backend), with the reference backend's
+    keep-mask Z of ``seed`` under ``dropout_layout`` when ``dropout_p > 0``::
 
-        P = exp(S - lse), dV = P^T dO, dP = dO V^T, Delta = rowsum(dO * O), dS = P (dP - Delta + dlse)
+        P = exp(S - lse), Pd = P * Z / (1 - p), dV = Pd^T dO, dP = (dO V^T) * Z / (1 - p),
+        Delta = rowsum(dO * O), dS = P (dP - Delta + dlse)
     """
     acc = torch.promote_types(q.dtype, torch.float32)
     b, hq, nq, _ = q.shape
@@ -244,8 +292,13 @@ def _torch_block_backward(dout, dlse, q, k, v, mask, out, lse, scale, causal):
         s = s + mask.to(acc)
     row = lse.to(acc).unsqueeze(-1)
     p = torch.where(allowed & (row != float("-inf")), torch.exp(s - row), 0.0)  # P
-    dv = p.transpose(-2, -1) @ do  # dV = P^T dO
-    dp = do @ vf.transpose(-2, -1)  # dP
+    drop = 1.0  # Z / (1 - p), or 1 without dropout
+    if dropout_p > 0:
+        keep = registration.layout_keep_mask(dispatch.implementation("attention", "reference"), int(seed.item()),
+                                             (b, hq, nq, nk), dropout_p, q.device, dropout_layout)
+        drop = keep.to(acc) / (1.0 - dropout_p)
+    dv = (p * drop).transpose(-2, -1) @ do  # dV = Pd^T dO
+    dp = (do @ vf.transpose(-2, -1)) * drop  # dP
     delta = (do * o).sum(dim=-1, keepdim=True)  # Delta = rowsum(dO * O)
     ds = p * (dp - delta + dlse.to(acc).unsqueeze(-1))  # dS
     dq = (ds @ kf) * scale
@@ -256,7 +309,7 @@ def _torch_block_backward(dout, dlse, q, k, v, mask, out, lse, scale, causal):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, group, causal, layout, scale, deterministic, backend):
+    def forward(ctx, q, k, v, mask, group, causal, layout, scale, deterministic, backend, dropout_p, seed):
         rank, world = _group_rank_world(group)
         ring = _Ring(group, rank, world) if world > 1 else None
         nq, nk = q.shape[2], k.shape[2]
@@ -264,27 +317,29 @@ class _RingAttention(torch.autograd.Function):
         out_acc = q.new_zeros((b, hq, nq, v.shape[3]), dtype=torch.float32)
         lse_acc = q.new_full((b, hq, nq), float("-inf"), dtype=torch.float32)
         block = [t.contiguous() for t in (k, v, mask) if t is not None]
-        mine = _chunk_ids(rank, world, layout)
+        mine, chunks = _chunk_ids(rank, world, layout), world * _chunks_per_rank(layout)
         for step in range(world):
             src = (rank - step) % world
             pending = ring.start(block) if step + 1 < world else None
             k_b, v_b, m_b = block[0], block[1], block[2] if mask is not None else None
-            for qs, ks, blk_causal in _plan(mine, _chunk_ids(src, world, layout), causal, nq, nk):
-                o, l = registration.attention_fwd(q[:, :, qs], k_b[:, :, ks], v_b[:, :, ks], _key_mask(m_b, ks), None,
-                                                  scale, blk_causal, False, 0.0, deterministic, backend)
+            for qs, ks, blk_causal, drop_layout in _pieces(mine, _chunk_ids(src, world, layout), causal, nq, nk,
+                                                           chunks, dropout_p > 0):
+                o, l = registration.attention_fwd(q[:, :, qs], k_b[:, :, ks], v_b[:, :, ks], _key_mask(m_b, ks), seed,
+                                                  scale, blk_causal, False, dropout_p, deterministic, backend,
+                                                  dropout_layout=drop_layout)
                 _merge(out_acc[:, :, qs], lse_acc[:, :, qs], o, l)
             if pending is not None:
                 block, requests = pending
                 _Ring.finish(requests)
         out = out_acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, mask, out, lse_acc)
-        ctx.args = (group, causal, layout, scale, deterministic, backend)
+        ctx.args = (group, causal, layout, scale, deterministic, backend, dropout_p, seed)
         return out, lse_acc
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, mask, out, lse = ctx.saved_tensors
-        group, causal, layout, scale, deterministic, backend = ctx.args
+        group, causal, layout, scale, deterministic, backend, dropout_p, seed = ctx.args
         finite = lse[torch.isfinite(lse)]
         if finite.numel() and float(finite.abs().max()) >= _LSE_LIMIT:
             raise ValueError(f"context_parallel_attention: a query row has |lse| >= {_LSE_LIMIT:g} (a huge float "
@@ -297,7 +352,7 @@ class _RingAttention(torch.autograd.Function):
         dlse = dlse.contiguous() if dlse is not None else torch.zeros_like(lse)
         dq_acc = torch.zeros_like(q, dtype=torch.float32)
         block = [t.contiguous() for t in (k, v, mask) if t is not None]
-        mine = _chunk_ids(rank, world, layout)
+        mine, chunks = _chunk_ids(rank, world, layout), world * _chunks_per_rank(layout)
         travelling, sent = None, None  # dK/dV of the block in hand, summed over the ranks it has visited
         for step in range(world):
             src = (rank - step) % world
@@ -305,14 +360,16 @@ class _RingAttention(torch.autograd.Function):
             k_b, v_b, m_b = block[0], block[1], block[2] if mask is not None else None
             dk_blk = torch.zeros_like(k_b, dtype=torch.float32)
             dv_blk = torch.zeros_like(v_b, dtype=torch.float32)
-            for qs, ks, blk_causal in _plan(mine, _chunk_ids(src, world, layout), causal, nq, nk):
+            for qs, ks, blk_causal, drop_layout in _pieces(mine, _chunk_ids(src, world, layout), causal, nq, nk,
+                                                           chunks, dropout_p > 0):
                 args = (dout[:, :, qs], dlse[:, :, qs], q[:, :, qs], k_b[:, :, ks], v_b[:, :, ks],
                         _key_mask(m_b, ks), out[:, :, qs], lse[:, :, qs])
                 if backend == "reference":  # its backward recomputes the block's own softmax: not usable here
-                    dq, dk, dv = _torch_block_backward(*args, scale, blk_causal)
+                    dq, dk, dv = _torch_block_backward(*args, scale, blk_causal, dropout_p, seed, drop_layout)
                 else:
-                    dq, dk, dv, _, _ = registration.attention_bwd(*args, None, scale, blk_causal, False, 0.0,
-                                                               deterministic, False, backend)
+                    dq, dk, dv, _, _ = registration.attention_bwd(*args, seed, scale, blk_causal, False, dropout_p,
+                                                               deterministic, False, backend,
+                                                               dropout_layout=drop_layout)
                 dq_acc[:, :, qs] += dq.float()
                 dk_blk[:, :, ks] += dk.float()
                 dv_blk[:, :, ks] += dv.float()
@@ -331,10 +388,22 @@ class _RingAttention(torch.autograd.Function):
             _Ring.finish(requests)
         else:
             dk_home, dv_home = travelling
-        return (dq_acc.to(q.dtype), dk_home.to(k.dtype), dv_home.to(v.dtype)) + (None,) * 7
+        return (dq_acc.to(q.dtype), dk_home.to(k.dtype), dv_home.to(v.dtype)) + (None,) * 9
 
 
 # ---------------------------------------------------------------------------- public op
+
+
+def _shared_seed(dropout_p: float, device, group, world: int) -> Optional[Tensor]:
+    """The dropout seed of a call (a CPU int64 scalar, None without dropout): drawn from every
+    rank's default generator as ``fusedlayers.attention`` draws it (so every generator advances
+    alike), group rank 0's broadcast to the group (one collective)."""
+    seed = ops._draw_seed(dropout_p)
+    if seed is None or world == 1:
+        return seed
+    buf = seed.reshape(1).to(device if device.type != "cpu" else "cpu")
+    dist.broadcast(buf, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
+    return buf[0].cpu()
 
 
 def context_parallel_attention(
@@ -369,7 +438,15 @@ def context_parallel_attention(
         group: the process group (default: the whole world).
         causal: key j visible from query i iff global position j <= i (top-left; queries and
             keys are the same sequence).
-        dropout_p: must be 0 (see Raises).
+        dropout_p: probability of zeroing an attention probability, as in
+            :func:`fusedlayers.attention`: the keep-mask is the single-process op's, a function
+            of the seed and the global (query, key) position, so the result equals
+            ``fusedlayers.attention`` of the full tensors under the same seed (same backend).
+            The seed is drawn from every rank's default generator (as the single-process op
+            draws it) and group rank 0's is broadcast to the group (one more collective per
+            call). With dropout the layout matters even without ``causal``. Served by the
+            backends that take a dropout layout (``cpu``, ``reference``; auto on a GPU picks
+            ``reference`` until the GPU kernels take one).
         scale: score scale; default 1/sqrt(D).
         return_lse: also return lse (B, Hq, N_local) float32 of the full rows; differentiable.
         deterministic: bitwise-repeatable backward (the ring's sums have a fixed order; the
@@ -377,18 +454,16 @@ def context_parallel_attention(
         backend: the backend of the local blocks: "auto" or a name, as in
             :func:`fusedlayers.attention`.
         layout: "zigzag" (default) or "contiguous", the layout the shards were cut with (see
-            the module docstring); it matters only with ``causal``.
+            the module docstring); it matters only with ``causal`` or dropout.
 
     Returns:
         out (B, Hq, N_local, Dv) in q's dtype, or ``(out, lse)``. A query row that sees no
         key anywhere gets 0 and lse -inf.
 
     Raises:
-        NotImplementedError for ``dropout_p > 0``: the kernels draw their keep mask from the
-        seed and the flat index over this call's own (B, Hq, Nq, Nk), so a block at a global
-        offset cannot reproduce the single-process mask; it needs the kernel ops to take the
-        block's global row and column offsets and the global (Nq, Nk) for the mask index.
-        ValueError / TypeError naming the argument for malformed inputs.
+        ValueError / TypeError naming the argument for malformed inputs;
+        ``fusedlayers.dispatch.BackendError`` when the backend asked for cannot serve the call
+        (dropout on ``triton`` or ``cuda``).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -410,12 +485,7 @@ def context_parallel_attention(
     layout = _check_layout(layout)
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if dropout_p > 0:
-        raise NotImplementedError(
-            "context_parallel_attention: dropout_p > 0 is not supported: the kernels draw their keep mask from "
-            "(seed, flat index over the call's own (B, Hq, Nq, Nk)), so a block at a global offset cannot "
-            "reproduce the single-process mask; the kernel ops need the block's global (row, column) offsets "
-            "and the global (Nq, Nk) to index the mask. Use dropout_p=0 (or dropout outside attention)")
+    dropout_p = float(dropout_p)
     if scale is None:
         scale = 1.0 / math.sqrt(d) if d else 1.0
     elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -426,7 +496,7 @@ def context_parallel_attention(
                          f"(self-attention), got N_local {nq} and Nk_local {nk}")
     per_rank = _chunks_per_rank(layout)
     for name, n in (("q", nq), ("k", nk)):
-        if causal and n % per_rank:
+        if (causal or dropout_p > 0) and n % per_rank:
             raise ValueError(f"{name}.shape[2] = {n}: a {layout} shard holds {per_rank} equal chunks, so its length "
                              f"must be a multiple of {per_rank}")
     if attn_mask is not None:
@@ -452,9 +522,11 @@ def context_parallel_attention(
     call = dispatch.AttentionCall(
         device=q.device, dtype=q.dtype, batch=b, heads_q=hq, heads_kv=hkv, seqlen_q=nq, seqlen_k=nk, head_dim=d,
         head_dim_v=v.shape[3], mask=None if attn_mask is None else "bool" if attn_mask.dtype == torch.bool else "float",
-        mask_grad=False, causal=bool(causal), dropout_p=0.0, deterministic=bool(deterministic), varlen=False)
+        mask_grad=False, causal=bool(causal), dropout_p=dropout_p, deterministic=bool(deterministic), varlen=False,
+        dropout_layout=dropout_p > 0)
     empty = q.numel() == 0 or k.numel() == 0 or v.numel() == 0
     name = "reference" if empty else dispatch.select("attention", call, backend)  # an empty call runs no kernel
+    seed = _shared_seed(dropout_p, q.device, group, world)
     out, lse = _RingAttention.apply(q, k, v, attn_mask, group, bool(causal), layout, float(scale),
-                                    bool(deterministic), name)
+                                    bool(deterministic), name, dropout_p, seed)
     return (out, lse) if return_lse else out

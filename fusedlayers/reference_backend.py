@@ -24,6 +24,20 @@ def _keep_mask(seed: int, shape, dropout_p: float, device) -> Tensor:
     return torch.rand(shape, generator=gen, device=device) >= dropout_p
 
 
+def _attention_keep_mask(seed: int, q, k, dropout_p: float, dropout_layout) -> Optional[Tensor]:
+    """The keep-mask (B, Hq, Nq, Nk) of a dense call, or None without dropout: the block at
+    (row0, col0) of the (B, Hq, rows, cols) mask under ``dropout_layout`` (see
+    ``fusedlayers.registration``)."""
+    if dropout_p <= 0:
+        return None
+    b, hq, nq = q.shape[:3]
+    nk = k.shape[2]
+    if dropout_layout is None:
+        return _keep_mask(seed, (b, hq, nq, nk), dropout_p, q.device)
+    row0, col0, rows, cols = dropout_layout
+    return _keep_mask(seed, (b, hq, rows, cols), dropout_p, q.device)[..., row0:row0 + nq, col0:col0 + nk]
+
+
 def _align(bottom_right: bool) -> str:
     return "bottom_right" if bottom_right else "top_left"
 
@@ -61,10 +75,10 @@ def _mods_kwargs(mods, acc):
     return kw
 
 
-def _attention_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, mods=None):
+def _attention_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, mods=None,
+                       dropout_layout=None):
     acc = _acc(q.dtype)  # float32 accumulation, as every backend promises
-    b, hq, nq = q.shape[:3]
-    keep = _keep_mask(seed, (b, hq, nq, k.shape[2]), dropout_p, q.device) if dropout_p > 0 else None
+    keep = _attention_keep_mask(seed, q, k, dropout_p, dropout_layout)
     mask = attn_mask.to(acc) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
     out, lse = reference.attention(q.to(acc), k.to(acc), v.to(acc), mask, causal=causal,
                                    causal_align=_align(bottom_right), dropout_p=dropout_p, dropout_mask=keep,
@@ -73,10 +87,10 @@ def _attention_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dr
 
 
 def _attention_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right, dropout_p,
-                        deterministic, bias_grad, mods=None):
-    acc = _acc(q.dtype)  # P again at the accumulation precision (the saved lse is float32, which would cap a
-    b, hq, nq, _ = q.shape  # float64 gradient at ~1e-7)
-    keep = _keep_mask(seed, (b, hq, nq, k.shape[2]), dropout_p, q.device) if dropout_p > 0 else None
+                        deterministic, bias_grad, mods=None, dropout_layout=None):
+    # P again at the accumulation precision (the saved lse is float32, which would cap a float64 gradient at ~1e-7)
+    acc = _acc(q.dtype)
+    keep = _attention_keep_mask(seed, q, k, dropout_p, dropout_layout)
     mask = attn_mask.to(acc) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
     dq, dk, dv, ds, _ = reference.attention_backward(
         dout.to(acc), dlse.to(acc), q.to(acc), k.to(acc), v.to(acc), mask, causal=causal,
@@ -127,7 +141,7 @@ def _varlen_backward(dout, dlse, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, se
 
 
 attention = SimpleNamespace(
-    VARIANTS=frozenset({"window_size", "softcap", "alibi_slopes", "sinks"}),
+    VARIANTS=frozenset({"window_size", "softcap", "alibi_slopes", "sinks", "dropout_layout"}),
     why_not=_attention_why_not,
     forward=_attention_forward,
     backward=_attention_backward,

@@ -5,10 +5,11 @@ Every public op runs through one of three op pairs in namespace ``fusedlayers``:
 ====================  ======================================================================
 ``attention_fwd``     (q, k, v, attn_mask?, seed?, scale, causal, bottom_right, dropout_p,
                       deterministic, backend, window_left, window_right, softcap,
-                      alibi_slopes?, sinks?) -> (out (B,Hq,Nq,Dv), lse (B,Hq,Nq) fp32)
+                      alibi_slopes?, sinks?, dropout_layout?) -> (out (B,Hq,Nq,Dv), lse
+                      (B,Hq,Nq) fp32)
 ``attention_bwd``     (dout, dlse, q, k, v, attn_mask?, out, lse, seed?, ..., bias_grad,
-                      backend, <the variants>, sinks_grad) -> (dq, dk, dv, dbias: mask's
-                      shape, or empty, dsinks (Hq,) or empty)
+                      backend, <the variants>, sinks_grad, dropout_layout?) -> (dq, dk, dv,
+                      dbias: mask's shape, or empty, dsinks (Hq,) or empty)
 ``varlen_fwd``        (q (Tq,Hq,D), k, v (Tk,Hkv,D), cu_seqlens_q, cu_seqlens_k,
                       max_seqlen_q, max_seqlen_k, seed?, ...) -> (out (Tq,Hq,Dv), lse (Hq,Tq))
 ``varlen_bwd``        -> (dq, dk, dv, dsinks)
@@ -25,7 +26,12 @@ rows that see no key (the sink's logit when there is one); the score variants
 joined to the (out, lse) of a backend that does not take them itself (``join_sinks``), and
 their gradient comes from the final (out, lse) (``sinks_gradient``); ``seed`` is a CPU int64 scalar drawn from torch's default generator
 when ``dropout_p > 0`` (the backend turns it into its own keep-mask and regenerates the
-same mask in backward). For the norms, ``z = dropout(x) + residual`` is the pre-norm
+same mask in backward). ``dropout_layout`` ``[row0, col0, rows, cols]`` (dense attention,
+backends that list "dropout_layout" in their ``VARIANTS``) makes the keep-mask element of
+(b, h, i, j) the element (b, h, row0 + i, col0 + j) of the keep-mask of a (B, Hq, rows, cols)
+call of the same seed, i.e. ``dropout_keep_mask(seed, (B, Hq, rows, cols), p)[..., row0:row0 +
+Nq, col0:col0 + Nk]``: a block of a larger problem (``fusedlayers.distributed``) draws that
+problem's mask. None: (0, 0, Nq, Nk). For the norms, ``z = dropout(x) + residual`` is the pre-norm
 residual stream: it is returned (dtype float32 if ``residual_in_fp32``, else residual's,
 else x's) when there is a residual, dropout or ``prenorm``, otherwise it is empty and
 ``zin = x``; ``mean`` is empty for RMS norm. Unneeded outputs are empty tensors, since a
@@ -113,6 +119,34 @@ def _mods_kw(mods: ScoreMods, impl) -> dict:
     return {"mods": mods} if mods.any() else {}
 
 
+def _layout_kw(dropout_layout: Optional[list[int]], nq: int, nk: int, impl, backend: str) -> dict:
+    """The ``dropout_layout`` argument of a call of backend ``impl`` (none when not given), checked."""
+    if dropout_layout is None:
+        return {}
+    if "dropout_layout" not in getattr(impl, "VARIANTS", ()):
+        raise ValueError(f"dropout_layout: the {backend} backend takes no dropout layout (backends 'cpu' and "
+                         f"'reference' do)")
+    layout = [int(x) for x in dropout_layout]
+    if len(layout) != 4:
+        raise ValueError(f"dropout_layout must be [row0, col0, rows, cols], got {layout}")
+    row0, col0, rows, cols = layout
+    if not (0 <= row0 and row0 + nq <= rows and 0 <= col0 and col0 + nk <= cols):
+        raise ValueError(f"dropout_layout {layout} must hold the call's (Nq, Nk) = ({nq}, {nk}) rows and cols: "
+                         f"0 <= row0, row0 + Nq <= rows, 0 <= col0, col0 + Nk <= cols")
+    return {"dropout_layout": layout}
+
+
+def layout_keep_mask(impl, seed: int, shape, dropout_p: float, device, dropout_layout) -> Tensor:
+    """The keep-mask of a call of ``shape`` (B, Hq, Nq, Nk) under ``dropout_layout`` (or None),
+    from backend ``impl``'s random stream."""
+    if dropout_layout is None:
+        return impl.dropout_keep_mask(seed, shape, dropout_p, device)
+    row0, col0, rows, cols = (int(x) for x in dropout_layout)
+    b, hq, nq, nk = shape
+    full = impl.dropout_keep_mask(seed, (b, hq, rows, cols), dropout_p, device)
+    return full[..., row0:row0 + nq, col0:col0 + nk]
+
+
 def _no_key_lse(shape, sinks: Optional[Tensor], like: Tensor) -> Tensor:
     """lse of rows that see no key: -inf, or the head's sink logit."""
     if sinks is None:
@@ -124,7 +158,8 @@ def _no_key_lse(shape, sinks: Optional[Tensor], like: Tensor) -> Tensor:
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], seed: Optional[Tensor],
                   scale: float, causal: bool, bottom_right: bool, dropout_p: float, deterministic: bool,
                   backend: str, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
-                  alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                  alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
+                  dropout_layout: Optional[list[int]] = None) -> tuple[Tensor, Tensor]:
     mods = ScoreMods(window_left, window_right, softcap, alibi_slopes, sinks)
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         if q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0:  # no query, or no key
@@ -132,14 +167,15 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], 
             return q.new_zeros((b, hq, nq, v.shape[3])), _no_key_lse((b, hq, nq), sinks, q)
         backend = "reference"  # head dim 0: the scores are the mask alone
     impl = dispatch.implementation("attention", backend)
+    layout_kw = _layout_kw(dropout_layout, q.shape[2], k.shape[2], impl, backend)
     out, lse = impl.forward(q, k, v, attn_mask, _seed(seed), scale, causal, bottom_right, dropout_p,
-                            **_mods_kw(mods, impl))
+                            **_mods_kw(mods, impl), **layout_kw)
     return (out, lse) if _native_sinks(impl) else join_sinks(out, lse, sinks, varlen=False)
 
 
 @attention_fwd.register_fake
 def _(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, deterministic, backend, window_left=-1,
-      window_right=-1, softcap=0.0, alibi_slopes=None, sinks=None):
+      window_right=-1, softcap=0.0, alibi_slopes=None, sinks=None, dropout_layout=None):
     b, hq, nq = q.shape[:3]
     return q.new_empty((b, hq, nq, v.shape[3])), q.new_empty((b, hq, nq), dtype=torch.float32)
 
@@ -150,7 +186,8 @@ def attention_bwd(dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, a
                   dropout_p: float, deterministic: bool, bias_grad: bool, backend: str, window_left: int = -1,
                   window_right: int = -1, softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
                   sinks: Optional[Tensor] = None,
-                  sinks_grad: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  sinks_grad: bool = False,
+                  dropout_layout: Optional[list[int]] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     mods = ScoreMods(window_left, window_right, softcap, alibi_slopes, sinks)
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         if q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0:  # the output did not depend on them
@@ -160,8 +197,10 @@ def attention_bwd(dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, a
         backend = "reference"
     impl = dispatch.implementation("attention", backend)
     _check_joined_sinks(sinks, impl, backend)
+    layout_kw = _layout_kw(dropout_layout, q.shape[2], k.shape[2], impl, backend)
     dq, dk, dv, dbias = impl.backward(dout, dlse, q, k, v, attn_mask, out, lse, _seed(seed), scale, causal,
-                                      bottom_right, dropout_p, deterministic, bias_grad, **_mods_kw(mods, impl))
+                                      bottom_right, dropout_p, deterministic, bias_grad, **_mods_kw(mods, impl),
+                                      **layout_kw)
     dsinks = sinks_gradient(dout, dlse, out, lse, sinks, varlen=False) if sinks_grad else q.new_empty(_EMPTY)
     return dq, dk, dv, dbias if dbias is not None else q.new_empty(_EMPTY), dsinks
 
@@ -213,7 +252,7 @@ def sinks_gradient(dout: Tensor, dlse: Tensor, out: Tensor, lse: Tensor, sinks: 
 @attention_bwd.register_fake
 def _(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right, dropout_p, deterministic,
       bias_grad, backend, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, sinks=None,
-      sinks_grad=False):
+      sinks_grad=False, dropout_layout=None):
     dbias = attn_mask.new_empty(attn_mask.shape) if bias_grad else q.new_empty(_EMPTY)
     dsinks = sinks.new_empty(sinks.shape) if sinks_grad else q.new_empty(_EMPTY)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias, dsinks
@@ -221,9 +260,10 @@ def _(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_righ
 
 def _attention_setup(ctx, inputs, output):
     (q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, deterministic, backend, window_left,
-     window_right, softcap, alibi_slopes, sinks) = inputs
+     window_right, softcap, alibi_slopes, sinks, dropout_layout) = inputs
     ctx.save_for_backward(q, k, v, attn_mask, seed, alibi_slopes, sinks, *output)
     ctx.args = (scale, causal, bottom_right, dropout_p, deterministic)
+    ctx.dropout_layout = None if dropout_layout is None else [int(x) for x in dropout_layout]
     ctx.mods = (window_left, window_right, softcap)
     ctx.backend = backend
 
@@ -231,10 +271,10 @@ def _attention_setup(ctx, inputs, output):
 def attention_double_backward(dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor,
                               attn_mask: Optional[Tensor], seed: Optional[Tensor], scale: float, causal: bool,
                               bottom_right: bool, dropout_p: float, backend: str, needs_input_grad,
-                              mods: ScoreMods = NO_MODS) -> tuple:
+                              mods: ScoreMods = NO_MODS, dropout_layout: Optional[list[int]] = None) -> tuple:
     """(dq, dk, dv, dbias, dsinks) of ``attention_fwd`` as a differentiable function of (dout,
     dlse, q, k, v, attn_mask, sinks): autograd through the reference attention, recomputed with
-    the forward backend's keep-mask; None where ``needs_input_grad`` (4 or 5 flags: q, k, v,
+    the forward backend's keep-mask (under ``dropout_layout``); None where ``needs_input_grad`` (4 or 5 flags: q, k, v,
     attn_mask, sinks) says no. For any autograd node of attention whose backward runs under
     ``create_graph=True``."""
     from . import reference
@@ -242,8 +282,8 @@ def attention_double_backward(dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, 
     b, hq, nq = q.shape[:3]
     keep = None
     if dropout_p > 0:
-        keep = dispatch.implementation("attention", backend).dropout_keep_mask(
-            _seed(seed), (b, hq, nq, k.shape[2]), dropout_p, q.device)
+        keep = layout_keep_mask(dispatch.implementation("attention", backend), _seed(seed), (b, hq, nq, k.shape[2]),
+                                dropout_p, q.device, dropout_layout)
     acc = _acc(q.dtype)
     mask = attn_mask.to(acc) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
     out, lse = reference.attention(q.to(acc), k.to(acc), v.to(acc), mask, causal=causal,
@@ -274,14 +314,15 @@ def _attention_backward(ctx, dout, dlse):
     if _create_graph(dout, dlse, q, k, v, attn_mask, sinks):
         needs = ctx.needs_input_grad[:4] + (_needs(ctx, 15),)
         dq, dk, dv, dbias, dsinks = attention_double_backward(dout, dlse, q, k, v, attn_mask, seed, scale, causal,
-                                                              bottom_right, dropout_p, ctx.backend, needs, mods)
-        return ((dq, dk, dv, dbias) + nones + (dsinks,))[:n]
+                                                              bottom_right, dropout_p, ctx.backend, needs, mods,
+                                                              ctx.dropout_layout)
+        return ((dq, dk, dv, dbias) + nones + (dsinks, None))[:n]
     bias_grad = attn_mask is not None and ctx.needs_input_grad[3]
     sinks_grad = sinks is not None and _needs(ctx, 15)
     dq, dk, dv, dbias, dsinks = attention_bwd(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
                                               bottom_right, dropout_p, deterministic, bias_grad, ctx.backend,
-                                              *ctx.mods, alibi_slopes, sinks, sinks_grad)
-    return ((dq, dk, dv, dbias if bias_grad else None) + nones + (dsinks if sinks_grad else None,))[:n]
+                                              *ctx.mods, alibi_slopes, sinks, sinks_grad, ctx.dropout_layout)
+    return ((dq, dk, dv, dbias if bias_grad else None) + nones + (dsinks if sinks_grad else None, None))[:n]
 
 
 attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)

@@ -442,9 +442,6 @@ def train(task, model_cfg: Optional[ModelConfig] = None, cfg: Optional[TrainConf
     if cfg.init_from:
         checkpoint.load_model(cfg.init_from, model, strict=False)
     if cp > 1:
-        if model.cfg.dropout > 0:
-            raise ValueError("TrainConfig.context_parallel > 1 needs a model with dropout 0: context-parallel "
-                             "attention has no dropout (fusedlayers.distributed.context_parallel_attention)")
         _set_context_parallel(model, cp_group)
     objective = _Objective(model, task, cfg.label_smoothing, cp_group, cp)
     if fsdp:

@@ -92,10 +92,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
                                                      int64_t max_k, int64_t seed, double scale, bool causal,
                                                      bool bottom_right, double dropout_p, int64_t window_left,
                                                      int64_t window_right, double softcap,
-                                                     const std::optional<at::Tensor>& alibi) {
+                                                     const std::optional<at::Tensor>& alibi,
+                                                     at::OptionalIntArrayRef dropout_layout) {
   const at::Tensor q = qkv_rows(q_in), k = qkv_rows(k_in), v = qkv_rows(v_in);
   AttentionParams p = make_params(kFwd, q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, causal, bottom_right,
                                   dropout_p, window_left, window_right, softcap, alibi);
+  set_dropout_layout(p, kFwd, dropout_layout);
   auto [out, lse] = alloc_out(p, q);
   kernels().attention_fwd(p);
   return {out, lse};
@@ -106,11 +108,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& v_in, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_q,
     const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, const at::Tensor& out_in,
     const at::Tensor& lse_in, int64_t seed, double scale, bool causal, bool bottom_right, double dropout_p,
-    bool bias_grad, int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi) {
+    bool bias_grad, int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi,
+    at::OptionalIntArrayRef dropout_layout) {
   for (auto* t : {&dout_in, &dlse_in, &out_in, &lse_in}) check_cpu(*t, kBwd, "dout, dlse, out, lse");
   const at::Tensor q = qkv_rows(q_in), k = qkv_rows(k_in), v = qkv_rows(v_in);
   AttentionParams p = make_params(kBwd, q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, causal, bottom_right,
                                   dropout_p, window_left, window_right, softcap, alibi);
+  set_dropout_layout(p, kBwd, dropout_layout);
   const auto [out, dout, lse, dlse] = bwd_inputs(p, kBwd, q, out_in, dout_in, lse_in, dlse_in);
   p.dlse = dlse.const_data_ptr<float>();
   auto [dq, dk, dv] = alloc_grads(p, q, k, v);

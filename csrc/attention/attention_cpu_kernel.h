@@ -238,7 +238,8 @@ void forward(const AttentionParams& p) {
             const float alpha = softmax_update(st, m_new, exp_sub_sum(s, nk, m_new));
             if (alpha != 1.0f) scale_row(o_acc.get() + i * Dv, Dv, alpha);
             if (p.dropout_p > 0) {
-              const int64_t index0 = b * p.drop_bs + h * p.drop_hs + (sq.q_start + r) * p.drop_rs + sq.k_start + kb;
+              const int64_t index0 =
+                  p.drop_offset + b * p.drop_bs + h * p.drop_hs + (sq.q_start + r) * p.drop_rs + sq.k_start + kb;
               dropout_row(s, nk, p.seed, static_cast<uint64_t>(index0), p.dropout_p, inv_keep);
             }
           }
@@ -371,7 +372,8 @@ void backward(const AttentionParams& p) {
                 exp_sub_sum(s, nk, lse[i]);  // P = exp(S - lse)
               }
               if (p.dropout_p > 0) {
-                const int64_t index0 = b * p.drop_bs + h * p.drop_hs + (sq.q_start + r) * p.drop_rs + sq.k_start + kb;
+                const int64_t index0 =
+                    p.drop_offset + b * p.drop_bs + h * p.drop_hs + (sq.q_start + r) * p.drop_rs + sq.k_start + kb;
                 dropout_row(dp, nk, p.seed, static_cast<uint64_t>(index0), p.dropout_p, inv_keep);
               }
               // dS = P * (dP - Delta + dlse), into dp
@@ -392,7 +394,8 @@ void backward(const AttentionParams& p) {
                 double dpd = dot_double(row_a.get(), row_b.get(), Dv);
                 if (p.dropout_p > 0) {
                   const int64_t index =
-                      b * p.drop_bs + h * p.drop_hs + (sq.q_start + r) * p.drop_rs + sq.k_start + kb + jj;
+                      p.drop_offset + b * p.drop_bs + h * p.drop_hs + (sq.q_start + r) * p.drop_rs + sq.k_start + kb +
+                      jj;
                   dpd = dropout_keep(p.seed, static_cast<uint64_t>(index), p.dropout_p) ? dpd * inv_keep : 0.0;
                 }
                 dp[jj] = s[jj] * static_cast<float>(dpd - delta_d[i] + dlse[i]);
@@ -411,7 +414,8 @@ void backward(const AttentionParams& p) {
                 for (; jj < nk; ++jj) dp[jj] *= 1.0f - t[jj] * t[jj];
               }
               if (p.dropout_p > 0) {  // dV uses the dropped P
-                const int64_t index0 = b * p.drop_bs + h * p.drop_hs + (sq.q_start + r) * p.drop_rs + sq.k_start + kb;
+                const int64_t index0 =
+                    p.drop_offset + b * p.drop_bs + h * p.drop_hs + (sq.q_start + r) * p.drop_rs + sq.k_start + kb;
                 dropout_row(s, nk, p.seed, static_cast<uint64_t>(index0), p.dropout_p, inv_keep);
               }
             }

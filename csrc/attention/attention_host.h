@@ -104,6 +104,25 @@ void set_qkv(Params& p, const char* op, const at::Tensor& q, const at::Tensor& k
   }
 }
 
+// The dropout layout [row0, col0, rows, cols] of a dense call (see fusedlayers.registration):
+// mask element (b, h, i, j) of this call is element (b, h, row0 + i, col0 + j) of the keep-mask
+// of a (B, Hq, rows, cols) call, so a block of a larger problem draws the larger problem's mask.
+// None leaves set_qkv's own (B, Hq, Nq, Nk) layout. Call after set_qkv.
+template <class Params>
+void set_dropout_layout(Params& p, const char* op, at::OptionalIntArrayRef layout) {
+  if (!layout.has_value()) return;
+  TORCH_CHECK(p.cu_seqlens_q == nullptr, "fusedlayers::", op, ": dropout_layout is not supported with cu_seqlens");
+  const at::IntArrayRef l = *layout;
+  TORCH_CHECK(l.size() == 4, "fusedlayers::", op, ": dropout_layout must be [row0, col0, rows, cols], got ", l);
+  const int64_t row0 = l[0], col0 = l[1], rows = l[2], cols = l[3];
+  const int64_t nq = p.seqlen_q, nk = p.seqlen_k;
+  TORCH_CHECK(row0 >= 0 && col0 >= 0 && row0 + nq <= rows && col0 + nk <= cols, "fusedlayers::", op,
+              ": dropout_layout ", l, " must hold the call's (Nq, Nk) = (", nq, ", ", nk,
+              ") rows and cols: 0 <= row0, row0 + Nq <= rows, 0 <= col0, col0 + Nk <= cols");
+  p.drop_bs = p.heads_q * rows * cols, p.drop_hs = rows * cols, p.drop_rs = cols;  // (B, Hq, rows, cols)
+  p.drop_offset = row0 * cols + col0;
+}
+
 // Pointer and broadcast strides of attn_mask `m` (dense calls only; p.mask_kind is the caller's,
 // which knows the dtypes its kernels read). Call after set_qkv.
 template <class Params>

@@ -96,10 +96,13 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
   return p;
 }
 
-// The CUDA kernels compute no score variant: a call must carry the defaults (the Python
-// backend never sends others; dispatch refuses variants for it).
+// The CUDA kernels compute no score variant and take no dropout layout: a call must carry the
+// defaults (the Python backend never sends others; dispatch refuses them for it).
 void check_no_variants(const char* op, int64_t window_left, int64_t window_right, double softcap,
-                       const std::optional<at::Tensor>& alibi) {
+                       const std::optional<at::Tensor>& alibi, at::OptionalIntArrayRef dropout_layout) {
+  TORCH_CHECK(!dropout_layout.has_value(), "fusedlayers::", op,
+              ": the CUDA kernels take no dropout_layout (the keep-mask of a block of a larger call); use "
+              "backend='cpu' or 'reference'");
   TORCH_CHECK(window_left == -1 && window_right == -1 && softcap == 0.0 && !alibi.has_value(), "fusedlayers::", op,
               ": the CUDA kernels serve no window_size, softcap or alibi_slopes (got window (", window_left, ", ",
               window_right, "), softcap ", softcap, ", alibi_slopes ", alibi.has_value() ? "given" : "none",
@@ -115,8 +118,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
                                                       int64_t max_k, int64_t seed, double scale, bool causal,
                                                       bool bottom_right, double dropout_p, int64_t window_left,
                                                       int64_t window_right, double softcap,
-                                                      const std::optional<at::Tensor>& alibi) {
-  check_no_variants(kFwd, window_left, window_right, softcap, alibi);
+                                                      const std::optional<at::Tensor>& alibi,
+                                                      at::OptionalIntArrayRef dropout_layout) {
+  check_no_variants(kFwd, window_left, window_right, softcap, alibi, dropout_layout);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
   std::vector<at::Tensor> keep;
@@ -132,8 +136,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& v_in, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_q,
     const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, const at::Tensor& out_in,
     const at::Tensor& lse_in, int64_t seed, double scale, bool causal, bool bottom_right, double dropout_p,
-    bool bias_grad, int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi) {
-  check_no_variants(kBwd, window_left, window_right, softcap, alibi);
+    bool bias_grad, int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi,
+    at::OptionalIntArrayRef dropout_layout) {
+  check_no_variants(kBwd, window_left, window_right, softcap, alibi, dropout_layout);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
   std::vector<at::Tensor> keep;

@@ -58,9 +58,12 @@ struct AttentionParamsOf {
   float dropout_p;
   uint64_t seed;
   // Dropout mask index of (b, h, query row r, key col c), r and c counted from the start of
-  // the packed tensors: b * drop_bs + h * drop_hs + r * drop_rs + c (the index of every
-  // kernel and of dropout_keep_mask_kernel).
+  // the packed tensors: drop_offset + b * drop_bs + h * drop_hs + r * drop_rs + c (the index of
+  // every kernel and of dropout_keep_mask_kernel). drop_offset is 0 except for a dense call
+  // with a dropout layout (set_dropout_layout in attention_host.h): a block of a larger call's
+  // mask. The CUDA kernels read no drop_offset (their glue accepts no layout).
   int64_t drop_bs, drop_hs, drop_rs;
+  int64_t drop_offset = 0;
 
   // out (Dv columns; dout has the same strides) in `dtype`; lse float32 at
   // lse + b * lse_bs + h * lse_hs + row.
