@@ -15,7 +15,7 @@ memory. Compiles run in ``--jobs`` processes (default: one per core); Triton's c
 
     python benchmarks/resource_check.py            # every module, both architectures
     python benchmarks/resource_check.py --arch sm_90a --only norm_fwd
-    python benchmarks/resource_check.py --module fusedlayers.kernels.attention   # one module
+    python benchmarks/resource_check.py --module fusedlayers.kernels.attention_configs   # one module
     python benchmarks/resource_check.py --jobs 1                                  # serially
 
 Exit status 1 when any configuration spills, uses more shared memory than the
@@ -52,7 +52,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 # Modules whose kernels are checked: add a kernel module here once it exposes compile_targets().
 MODULES = [
-    "fusedlayers.kernels.attention",
+    "fusedlayers.kernels.attention_configs",
     "fusedlayers.kernels.layer_norm",
 ]
 

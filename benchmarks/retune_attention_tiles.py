@@ -9,7 +9,7 @@ memory limit for every variant and dtype that uses the entry, on sm_80 and sm_90
 no candidate is clean on both, it proposes ``_ARCH(sm_80 tile, sm_90 tile)``.
 
     python benchmarks/retune_attention_tiles.py           # print the proposed entries
-    python benchmarks/retune_attention_tiles.py --write   # and rewrite the tables in kernels/attention.py
+    python benchmarks/retune_attention_tiles.py --write   # and rewrite the tables in kernels/attention_configs.py
 
 Clean tiles are not fast tiles: this only restores the 0-spill property; speed is tuned
 on a GPU (benchmarks/bench_attention.py). Re-run resource_check.py afterwards (CI does).
@@ -26,16 +26,17 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import resource_check as rc  # noqa: E402  (turns the Triton interpreter off before the kernels import)
 
-from fusedlayers.kernels import attention as A  # noqa: E402
+from fusedlayers.kernels import attention_configs as A  # noqa: E402
 
-MODULE = "fusedlayers.kernels.attention"
+MODULE = "fusedlayers.kernels.attention_configs"
 ARCHS = ("sm_80", "sm_90a")
 # Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass, in order of preference.
 CANDIDATES = {
     "fwd": [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 8, 3),
             (64, 32, 8, 3), (64, 32, 4, 2), (64, 64, 4, 2), (32, 64, 8, 2), (32, 64, 8, 1), (32, 32, 8, 1),
             (32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
-    "decode": [(16, 64, 4, 3), (16, 64, 4, 2), (16, 32, 4, 2), (16, 32, 4, 1), (16, 64, 8, 2), (16, 16, 4, 1)],
+    "decode": [(16, 64, 4, 3), (16, 64, 4, 2), (16, 32, 4, 2), (16, 32, 4, 1), (16, 64, 8, 2), (16, 32, 8, 2),
+               (16, 16, 4, 1)],
     "dkdv": [(32, 64, 8, 3), (32, 64, 8, 2), (32, 64, 8, 1), (16, 64, 8, 2), (32, 32, 8, 2), (32, 32, 8, 1),
              (32, 32, 4, 1), (16, 64, 8, 1), (16, 32, 8, 2), (16, 32, 8, 1), (16, 32, 4, 1), (32, 16, 8, 1),
              (16, 16, 8, 1), (16, 16, 4, 1)],
@@ -109,7 +110,7 @@ def write_tables(path: str, proposals: dict) -> None:
         lines = src[start:end].split("\n")[:2]  # the assignment line and the column header comment
         for key, row in table.items():
             cells = [_cell(proposals.get((*key, fp32, bucket), row[i])) for i, bucket in enumerate(A._BUCKETS)]
-            padded = [(c + ",").ljust(17) for c in cells[:-1]]
+            padded = [(c + ", ").ljust(17) for c in cells[:-1]]
             head = f"    {key!r}:".replace("'", '"').ljust(30) + "("
             line = head + "".join(padded) + cells[-1] + "),"
             if len(line) > 120:
@@ -123,7 +124,7 @@ def write_tables(path: str, proposals: dict) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write", action="store_true", help="rewrite the tables in kernels/attention.py")
+    parser.add_argument("--write", action="store_true", help="rewrite the tables in kernels/attention_configs.py")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs)) as pool:

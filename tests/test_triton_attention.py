@@ -1,7 +1,7 @@
 """Paths of the Triton attention kernels (kernels/attention.py) that the shared grid does not reach:
 forced split-KV decode, the dropout stream against dropout_keep_mask, deterministic backward,
 broadcast masks read through strides, odd head dims, bias gradients of broadcast biases, refusals,
-and the compile-target list of the resource check. On CPU they run through TRITON_INTERPRET=1."""
+and the compile-target list of the resource check (kernels/attention_configs.py). On CPU they run through TRITON_INTERPRET=1."""
 
 import pytest
 import torch
@@ -16,6 +16,8 @@ A = dispatch.implementation("attention", "triton") if dispatch.why_not(
     "attention", "triton", testing.attention_call_for(AttentionCase(b=1, hq=1, hkv=1, nq=1, nk=1, d=16),
                                                       torch.float32, DEVICE)) is None else None
 pytestmark = pytest.mark.skipif(A is None, reason="triton attention cannot run here")
+if A is not None:
+    from fusedlayers.kernels import attention_configs as C  # tile tables and compile_targets()
 
 
 def _ref_forward(q, k, v, mask, causal, align, dtype):
@@ -139,6 +141,29 @@ def test_broadcast_masks_are_read_through_strides_not_copied():
     torch.testing.assert_close(fusedlayers.attention(q, k, v, wide, backend="triton"), small, rtol=0, atol=0)
 
 
+def test_each_side_is_read_through_one_stride_set():
+    # q and dout share one stride set, k and v another: a pair laid out alike is passed as is (the
+    # (B, N, H, D) projections of a model, viewed as (B, H, N, D)); a pair laid out differently is copied
+    # to one layout, and the gradients do not change
+    def bnhd(t):
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+    case = AttentionCase(b=2, hq=4, hkv=2, nq=17, nk=40, d=16, causal="top_left")
+    q, k, v, _, dout, dlse = testing.make_attention_inputs(case, torch.float32, DEVICE)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    kt, vt = bnhd(k), bnhd(v)
+    assert A._one_layout(kt, vt)[0] is kt and A._one_layout(kt, vt)[1] is vt  # alike: no copy
+    a, b = A._one_layout(kt, v)
+    assert a.stride() == b.stride() and torch.equal(a, k) and torch.equal(b, v)
+    out, lse = A.forward(q, k, v, None, 0, 0.25, True, False, 0.0)
+    base = A.backward(dout, dlse, q, k, v, None, out, lse, 0, 0.25, True, False, 0.0, True, False)
+    out2, lse2 = A.forward(bnhd(q), kt, v, None, 0, 0.25, True, False, 0.0)
+    assert torch.equal(out2, out) and torch.equal(lse2, lse) and out2.is_contiguous()
+    mixed = A.backward(bnhd(dout), dlse, q, k, vt, None, out, lse, 0, 0.25, True, False, 0.0, True, False)
+    for g, g0 in zip(mixed[:3], base[:3]):
+        assert g.is_contiguous() and torch.equal(g, g0)
+
+
 @pytest.mark.gpu
 def test_key_padding_mask_costs_no_batch_heads_n_n_memory():
     b, h, n, d = 8, 16, 4096, 64
@@ -255,7 +280,7 @@ def test_refusals_name_the_reason(monkeypatch):
 
 
 def test_compile_targets_cover_the_launch_configurations():
-    targets = A.compile_targets()
+    targets = C.compile_targets()
     names = [t[0] for t in targets]
     assert len(names) == len(set(names))
     archs_of = {t[0]: t[6] for t in targets}
@@ -263,18 +288,18 @@ def test_compile_targets_cover_the_launch_configurations():
         assert archs is None or archs in (["sm_80"], ["sm_90a"]), name
         assert list(signature) == list(fn.arg_names), name
         assert all(signature[k] == "constexpr" for k in constexprs), name
-        assert A._constexpr_args(fn) <= set(constexprs), name
+        assert C._constexpr_args(fn) <= set(constexprs), name
         assert options["num_warps"] in (4, 8), name
     for kind in ("fwd", "decode", "dkdv", "dq"):
-        for bucket in A._BUCKETS:
+        for bucket in C._BUCKETS:
             for major in (8, 9):
                 for dt, tag in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
                     for dropout in (False, True):
                         for masked in (False, True):
                             # the table entry is compiled in a variant that uses it (all its features on)
-                            bm, bn, w, s = A._gpu_config(kind, bucket, dt, major, dropout, masked)
-                            variants = [v for v in A._variants(kind, tag, bucket)
-                                        if A._VARIANT_ENTRY[v] == (dropout, masked)]
+                            bm, bn, w, s = C._gpu_config(kind, bucket, dt, major, dropout, masked)
+                            variants = [v for v in C._variants(kind, tag, bucket)
+                                        if C._VARIANT_ENTRY[v] == (dropout, masked)]
                             checked = [f"attn_{kind}_{v}_{tag}_d{bucket}_BM{bm}_BN{bn}_w{w}_s{s}" for v in variants]
                             arch = "sm_80" if major == 8 else "sm_90a"  # and checked for this GPU's architecture
                             assert variants and all(n in archs_of and archs_of[n] in (None, [arch]) for n in checked), (
@@ -292,10 +317,10 @@ def test_every_launched_kernel_is_a_compile_target():
                if hasattr(obj, "arg_names") and re.search(rf"\b{name}\[", source)}
     assert {"_attn_fwd", "_split_combine", "_keep_mask_kernel", "_bwd_preprocess", "_bwd_row_stats", "_bwd_dkdv",
             "_bwd_dq"} <= kernels
-    targeted = {t[1] for t in A.compile_targets()}
+    targeted = {t[1] for t in C.compile_targets()}
     assert {name for name in kernels if getattr(A, name) not in targeted} == set()
-    keep = [t for t in A.compile_targets() if t[1] is A._keep_mask_kernel]
-    assert [t[3]["BLOCK"] for t in keep] == [A._KEEP_MASK_BLOCK] and A._KEEP_MASK_BLOCK <= 4096
+    keep = [t for t in C.compile_targets() if t[1] is A._keep_mask_kernel]
+    assert [t[3]["BLOCK"] for t in keep] == [C._KEEP_MASK_BLOCK] and C._KEEP_MASK_BLOCK <= 4096
 
 
 def test_launches_run_on_the_tensors_device(monkeypatch):

@@ -1,0 +1,259 @@
+"""Tile tables of the Triton attention kernels (kernels/attention.py) and the list of their compile targets.
+
+``_config`` in kernels/attention.py picks a (BLOCK_M, BLOCK_N, num_warps, num_stages) entry from these
+tables per launch; ``compile_targets()`` lists every configuration the launchers may pick, for
+benchmarks/resource_check.py (registers, spills and shared memory on sm_80 and sm_90a, no GPU needed):
+
+    python benchmarks/resource_check.py --module fusedlayers.kernels.attention_configs --jobs 2
+    python benchmarks/retune_attention_tiles.py --write   # rewrites _CONFIGS / _FP32_CONFIGS below
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass, dtype class, dropout on or off, mask tile read or
+# not (a bool mask or an additive bias: one more tile per block, and dbias in backward), and head-dim
+# bucket. Each entry is the largest tile of a short FlashAttention-2 / Triton tutorial 06 style list
+# that compiles with 0 spill bytes (Triton 3.8, its ptxas with the flags triton.compile passes) for
+# every variant of compile_targets() that uses it, on sm_80 and sm_90a alike; where no tile of the list
+# was clean on both, the entry is _ARCH(sm_80 tile, sm_90 tile). Register use sits near 255 for many
+# entries and ptxas is neither monotonic in tile size nor stable under small source changes (moving
+# one statement turned clean fp32 entries into 8-96 B spills): re-run benchmarks/resource_check.py
+# (CI does) after touching a kernel or Triton; benchmarks/retune_attention_tiles.py --write replaces
+# the entries that started spilling. Expect these to change when tuned on a GPU. Under the
+# interpreter: one configuration, blocks of 64.
+
+_BUCKETS = (16, 32, 64, 128, 256)
+
+_CONFIGS = {  # fp16 and bf16
+    # (pass, dropout, mask):  d <= 16          d 17..32         d 33..64         d 65..128        d 129..256
+    ("fwd", False, False):    ((128, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 8, 2)),
+    ("fwd", False, True):     ((128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3),  (32, 64, 8, 2)),
+    ("fwd", True, False):     ((128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3), (64, 32, 8, 3),  (32, 64, 8, 1)),
+    ("fwd", True, True):      ((128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 8, 3),  (32, 32, 8, 1)),
+    ("decode", False, False): ((16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2),  (16, 64, 4, 3),  (16, 32, 8, 2)),
+    ("decode", False, True):  ((16, 64, 4, 2),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2)),
+    ("decode", True, False):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 4, 2)),
+    ("decode", True, True):   ((16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2)),
+    ("dkdv", False, False):   ((32, 64, 8, 3),  (32, 64, 8, 3),  (32, 64, 8, 3),  (32, 64, 8, 2),  (32, 64, 8, 1)),
+    ("dkdv", False, True):    ((32, 64, 8, 2),  (32, 64, 8, 1),  (32, 64, 8, 1),  (16, 64, 8, 2),  (32, 32, 8, 2)),
+    ("dkdv", True, False):    ((32, 64, 8, 1),  (16, 64, 4, 2),  (32, 64, 8, 3),  (16, 32, 8, 2),  (32, 32, 8, 1)),
+    ("dkdv", True, True):     ((32, 32, 8, 2),  (16, 32, 8, 1),  (32, 32, 4, 1),  (16, 32, 8, 2),  (16, 32, 8, 2)),
+    ("dq", False, False):     ((128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 2), (32, 32, 8, 1)),
+    ("dq", False, True):      ((128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 2), (32, 32, 8, 1)),
+    ("dq", True, False):      ((64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 8, 2),  (32, 32, 8, 1)),
+    ("dq", True, True):       ((64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 8, 2),  (32, 32, 8, 1)),
+}
+
+
+def _ARCH(sm80: tuple, sm90: tuple) -> dict:
+    """A table entry that differs between sm_80 and sm_90 (ptxas allocates registers differently: no
+    tile of the list was clean on both)."""
+    return {8: sm80, 9: sm90}
+
+
+_FP32_CONFIGS = {  # fp32: FMA dots (no TF32), fp64 dP in backward: smaller tiles
+    # (pass, dropout, mask):  d <= 16          d 17..32         d 33..64         d 65..128        d 129..256
+    ("fwd", False, False):    ((128, 32, 4, 2), (128, 32, 8, 3), (32, 32, 4, 1),  (16, 16, 4, 1),  (32, 32, 8, 1)),
+    ("fwd", False, True):     ((64, 32, 4, 2),  (64, 32, 8, 3),  (32, 32, 4, 1),  (32, 32, 8, 1),  (32, 32, 8, 1)),
+    ("fwd", True, False):     ((128, 32, 4, 2), (128, 32, 8, 3), (64, 32, 8, 3),  (16, 16, 4, 1),  (32, 32, 8, 1)),
+    ("fwd", True, True):      ((128, 32, 8, 3), (64, 32, 8, 3),  (32, 32, 4, 1),  (32, 32, 8, 1),  (32, 32, 8, 1)),
+    ("decode", False, False): ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 2),  (16, 16, 4, 1),  (16, 32, 4, 1)),
+    ("decode", False, True):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 4, 1)),
+    ("decode", True, False):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 4, 1)),
+    ("decode", True, True):   ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 4, 1)),
+    ("dkdv", False, False):   ((32, 64, 8, 3),  (32, 32, 8, 1),  (32, 32, 8, 1),  (16, 64, 8, 2),  (16, 16, 4, 1)),
+    ("dkdv", False, True):    ((32, 32, 8, 1),  (32, 64, 8, 1),  (32, 32, 8, 1),
+                               _ARCH((16, 64, 8, 2), (32, 32, 8, 1)), (16, 16, 8, 1)),
+    ("dkdv", True, False):    ((32, 64, 8, 1),  (16, 64, 8, 2),  (16, 64, 8, 1),  (16, 32, 8, 2),  (16, 16, 8, 1)),
+    ("dkdv", True, True):     ((32, 32, 8, 1),  _ARCH((16, 32, 8, 1), (32, 32, 8, 1)), (16, 16, 4, 1),
+                               _ARCH((16, 64, 8, 1), (32, 16, 8, 1)), (32, 16, 8, 1)),
+    ("dq", False, False):     ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 8, 1)),
+    ("dq", False, True):      ((32, 32, 4, 1),  (128, 32, 8, 2), (16, 32, 4, 1),  (64, 32, 8, 2),  (16, 32, 8, 1)),
+    ("dq", True, False):      ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 16, 4, 1)),
+    ("dq", True, True):       ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 8, 1)),
+}
+
+_INTERPRETER_CONFIG = (64, 64, 4, 1)
+# _bwd_row_stats (BLOCK_M, BLOCK_N, num_warps) per head-dim bucket, every dtype; one stage
+_ROW_STATS_CONFIGS = ((32, 32, 4), (32, 32, 4), (32, 32, 4), (32, 32, 4), (32, 16, 8))
+# rows per program of the row kernels (preprocess, combine); 16 spills. The interpreter costs per program: 64.
+_ROWS_BLOCK = 32
+_ROWS_BLOCK_INTERPRET = 64
+# dropout_keep_mask: scores per program. 1024 over 4 warps is 8 per thread (Philox gives 4 per call); the
+# interpreter costs per program, not per element, so it takes whole 64 K blocks.
+_KEEP_MASK_BLOCK = 1024
+_KEEP_MASK_WARPS = 4
+_KEEP_MASK_BLOCK_INTERPRET = 1 << 16
+
+
+
+
+def _bucket(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _atomic_dq(bucket: int, dtype: torch.dtype) -> bool:
+    """Whether the non-deterministic backward may add dQ with atomics inside _bwd_dkdv (on a GPU). Not for
+    16-bit head dims > 128: dK/dV with bias, dropout and the atomic dQ of 256-wide rows spills on sm_80 at
+    every tile tried, and atomics of (BLOCK_M, 256) fp32 per key block of 16-32 keys cost more than the
+    separate _bwd_dq pass. fp32 keeps them at every head dim (_bwd_dq does not fit the registers at d > 128)."""
+    return dtype == torch.float32 or bucket <= 128
+
+
+# ----------------------------------------------------------------------------- compile targets
+
+
+def compile_targets() -> list[tuple]:
+    """Every GPU block configuration the launchers may pick, for ``benchmarks/resource_check.py``:
+    (name, jit function, signature, constexprs, options, attrs, archs) (attrs: ``ASTSource``'s divisibility
+    hints; archs: the architectures that pick it, None for all).
+
+    Each table entry (pass, head-dim bucket, dtype, dropout, mask) is compiled in the variant that
+    turns on every feature of that entry (``_VARIANT_ENTRY``), in bf16, fp16 and fp32: fp16 and bf16
+    share their tiles but not their code (ptxas allocates registers differently for the two MMA
+    types, one fp16 kernel spilled where its bf16 twin did not). The row kernels (Delta, split-KV
+    combine) once per bucket and dtype. Runtime specialisation is mirrored for the common case: the
+    head-dim strides are 1 (constexpr), pointers and other strides 16-divisible."""
+    from .attention import _bwd_preprocess, _keep_mask_kernel, _split_combine
+
+    targets = {}  # name -> [target tuple, GPU generations that pick it]
+    for major in (8, 9):
+        for tdt, dt in _DTYPES.items():
+            for bucket in _BUCKETS:
+                for kind in ("fwd", "decode", "dkdv", "dq"):
+                    for variant in _variants(kind, tdt, bucket):
+                        bm, bn, warps, stages = _gpu_config(kind, bucket, dt, major, *_VARIANT_ENTRY[variant])
+                        name = f"attn_{kind}_{variant}_{tdt}_d{bucket}_BM{bm}_BN{bn}_w{warps}_s{stages}"
+                        if name not in targets:
+                            fn, signature, constexprs = _target(kind, variant, tdt, bucket, bm, bn)
+                            targets[name] = [(name, fn, signature, constexprs,
+                                              {"num_warps": warps, "num_stages": stages}, _aligned(fn, signature)),
+                                             set()]
+                        targets[name][1].add(major)
+            for bucket in _BUCKETS:
+                for fn, tag in ((_bwd_preprocess, "preprocess"), (_split_combine, "combine")):
+                    name = f"attn_{tag}_{tdt}_d{bucket}"
+                    signature, constexprs = _row_target(fn, tdt, bucket)
+                    targets[name] = [(name, fn, signature, constexprs, {"num_warps": 4}, _aligned(fn, signature)),
+                                     {8, 9}]
+            for bucket, (bm, bn, warps) in zip(_BUCKETS, _ROW_STATS_CONFIGS):
+                for variant in ("all", "varlen"):  # causal with an fp32 bias; causal, packed
+                    name = f"attn_rowstats_{variant}_{tdt}_d{bucket}_BM{bm}_BN{bn}_w{warps}"
+                    fn, signature, constexprs = _target("rowstats", variant, tdt, bucket, bm, bn)
+                    targets[name] = [(name, fn, signature, constexprs, {"num_warps": warps, "num_stages": 1},
+                                      _aligned(fn, signature)), {8, 9}]
+    # dropout_keep_mask's kernel; numel as i64 (past 2**31 scores Triton specialises it so; i32 is no heavier)
+    name = f"attn_keep_mask_BLOCK{_KEEP_MASK_BLOCK}_w{_KEEP_MASK_WARPS}"
+    signature = {"Keep": "*u8", "numel": "i64", "seed": "i64", "dropout_p": "fp32", "BLOCK": "constexpr"}
+    targets[name] = [(name, _keep_mask_kernel, signature, {"BLOCK": _KEEP_MASK_BLOCK},
+                      {"num_warps": _KEEP_MASK_WARPS, "num_stages": 1}, _aligned(_keep_mask_kernel, signature)), {8, 9}]
+    # A configuration only one generation picks (an _ARCH entry) is checked for that architecture only.
+    return [t + ((None if majors == {8, 9} else ["sm_80" if 8 in majors else "sm_90a"]),)
+            for t, majors in targets.values()]
+
+
+# Variants compiled per pass, and the table entry (dropout, mask) each one checks. all: fp32 additive bias
+# (+ dbias) + causal + dropout; mask: the same without dropout; varlen: causal + dropout, packed; none:
+# no feature; deterministic (dK/dV): all, without the dQ atomics. Decode serves varlen calls with
+# max_seqlen_q <= 16 too (never split).
+_VARIANTS = {"fwd": ("all", "mask", "none", "varlen"), "decode": ("all", "mask", "none", "varlen"),
+             "dkdv": ("all", "mask", "none", "varlen", "deterministic"), "dq": ("all", "mask", "none", "varlen")}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_VARIANT_ENTRY = {"all": (True, True), "deterministic": (True, True), "mask": (False, True),
+                  "varlen": (True, False), "none": (False, False)}
+
+
+def _variants(kind: str, tdt: str, bucket: int) -> tuple:
+    """_VARIANTS[kind], less "deterministic" where dK/dV never uses atomics (it would compile "all" again)."""
+    if kind == "dkdv" and not _atomic_dq(bucket, _DTYPES[tdt]):
+        return tuple(v for v in _VARIANTS[kind] if v != "deterministic")
+    return _VARIANTS[kind]
+
+
+def _aligned(fn, signature: dict) -> dict:
+    """Triton's runtime specialisation of 16-aligned pointers and strides divisible by 16 (the common
+    case: power-of-two head dims, fresh allocations), as ASTSource attrs."""
+    return {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
+            if signature[arg].startswith("*") or (arg.startswith("stride") and signature[arg] != "constexpr")}
+
+
+def _gpu_config(kind: str, bucket: int, dtype: torch.dtype, major: int, dropout: bool,
+                masked: bool) -> tuple[int, int, int, int]:
+    """The table's entry for a GPU of compute capability ``major``.x (8: sm_80 tiles, 9: sm_90)."""
+    table = _FP32_CONFIGS if dtype == torch.float32 else _CONFIGS
+    entry = table[kind, bool(dropout), bool(masked)][_BUCKETS.index(bucket)]
+    return entry[major] if isinstance(entry, dict) else entry
+
+
+def _target(kind: str, variant: str, tdt: str, bucket: int, bm: int, bn: int):
+    """(jit function, signature, constexprs) of one variant of a pass, in dtype ``tdt``, with a (bm, bn) tile."""
+    from . import attention as A
+
+    fn = {"fwd": A._attn_fwd, "decode": A._attn_fwd, "dkdv": A._bwd_dkdv, "dq": A._bwd_dq,
+          "rowstats": A._bwd_row_stats}[kind]
+    on = variant in ("all", "deterministic", "mask")
+    varlen = variant == "varlen"
+    dropout = variant != "mask" and (on or varlen)
+    signature, constexprs = {}, {}
+    for arg in fn.arg_names:
+        if arg in ("Q", "K", "V", "DO", "DK", "DV"):
+            signature[arg] = "*" + tdt
+        elif arg == "Mask":
+            signature[arg] = "*fp32" if on else "*" + tdt
+        elif arg == "Out":
+            signature[arg] = "*fp32" if kind == "decode" and on else "*" + tdt  # split-KV partials are fp32
+        elif arg == "DQ":
+            signature[arg] = "*fp32" if kind == "dkdv" or tdt == "fp32" else "*" + tdt
+        elif arg in ("Lse", "RowM", "RowC", "DB"):
+            signature[arg] = "*fp32"
+        elif arg == "Delta":
+            signature[arg] = "*fp64" if tdt == "fp32" else "*fp32"
+        elif arg in ("CuQ", "CuK"):
+            signature[arg] = "*i32" if varlen else "*" + tdt
+        elif arg == "stride_mn":  # a mask's key stride is 1 unless broadcast over keys
+            signature[arg], constexprs[arg] = "constexpr", 1
+        elif arg in ("qk_scale", "sm_scale", "dropout_p", "inv_keep"):
+            signature[arg] = "fp32"
+        elif arg in ("seed", "stride_sb", "stride_sh", "stride_sm"):
+            signature[arg] = "i64"
+        elif arg in _constexpr_args(fn):
+            signature[arg] = "constexpr"
+        else:
+            signature[arg] = "i32"
+    mask_kind = A.MASK_BIAS if on and not varlen else A.MASK_NONE
+    constexprs.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bucket, MASK_KIND=mask_kind.value,
+                      CAUSAL=on or varlen, DROPOUT=dropout, VARLEN=varlen, UPCAST=False, IEEE=tdt == "fp32")
+    if kind == "dkdv":
+        constexprs.update(ATOMIC_DQ=variant != "deterministic" and _atomic_dq(bucket, _DTYPES[tdt]), DBIAS=on)
+    return fn, signature, {k: v for k, v in constexprs.items() if k in fn.arg_names}
+
+
+def _constexpr_args(fn) -> set:
+    """Parameters annotated ``tl.constexpr`` (works on JIT and interpreted functions alike)."""
+    params = inspect.signature(fn.fn).parameters
+    return {name for name, p in params.items() if p.annotation is tl.constexpr or "constexpr" in str(p.annotation)}
+
+
+def _row_target(fn, tdt: str, bucket: int):
+    """(signature, constexprs) of a row kernel (_bwd_preprocess, _split_combine) in dtype ``tdt``."""
+    signature, constexprs = {}, {}
+    for arg in fn.arg_names:
+        if arg in ("O", "DO", "Out"):
+            signature[arg] = "*" + tdt
+        elif arg == "Delta_out":
+            signature[arg] = "*fp64" if tdt == "fp32" else "*fp32"
+        elif arg in ("DLse", "OPart", "LPart", "Lse"):
+            signature[arg] = "*fp32"
+        elif arg in _constexpr_args(fn):
+            signature[arg] = "constexpr"
+        else:
+            signature[arg] = "i32"
+    constexprs.update(BLOCK_M=_ROWS_BLOCK, BLOCK_D=bucket)
+    return signature, constexprs
+
