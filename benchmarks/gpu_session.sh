@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on a GPU machine (../shared/GPU.md): in about 9 minutes on 16 cores it answers, in
+# One call on a GPU machine (an H100 or H200): in about 9 minutes on 16 cores it answers, in
 # this order, does it run, is it right, how fast against SDPA and torch's norms.
 #
 # The GPU machine runs this in a copy of the work tree that is not installed, with torch,
