@@ -17,7 +17,7 @@ Rows:
 Each pair times both sides in alternating batches (``benchmarks.core.interleaved_pair``) and
 reports the median time of each and the median per-pair ratio ours / theirs (below 1: ours is
 faster). Each output is checked against the competitor's before timing. Results:
-benchmarks/results/<device>/attention-variants/.
+benchmarks/results/<device type>/attention-variants/.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fusedlayers  # noqa: E402
-from benchmarks.core import device_slug, environment, interleaved_pair  # noqa: E402
+from benchmarks.core import environment, interleaved_pair  # noqa: E402
 from fusedlayers import reference  # noqa: E402
 
 
@@ -156,7 +156,7 @@ def main() -> None:
 
     rows = window_rows(args) + cost_rows(args)
     env = environment(args.device)
-    out = Path(args.out or Path(__file__).parent / "results" / device_slug(args.device) / "attention-variants")
+    out = Path(args.out or Path(__file__).parent / "results" / args.device.type / "attention-variants")
     out.mkdir(parents=True, exist_ok=True)
     name = f"{args.backend}-{str(args.dtype).replace('torch.', '')}-{args.mode.replace('+', '_')}.json"
     (out / name).write_text(json.dumps({"environment": env, "args": {k: str(v) for k, v in vars(args).items()},
