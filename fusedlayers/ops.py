@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import _ext, dispatch, registration
+from . import _ext, dispatch, reference, registration
 from .dispatch import AttentionCall, NormCall
 
 __all__ = ["attention", "attention_varlen", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
@@ -122,7 +122,7 @@ def _check_mods(q: Tensor, window_size, softcap, alibi_slopes, sinks, batch: int
                 w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < -1) for w in window_size):
             raise ValueError(f"window_size must be None or a pair (left, right) of ints >= 0, or -1 / None for an "
                              f"unbounded side, got {window_size!r}")
-        left, right = (-1 if w is None else int(w) for w in window_size)
+        left, right = reference.window_bounds(window_size)
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (softcap >= 0 and
                                                                                   math.isfinite(softcap)):
         raise ValueError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")

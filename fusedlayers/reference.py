@@ -75,11 +75,12 @@ def query_positions(nq: int, nk: int, align: str = "top_left", device=None) -> T
 
 def window_bounds(window_size) -> tuple[int, int]:
     """``window_size`` as (left, right) with -1 for an unbounded side (None and -1 both mean
-    unbounded). The one normalisation every backend uses."""
+    unbounded; so does a side of 2**32 or more, which reaches every key of sequences of fewer
+    than 2**31 tokens and would overflow position arithmetic). The one normalisation every
+    backend uses."""
     if window_size is None:
         return -1, -1
-    left, right = window_size
-    return (-1 if left is None else int(left)), (-1 if right is None else int(right))
+    return tuple(-1 if w is None or int(w) >= 2**32 else int(w) for w in window_size)
 
 
 def visible_keys(pos_q: Tensor, pos_k: Tensor, *, causal: bool = False, window_size=None) -> Tensor:

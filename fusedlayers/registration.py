@@ -211,11 +211,15 @@ SINK_LIMIT = 1024.0
 def _check_joined_sinks(sinks: Optional[Tensor], impl, backend: str) -> None:
     """The kernels' backward recomputes the softmax statistics of rows whose |lse| >= 4096 from
     the keys alone; with |sink| < SINK_LIMIT such a row's joined lse equals its keys' lse in
-    float32 (the sink's share is below exp(-3072)), so the backward stays exact. Reads the
-    values (a device sync on a GPU): called once per backward with sinks."""
-    if sinks is not None and not _native_sinks(impl) and bool((sinks.detach().float().abs() >= SINK_LIMIT).any()):
-        raise ValueError(f"sinks: the {backend} backend's backward needs |sink| < {SINK_LIMIT:g} (got a max of "
-                         f"{sinks.detach().float().abs().max().item():g}); backend='reference' has no such limit")
+    float32 (the sink's share is below exp(-3072)), so the backward stays exact (a -inf sink is
+    no sink). Reads the values (a device sync on a GPU): called once per backward with sinks."""
+    if sinks is None or _native_sinks(impl):
+        return
+    s = sinks.detach().float()
+    bad = (s.abs() >= SINK_LIMIT) & (s != float("-inf"))  # -inf: no sink, harmless
+    if bool(bad.any()):
+        raise ValueError(f"sinks: the {backend} backend's backward needs |sink| < {SINK_LIMIT:g} or -inf (got "
+                         f"{s[bad].tolist()[:4]}); backend='reference' has no such limit")
 
 
 def join_sinks(out: Tensor, lse: Tensor, sinks: Optional[Tensor], *, varlen: bool) -> tuple[Tensor, Tensor]:
@@ -228,7 +232,7 @@ def join_sinks(out: Tensor, lse: Tensor, sinks: Optional[Tensor], *, varlen: boo
         return out, lse
     sink = sinks.float().view(-1, 1)  # (Hq, 1): lse is (B, Hq, Nq), or (Hq, Tq) for varlen
     joined = torch.logaddexp(lse, sink)
-    factor = torch.exp(lse - joined)  # 0 on rows with no key (lse = -inf)
+    factor = torch.where(lse == float("-inf"), 0.0, torch.exp(lse - joined))  # 0 on rows with no key
     factor = factor.transpose(0, 1) if varlen else factor  # (Tq, Hq) like varlen out's leading dims
     return (out.float() * factor.unsqueeze(-1)).to(out.dtype), joined.contiguous()
 

@@ -401,15 +401,17 @@ def _cu_seqlens(lens, device) -> Tensor:
 
 def check_attention_varlen(case: VarlenCase, dtype, device, backend: str, rng_seed: int = 0) -> list[Comparison]:
     """Runs ``fusedlayers.attention_varlen`` on ``backend`` for one case and compares out, lse
-    and dq, dk, dv with the rule. The float64 truth runs the dense reference one sequence at
-    a time (so it also checks the packed reference's block-diagonal mask); PyTorch's own error
-    is that of the packed reference in the kernel's dtype. Raises AssertionError on a wrong
+    and the gradients through both (dq, dk, dv; dsinks with sinks) with the rule. The float64
+    truth runs the dense reference one sequence at a time (so it also checks the packed
+    reference's block-diagonal mask); PyTorch's own error is that of the packed reference in the
+    kernel's dtype. Raises AssertionError on a wrong
     shape or dtype."""
     gen = _generator("varlen", case)
     tq, tk, dv = sum(case.lens_q), sum(case.lens_k), case.dv or case.d
     q, k, v = (_randn(shape, gen, dtype, device).requires_grad_()
                for shape in ((tq, case.hq, case.d), (tk, case.hkv, case.d), (tk, case.hkv, dv)))
     dout = _randn((tq, case.hq, dv), gen, dtype, device)
+    dlse = _randn((case.hq, tq), gen, torch.float32, device)
     cu_q, cu_k = _cu_seqlens(case.lens_q, device), _cu_seqlens(case.lens_k, device)
     variants = make_variants(case, len(case.lens_q), dtype, device)
     kwargs = dict(causal=case.causal is not None, causal_align=case.causal or "top_left", dropout_p=case.dropout_p)
@@ -419,7 +421,7 @@ def check_attention_varlen(case: VarlenCase, dtype, device, backend: str, rng_se
     assert out.shape == (tq, case.hq, dv) and out.dtype == dtype, (out.shape, out.dtype)
     assert lse.shape == (case.hq, tq) and lse.dtype == torch.float32, (lse.shape, lse.dtype)
     sinks = variants.get("sinks")
-    grads = _grad_list(out, (q, k, v, sinks), dout)
+    grads = _grad_list((out, lse), (q, k, v, sinks), (dout, dlse))
     keep = _dropout_keep("attention", backend, case.dropout_p, (case.hq, tq, tk), device, rng_seed)
 
     # float64 truth, one sequence at a time through the dense reference
@@ -435,12 +437,13 @@ def check_attention_varlen(case: VarlenCase, dtype, device, backend: str, rng_se
         outs.append(o[0].transpose(0, 1))
         lses.append(l[0])
     out64, lse64 = torch.cat(outs), torch.cat(lses, dim=1)
-    grads64 = _grad_list(out64, (q64, k64, v64, var64.get("sinks")), dout.cpu().double())
+    grads64 = _grad_list((out64, lse64), (q64, k64, v64, var64.get("sinks")), (dout.cpu().double(),
+                                                                               dlse.cpu().double()))
     # PyTorch's own error at this dtype: the packed reference run in the dtype
     qt, kt, vt = (t.detach().requires_grad_() for t in (q, k, v))
     var_t = _cast_variants(variants, lambda t: t.detach().requires_grad_(t.requires_grad))
     ot, lt = reference.attention_varlen(qt, kt, vt, cu_q, cu_k, dropout_mask=keep, **kwargs, **var_t)
-    grads_t = _grad_list(ot, (qt, kt, vt, var_t.get("sinks")), dout)
+    grads_t = _grad_list((ot, lt), (qt, kt, vt, var_t.get("sinks")), (dout, dlse.to(lt.dtype)))
 
     comps = [compare("out", out, out64, ot, OUT_FACTOR), compare("lse", lse, lse64, lt.float(), OUT_FACTOR)]
     for name, g, g64, gt in zip(("dq", "dk", "dv", "dsinks"), grads, grads64, grads_t):

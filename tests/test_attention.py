@@ -128,3 +128,31 @@ def test_varlen_matches_dense_per_sequence(case, dtype, backend):
     skip_unless_serves("attention", backend, testing.varlen_call_for(case, dtype, DEVICE))
     testing.assert_all_ok(testing.check_attention_varlen(case, dtype, DEVICE, backend),
                           f"{backend} varlen {case} {dtype}")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_minus_inf_sink_on_a_row_with_no_key(backend):
+    """A -inf sink is no sink: a row that sees no key gives 0 and lse -inf (not NaN), and the
+    backward serves it (the |sink| limit of joined sinks does not refuse -inf)."""
+    q, k, v = (torch.randn(1, 2, 4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    mask[..., 0, :] = False
+    sinks = torch.tensor([float("-inf"), 0.5], requires_grad=True)
+    out, lse = fusedlayers.attention(q, k, v, mask, sinks=sinks, return_lse=True, backend=backend)
+    assert torch.all(out[0, :, 0] == 0) and lse[0, 0, 0] == float("-inf") and lse[0, 1, 0] == 0.5
+    out64, lse64 = fusedlayers.reference.attention(q.double(), k.double(), v.double(), mask, sinks=sinks.double())
+    torch.testing.assert_close(out.double(), out64, atol=1e-5, rtol=1e-5)
+    (grad,) = torch.autograd.grad(out.sum(), sinks)
+    assert torch.isfinite(grad).all() and grad[0] == 0
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_window_side_past_every_key_is_unbounded(backend):
+    """window_size sides of 2**32 and more (up to int64's limit) mean unbounded: no overflow in
+    the position arithmetic of the kernels or of the reference."""
+    q, k, v = (torch.randn(1, 1, 4 if i == 0 else 3, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    want = fusedlayers.attention(q, k, v, window_size=(0, None), return_lse=True, backend=backend)
+    for right in (2**32, 2**62, 2**63 - 1):
+        got = fusedlayers.attention(q, k, v, window_size=(0, right), return_lse=True, backend=backend)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)

@@ -161,8 +161,11 @@ void set_variants(Params& p, const char* op, int64_t window_left, int64_t window
               window_right);
   TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), "fusedlayers::", op,
               ": softcap must be a finite float >= 0 (0 = off), got ", softcap);
-  p.window_left = window_left;
-  p.window_right = window_right;
+  // A side of 2^32 or more reaches every key (sequences hold < 2^31 tokens): unbounded, which keeps the
+  // kernels' position arithmetic (row + shift + right + 1) far from int64 overflow.
+  constexpr int64_t kUnbounded = int64_t{1} << 32;
+  p.window_left = window_left >= kUnbounded ? -1 : window_left;
+  p.window_right = window_right >= kUnbounded ? -1 : window_right;
   p.softcap = static_cast<float>(softcap);
   if (alibi.has_value()) {
     const at::Tensor& a = *alibi;
