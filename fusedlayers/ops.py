@@ -237,8 +237,8 @@ def attention(
             "cpu", "reference".
         window_size: ``(left, right)``, local (sliding-window) attention: the query at key
             position p(i) (``i``, or ``i + Nk - Nq`` with ``causal_align="bottom_right"``)
-            sees key j only when ``p(i) - left <= j <= p(i) + right``; None or -1 leaves a
-            side unbounded. Combines with ``causal`` and the mask by AND.
+            sees key j only when ``p(i) - left <= j <= p(i) + right``; None, -1 or a side of
+            2**32 or more leaves it unbounded. Combines with ``causal`` and the mask by AND.
         softcap: when > 0, scores become ``softcap * tanh(s / softcap)``, s = q k^T * scale,
             before any bias (Gemma 2).
         alibi_slopes: float32 (Hq,) or (B, Hq): adds ``-slope * |p(i) - j|`` to the score
