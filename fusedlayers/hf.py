@@ -38,8 +38,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from . import ops, reference
-from .nn import _check_backend
+from . import ops
+from .nn import _check_backend, materialized_attention
 
 __all__ = ["register", "attention_forward", "sliding_window_mask", "NAME", "REGISTERED"]
 
@@ -108,16 +108,6 @@ def _window(module: torch.nn.Module, kwargs: dict) -> Optional[int]:
     return entry[1] if layer_types[layer] == "sliding_attention" else None
 
 
-def _weights_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout: float,
-                       **variants) -> tuple[Tensor, Tensor]:
-    """Attention that also returns its weights (``output_attentions``): the reference's
-    softmax with every variant, dropout on the weights, then ``weights @ v``. Autograd."""
-    p = reference.attention_probs(q, k, mask, **variants)  # (B, Hq, Nq, Nk)
-    if dropout > 0:
-        p = torch.nn.functional.dropout(p, p=dropout)
-    return p @ v.repeat_interleave(q.shape[1] // v.shape[1], dim=1), p
-
-
 def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                       attention_mask: Optional[Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
                       is_causal: Optional[bool] = None, position_bias: Optional[Tensor] = None, *,
@@ -175,7 +165,7 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     variants = dict(causal=causal, causal_align=align, scale=scaling, window_size=window,
                     softcap=float(softcap) if softcap else 0.0, sinks=sinks)
     if kwargs.get("output_attentions"):
-        out, weights = _weights_attention(query, key, value, mask, dropout, **variants)
+        out, weights = materialized_attention(query, key, value, mask, dropout_p=dropout, **variants)
     else:
         out, weights = ops.attention(query, key, value, mask, dropout_p=dropout, backend=backend,
                                      deterministic=bool(kwargs.get("deterministic")), **variants), None

@@ -241,18 +241,20 @@ class AddLayerNorm(torch.nn.Module):
 
 
 def materialized_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, *,
-                           causal: bool = False, scale: Optional[float] = None,
-                           dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+                           causal: bool = False, scale: Optional[float] = None, dropout_p: float = 0.0,
+                           **variants) -> tuple[Tensor, Tensor]:
     """Attention that also returns its weights: the score matrix is formed, as in
     ``torch.nn.MultiheadAttention``'s ``need_weights=True`` path (the reference's softmax,
     :func:`fusedlayers.reference.attention_probs`, then dropout on the weights with
     ``torch.nn.functional.dropout``, then ``weights @ v``).
 
     Arguments and conventions as :func:`fusedlayers.attention` (bool mask True =
-    attend, GQA, top-left causal, a fully masked row gives 0). Returns ``(out (B, Hq,
-    Nq, Dv), weights (B, Hq, Nq, Nk))``, weights after dropout. Differentiable by autograd.
+    attend, GQA, top-left causal, a fully masked row gives 0); ``variants``: the reference's
+    ``causal_align``, ``window_size``, ``softcap``, ``alibi_slopes``, ``sinks``. Returns
+    ``(out (B, Hq, Nq, Dv), weights (B, Hq, Nq, Nk))``, weights after dropout. Differentiable
+    by autograd.
     """
-    p = reference.attention_probs(q, k, attn_mask, causal=causal, scale=scale)  # (B, Hq, Nq, Nk)
+    p = reference.attention_probs(q, k, attn_mask, causal=causal, scale=scale, **variants)  # (B, Hq, Nq, Nk)
     if dropout_p > 0:
         p = F.dropout(p, p=dropout_p)
     return p @ v.repeat_interleave(q.shape[1] // v.shape[1], dim=1), p  # v: (B, Hkv, Nk, Dv) -> (B, Hq, Nk, Dv)

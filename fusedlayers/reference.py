@@ -171,10 +171,15 @@ def _attention(q, k, v, attn_mask, allowed, pos_q, pos_k, *, scale, softcap, ali
     return out, lse
 
 
-def _allowed(attn_mask, visible):
+def _dense_layout(q, k, attn_mask, causal, causal_align, window_size):
+    """(pos_q, pos_k, allowed) of a dense call: the query positions p(i), the key positions and
+    the keys each query sees (causal, window and a bool mask, ANDed)."""
+    nq, nk = q.shape[2], k.shape[2]
+    pos_q, pos_k = query_positions(nq, nk, causal_align, q.device), torch.arange(nk, device=q.device)
+    allowed = visible_keys(pos_q, pos_k, causal=causal, window_size=window_size)
     if attn_mask is not None and attn_mask.dtype == torch.bool:
-        return visible & attn_mask
-    return visible
+        allowed = allowed & attn_mask
+    return pos_q, pos_k, allowed
 
 
 def attention(
@@ -205,9 +210,7 @@ def attention(
     out: (B, Hq, Nq, D) in q's dtype; lse: (B, Hq, Nq), log-sum-exp of the scaled, masked
     scores (natural log, sink included), -inf on rows that see no key and have no sink.
     """
-    nq, nk = q.shape[2], k.shape[2]
-    pos_q, pos_k = query_positions(nq, nk, causal_align, q.device), torch.arange(nk, device=q.device)
-    allowed = _allowed(attn_mask, visible_keys(pos_q, pos_k, causal=causal, window_size=window_size))
+    pos_q, pos_k, allowed = _dense_layout(q, k, attn_mask, causal, causal_align, window_size)
     return _attention(q, k, v, attn_mask, allowed, pos_q, pos_k, scale=scale, softcap=softcap,
                       alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p, dropout_mask=dropout_mask)
 
@@ -227,10 +230,8 @@ def attention_probs(
 ) -> Tensor:
     """The attention weights P (B, Hq, Nq, Nk) of :func:`attention` (before dropout), 0 where a
     key is masked and on rows that see no key. Arguments as :func:`attention`."""
-    nq, nk = q.shape[2], k.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    pos_q, pos_k = query_positions(nq, nk, causal_align, q.device), torch.arange(nk, device=q.device)
-    allowed = _allowed(attn_mask, visible_keys(pos_q, pos_k, causal=causal, window_size=window_size))
+    pos_q, pos_k, allowed = _dense_layout(q, k, attn_mask, causal, causal_align, window_size)
     s, _ = _scores(q, _expand_heads(k, q.shape[1]), attn_mask, allowed, pos_q, pos_k, scale, softcap, alibi_slopes)
     return softmax_lse(s, sinks)[0]
 
@@ -274,10 +275,10 @@ def attention_backward(
     group = hq // hkv
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     kf, vf = _expand_heads(k, hq), _expand_heads(v, hq)  # (B, Hq, Nk, D)
-    if positions is None:
-        positions = query_positions(nq, nk, causal_align, q.device), torch.arange(nk, device=q.device)
-    if allowed is None:
-        allowed = _allowed(attn_mask, visible_keys(*positions, causal=causal, window_size=window_size))
+    if positions is None or allowed is None:  # the dense rule (the varlen reference passes both)
+        pos_q, pos_k, dense = _dense_layout(q, k, attn_mask, causal, causal_align, window_size)
+        positions = (pos_q, pos_k) if positions is None else positions
+        allowed = dense if allowed is None else allowed
     s, cap_grad = _scores(q, kf, attn_mask, allowed, *positions, scale, softcap, alibi_slopes)
     p, lse, _ = softmax_lse(s, sinks)  # P again at the input precision
     drop = dropout_mask / (1.0 - dropout_p) if dropout_p > 0 else 1.0

@@ -293,12 +293,17 @@ def attention_double_backward(dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, 
     out, lse = reference.attention(q.to(acc), k.to(acc), v.to(acc), mask, causal=causal,
                                    causal_align="bottom_right" if bottom_right else "top_left", dropout_p=dropout_p,
                                    dropout_mask=keep, scale=scale, **mods.reference_kwargs())
-    inputs = (q, k, v, attn_mask, mods.sinks)
     needs = tuple(needs_input_grad) + (False,) * (5 - len(needs_input_grad))
-    wanted = [i for i in range(5) if needs[i] and inputs[i] is not None]
-    grads = torch.autograd.grad((out, lse), [inputs[i] for i in wanted], (dout.to(acc), dlse.to(acc)),
-                                create_graph=True, allow_unused=True)
-    result = [None] * 5
+    return _differentiable_grads((out, lse), (q, k, v, attn_mask, mods.sinks), needs, (dout.to(acc), dlse.to(acc)))
+
+
+def _differentiable_grads(outputs, inputs, needs, grad_outputs) -> tuple:
+    """The gradients of ``outputs`` with respect to the ``inputs`` that ``needs`` asks for, as a
+    graph (create_graph=True), each in its input's dtype (zeros where unused); None elsewhere."""
+    wanted = [i for i, t in enumerate(inputs) if needs[i] and t is not None]
+    grads = torch.autograd.grad(outputs, [inputs[i] for i in wanted], grad_outputs, create_graph=True,
+                                allow_unused=True)
+    result = [None] * len(inputs)
     for i, g in zip(wanted, grads):
         result[i] = torch.zeros_like(inputs[i]) if g is None else g.to(inputs[i].dtype)
     return tuple(result)
@@ -417,14 +422,8 @@ def _varlen_double_backward(ctx, dout, dlse, q, k, v, cu_q, cu_k, mods):
     out, lse = reference.attention_varlen(q.to(acc), k.to(acc), v.to(acc), cu_q, cu_k, causal=causal,
                                           causal_align="bottom_right" if bottom_right else "top_left", scale=scale,
                                           **mods.reference_kwargs())
-    inputs = (q, k, v, mods.sinks)
     needs = ctx.needs_input_grad[:3] + (_needs(ctx, 18),)
-    wanted = [i for i in range(4) if needs[i] and inputs[i] is not None]
-    grads = torch.autograd.grad((out, lse), [inputs[i] for i in wanted], (dout.to(acc), dlse.to(acc)),
-                                create_graph=True, allow_unused=True)
-    result = [None] * 4
-    for i, g in zip(wanted, grads):
-        result[i] = torch.zeros_like(inputs[i]) if g is None else g.to(inputs[i].dtype)
+    result = _differentiable_grads((out, lse), (q, k, v, mods.sinks), needs, (dout.to(acc), dlse.to(acc)))
     return (tuple(result[:3]) + _VARLEN_NONES + (result[3],))[:len(ctx.needs_input_grad)]
 
 
