@@ -44,9 +44,29 @@ mask; the seed is drawn once per call from the default generator of every rank a
 boundaries, so that each piece is one rectangle of the global mask (zigzag: up to 4 calls per
 ring step instead of 1 or 2; contiguous: no cut).
 
+Packed variable-length sequences (``context_parallel_attention_varlen``, ``shard_varlen`` /
+``unshard_varlen``; ring-flash-attention's zigzag varlen, Megatron's CP with packed
+sequences): tokens are packed as for ``fusedlayers.attention_varlen`` ((total, H, D), global
+``cu_seqlens``), and each sequence is sharded on its own, cut into the layout's 2W or W equal
+chunks, so every sequence length must be a multiple of 2W (zigzag) or W (contiguous). A rank
+holds its chunks of every sequence, packed sequence after sequence; its offsets are
+``cu_seqlens // W``, the same on every rank::
+
+    cu_seqlens = [0, 8, 12], W = 2, zigzag (4 chunks a sequence):
+        sequence a: a0 a1 | a2 a3 | a4 a5 | a6 a7        sequence b: b0 | b1 | b2 | b3
+        rank 0: a0 a1 a6 a7 b0 b3        rank 1: a2 a3 a4 a5 b1 b2        local cu_seqlens [0, 4, 6]
+
+The chunk relation of the local queries and a K/V block is the same for every sequence (only
+the chunk sizes differ), so the block plan over chunk slots gives the calls of a ring step,
+and each is one varlen call over all sequences: the rows of its slots gathered (index tensors
+built once per call from ``cu_seqlens``), its own cu_seqlens, the partial (out, lse) merged
+back by lse. Backward as for dense attention (dK/dV travel home; float32; fixed order). No
+dropout: the single-process varlen keep-mask is drawn per sequence, and a block call's global
+place (``dropout_layout``) exists only for dense calls. No mask: packed sequences have no
+padding.
+
 What it does not do: a float bias over (query, key) pairs (only a key mask, which travels
-with its keys); packed variable-length sequences (pad them and pass a key mask); a bias
-gradient; double backward.
+with its keys); dropout or a mask with packed sequences; a bias gradient; double backward.
 """
 
 from __future__ import annotations
@@ -60,7 +80,8 @@ from torch import Tensor
 
 from . import dispatch, ops, registration
 
-__all__ = ["context_parallel_attention", "shard", "unshard", "LAYOUTS"]
+__all__ = ["context_parallel_attention", "context_parallel_attention_varlen", "shard", "unshard", "shard_varlen",
+           "unshard_varlen", "LAYOUTS"]
 
 LAYOUTS = ("zigzag", "contiguous")
 
@@ -250,6 +271,62 @@ class _Ring:
         for r in requests:
             r.wait()
 
+    @staticmethod
+    def open(group) -> tuple[int, int, Optional["_Ring"]]:
+        """(rank, world, ring) of ``group``; the ring is None on a group of one rank."""
+        rank, world = _group_rank_world(group)
+        return rank, world, _Ring(group, rank, world) if world > 1 else None
+
+
+def _ring_forward(block: list, ring: Optional[_Ring], rank: int, world: int, step_fn) -> None:
+    """The W forward steps of the ring. At step t the rank holds the block (K, V and the key
+    mask if any) of rank src = (rank - t) mod W; it posts the send of that block to the next
+    rank and the receive of the next block from the previous one, runs ``step_fn(block, src)``
+    (the block calls and merges) meanwhile, then waits for the receive."""
+    for step in range(world):
+        src = (rank - step) % world
+        pending = ring.start(block) if step + 1 < world else None
+        step_fn(block, src)
+        if pending is not None:
+            block, requests = pending
+            _Ring.finish(requests)
+
+
+def _ring_backward(block: list, ring: Optional[_Ring], rank: int, world: int, step_fn) -> tuple[Tensor, Tensor]:
+    """The W backward steps of the ring, with the block circulating as in :func:`_ring_forward`.
+    ``step_fn(block, src)`` accumulates dQ of the local queries itself and returns (dK, dV) of
+    the block in hand (float32, from this rank's queries alone); they are added to the dK/dV the
+    block brought from the ranks before this one and sent on with it, so after W steps the
+    rank's own block's dK/dV arrive home, summed in ring order. Returns them."""
+    travelling, sent = None, None  # dK/dV of the block in hand, summed over the ranks it has visited
+    for step in range(world):
+        src = (rank - step) % world
+        pending = ring.start(block) if step + 1 < world else None
+        dk_blk, dv_blk = step_fn(block, src)
+        if sent is not None:  # the block's dK/dV from the ranks before this one
+            (dk_in, dv_in), requests = sent
+            _Ring.finish(requests)
+            dk_blk, dv_blk = dk_in.add_(dk_blk), dv_in.add_(dv_blk)
+        travelling = (dk_blk, dv_blk)
+        if ring is not None:
+            sent = ring.start(list(travelling))  # to the next rank; the last step's send goes home
+        if pending is not None:
+            block, requests = pending
+            _Ring.finish(requests)
+    if sent is not None:
+        (dk_home, dv_home), requests = sent
+        _Ring.finish(requests)
+        return dk_home, dv_home
+    return travelling
+
+
+def _check_lse_limit(lse: Tensor, op: str, cause: str, advice: str = "") -> None:
+    """Refuses a backward whose lse has a finite row at or above ``_LSE_LIMIT``."""
+    finite = lse[torch.isfinite(lse)]
+    if finite.numel() and float(finite.abs().max()) >= _LSE_LIMIT:
+        raise ValueError(f"{op}: a query row has |lse| >= {_LSE_LIMIT:g} ({cause}); the block backward cannot "
+                         f"recover the global softmax of such a row{advice}")
+
 
 def _merge(out_acc: Tensor, lse_acc: Tensor, out: Tensor, lse: Tensor) -> None:
     """out_acc, lse_acc (float32) <- the softmax-weighted merge with a partial (out, lse)."""
@@ -310,17 +387,14 @@ def _torch_block_backward(dout, dlse, q, k, v, mask, out, lse, scale, causal, dr
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, group, causal, layout, scale, deterministic, backend, dropout_p, seed):
-        rank, world = _group_rank_world(group)
-        ring = _Ring(group, rank, world) if world > 1 else None
+        rank, world, ring = _Ring.open(group)
         nq, nk = q.shape[2], k.shape[2]
         b, hq = q.shape[:2]
         out_acc = q.new_zeros((b, hq, nq, v.shape[3]), dtype=torch.float32)
         lse_acc = q.new_full((b, hq, nq), float("-inf"), dtype=torch.float32)
-        block = [t.contiguous() for t in (k, v, mask) if t is not None]
         mine, chunks = _chunk_ids(rank, world, layout), world * _chunks_per_rank(layout)
-        for step in range(world):
-            src = (rank - step) % world
-            pending = ring.start(block) if step + 1 < world else None
+
+        def step(block, src):
             k_b, v_b, m_b = block[0], block[1], block[2] if mask is not None else None
             for qs, ks, blk_causal, drop_layout in _pieces(mine, _chunk_ids(src, world, layout), causal, nq, nk,
                                                            chunks, dropout_p > 0):
@@ -328,9 +402,8 @@ class _RingAttention(torch.autograd.Function):
                                                   scale, blk_causal, False, dropout_p, deterministic, backend,
                                                   dropout_layout=drop_layout)
                 _merge(out_acc[:, :, qs], lse_acc[:, :, qs], o, l)
-            if pending is not None:
-                block, requests = pending
-                _Ring.finish(requests)
+
+        _ring_forward([t.contiguous() for t in (k, v, mask) if t is not None], ring, rank, world, step)
         out = out_acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, mask, out, lse_acc)
         ctx.args = (group, causal, layout, scale, deterministic, backend, dropout_p, seed)
@@ -340,23 +413,16 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, mask, out, lse = ctx.saved_tensors
         group, causal, layout, scale, deterministic, backend, dropout_p, seed = ctx.args
-        finite = lse[torch.isfinite(lse)]
-        if finite.numel() and float(finite.abs().max()) >= _LSE_LIMIT:
-            raise ValueError(f"context_parallel_attention: a query row has |lse| >= {_LSE_LIMIT:g} (a huge float "
-                             "bias such as finfo.min on every key of the row); the block backward cannot recover "
-                             "the global softmax of such a row: pass a bool key mask instead")
-        rank, world = _group_rank_world(group)
-        ring = _Ring(group, rank, world) if world > 1 else None
+        _check_lse_limit(lse, "context_parallel_attention", "a huge float bias such as finfo.min on every key of "
+                         "the row", ": pass a bool key mask instead")
+        rank, world, ring = _Ring.open(group)
         nq, nk = q.shape[2], k.shape[2]
         dout = dout.contiguous()
         dlse = dlse.contiguous() if dlse is not None else torch.zeros_like(lse)
         dq_acc = torch.zeros_like(q, dtype=torch.float32)
-        block = [t.contiguous() for t in (k, v, mask) if t is not None]
         mine, chunks = _chunk_ids(rank, world, layout), world * _chunks_per_rank(layout)
-        travelling, sent = None, None  # dK/dV of the block in hand, summed over the ranks it has visited
-        for step in range(world):
-            src = (rank - step) % world
-            pending = ring.start(block) if step + 1 < world else None
+
+        def step(block, src):
             k_b, v_b, m_b = block[0], block[1], block[2] if mask is not None else None
             dk_blk = torch.zeros_like(k_b, dtype=torch.float32)
             dv_blk = torch.zeros_like(v_b, dtype=torch.float32)
@@ -373,25 +439,43 @@ class _RingAttention(torch.autograd.Function):
                 dq_acc[:, :, qs] += dq.float()
                 dk_blk[:, :, ks] += dk.float()
                 dv_blk[:, :, ks] += dv.float()
-            if sent is not None:  # the block's dK/dV from the ranks before this one
-                (dk_in, dv_in), requests = sent
-                _Ring.finish(requests)
-                dk_blk, dv_blk = dk_in.add_(dk_blk), dv_in.add_(dv_blk)
-            travelling = (dk_blk, dv_blk)
-            if ring is not None:
-                sent = ring.start(list(travelling))  # to the next rank; the last step's send goes home
-            if pending is not None:
-                block, requests = pending
-                _Ring.finish(requests)
-        if sent is not None:
-            (dk_home, dv_home), requests = sent
-            _Ring.finish(requests)
-        else:
-            dk_home, dv_home = travelling
+            return dk_blk, dv_blk
+
+        dk_home, dv_home = _ring_backward([t.contiguous() for t in (k, v, mask) if t is not None], ring, rank, world,
+                                          step)
         return (dq_acc.to(q.dtype), dk_home.to(k.dtype), dv_home.to(v.dtype)) + (None,) * 9
 
 
 # ---------------------------------------------------------------------------- public op
+
+
+def _check_qkv(q, k, v, ndim: int, dims: str) -> None:
+    """q, k, v are ``ndim``-D floating-point tensors (``dims`` names their axes) of one dtype
+    and device."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point() or t.dim() != ndim:
+            raise ValueError(f"{name} must be a {ndim}-D floating-point tensor {dims}, got {t.dtype} "
+                             f"{tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must share one dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on "
+                         f"{q.device}/{k.device}/{v.device}")
+
+
+def _check_heads(hq: int, hkv: int) -> None:
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"the number of query heads ({hq}) must be a multiple of the number of key/value heads "
+                         f"({hkv})")
+
+
+def _scale_of(scale, d: int) -> float:
+    """The score scale: ``scale`` checked, or 1/sqrt(D) for None."""
+    if scale is None:
+        return 1.0 / math.sqrt(d) if d else 1.0
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    return scale
 
 
 def _shared_seed(dropout_p: float, device, group, world: int) -> Optional[Tensor]:
@@ -465,31 +549,18 @@ def context_parallel_attention(
         ``fusedlayers.dispatch.BackendError`` when the backend asked for cannot serve the call
         (dropout on ``triton`` or ``cuda``).
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point() or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D floating-point tensor (B, H, N_local, D), got {t.dtype} "
-                             f"{tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must share one dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on "
-                         f"{q.device}/{k.device}/{v.device}")
+    _check_qkv(q, k, v, 4, "(B, H, N_local, D)")
     b, hq, nq, d = q.shape
     _, hkv, nk, dk = k.shape
     if k.shape[0] != b or v.shape[0] != b or tuple(v.shape[1:3]) != (hkv, nk) or dk != d:
         raise ValueError(f"q (B, Hq, N, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) disagree: q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"the number of query heads ({hq}) must be a multiple of the number of key/value heads "
-                         f"({hkv})")
+    _check_heads(hq, hkv)
     layout = _check_layout(layout)
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     dropout_p = float(dropout_p)
-    if scale is None:
-        scale = 1.0 / math.sqrt(d) if d else 1.0
-    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    scale = _scale_of(scale, d)
     rank, world = _group_rank_world(group)
     if causal and nq != nk:
         raise ValueError(f"causal context-parallel attention needs query and key shards of one length "
@@ -529,4 +600,307 @@ def context_parallel_attention(
     seed = _shared_seed(dropout_p, q.device, group, world)
     out, lse = _RingAttention.apply(q, k, v, attn_mask, group, bool(causal), layout, float(scale),
                                     bool(deterministic), name, dropout_p, seed)
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------- packed sequences (varlen)
+
+
+def _ranges(starts: Tensor, lengths: Tensor) -> Tensor:
+    """The concatenation of ``arange(starts[i], starts[i] + lengths[i])`` over i (CPU int64)."""
+    total = int(lengths.sum())
+    shift = starts - (torch.cumsum(lengths, 0) - lengths)  # start of each range minus its place in the result
+    return torch.repeat_interleave(shift, lengths, output_size=total) + torch.arange(total)
+
+
+def _varlen_lengths(cu_seqlens, world: int, layout: str, total: int, what: str) -> tuple[list[int], list[int]]:
+    """The global ``cu_seqlens`` and its sequence lengths as host lists (a GPU tensor
+    synchronises), checked: int32 offsets from 0 to ``total`` (the global token count), each
+    length a multiple of the layout's number of chunks."""
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or (
+            cu_seqlens.numel() < 2):
+        raise TypeError(f"cu_seqlens must be a 1-D int32 tensor of B + 1 >= 2 offsets, got "
+                        f"{cu_seqlens.dtype if isinstance(cu_seqlens, Tensor) else type(cu_seqlens).__name__} "
+                        f"{tuple(cu_seqlens.shape) if isinstance(cu_seqlens, Tensor) else ''}")
+    cu = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    if cu[0] != 0 or min(lengths) < 0:
+        raise ValueError(f"cu_seqlens must start at 0 and never decrease, got {cu}")
+    chunks = world * _chunks_per_rank(layout)
+    for i, n in enumerate(lengths):
+        if n % chunks:
+            raise ValueError(f"cu_seqlens: sequence {i} has {n} tokens, not a multiple of the {chunks} chunks of the "
+                             f"{layout} layout on {world} ranks (each sequence is sharded on its own); pad it to a "
+                             f"multiple of {chunks}")
+    if cu[-1] != total:
+        raise ValueError(f"cu_seqlens must end at {what}, got {cu}")
+    return cu, lengths
+
+
+class _Packing:
+    """The tokens of packed sequences under a layout: sequence i (``lengths[i]`` tokens) is cut
+    into C = W x (2 or 1) chunks of ``chunk[i]`` tokens, and a rank holds its chunks ("slots": 2
+    for zigzag, 1 for contiguous) of every sequence, sequence after sequence. The local packing
+    is the same on every rank, local ``cu_seqlens = cu_seqlens // W``."""
+
+    def __init__(self, lengths: list[int], world: int, layout: str, device):
+        self.world, self.layout, self.device = world, layout, device
+        self.slots_per_rank = _chunks_per_rank(layout)
+        lens = torch.tensor(lengths, dtype=torch.int64)
+        self.chunk = lens // (world * self.slots_per_rank)  # (B,) tokens per chunk
+        local = lens // world
+        self.local_start = torch.cumsum(local, 0) - local  # (B,) first local row of each sequence
+        self.total_local = int(local.sum())
+        self.max_local = int(local.max()) if len(lengths) else 0
+        self._slots: dict = {}
+
+    def slots(self, s: slice) -> tuple[Optional[Tensor], Tensor, int, list[int]]:
+        """The local rows of slots ``s.start .. s.stop - 1`` of every sequence, packed: (row index
+        on the device, None for all rows; their cu_seqlens (int32, on the device); their longest
+        sequence; the cu_seqlens as a host list). Built once per slot range."""
+        key = (s.start, s.stop)
+        if key not in self._slots:
+            n = (s.stop - s.start) * self.chunk  # (B,) rows of each sequence
+            cu = torch.cat([n.new_zeros(1), torch.cumsum(n, 0)])
+            whole = key == (0, self.slots_per_rank)
+            index = None if whole else _ranges(self.local_start + s.start * self.chunk, n).to(self.device)
+            self._slots[key] = (index, cu.to(device=self.device, dtype=torch.int32), int(n.max()), cu.tolist())
+        return self._slots[key]
+
+    def global_rows(self, rank: int, starts: Tensor) -> Tensor:
+        """The global rows (in the full packed tensor whose sequences start at ``starts``) of
+        ``rank``'s shard, in its local order (CPU int64)."""
+        ids = torch.tensor(_chunk_ids(rank, self.world, self.layout), dtype=torch.int64)
+        first = starts[:, None] + ids[None, :] * self.chunk[:, None]  # (B, slots)
+        return _ranges(first.flatten(), self.chunk[:, None].expand_as(first).flatten())
+
+
+def _rows(x: Tensor, index: Optional[Tensor], dim: int = 0) -> Tensor:
+    return x if index is None else x.index_select(dim, index)
+
+
+def shard_varlen(x: Tensor, cu_seqlens: Tensor, group=None, *, layout: str = "zigzag", dim: int = 0) -> Tensor:
+    """This rank's shard of the packed tensor ``x`` (sequences along ``dim``, sequence i at rows
+    ``cu_seqlens[i]:cu_seqlens[i+1]``), a new tensor: each sequence is cut on its own into 2W
+    (``zigzag``) or W (``contiguous``) equal chunks, the rank takes its chunks of it (as
+    :func:`shard` does), and the pieces are packed sequence after sequence; the shard's own
+    offsets are ``cu_seqlens // W``. Every sequence length must be a multiple of the number of
+    chunks. ``dim``: 0 for q / k / v / out (total, H, D), 1 for a varlen lse (H, total).
+    Reads ``cu_seqlens`` (the global offsets, int32) to the host. Differentiable."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    dim, layout = _dim(x, dim), _check_layout(layout)
+    rank, world = _group_rank_world(group)
+    cu, lengths = _varlen_lengths(cu_seqlens, world, layout, x.shape[dim], f"x.shape[{dim}] = {x.shape[dim]}")
+    packing = _Packing(lengths, world, layout, x.device)
+    starts = torch.tensor(cu[:-1], dtype=torch.int64)
+    return x.index_select(dim, packing.global_rows(rank, starts).to(x.device))
+
+
+def unshard_varlen(x: Tensor, cu_seqlens: Tensor, group=None, *, layout: str = "zigzag", dim: int = 0) -> Tensor:
+    """The full packed tensor from every rank's shard (the inverse of :func:`shard_varlen`, same
+    ``cu_seqlens`` (global), ``layout`` and ``dim``); every rank gets it. A collective
+    (``all_gather``); not differentiable. Every rank's shard must have the same shape."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    dim, layout = _dim(x, dim), _check_layout(layout)
+    rank, world = _group_rank_world(group)
+    _check_same_shape_everywhere("unshard_varlen: x", tuple(x.shape), x.device, group, world)
+    n = x.shape[dim]
+    cu, lengths = _varlen_lengths(cu_seqlens, world, layout, n * world, f"W x x.shape[{dim}] = {world} x {n}")
+    packing = _Packing(lengths, world, layout, x.device)
+    starts = torch.tensor(cu[:-1], dtype=torch.int64)
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.detach().contiguous(), group=group)
+    rows = torch.cat([packing.global_rows(r, starts) for r in range(world)]).to(x.device)
+    shape = list(x.shape)
+    shape[dim] = n * world
+    return x.new_empty(shape).index_copy_(dim, rows, torch.cat(parts, dim=dim))
+
+
+def _torch_varlen_block_backward(dout, dlse, q, k, v, cu_q: list[int], cu_k: list[int], out, lse, scale, causal):
+    """(dq, dk, dv) of one packed block call against the global (out, lse): sequence by
+    sequence through :func:`_torch_block_backward` on (1, H, L, D) views (the ``reference``
+    backend, whose backward recomputes its own softmax). lse, dlse: (Hq, Tq)."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    dq, dk, dv = (torch.zeros_like(t, dtype=acc) for t in (q, k, v))
+    for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]):
+        if b == a or d == c:
+            continue
+        dense = [t[s].transpose(0, 1).unsqueeze(0) for t, s in ((dout, slice(a, b)), (q, slice(a, b)),
+                                                               (k, slice(c, d)), (v, slice(c, d)),
+                                                               (out, slice(a, b)))]  # (1, H, L, D)
+        g = _torch_block_backward(dense[0], dlse[:, a:b].unsqueeze(0), dense[1], dense[2], dense[3], None, dense[4],
+                                  lse[:, a:b].unsqueeze(0), scale, causal)
+        for grad, t, s in zip(g, (dq, dk, dv), (slice(a, b), slice(c, d), slice(c, d))):
+            t[s] = grad[0].transpose(0, 1)
+    return dq, dk, dv
+
+
+class _RingAttentionVarlen(torch.autograd.Function):
+    """The ring of :class:`_RingAttention` over packed sequences. The chunk relation of the local
+    queries and a K/V block is the same for every sequence, so ``_plan`` over slots (chunks of
+    size 1) gives the block calls, and each becomes one varlen call over every sequence: the
+    rows of its slots gathered (``_Packing.slots``), the partial (out, lse) merged back."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group, causal, layout, scale, deterministic, backend, packing):
+        rank, world, ring = _Ring.open(group)
+        t, hq = q.shape[:2]
+        out_acc = q.new_zeros((t, hq, v.shape[2]), dtype=torch.float32)
+        lse_acc = q.new_full((hq, t), float("-inf"), dtype=torch.float32)  # (Hq, T): varlen lse layout
+        mine, slots = _chunk_ids(rank, world, layout), packing.slots_per_rank
+
+        def step(block, src):
+            k_b, v_b = block
+            for qs, ks, blk_causal in _plan(mine, _chunk_ids(src, world, layout), causal, slots, slots):
+                qi, cu_q, max_q, _ = packing.slots(qs)
+                ki, cu_k, max_k, _ = packing.slots(ks)
+                o, l = registration.varlen_fwd(_rows(q, qi), _rows(k_b, ki), _rows(v_b, ki), cu_q, cu_k, max_q,
+                                               max_k, None, scale, blk_causal, False, 0.0, deterministic, backend)
+                if qi is None:
+                    _merge(out_acc, lse_acc.t(), o, l.t())
+                else:
+                    o_acc, l_acc = out_acc.index_select(0, qi), lse_acc.index_select(1, qi)
+                    _merge(o_acc, l_acc.t(), o, l.t())
+                    out_acc.index_copy_(0, qi, o_acc)
+                    lse_acc.index_copy_(1, qi, l_acc)
+
+        _ring_forward([k.contiguous(), v.contiguous()], ring, rank, world, step)
+        out = out_acc.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse_acc)
+        ctx.args = (group, causal, layout, scale, deterministic, backend, packing)
+        return out, lse_acc
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, causal, layout, scale, deterministic, backend, packing = ctx.args
+        _check_lse_limit(lse, "context_parallel_attention_varlen", "scores that large")
+        rank, world, ring = _Ring.open(group)
+        dout = dout.contiguous()
+        dlse = dlse.contiguous() if dlse is not None else torch.zeros_like(lse)
+        dq_acc = torch.zeros_like(q, dtype=torch.float32)
+        mine, slots = _chunk_ids(rank, world, layout), packing.slots_per_rank
+
+        def step(block, src):
+            k_b, v_b = block
+            dk_blk = torch.zeros_like(k_b, dtype=torch.float32)
+            dv_blk = torch.zeros_like(v_b, dtype=torch.float32)
+            for qs, ks, blk_causal in _plan(mine, _chunk_ids(src, world, layout), causal, slots, slots):
+                qi, cu_q, max_q, host_q = packing.slots(qs)
+                ki, cu_k, max_k, host_k = packing.slots(ks)
+                args = (_rows(dout, qi), _rows(dlse, qi, 1), _rows(q, qi), _rows(k_b, ki), _rows(v_b, ki))
+                if backend == "reference":  # its backward recomputes the block's own softmax: not usable here
+                    dq, dk, dv = _torch_varlen_block_backward(*args, host_q, host_k, _rows(out, qi),
+                                                              _rows(lse, qi, 1), scale, blk_causal)
+                else:
+                    dq, dk, dv, _ = registration.varlen_bwd(*args, cu_q, cu_k, max_q, max_k, _rows(out, qi),
+                                                            _rows(lse, qi, 1), None, scale, blk_causal, False, 0.0,
+                                                            deterministic, backend)
+                for acc, index, grad in ((dq_acc, qi, dq), (dk_blk, ki, dk), (dv_blk, ki, dv)):
+                    if index is None:
+                        acc.add_(grad.float())
+                    else:  # each row once per call: a fixed result
+                        acc.index_add_(0, index, grad.float())
+            return dk_blk, dv_blk
+
+        dk_home, dv_home = _ring_backward([k.contiguous(), v.contiguous()], ring, rank, world, step)
+        return (dq_acc.to(q.dtype), dk_home.to(k.dtype), dv_home.to(v.dtype)) + (None,) * 7
+
+
+def context_parallel_attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    *,
+    group=None,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    deterministic: bool = False,
+    backend: str = "auto",
+    layout: str = "zigzag",
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Attention over packed variable-length sequences, each sharded across the ranks of
+    ``group``, autograd-aware: :func:`fusedlayers.attention_varlen` (self-attention, one
+    ``cu_seqlens`` for queries and keys) under context parallelism.
+
+    Every rank of the group calls it (a collective) with its own shard (cut by
+    :func:`shard_varlen` with ``layout``); the result on each rank is its shard of
+    ``fusedlayers.attention_varlen(q_full, k_full, v_full, cu_seqlens, cu_seqlens, max_seqlen,
+    max_seqlen, causal=causal)``. Each sequence is cut on its own into 2W (zigzag) or W
+    (contiguous) equal chunks, so every sequence length must be a multiple of that number
+    (see the module docstring for the packing).
+
+    Args:
+        q: (total_local, Hq, D), this rank's queries, sequence after sequence.
+        k, v: (total_local, Hkv, D / Dv), this rank's keys and values; Hq % Hkv == 0 (GQA).
+        cu_seqlens: the GLOBAL offsets of the full packed sequences, int32 (B + 1,) from 0 to
+            W x total_local, the same on every rank, on q's device (read to the host once per
+            call). The local offsets are ``cu_seqlens // W``.
+        max_seqlen: the longest global sequence (as ``attention_varlen``'s ``max_seqlen_q``);
+            checked against ``cu_seqlens``.
+        group: the process group (default: the whole world).
+        causal: key j of a sequence visible from its query i iff j <= i (positions counted
+            from the sequence's start, in the full sequence).
+        dropout_p: must be 0: dropout is refused here. The single-process varlen keep-mask
+            is drawn per sequence, and the block calls' global place (``dropout_layout``)
+            exists only for dense calls, so no rank could draw its part of that mask.
+        scale: score scale; default 1/sqrt(D).
+        return_lse: also return lse (Hq, total_local) float32 of the full rows (the varlen
+            lse layout); differentiable.
+        deterministic: bitwise-repeatable backward (the ring's sums have a fixed order; the
+            local op runs deterministic).
+        backend: the backend of the local block calls: "auto" or a name, as in
+            :func:`fusedlayers.attention_varlen`.
+        layout: "zigzag" (default) or "contiguous", the layout the shards were cut with.
+
+    Returns:
+        out (total_local, Hq, Dv) in q's dtype, or ``(out, lse)``.
+
+    Raises:
+        ValueError / TypeError naming the argument for malformed inputs (a sequence whose
+        length is not a multiple of the number of chunks names ``cu_seqlens`` and the
+        sequence); ``fusedlayers.dispatch.BackendError`` when the backend asked for cannot
+        serve the call.
+    """
+    if dropout_p != 0:
+        raise ValueError(f"dropout_p = {dropout_p!r}: context_parallel_attention_varlen takes no dropout (the "
+                         "varlen keep-mask is drawn per sequence and the block calls' dropout layout is for dense "
+                         "calls); pass dropout_p=0, or pad the sequences and use context_parallel_attention")
+    _check_qkv(q, k, v, 3, "(total_local, H, D)")
+    t, hq, d = q.shape
+    tk, hkv, dk = k.shape
+    if tk != t or tuple(v.shape[:2]) != (tk, hkv) or dk != d:
+        raise ValueError(f"q (T, Hq, D), k (T, Hkv, D), v (T, Hkv, Dv) disagree (self-attention: one token count): "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    _check_heads(hq, hkv)
+    layout = _check_layout(layout)
+    scale = _scale_of(scale, d)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    rank, world = _group_rank_world(group)
+    if isinstance(cu_seqlens, Tensor) and cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
+    cu, lengths = _varlen_lengths(cu_seqlens, world, layout, t * world, f"W x total_local = {world} x {t}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < max(lengths):
+        raise ValueError(f"max_seqlen must be an int >= the longest sequence of cu_seqlens ({max(lengths)}), got "
+                         f"{max_seqlen!r}")
+    fingerprint = (hq, hkv, d, v.shape[2], t, len(lengths), sum(i * c for i, c in enumerate(cu)) % (1 << 62))
+    _check_same_shape_everywhere("context_parallel_attention_varlen: the shards (Hq, Hkv, D, Dv, total_local) and "
+                                 "cu_seqlens (B, sum of i * cu_seqlens[i]), one cu_seqlens for the whole group,",
+                                 fingerprint, q.device, group, world)
+    packing = _Packing(lengths, world, layout, q.device)
+    call = dispatch.AttentionCall(
+        device=q.device, dtype=q.dtype, batch=len(lengths), heads_q=hq, heads_kv=hkv, seqlen_q=packing.max_local,
+        seqlen_k=packing.max_local, head_dim=d, head_dim_v=v.shape[2], mask=None, mask_grad=False,
+        causal=bool(causal), dropout_p=0.0, deterministic=bool(deterministic), varlen=True)
+    empty = q.numel() == 0 or k.numel() == 0 or v.numel() == 0
+    name = ops._serve_empty(backend) if empty else dispatch.select("attention", call, backend)
+    out, lse = _RingAttentionVarlen.apply(q, k, v, group, bool(causal), layout, float(scale), bool(deterministic),
+                                          name, packing)
     return (out, lse) if return_lse else out

@@ -205,7 +205,7 @@ def make_attention_inputs(case: AttentionCase, dtype, device):
 def attention_grid(level: str = "default") -> list[AttentionCase]:
     """Cases of the test method. ``quick``: a handful (seconds); ``default``: every
     feature on small sizes (the CI suite, Triton-interpreter friendly); ``full``: the
-    shapes that break tiles (Nq, Nk in 1..1025, head dims 16..256) crossed with features."""
+    shapes that break tiles (Nq, Nk in 1..1025, head dims 16..512) crossed with features."""
     base = AttentionCase(b=2, hq=4, hkv=2, nq=113, nk=128, d=64)
     quick = [
         base,
@@ -223,7 +223,7 @@ def attention_grid(level: str = "default") -> list[AttentionCase]:
         replace(small, nq=nq, nk=nk, causal=causal)
         for nq, nk in ((1, 128), (17, 113), (128, 17), (113, 1)) for causal in (None, "bottom_right")
     ] + [
-        replace(small, d=d) for d in (16, 40, 59, 80, 128, 256)
+        replace(small, d=d) for d in (16, 40, 59, 80, 128, 256, 512)
     ] + [
         replace(small, hq=4, hkv=1),  # MQA
         replace(small, hq=4, hkv=4, strided=True, mask="key_padding"),
@@ -235,7 +235,7 @@ def attention_grid(level: str = "default") -> list[AttentionCase]:
         return default
     seqlens = (1, 17, 113, 128, 1025)
     full = [replace(base, b=1, hq=2, hkv=1, nq=nq, nk=nk, d=d)
-            for nq, nk in itertools.product(seqlens, seqlens) for d in (16, 40, 59, 64, 80, 128, 256)]
+            for nq, nk in itertools.product(seqlens, seqlens) for d in (16, 40, 59, 64, 80, 128, 256, 512)]
     full += [replace(base, nq=n, nk=n, mask=mask, causal=causal, strided=True)
              for n in (113, 1025) for mask in MASKS for causal in (None, "top_left", "bottom_right")]
     return default + full
@@ -243,7 +243,7 @@ def attention_grid(level: str = "default") -> list[AttentionCase]:
 
 def variant_grid() -> list[AttentionCase]:
     """The score variants alone and with the features they must compose with (masks and a
-    bias gradient, both causal alignments, Nq != Nk, GQA / MQA, dropout, head dims)."""
+    bias gradient, both causal alignments, Nq != Nk, GQA / MQA, dropout, head dims up to 512)."""
     small = AttentionCase(b=2, hq=4, hkv=2, nq=64, nk=64, d=32)
     return [
         replace(small, window=(8, 0), causal="top_left"),  # sliding window, causal
@@ -259,6 +259,7 @@ def variant_grid() -> list[AttentionCase]:
         replace(small, sinks=True, mask="bool", causal="bottom_right", nq=113, nk=17),  # rows with no key
         replace(small, sinks=True, dropout_p=0.3, window=(10, 0), causal="top_left", hkv=1),
         replace(small, window=(20, 0), softcap=3.0, alibi=True, sinks=True, mask="bias_inf", causal="top_left"),
+        replace(small, d=512, dv=320, window=(9, 0), softcap=4.0, sinks=True, causal="bottom_right", nq=40),
     ]
 
 

@@ -182,6 +182,25 @@ def test_window_reads_only_the_keys_of_its_window():
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
 
 
+def _assert_cpu_within_rule(inputs: tuple, dout, dlse, kw: dict, context: str, check_lse=None) -> None:
+    """The cpu backend's out, lse and the gradients of ``inputs`` (q, k, v[, mask]) under the test rule:
+    against the float64 reference, with the reference run in float32 as PyTorch's error."""
+    out, lse = fusedlayers.attention(*inputs, return_lse=True, backend="cpu", **kw)
+    if check_lse is not None:
+        assert check_lse(lse)
+    grads = torch.autograd.grad((out, lse), inputs, (dout, dlse))
+    refs = {}
+    for label, cast in (("ref64", lambda t: t.detach().double().requires_grad_()),
+                        ("torch", lambda t: t.detach().requires_grad_())):
+        args = [cast(t) for t in inputs]
+        o, l = fusedlayers.reference.attention(*args, **kw)
+        refs[label] = (o, l, *torch.autograd.grad((o, l), args, (dout.to(o.dtype), dlse.to(l.dtype))))
+    comps = [testing.compare(name, a, r, t, testing.OUT_FACTOR if name in ("out", "lse") else testing.GRAD_FACTOR)
+             for name, a, r, t in zip(("out", "lse", "dq", "dk", "dv", "dbias"), (out, lse, *grads), refs["ref64"],
+                                      refs["torch"])]
+    testing.assert_all_ok(comps, context)
+
+
 def test_variants_on_rows_of_huge_lse():
     # A +5000 bias on some query rows: |lse| >= 4096, where the backward recomputes the rows' max and
     # sum from the scores (kLseExact) and must apply softcap, ALiBi and the window there too.
@@ -192,19 +211,17 @@ def test_variants_on_rows_of_huge_lse():
     mask = (mask.detach() + torch.where(torch.arange(case.nq) % 3 == 0, 5000.0, 0.0)[:, None]).requires_grad_()
     variants = testing.make_variants(case, case.b, dtype, "cpu")
     kw = dict(causal=True, causal_align="bottom_right", **variants)
-    out, lse = fusedlayers.attention(q, k, v, mask, return_lse=True, backend="cpu", **kw)
-    assert lse[0, 0, 0] > 4096
-    grads = torch.autograd.grad((out, lse), (q, k, v, mask), (dout, dlse))
-    refs = {}
-    for label, cast in (("ref64", lambda t: t.detach().double().requires_grad_()),
-                        ("torch", lambda t: t.detach().requires_grad_())):
-        args = [cast(t) for t in (q, k, v, mask)]
-        o, l = fusedlayers.reference.attention(*args, **kw)
-        refs[label] = (o, l, *torch.autograd.grad((o, l), args, (dout.to(o.dtype), dlse.to(l.dtype))))
-    comps = [testing.compare(name, a, r, t, testing.OUT_FACTOR if name in ("out", "lse") else testing.GRAD_FACTOR)
-             for name, a, r, t in zip(("out", "lse", "dq", "dk", "dv", "dbias"), (out, lse, *grads), refs["ref64"],
-                                      refs["torch"])]
-    testing.assert_all_ok(comps, str(case))
+    _assert_cpu_within_rule((q, k, v, mask), dout, dlse, kw, str(case), check_lse=lambda lse: lse[0, 0, 0] > 4096)
+
+
+@pytest.mark.parametrize("softcap", [1.0, 30.0])
+def test_softcap_on_saturated_scores(softcap):
+    # Scores of 20 standard deviations: s / softcap spans the whole range of tanh, its slope 1 - tanh^2 down
+    # to where tanh rounds to +-1 in float32; the kernel's tanh and slope must hold the rule there too.
+    case = AttentionCase(b=1, hq=2, hkv=2, nq=150, nk=150, d=64, causal="top_left")
+    q, k, v, _, dout, dlse = testing.make_attention_inputs(case, torch.float32, "cpu")
+    q = (q.detach() * 20).requires_grad_()
+    _assert_cpu_within_rule((q, k, v), dout, dlse, dict(causal=True, softcap=softcap), f"softcap {softcap}")
 
 
 # ------------------------------------------------------------------ native-speed sizes

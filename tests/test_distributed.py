@@ -6,9 +6,11 @@ with the test method's rule (fusedlayers.testing), causal (zigzag and contiguous
 GQA/MQA, key padding, fully masked rows, bf16, the reference backend, dropout (the
 single-process keep-mask, from a seed that group rank 0 draws), a bitwise-repeatable
 deterministic backward, refusals (uneven shards, dropout on a backend without a dropout
-layout, bad masks); the dropout layout of the block calls in one process; a context-parallel
-(+ FSDP2) training run whose losses match the single-process run, and a resumed sharded run
-equal bit for bit to the uninterrupted one.
+layout, bad masks); packed variable-length sequences (context_parallel_attention_varlen
+against the single-process attention_varlen, shard_varlen's packing, its refusals); the
+dropout layout of the block calls in one process; a context-parallel (+ FSDP2) training run
+whose losses match the single-process run, and a resumed sharded run equal bit for bit to the
+uninterrupted one.
 """
 
 import json
@@ -149,6 +151,96 @@ def _two_rank_checks(rank, world):
         fd.context_parallel_attention(ql, kl, vl, torch.ones(2, 1, ql.shape[2], kl.shape[2], dtype=torch.bool))
     with pytest.raises(ValueError, match="layout"):
         fd.shard(q, 2, layout="striped")
+    _varlen_checks(rank, world)
+
+
+def _check_ring_varlen(lens, hq: int, hkv: int, causal: bool, layout: str, backend: str = "auto",
+                       dtype=torch.float32, d: int = 16):
+    """Packed ring attention (``context_parallel_attention_varlen``) of sequences of lengths
+    ``lens`` against the single-process ``fusedlayers.attention_varlen`` of the full packed
+    tensors, by the test method's rule: the truth is the op in float64 on the reference backend,
+    PyTorch's error that of the packed reference in ``dtype``; out, lse and the gradients through
+    both (dq, dk, dv), every rank checking the whole gathered result."""
+    import fusedlayers
+    from fusedlayers import distributed as fd
+
+    gen = torch.Generator().manual_seed(sum(lens) * 31 + hq * 7 + hkv + int(causal))
+    t = sum(lens)
+    q, k, v, dout = (torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+                     for shape in ((t, hq, d), (t, hkv, d), (t, hkv, d), (t, hq, d)))
+    dlse = torch.randn((hq, t), generator=gen)
+    cu = torch.tensor([0, *lens]).cumsum(0).to(torch.int32)
+
+    ql, kl, vl = (fd.shard_varlen(x, cu, layout=layout).requires_grad_() for x in (q, k, v))
+    out, lse = fd.context_parallel_attention_varlen(ql, kl, vl, cu, max(lens), causal=causal, return_lse=True,
+                                                    backend=backend, layout=layout)
+    assert lse.shape == (hq, ql.shape[0]) and lse.dtype == torch.float32
+    grads = torch.autograd.grad((out, lse), (ql, kl, vl), (fd.shard_varlen(dout, cu, layout=layout),
+                                                           fd.shard_varlen(dlse, cu, layout=layout, dim=1)))
+    got = [fd.unshard_varlen(x, cu, layout=layout, dim=dim) for x, dim in zip((out, lse, *grads), (0, 1, 0, 0, 0))]
+
+    results = {}
+    for label, cast, run in (
+            ("ref64", lambda x: x.detach().double(),
+             lambda *a: fusedlayers.attention_varlen(*a, cu, cu, max(lens), max(lens), causal=causal, return_lse=True,
+                                                     backend="reference")),
+            ("torch", lambda x: x.detach(), lambda *a: reference.attention_varlen(*a, cu, cu, causal=causal))):
+        args = [cast(x).requires_grad_() for x in (q, k, v)]
+        o, l = run(*args)
+        results[label] = (o, l, *torch.autograd.grad((o, l), args, (cast(dout).to(o.dtype), dlse.to(l.dtype))))
+    comps = [testing.compare(name, a, r, s, testing.OUT_FACTOR if name in ("out", "lse") else testing.GRAD_FACTOR)
+             for name, a, r, s in zip(("out", "lse", "dq", "dk", "dv"), got, results["ref64"], results["torch"])]
+    testing.assert_all_ok(comps, f"varlen {lens} Hq={hq} Hkv={hkv} causal={causal} {layout} {backend} {dtype}")
+
+
+def _varlen_checks(rank, world):
+    """Packed ring attention on ``world`` ranks: both layouts, causal and not, GQA / MQA, a
+    sequence of exactly 2W tokens (one token per zigzag chunk) and an empty one, the reference
+    backend; a bitwise-repeatable deterministic backward; shard_varlen's packing; the refusals."""
+    from fusedlayers import distributed as fd
+
+    c = 2 * world  # zigzag chunks per sequence
+    lens = (3 * c, c, 0, 2 * c)
+    _check_ring_varlen(lens, 4, 2, True, "zigzag")
+    _check_ring_varlen(lens, 4, 1, True, "contiguous")
+    _check_ring_varlen((2 * c, c), 2, 2, False, "zigzag")
+    if world == 2:
+        _check_ring_varlen((c, 2 * c), 4, 2, True, "zigzag", backend="reference")
+        _check_ring_varlen(lens, 4, 2, True, "zigzag", dtype=torch.bfloat16)
+
+    # deterministic=True: the backward twice, bit for bit
+    cu = torch.tensor([0, 3 * c, 4 * c], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v, dout = (fd.shard_varlen(torch.randn(4 * c, *shape, generator=gen), cu).requires_grad_()
+                     for shape in ((4, 8), (2, 8), (2, 8), (4, 8)))
+    runs = []
+    for _ in range(2):
+        out = fd.context_parallel_attention_varlen(q, k, v, cu, 3 * c, causal=True, deterministic=True)
+        runs.append(torch.autograd.grad(out, (q, k, v), dout))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+    # shard_varlen: each sequence cut on its own, the rank's chunks packed sequence after sequence
+    x = torch.arange(4 * c)
+    size = (3, 1)  # tokens per zigzag chunk of the two sequences
+    want = []
+    for start, n in zip((0, 3 * c), size):
+        for chunk in (rank, c - 1 - rank):
+            want += list(range(start + chunk * n, start + (chunk + 1) * n))
+    assert fd.shard_varlen(x, cu).tolist() == want
+    assert torch.equal(fd.unshard_varlen(fd.shard_varlen(x, cu, layout="contiguous"), cu, layout="contiguous"), x)
+
+    # refusals: a sequence whose length is not a multiple of the chunks, dropout, wrong shapes
+    bad = torch.tensor([0, c, 2 * c + world], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens: sequence 1 has"):
+        fd.shard_varlen(torch.zeros(2 * c + world), bad)
+    with pytest.raises(ValueError, match="cu_seqlens: sequence 1 has"):
+        fd.context_parallel_attention_varlen(*(torch.zeros(5, 2, 4) for _ in range(3)), bad, 2 * c)
+    with pytest.raises(ValueError, match="dropout"):
+        fd.context_parallel_attention_varlen(q, k, v, cu, 3 * c, dropout_p=0.1)
+    with pytest.raises(ValueError, match="end at W x total_local"):
+        fd.context_parallel_attention_varlen(q, k, v, torch.tensor([0, 4 * c + c], dtype=torch.int32), 5 * c)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        fd.context_parallel_attention_varlen(q, k, v, cu, c)
 
 
 def _four_rank_checks(rank, world):
@@ -157,6 +249,7 @@ def _four_rank_checks(rank, world):
     _check_ring(replace(CASE, mask="key_padding", causal="top_left", dropout_p=0.2), torch.float32, "zigzag",
                 rng_seed=5)
     _check_ring(replace(CASE, dropout_p=0.3), torch.float32, "zigzag", "reference", rng_seed=6)
+    _varlen_checks(rank, world)
 
 
 def test_ring_attention_on_four_ranks_matches_the_reference():

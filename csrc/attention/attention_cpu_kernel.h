@@ -127,25 +127,47 @@ inline KeySpan key_span(const AttentionParams& p, const Seq& s, int64_t i0, int6
   return {row_lo(p, s, i0), row_hi(p, s, i0 + mq - 1), row_lo(p, s, i0 + mq - 1), row_hi(p, s, i0)};
 }
 
-// s[j] = c * tanh(s[j] / c), with tanh(s[j] / c) also in t[j] when t is not null.
-inline void softcap_row(float* s, int64_t n, float c, float* t) {
-  const Vec vc(c);
-  int64_t j = 0;
-  for (; j + kVec <= n; j += kVec) {
-    const Vec th = (Vec::loadu(s + j) / vc).tanh();
-    if (t != nullptr) th.store(t + j);
-    (th * vc).store(s + j);
-  }
-  for (; j < n; ++j) {
-    const float th = std::tanh(s[j] / c);
-    if (t != nullptr) t[j] = th;
-    s[j] = c * th;
+// tanh(x) into t and its derivative 1 - tanh(x)^2 into d, both within a few ulp of their own size. Where
+// |x| < 0.625: a rational function of x (odd degree 13 over even degree 6; Eigen's generic_fast_tanh_float
+// coefficients), x itself below 4e-4, and d = 1 - t^2. Elsewhere r = 2 / (exp(2|x|) + 1) = 1 - |tanh(x)|,
+// t = sign(x) (1 - r) and d = r (2 - r), which keeps d's relative accuracy where t rounds to +-1 and
+// 1 - t^2 would cancel. NaN gives NaN. Vec::tanh (Sleef) costs about three times as much.
+inline void tanh_slope(Vec x, Vec& t, Vec& d) {
+  const Vec one(1.0f), two(2.0f), ax = x.abs();
+  const Vec x2 = x * x;
+  Vec p = at::vec::fmadd(x2, Vec(-2.76076847742355e-16f), Vec(2.00018790482477e-13f));
+  p = at::vec::fmadd(p, x2, Vec(-8.60467152213735e-11f));
+  p = at::vec::fmadd(p, x2, Vec(5.12229709037114e-08f));
+  p = at::vec::fmadd(p, x2, Vec(1.48572235717979e-05f));
+  p = at::vec::fmadd(p, x2, Vec(6.37261928875436e-04f));
+  p = at::vec::fmadd(p, x2, Vec(4.89352455891786e-03f));
+  Vec q = at::vec::fmadd(x2, Vec(1.19825839466702e-06f), Vec(1.18534705686654e-04f));
+  q = at::vec::fmadd(q, x2, Vec(2.26843463243900e-03f));
+  q = at::vec::fmadd(q, x2, Vec(4.89352518554385e-03f));
+  const Vec small = Vec::blendv(p * x / q, x, ax < Vec(4e-4f));
+  const Vec r = two / ((ax + ax).exp() + one);
+  const Vec big = Vec::blendv(one - r, r - one, x < Vec(0.0f));
+  const Vec near = ax < Vec(0.625f);
+  t = Vec::blendv(big, small, near);
+  d = Vec::blendv(r * (two - r), one - small * small, near);
+}
+
+// s[j] = c * tanh(s[j] / c), and the derivative 1 - tanh^2(s[j] / c) in d[j] when d is not null; the
+// row's tail through a partial vector, so every score takes the same arithmetic.
+inline void softcap_row(float* s, int64_t n, float c, float* d) {
+  const Vec vc(c), inv(1.0f / c);
+  for (int64_t j = 0; j < n; j += kVec) {
+    const int64_t m = std::min<int64_t>(kVec, n - j);
+    Vec t, slope;
+    tanh_slope(Vec::loadu(s + j, m) * inv, t, slope);
+    if (d != nullptr) slope.store(d + j, m);
+    (t * vc).store(s + j, m);
   }
 }
 
 // Turns one row of raw scores s[0 .. nk) = scale * q_r . k_j, keys j = kb .. kb + nk of query
-// row r (position in its sequence), into the scores of the softmax: softcap (tanh values into
-// `cap` when not null), ALiBi, bias / bool mask, and, on an edge block, -inf outside the row's
+// row r (position in its sequence), into the scores of the softmax: softcap (its derivative
+// 1 - tanh^2 into `cap` when not null), ALiBi, bias / bool mask, and, on an edge block, -inf outside the row's
 // causal / window range.
 template <typename T>
 inline void score_row(const AttentionParams& p, const Seq& sq, int64_t b, int64_t h, int64_t r, int64_t kb,
@@ -291,7 +313,7 @@ void backward(const AttentionParams& p) {
     std::unique_ptr<float[]> dP(new float[kBlockQ * kBlockK]);  // dP, then dS
     std::unique_ptr<T[]> t_buf(new T[lowp ? kBlockQ * kBlockK : 1]);  // GEMM operand in T
     const bool softcap = p.softcap > 0.0f;
-    std::unique_ptr<float[]> cap(new float[softcap ? kBlockQ * kBlockK : 1]);  // tanh(s / softcap)
+    std::unique_ptr<float[]> cap(new float[softcap ? kBlockQ * kBlockK : 1]);  // 1 - tanh^2(s / softcap)
     std::unique_ptr<float[]> row_a(new float[std::max(D, Dv)]), row_b(new float[std::max(D, Dv)]);
     std::vector<double> delta_d(kBlockQ);
     std::vector<float> lse(kBlockQ), delta(kBlockQ), dlse(kBlockQ), row_m(kBlockQ), row_inv_l(kBlockQ);
@@ -357,14 +379,14 @@ void backward(const AttentionParams& p) {
             for (int64_t i = 0; i < mq; ++i) {
               float* s = Pb + i * kBlockK;
               float* dp = dPb + i * kBlockK;
-              float* t = softcap ? cap.get() + i * kBlockK : nullptr;
+              float* slope = softcap ? cap.get() + i * kBlockK : nullptr;
               const int64_t r = i0 + i;
               if (lse[i] == -INFINITY) {  // the row saw no key: P = 0, dS = 0
                 std::fill(s, s + nk, 0.0f);
                 std::fill(dp, dp + nk, 0.0f);
                 continue;
               }
-              score_row<T>(p, sq, b, h, r, kb, nk, edge, s, t);
+              score_row<T>(p, sq, b, h, r, kb, nk, edge, s, slope);
               if (exact[i]) {  // P = exp(S - m) / l
                 exp_sub_sum(s, nk, row_m[i]);
                 scale_row(s, nk, row_inv_l[i]);
@@ -405,13 +427,9 @@ void backward(const AttentionParams& p) {
                 for (int64_t jj = 0; jj < nk; ++jj) db[jj * p.db_ks] += dp[jj];
               }
               if (softcap) {  // the gradient of the raw score: dS * (1 - tanh^2)
-                const Vec one(1.0f);
                 int64_t jj = 0;
-                for (; jj + kVec <= nk; jj += kVec) {
-                  const Vec tv = Vec::loadu(t + jj);
-                  (Vec::loadu(dp + jj) * (one - tv * tv)).store(dp + jj);
-                }
-                for (; jj < nk; ++jj) dp[jj] *= 1.0f - t[jj] * t[jj];
+                for (; jj + kVec <= nk; jj += kVec) (Vec::loadu(dp + jj) * Vec::loadu(slope + jj)).store(dp + jj);
+                for (; jj < nk; ++jj) dp[jj] *= slope[jj];
               }
               if (p.dropout_p > 0) {  // dV uses the dropped P
                 const int64_t index0 =
