@@ -11,7 +11,7 @@ The build prints ptxas's report of every kernel when ``FUSEDLAYERS_PTXAS_VERBOSE
 This script turns those lines into one table row per (kernel, architecture): registers,
 stack frame, spill stores / loads, static shared memory (dynamic shared memory, which
 the attention kernels size at launch, is not in ptxas's report: see the ``kSmem`` of the
-tiles in ``csrc/attention/attention_{fwd,bwd}_kernel.cuh``, or ``cuda_backend.smem_bytes``), and exits 1 when any kernel spills, or when
+tiles in ``csrc/attention/attention_kernel_utils.cuh``, or ``cuda_backend.smem_bytes``), and exits 1 when any kernel spills, or when
 the log holds no ptxas report at all (a build without ``FUSEDLAYERS_PTXAS_VERBOSE=1``).
 
     CUDA_HOME=/usr/local/cuda FUSEDLAYERS_FORCE_CUDA=1 FUSEDLAYERS_PTXAS_VERBOSE=1 \\

@@ -10,6 +10,7 @@
 //     Accumulating dQ by atomics inside the dK / dV kernel instead would need more
 //     registers there than it has at kD >= 128 without spilling, and would not be
 //     deterministic.
+// Tiles: DkdvTile, DqTile (attention_kernel_utils.cuh).
 // Math (names as in fusedlayers/reference_backend.py):
 //   P = exp(S - lse), dP = dropout(dO V^T), dS = P * (dP - Delta + dlse),
 //   dV = dropout(P)^T dO, dK = scale * dS^T Q, dQ = scale * dS K, dbias = dS.
@@ -19,48 +20,30 @@
 
 namespace fusedlayers::cuda::attn {
 
-// dK / dV kernel tiles: kWarps * 16 keys per block, kBlockM queries per inner step, dK and
-// dV held in registers kDChunk columns at a time (the query loop runs kD / kDChunk times).
-template <int kD>
-struct BwdCfg;
-template <>
-struct BwdCfg<64> {
-  static constexpr int kWarps = 4, kBlockM = 32, kDChunk = 64;
-};
-template <>
-struct BwdCfg<128> {
-  static constexpr int kWarps = 4, kBlockM = 16, kDChunk = 128;
-};
-template <>
-struct BwdCfg<256> {
-  static constexpr int kWarps = 4, kBlockM = 16, kDChunk = 128;
-};
+// The row terms of query row r of head h: lse in natural units (+inf where the row saw no
+// key or is past the end, so that P = 0 there) and Delta - dlse (0 past the end).
+// P = exp2((S - lse) * log2(e)): subtracted first (see the forward), so that an lse near
+// -FLT_MAX does not overflow.
+__device__ __forceinline__ void row_terms(const AttentionParams& p, const Seq& sq, int b, int h, int r, float& lse_r,
+                                          float& delta) {
+  float l = INFINITY, d = 0.0f;
+  if (r < sq.len_q) {
+    const int64_t at = b * p.lse_bs + h * p.lse_hs + sq.q_start + r;
+    const float lse = p.lse[at];
+    l = lse == -INFINITY ? INFINITY : lse;
+    d = p.delta[at];
+  }
+  lse_r = l;
+  delta = d;
+}
 
-template <typename T, int kD>
-struct DkdvTile {
-  static constexpr int kWarps = BwdCfg<kD>::kWarps, kThreads = 32 * kWarps;
-  static constexpr int kBlockN = 16 * kWarps, kBlockM = BwdCfg<kD>::kBlockM, kDChunk = BwdCfg<kD>::kDChunk;
-  static constexpr int kLd = kD + kPad;
-  // K, V; Q and dO in two stages; lse and Delta in two stages
-  static constexpr int kSmem = (2 * kBlockN + 4 * kBlockM) * kLd * static_cast<int>(sizeof(T)) + 4 * kBlockM * 4;
-};
-
-// Row terms of query rows m0 .. m0 + kBlockM of head h into shared memory: lse in natural
-// units (+inf where the row saw no key or is past the end, so that P = 0 there) and
-// Delta - dlse (0 past the end). P = exp2((S - lse) * log2(e)): subtracted first (see the
-// forward), so that an lse near -FLT_MAX does not overflow.
+// The row terms of query rows m0 .. m0 + kBlockM of head h into shared memory.
 template <int kBlockM>
 __device__ __forceinline__ void load_row_terms(const AttentionParams& p, const Seq& sq, int b, int h, int m0,
                                                float* s_lse, float* s_delta) {
   for (int i = threadIdx.x; i < kBlockM; i += blockDim.x) {
-    const int r = m0 + i;
-    float lse_r = INFINITY, delta = 0.0f;
-    if (r < sq.len_q) {
-      const int64_t at = b * p.lse_bs + h * p.lse_hs + sq.q_start + r;
-      const float lse = p.lse[at];
-      lse_r = lse == -INFINITY ? INFINITY : lse;
-      delta = p.delta[at];
-    }
+    float lse_r, delta;
+    row_terms(p, sq, b, h, m0 + i, lse_r, delta);
     s_lse[i] = lse_r;
     s_delta[i] = delta;
   }
@@ -123,47 +106,25 @@ __global__ void __launch_bounds__(DkdvTile<T, kD>::kThreads, 1) attention_dkdv_k
 
   for (int c0 = 0; c0 < d_max; c0 += kDChunk) {
     float dk[kCT][4], dv[kCT][4];
-#pragma unroll
-    for (int i = 0; i < kCT; ++i) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.0f;
-    }
+    zero_acc(dk);
+    zero_acc(dv);
     if (steps > 0) load_q_step(0, 0);
     cp_async_commit();
 
     for (int it = 0; it < steps; ++it) {
       const int h = hk * group + it / m_count, m0 = (m_first + it % m_count) * kBlockM, stage = it & 1;
-      if (it + 1 < steps) {
-        load_q_step(it + 1, stage ^ 1);
-        cp_async_commit();
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
-      __syncthreads();
+      pipeline_step(it, steps, load_q_step);
       const uint32_t stage_off = stage * kStageBytes;
       const float* cLse = sLse + stage * kBlockM;
       const float* cDelta = sDelta + stage * kBlockM;
 
       // S^T = K Q^T and dP^T = V dO^T (16 keys x kBlockM queries per warp)
       float s[kMT][4], dp[kMT][4];
-#pragma unroll
-      for (int i = 0; i < kMT; ++i) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.0f;
-      }
-      gemm<T, kD, kLd>(s, k_a, q_b + stage_off, p.head_dim);
-      gemm<T, kD, kLd>(dp, v_a, do_b + stage_off, p.head_dim_v);
+      gemm_s_dp<T, kD, kLd>(s, dp, k_a, q_b + stage_off, v_a, do_b + stage_off, p);
 
       // P^T = exp(S^T - lse), dS^T = P^T * (dP^T - Delta + dlse); s <- dropout(P)^T, dp <- dS^T
       const bool check = tile_needs_mask(p, sq, m0, n0, kBlockN);
-      uint32_t keep_bits = ~0u;
-      if (p.dropout_p > 0.0f) {
-        keep_bits = dropout_bits<kMT>(p, sq, b, h, [&](int nt, int e, int& r, int& c) {
-          r = m0 + nt * 8 + 2 * tq + (e % 2);
-          c = key_a + (e / 2) * 8;
-        });
-      }
+      const uint32_t keep_bits = dropout_bits<kMT>(p, sq, b, h, FragPos<false>{key_a, m0, tq});
 #pragma unroll
       for (int nt = 0; nt < kMT; ++nt) {
 #pragma unroll
@@ -214,31 +175,6 @@ __global__ void __launch_bounds__(DkdvTile<T, kD>::kThreads, 1) attention_dkdv_k
   cp_async_wait<0>();  // no copy may be in flight when the block exits (no query step)
 }
 
-// The deterministic dQ pass: tiles as the forward's.
-template <int kD>
-struct DqCfg;
-template <>
-struct DqCfg<64> {
-  static constexpr int kWarps = 4, kBlockN = 64;
-};
-template <>
-struct DqCfg<128> {
-  static constexpr int kWarps = 4, kBlockN = 64;
-};
-template <>
-struct DqCfg<256> {
-  static constexpr int kWarps = 4, kBlockN = 32;
-};
-
-template <typename T, int kD>
-struct DqTile {
-  static constexpr int kWarps = DqCfg<kD>::kWarps, kThreads = 32 * kWarps;
-  static constexpr int kBlockM = 16 * kWarps, kBlockN = DqCfg<kD>::kBlockN;
-  static constexpr int kLd = kD + kPad;
-  // Q, dO; K and V in two stages each
-  static constexpr int kSmem = (2 * kBlockM + 4 * kBlockN) * kLd * static_cast<int>(sizeof(T));
-};
-
 template <typename T, int kD>
 __global__ void __launch_bounds__(DqTile<T, kD>::kThreads, 1) attention_dq_kernel(const AttentionParams p) {
   using Tile = DqTile<T, kD>;
@@ -261,41 +197,21 @@ __global__ void __launch_bounds__(DqTile<T, kD>::kThreads, 1) attention_dq_kerne
 
   const T* gQ = static_cast<const T*>(p.q) + b * p.q_bs + h * p.q_hs + (sq.q_start + m0) * p.q_rs;
   const T* gdO = static_cast<const T*>(p.dout) + b * p.o_bs + h * p.o_hs + (sq.q_start + m0) * p.o_rs;
-  const T* gK = static_cast<const T*>(p.k) + b * p.k_bs + hk * p.k_hs + sq.k_start * p.k_rs;
-  const T* gV = static_cast<const T*>(p.v) + b * p.v_bs + hk * p.v_hs + sq.k_start * p.v_rs;
-  const int n_end = key_end(p, sq, m0, kBlockM);
-  const int n_blocks = (n_end + kBlockN - 1) / kBlockN;
-  auto load_kv = [&](int j, int stage) {
-    const int n0 = j * kBlockN;
-    copy_tile<T, kBlockN, kD, kThreads>(sK + stage * kBlockN * kLd, gK + n0 * p.k_rs, p.k_rs, n_end - n0,
-                                        p.head_dim, p.aligned);
-    copy_tile<T, kBlockN, kD, kThreads>(sV + stage * kBlockN * kLd, gV + n0 * p.v_rs, p.v_rs, n_end - n0,
-                                        p.head_dim_v, p.aligned);
-  };
+  const KvStream<T, kBlockM, kBlockN, kD, kThreads> load_kv(p, sq, b, hk, m0, sK, sV);
+  const int n_blocks = load_kv.n_blocks;
   copy_tile<T, kBlockM, kD, kThreads>(sQ, gQ, p.q_rs, sq.len_q - m0, p.head_dim, p.aligned);
   copy_tile<T, kBlockM, kD, kThreads>(sdO, gdO, p.o_rs, sq.len_q - m0, p.head_dim_v, p.aligned);
   if (n_blocks > 0) load_kv(0, 0);
   cp_async_commit();
 
-  // this thread's row terms (see load_row_terms)
+  // this thread's row terms
   float lse_r[2], delta[2];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = row_a + 8 * i;
-    lse_r[i] = INFINITY;
-    delta[i] = 0.0f;
-    if (r < sq.len_q) {
-      const int64_t at = b * p.lse_bs + h * p.lse_hs + sq.q_start + r;
-      const float lse = p.lse[at];
-      lse_r[i] = lse == -INFINITY ? INFINITY : lse;
-      delta[i] = p.delta[at];
-    }
-  }
+  for (int i = 0; i < 2; ++i) row_terms(p, sq, b, h, row_a + 8 * i, lse_r[i], delta[i]);
   const float inv_keep = p.dropout_p > 0.0f ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
 
   float dq[kDT][4];
-#pragma unroll
-  for (int i = 0; i < kDT; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.0f;
+  zero_acc(dq);
   const uint32_t q_a = smem_u32(sQ) + lane_rm<kLd>(lane) + off<kLd>(warp * 16, 0);
   const uint32_t do_a = smem_u32(sdO) + lane_rm<kLd>(lane) + off<kLd>(warp * 16, 0);
   const uint32_t k_b = smem_u32(sK) + lane_nm<kLd>(lane), k_bt = smem_u32(sK) + lane_rm<kLd>(lane);
@@ -304,35 +220,16 @@ __global__ void __launch_bounds__(DqTile<T, kD>::kThreads, 1) attention_dq_kerne
 
   for (int j = 0; j < n_blocks; ++j) {
     const int n0 = j * kBlockN;
-    if (j + 1 < n_blocks) {
-      load_kv(j + 1, (j + 1) & 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    pipeline_step(j, n_blocks, load_kv);
     const uint32_t stage_off = (j & 1) * kStageBytes;
 
     // S = Q K^T, dP = dO V^T
     float s[kNT][4], dp[kNT][4];
-#pragma unroll
-    for (int i = 0; i < kNT; ++i) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.0f;
-    }
-    gemm<T, kD, kLd>(s, q_a, k_b + stage_off, p.head_dim);
-    gemm<T, kD, kLd>(dp, do_a, v_b + stage_off, p.head_dim_v);
+    gemm_s_dp<T, kD, kLd>(s, dp, q_a, k_b + stage_off, do_a, v_b + stage_off, p);
 
     // dS = P * (dropout(dP) - Delta + dlse)
     const bool check = tile_needs_mask(p, sq, m0, n0, kBlockN);
-    uint32_t keep_bits = ~0u;
-    if (p.dropout_p > 0.0f) {
-      keep_bits = dropout_bits<kNT>(p, sq, b, h, [&](int nt, int e, int& r, int& c) {
-        r = row_a + (e / 2) * 8;
-        c = n0 + nt * 8 + 2 * tq + (e % 2);
-      });
-    }
+    const uint32_t keep_bits = dropout_bits<kNT>(p, sq, b, h, FragPos<true>{row_a, n0, tq});
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll

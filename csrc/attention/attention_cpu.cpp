@@ -8,8 +8,6 @@
 // Python adapter: fusedlayers/csrc_backend.py. Semantics: fusedlayers/registration.py.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -28,22 +26,20 @@ constexpr const char* kFwd = "attention_fwd_kernel";
 constexpr const char* kBwd = "attention_bwd_kernel";
 
 // Everything but the outputs: shapes, input pointers and strides, mask, dropout indexing, tiles.
+// q, k, v: a's, through qkv_rows.
 AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_q,
-                            const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, int64_t seed,
-                            double scale, bool causal, bool bottom_right, double dropout_p, int64_t window_left,
-                            int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi) {
+                            const AttentionArgs& a) {
   for (auto* t : {&q, &k, &v}) check_cpu(*t, op, "q, k, v");
   AttentionParams p{};
   p.dtype = dtype_of(q, op, "q");
-  for (const auto* cu : {&cu_q, &cu_k}) {
+  for (const auto* cu : {&a.cu_q, &a.cu_k}) {
     TORCH_CHECK(!cu->has_value() || ((*cu)->scalar_type() == at::kInt && (*cu)->dim() == 1 &&
                                      (*cu)->is_contiguous() && (*cu)->device().is_cpu()),
                 "fusedlayers::", op, ": cu_seqlens must be contiguous 1-D int32 CPU tensors");
   }
-  set_qkv(p, op, q, k, v, cu_q ? &*cu_q : nullptr, cu_k ? &*cu_k : nullptr, max_q, max_k);
-  if (cu_q.has_value()) {  // the kernels index q, k, v, out with these offsets: check every value
-    const int64_t totals[2] = {q.size(0), k.size(0)}, maxes[2] = {max_q, max_k};
+  set_qkv(p, op, q, k, v, a.cu_q ? &*a.cu_q : nullptr, a.cu_k ? &*a.cu_k : nullptr, a.max_q, a.max_k);
+  if (a.cu_q.has_value()) {  // the kernels index q, k, v, out with these offsets: check every value
+    const int64_t totals[2] = {q.size(0), k.size(0)}, maxes[2] = {a.max_q, a.max_k};
     const char* names[2] = {"cu_seqlens_q", "cu_seqlens_k"};
     const int32_t* offs[2] = {p.cu_seqlens_q, p.cu_seqlens_k};
     for (int t = 0; t < 2; ++t) {
@@ -56,8 +52,8 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
       }
     }
   }
-  if (mask.has_value()) {
-    const at::Tensor& m = *mask;
+  if (a.mask.has_value()) {
+    const at::Tensor& m = *a.mask;
     check_cpu(m, op, "attn_mask");
     if (m.scalar_type() == at::kBool) {
       p.mask_kind = 1;
@@ -70,74 +66,56 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
     }
     set_mask(p, op, m);
   }
+  set_scalars(p, op, a.scale, a.causal, a.bottom_right, a.dropout_p, a.seed);
+  if (a.alibi.has_value()) check_cpu(*a.alibi, op, "alibi_slopes");
+  set_variants(p, op, a.window_left, a.window_right, a.softcap, a.alibi);
   // Tiles: large ones keep the GEMMs efficient (256 x 512 measured best on a 2-core AVX-512
   // machine, ~10% over 64 x 256); the query block shrinks while the forward would have
-  // fewer than 4 tasks per thread.
+  // fewer than 4 tasks per thread. Under a window of E keys per row a block of block_q rows
+  // spans block_q + E - 1 keys, so the block shrinks to E / 4 (at least 32): at most 1.25 E
+  // keys computed per row instead of up to 2 E.
   p.block_k = 512;
   p.block_q = 256;
   const int64_t threads = at::get_num_threads();
   while (p.block_q > 32 && p.batch * p.heads_q * ((p.seqlen_q + p.block_q - 1) / p.block_q) < 4 * threads) {
     p.block_q /= 2;
   }
-  set_scalars(p, op, scale, causal, bottom_right, dropout_p, seed);
-  if (alibi.has_value()) check_cpu(*alibi, op, "alibi_slopes");
-  set_variants(p, op, window_left, window_right, softcap, alibi);
+  const int64_t right = p.causal ? 0 : p.window_right;
+  if (p.window_left >= 0 && right >= 0) {
+    while (p.block_q > 32 && 4 * p.block_q > p.window_left + right + 1) p.block_q /= 2;
+  }
+  set_dropout_layout(p, op, a.dropout_layout);
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                     const at::Tensor& v_in, const std::optional<at::Tensor>& mask,
-                                                     const std::optional<at::Tensor>& cu_q,
-                                                     const std::optional<at::Tensor>& cu_k, int64_t max_q,
-                                                     int64_t max_k, int64_t seed, double scale, bool causal,
-                                                     bool bottom_right, double dropout_p, int64_t window_left,
-                                                     int64_t window_right, double softcap,
-                                                     const std::optional<at::Tensor>& alibi,
-                                                     at::OptionalIntArrayRef dropout_layout) {
-  const at::Tensor q = qkv_rows(q_in), k = qkv_rows(k_in), v = qkv_rows(v_in);
-  AttentionParams p = make_params(kFwd, q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, causal, bottom_right,
-                                  dropout_p, window_left, window_right, softcap, alibi);
-  set_dropout_layout(p, kFwd, dropout_layout);
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const AttentionArgs& a) {
+  const at::Tensor q = qkv_rows(a.q), k = qkv_rows(a.k), v = qkv_rows(a.v);
+  AttentionParams p = make_params(kFwd, q, k, v, a);
   auto [out, lse] = alloc_out(p, q);
   kernels().attention_fwd(p);
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
-    const at::Tensor& dout_in, const at::Tensor& dlse_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& v_in, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_q,
-    const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, const at::Tensor& out_in,
-    const at::Tensor& lse_in, int64_t seed, double scale, bool causal, bool bottom_right, double dropout_p,
-    bool bias_grad, int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi,
-    at::OptionalIntArrayRef dropout_layout) {
-  for (auto* t : {&dout_in, &dlse_in, &out_in, &lse_in}) check_cpu(*t, kBwd, "dout, dlse, out, lse");
-  const at::Tensor q = qkv_rows(q_in), k = qkv_rows(k_in), v = qkv_rows(v_in);
-  AttentionParams p = make_params(kBwd, q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, causal, bottom_right,
-                                  dropout_p, window_left, window_right, softcap, alibi);
-  set_dropout_layout(p, kBwd, dropout_layout);
-  const auto [out, dout, lse, dlse] = bwd_inputs(p, kBwd, q, out_in, dout_in, lse_in, dlse_in);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const AttentionArgs& a,
+                                                                             const AttentionBwdArgs& g) {
+  for (auto* t : {&g.dout, &g.dlse, &g.out, &g.lse}) check_cpu(*t, kBwd, "dout, dlse, out, lse");
+  const at::Tensor q = qkv_rows(a.q), k = qkv_rows(a.k), v = qkv_rows(a.v);
+  AttentionParams p = make_params(kBwd, q, k, v, a);
+  const auto [out, dout, lse, dlse] = bwd_inputs(p, kBwd, q, g.out, g.dout, g.lse, g.dlse);
   p.dlse = dlse.const_data_ptr<float>();
   auto [dq, dk, dv] = alloc_grads(p, q, k, v);
-
-  at::Tensor dbias_acc;
-  if (bias_grad) {
-    check_bias_grad(kBwd, mask);
-    // float32 accumulator with full B and Hq dims (each task owns its (b, h) slice) and
-    // the mask's own q / k dims (broadcast ones summed in place)
-    const int64_t mq = mask->size(2), mk = mask->size(3);
-    dbias_acc = at::zeros({p.batch, p.heads_q, mq, mk}, q.options().dtype(at::kFloat));
-    p.dbias = dbias_acc.mutable_data_ptr<float>();
-    p.db_bs = p.heads_q * mq * mk, p.db_hs = mq * mk, p.db_qs = mq == 1 ? 0 : mk, p.db_ks = mk == 1 ? 0 : 1;
-  }
+  // dbias: each task owns a (b, h) slice of the buffer and adds a broadcast q / k dim of the
+  // mask up in place
+  const at::Tensor dbias_acc = alloc_bias_grad(p, kBwd, g.bias_grad, a.mask, q, /*mask_qk=*/true);
   kernels().attention_bwd(p);
-  at::Tensor dbias = bias_grad ? reduce_bias_grad(dbias_acc, *mask) : at::empty({0}, q.options());
-  return {dq, dk, dv, dbias};
+  return {dq, dk, dv, reduce_bias_grad(dbias_acc, a.mask, q)};
 }
 
 }  // namespace
 }  // namespace fusedlayers::cpu
 
 TORCH_LIBRARY_IMPL(fusedlayers, CPU, m) {
-  m.impl("attention_fwd_kernel", &fusedlayers::cpu::attention_fwd_cpu);
-  m.impl("attention_bwd_kernel", &fusedlayers::cpu::attention_bwd_cpu);
+  using namespace fusedlayers::attention_host;
+  m.impl("attention_fwd_kernel", &fwd_op<&fusedlayers::cpu::attention_fwd_cpu>);
+  m.impl("attention_bwd_kernel", &bwd_op<&fusedlayers::cpu::attention_bwd_cpu>);
 }

@@ -2,36 +2,13 @@
 //
 // attention_fwd_kernel: one block per (query block, head, batch); each warp owns 16 query
 // rows; loops over key blocks (causal: only up to the diagonal), K / V tiles
-// double-buffered, online softmax in registers with exp2, lse saved.
+// double-buffered, online softmax in registers with exp2, lse saved. Tiles: FwdTile
+// (attention_kernel_utils.cuh).
 #pragma once
 
 #include "attention/attention_kernel_utils.cuh"
 
 namespace fusedlayers::cuda::attn {
-
-template <int kD>
-struct FwdCfg;
-template <>
-struct FwdCfg<64> {
-  static constexpr int kWarps = 4, kBlockN = 64;
-};
-template <>
-struct FwdCfg<128> {
-  static constexpr int kWarps = 8, kBlockN = 64;
-};
-template <>
-struct FwdCfg<256> {
-  static constexpr int kWarps = 8, kBlockN = 32;
-};
-
-template <typename T, int kD>
-struct FwdTile {
-  static constexpr int kWarps = FwdCfg<kD>::kWarps, kThreads = 32 * kWarps;
-  static constexpr int kBlockM = 16 * kWarps, kBlockN = FwdCfg<kD>::kBlockN;
-  static constexpr int kLd = kD + kPad;
-  // Q, then K and V in two stages each
-  static constexpr int kSmem = (kBlockM + 4 * kBlockN) * kLd * static_cast<int>(sizeof(T));
-};
 
 template <typename T, int kD>
 __global__ void __launch_bounds__(FwdTile<T, kD>::kThreads, 1) attention_fwd_kernel(const AttentionParams p) {
@@ -54,25 +31,14 @@ __global__ void __launch_bounds__(FwdTile<T, kD>::kThreads, 1) attention_fwd_ker
   const int row_a = m0 + warp * 16 + lane / 4;  // this thread's rows: row_a, row_a + 8
 
   const T* gQ = static_cast<const T*>(p.q) + b * p.q_bs + h * p.q_hs + (sq.q_start + m0) * p.q_rs;
-  const T* gK = static_cast<const T*>(p.k) + b * p.k_bs + hk * p.k_hs + sq.k_start * p.k_rs;
-  const T* gV = static_cast<const T*>(p.v) + b * p.v_bs + hk * p.v_hs + sq.k_start * p.v_rs;
-  const int n_end = key_end(p, sq, m0, kBlockM);
-  const int n_blocks = (n_end + kBlockN - 1) / kBlockN;
-  auto load_kv = [&](int j, int stage) {
-    const int n0 = j * kBlockN;
-    copy_tile<T, kBlockN, kD, kThreads>(sK + stage * kBlockN * kLd, gK + n0 * p.k_rs, p.k_rs, n_end - n0,
-                                        p.head_dim, p.aligned);
-    copy_tile<T, kBlockN, kD, kThreads>(sV + stage * kBlockN * kLd, gV + n0 * p.v_rs, p.v_rs, n_end - n0,
-                                        p.head_dim_v, p.aligned);
-  };
-
+  const KvStream<T, kBlockM, kBlockN, kD, kThreads> load_kv(p, sq, b, hk, m0, sK, sV);
+  const int n_blocks = load_kv.n_blocks;
   copy_tile<T, kBlockM, kD, kThreads>(sQ, gQ, p.q_rs, sq.len_q - m0, p.head_dim, p.aligned);
   if (n_blocks > 0) load_kv(0, 0);
   cp_async_commit();
 
   float o[kDT][4];
-#pragma unroll
-  for (int i = 0; i < kDT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+  zero_acc(o);
   SoftmaxState st[2] = {softmax_init(), softmax_init()};
   const uint32_t q_a = smem_u32(sQ) + lane_rm<kLd>(lane) + off<kLd>(warp * 16, 0);
   const uint32_t k_b = smem_u32(sK) + lane_nm<kLd>(lane);
@@ -81,20 +47,12 @@ __global__ void __launch_bounds__(FwdTile<T, kD>::kThreads, 1) attention_fwd_ker
 
   for (int j = 0; j < n_blocks; ++j) {
     const int n0 = j * kBlockN;
-    if (j + 1 < n_blocks) {
-      load_kv(j + 1, (j + 1) & 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    pipeline_step(j, n_blocks, load_kv);
     const uint32_t cK = k_b + (j & 1) * kStageBytes, cV = v_b + (j & 1) * kStageBytes;
 
     // S = Q K^T (16 rows x kBlockN per warp)
     float s[kNT][4];
-#pragma unroll
-    for (int i = 0; i < kNT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+    zero_acc(s);
     gemm<T, kD, kLd>(s, q_a, cK, p.head_dim);
 
     // scale, bias, masks: logits in natural units
@@ -146,10 +104,7 @@ __global__ void __launch_bounds__(FwdTile<T, kD>::kThreads, 1) attention_fwd_ker
 
     // dropout of P (l keeps the undropped sum; 1 / (1 - p) is applied at the end)
     if (p.dropout_p > 0.0f) {
-      const uint32_t keep = dropout_bits<kNT>(p, sq, b, h, [&](int nt, int e, int& r, int& c) {
-        r = row_a + (e / 2) * 8;
-        c = n0 + nt * 8 + 2 * tq + (e % 2);
-      });
+      const uint32_t keep = dropout_bits<kNT>(p, sq, b, h, FragPos<true>{row_a, n0, tq});
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll

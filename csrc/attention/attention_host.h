@@ -1,15 +1,17 @@
 // Host glue shared by the attention ops of both devices (attention_cpu.cpp, attention_op_cuda.cpp):
-// the shape checks, the layouts written into the backend's AttentionParams, the output and
-// gradient allocations and the bias-gradient reduction. What differs by device stays in the op
-// files: which dtypes, head dims and grid sizes a device takes, where cu_seqlens must live, how
-// a mask is converted, and the kernel call. Templates over the params type: cpu::AttentionParams
-// and cuda::AttentionParams are AttentionParamsOf (common/params.h) with int64_t and int sizes.
+// the ops' argument lists (AttentionArgs, fwd_op, bwd_op), the shape checks, the layouts written
+// into the backend's AttentionParams, the output and gradient allocations, and the bias-gradient
+// buffer and reduction. What differs by device stays in the op files: which dtypes, head dims and
+// grid sizes a device takes, where cu_seqlens must live, how a mask is converted, the bias-gradient
+// buffer's shape, and the kernel call. Templates over the params type: cpu::AttentionParams and
+// cuda::AttentionParams are AttentionParamsOf (common/params.h) with int64_t and int sizes.
 // Semantics: fusedlayers/registration.py.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cmath>
@@ -21,6 +23,62 @@
 #include "common/op_utils.h"
 
 namespace fusedlayers::attention_host {
+
+// The arguments attention_fwd_kernel and attention_bwd_kernel both take (schemas in csrc/ext.cpp),
+// q, k, v as the caller gave them.
+struct AttentionArgs {
+  const at::Tensor& q;
+  const at::Tensor& k;
+  const at::Tensor& v;
+  const std::optional<at::Tensor>& mask;
+  const std::optional<at::Tensor>& cu_q;
+  const std::optional<at::Tensor>& cu_k;
+  int64_t max_q, max_k, seed;
+  double scale;
+  bool causal, bottom_right;
+  double dropout_p;
+  int64_t window_left, window_right;
+  double softcap;
+  const std::optional<at::Tensor>& alibi;
+  at::OptionalIntArrayRef dropout_layout;
+};
+
+// The arguments only attention_bwd_kernel takes.
+struct AttentionBwdArgs {
+  const at::Tensor& dout;
+  const at::Tensor& dlse;
+  const at::Tensor& out;
+  const at::Tensor& lse;
+  bool bias_grad;
+};
+
+// attention_fwd_kernel with its schema's argument list, served by Fwd(const AttentionArgs&) -> (out, lse).
+template <auto Fwd>
+std::tuple<at::Tensor, at::Tensor> fwd_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_q,
+                                          const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k,
+                                          int64_t seed, double scale, bool causal, bool bottom_right, double dropout_p,
+                                          int64_t window_left, int64_t window_right, double softcap,
+                                          const std::optional<at::Tensor>& alibi,
+                                          at::OptionalIntArrayRef dropout_layout) {
+  return Fwd(AttentionArgs{q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, causal, bottom_right, dropout_p,
+                           window_left, window_right, softcap, alibi, dropout_layout});
+}
+
+// attention_bwd_kernel with its schema's argument list, served by
+// Bwd(const AttentionArgs&, const AttentionBwdArgs&) -> (dq, dk, dv, dbias).
+template <auto Bwd>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_op(
+    const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_q,
+    const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, const at::Tensor& out, const at::Tensor& lse,
+    int64_t seed, double scale, bool causal, bool bottom_right, double dropout_p, bool bias_grad, int64_t window_left,
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi,
+    at::OptionalIntArrayRef dropout_layout) {
+  return Bwd(AttentionArgs{q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, causal, bottom_right, dropout_p,
+                           window_left, window_right, softcap, alibi, dropout_layout},
+             AttentionBwdArgs{dout, dlse, out, lse, bias_grad});
+}
 
 // t itself when the kernels can read it through its strides, else a contiguous copy. They read
 // each row (dim row_dim; the others are free, stride 0 included) as a run of t.size(-1) elements
@@ -258,20 +316,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> alloc_grads(Params& p, const at::
   return {dq, dk, dv};
 }
 
-// bias_grad asks for the gradient of a bias: attn_mask must be a float tensor.
-inline void check_bias_grad(const char* op, const std::optional<at::Tensor>& mask) {
+// The float32 buffer the kernels write dS into when bias_grad asks for the gradient of a bias
+// (attn_mask must then be a float tensor), zeroed, set in p: (B, Hq, rows, cols) with (rows, cols)
+// the mask's own q / k dims when mask_qk (kernels that add the elements of a broadcast dim into
+// one), else (Nq, Nk) (kernels that write each element once); a dim of size 1 is indexed with
+// stride 0. Undefined when !bias_grad. Call after set_qkv.
+template <class Params>
+at::Tensor alloc_bias_grad(Params& p, const char* op, bool bias_grad, const std::optional<at::Tensor>& mask,
+                           const at::Tensor& q, bool mask_qk) {
+  if (!bias_grad) return at::Tensor();
   TORCH_CHECK(mask.has_value() && mask->is_floating_point(), "fusedlayers::", op, ": bias_grad needs a float attn_mask");
+  const int64_t batch = p.batch, hq = p.heads_q;
+  const int64_t rows = mask_qk ? mask->size(2) : p.seqlen_q, cols = mask_qk ? mask->size(3) : p.seqlen_k;
+  at::Tensor acc = at::zeros({batch, hq, rows, cols}, q.options().dtype(at::kFloat));
+  p.dbias = acc.mutable_data_ptr<float>();
+  p.db_bs = hq * rows * cols, p.db_hs = rows * cols, p.db_qs = rows == 1 ? 0 : cols, p.db_ks = cols == 1 ? 0 : 1;
+  return acc;
 }
 
-// The bias gradient in the mask's shape and dtype: the float32 `acc` (4-D, each dim full or
-// already of the mask's size) summed over the dims the mask broadcasts.
-inline at::Tensor reduce_bias_grad(const at::Tensor& acc, const at::Tensor& mask) {
+// The op's dbias output: the bias gradient in the mask's shape and dtype, the buffer `acc` of
+// alloc_bias_grad (each dim full or already of the mask's size) summed over the dims the mask
+// broadcasts; an empty tensor (q's options) when acc is undefined (no bias_grad).
+inline at::Tensor reduce_bias_grad(const at::Tensor& acc, const std::optional<at::Tensor>& mask, const at::Tensor& q) {
+  if (!acc.defined()) return at::empty({0}, q.options());
   std::vector<int64_t> dims;
   for (int64_t d = 0; d < 4; ++d) {
-    if (mask.size(d) == 1 && acc.size(d) != 1) dims.push_back(d);
+    if (mask->size(d) == 1 && acc.size(d) != 1) dims.push_back(d);
   }
   const at::Tensor summed = dims.empty() ? acc : at::sum(acc, dims, /*keepdim=*/true);
-  return summed.to(mask.scalar_type()).contiguous();
+  return summed.to(mask->scalar_type()).contiguous();
 }
 
 }  // namespace fusedlayers::attention_host

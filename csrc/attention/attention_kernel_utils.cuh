@@ -15,7 +15,8 @@
 // so the C fragments of two adjacent n-tiles, packed to 16 bits, are the A fragment of a
 // 16-wide k-chunk: the P of S = Q K^T feeds P V without leaving registers (gemm_rs).
 //
-// Every kernel is instantiated per (dtype, head-dim bucket kD in {64, 128, 256}).
+// Every kernel is instantiated per (dtype, head-dim bucket kD in {64, 128, 256}); the tiles of
+// every (kernel, bucket) are one table, kTileShapes, and one struct template, AttnTile.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -32,6 +33,59 @@ namespace fusedlayers::cuda::attn {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kPad = 8;  // shared-memory row padding, elements (16 bytes)
+
+// ---------------------------------------------------------------------------- tiles
+
+// The three kernels: the forward, and the backward's dK / dV and dQ passes.
+enum class Pass { kFwd, kDkdv, kDq };
+
+// The tile choice of a (pass, head-dim bucket): warps per block, rows of the streamed side
+// per loop step, and the output columns held in registers at a time.
+struct TileShape {
+  int warps, step, d_chunk;
+};
+
+// One table of every tile choice. Rows: forward (step = kBlockN keys), dK / dV (step =
+// kBlockM queries; dK and dV in chunks of d_chunk columns, the query loop run
+// kD / d_chunk times), dQ (step = kBlockN keys). Columns: head-dim buckets 64, 128, 256.
+// The forward and dQ hold all kD columns of O / dQ (d_chunk = kD).
+constexpr TileShape kTileShapes[3][3] = {
+    {{4, 64, 64}, {8, 64, 128}, {8, 32, 256}},  // Pass::kFwd
+    {{4, 32, 64}, {4, 16, 128}, {4, 16, 128}},  // Pass::kDkdv
+    {{4, 64, 64}, {4, 64, 128}, {4, 32, 256}},  // Pass::kDq
+};
+
+constexpr TileShape tile_shape(Pass pass, int kD) {
+  return kTileShapes[static_cast<int>(pass)][kD == 64 ? 0 : (kD == 128 ? 1 : 2)];
+}
+
+// The tile of a kernel: each of kWarps warps owns 16 rows of the block's own side (kRows:
+// queries for the forward and dQ, keys for dK / dV), and each loop step copies kStep rows
+// of the other side into one of two shared-memory stages. Shared memory, in this order:
+// the own side's tiles (forward: Q; dK / dV: K, V; dQ: Q, dO), kRows x kLd each; the
+// streamed tiles (forward, dQ: K, V; dK / dV: Q, dO), two stages of kStep x kLd each; dK /
+// dV only: the float32 row terms lse and Delta, two stages of kStep each.
+template <typename T, int kD, Pass kPass>
+struct AttnTile {
+  static_assert(kD == 64 || kD == 128 || kD == 256, "AttnTile: head-dim buckets are 64, 128 and 256");
+  static constexpr TileShape kShape = tile_shape(kPass, kD);
+  static constexpr int kWarps = kShape.warps, kThreads = 32 * kWarps;
+  static constexpr int kRows = 16 * kWarps, kStep = kShape.step, kDChunk = kShape.d_chunk;
+  static constexpr int kBlockM = kPass == Pass::kDkdv ? kStep : kRows;  // queries per block / step
+  static constexpr int kBlockN = kPass == Pass::kDkdv ? kRows : kStep;  // keys per step / block
+  static_assert(kD % kDChunk == 0, "AttnTile: the column chunk must divide the head-dim bucket");
+  static constexpr int kLd = kD + kPad;
+  static constexpr int kOwnTiles = kPass == Pass::kFwd ? 1 : 2, kStreamedTiles = 2;
+  static constexpr int kRowTerms = kPass == Pass::kDkdv ? 2 : 0;
+  static constexpr int kSmem = (kOwnTiles * kRows + 2 * kStreamedTiles * kStep) * kLd * static_cast<int>(sizeof(T)) +
+                               2 * kRowTerms * kStep * static_cast<int>(sizeof(float));
+};
+template <typename T, int kD>
+using FwdTile = AttnTile<T, kD, Pass::kFwd>;
+template <typename T, int kD>
+using DkdvTile = AttnTile<T, kD, Pass::kDkdv>;
+template <typename T, int kD>
+using DqTile = AttnTile<T, kD, Pass::kDq>;
 
 // ------------------------------------------------------------------------------ PTX
 
@@ -129,6 +183,12 @@ __device__ __forceinline__ uint32_t lane_nm(int lane) {
 
 // ------------------------------------------------------------------------- warp GEMMs
 
+template <int kNT>
+__device__ __forceinline__ void zero_acc(float (&acc)[kNT][4]) {
+#pragma unroll
+  for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+}
+
 // acc += A B for one warp: A 16 rows x kK (k-chunks of 16) in shared memory, row-major,
 // read with ldsm_x4 from a_addr (lane_rm of the tile, at the warp's first row); B kNT
 // n-tiles of 8 x kK in shared memory, n-major (s[n][k]), read with ldsm_x4 from b_addr
@@ -176,6 +236,18 @@ __device__ __forceinline__ void gemm_rs(float (&acc)[kNT][4], const float (&c)[k
       }
     }
   }
+}
+
+// The two products a backward tile starts from, into zeroed accumulators: s = A_s B_s over
+// the head dim D (S = Q K^T, or S^T = K Q^T in the dK / dV pass) and dp = A_dp B_dp over Dv
+// (dP = dO V^T, or dP^T = V dO^T). Addresses as for gemm.
+template <typename T, int kK, int kLd, int kNT>
+__device__ __forceinline__ void gemm_s_dp(float (&s)[kNT][4], float (&dp)[kNT][4], uint32_t s_a, uint32_t s_b,
+                                          uint32_t dp_a, uint32_t dp_b, const AttentionParams& p) {
+  zero_acc(s);
+  zero_acc(dp);
+  gemm<T, kK, kLd>(s, s_a, s_b, p.head_dim);
+  gemm<T, kK, kLd>(dp, dp_a, dp_b, p.head_dim_v);
 }
 
 // ------------------------------------------------------------------ geometry, masks
@@ -236,21 +308,38 @@ __device__ __forceinline__ uint64_t drop_index(const AttentionParams& p, const S
   return static_cast<uint64_t>(b * p.drop_bs + h * p.drop_hs + (sq.q_start + r) * p.drop_rs + sq.k_start + c);
 }
 
+// (query r, key c) of element e of n-tile nt of a warp's S tile (C fragments: row g + (e / 2)
+// * 8, column nt * 8 + 2 t + e % 2), the `rc` of dropout_bits. row_a: this thread's first
+// row (g = lane / 4 included), col0: the tile's first column, tq = lane % 4. kQueryRows: the
+// rows are queries and the columns keys (forward, dQ: S); else keys and queries (dK / dV: S^T).
+template <bool kQueryRows>
+struct FragPos {
+  int row_a, col0, tq;
+  __device__ __forceinline__ void operator()(int nt, int e, int& r, int& c) const {
+    const int row = row_a + (e / 2) * 8, col = col0 + nt * 8 + 2 * tq + (e % 2);
+    r = kQueryRows ? row : col;
+    c = kQueryRows ? col : row;
+  }
+};
+
 // Keep bits of a warp tile's accumulator elements under dropout: bit 4 * nt + e is element
-// e of n-tile nt (<= 8 n-tiles), 1 = kept. The element at (n-tile nt, e) is query row
-// `row0 + (e / 2) * 8` (+ col_step_r * column) and key ... as given by `rc`, which maps
-// (nt, e) to (query r, key c). Computed in a loop that is not unrolled, so that only one
-// copy of Philox is compiled and its registers are not multiplied by the tile size.
+// e of n-tile nt (<= 8 n-tiles), 1 = kept; every bit set when p.dropout_p is 0. `rc` maps
+// (nt, e) to the element's (query r, key c): a FragPos. Computed in a loop that is not unrolled, so
+// that only one copy of Philox is compiled and its registers are not multiplied by the
+// tile size.
 template <int kTiles, typename RowCol>
 __device__ __forceinline__ uint32_t dropout_bits(const AttentionParams& p, const Seq& sq, int b, int h, RowCol rc) {
   static_assert(kTiles * 4 <= 32, "dropout_bits: at most 8 n-tiles");
-  uint32_t bits = 0;
+  uint32_t bits = ~0u;
+  if (p.dropout_p > 0.0f) {
+    bits = 0;
 #pragma unroll 1
-  for (int idx = 0; idx < kTiles * 4; ++idx) {
-    int r, c;
-    rc(idx / 4, idx % 4, r, c);
-    if (r < sq.len_q && c < sq.len_k && dropout_keep_one(p.seed, drop_index(p, sq, b, h, r, c), p.dropout_p)) {
-      bits |= 1u << idx;
+    for (int idx = 0; idx < kTiles * 4; ++idx) {
+      int r, c;
+      rc(idx / 4, idx % 4, r, c);
+      if (r < sq.len_q && c < sq.len_k && dropout_keep_one(p.seed, drop_index(p, sq, b, h, r, c), p.dropout_p)) {
+        bits |= 1u << idx;
+      }
     }
   }
   return bits;
@@ -282,6 +371,51 @@ __device__ __forceinline__ void copy_tile(T* __restrict__ s, const T* __restrict
       s[r * kLd + c] = (r < nrows && c < ncols) ? g[r * rs + c] : from_float<T>(0.0f);
     }
   }
+}
+
+// The streamed side of a forward or dQ block: the keys [0, n_end) that its query rows
+// [m0, m0 + kBlockM) may see (KV head hk of sequence sq), n_blocks blocks of kBlockN keys.
+// kv(j, stage) copies key block j of K and V into stage `stage` of sK and sV
+// ([2][kBlockN][kLd] each; keys >= n_end zero).
+template <typename T, int kBlockM, int kBlockN, int kD, int kThreads>
+struct KvStream {
+  const AttentionParams& p;
+  T *sK, *sV;
+  const T *gK, *gV;
+  int n_end, n_blocks;
+
+  __device__ __forceinline__ KvStream(const AttentionParams& p_, const Seq& sq, int b, int hk, int m0, T* sK_, T* sV_)
+      : p(p_),
+        sK(sK_),
+        sV(sV_),
+        gK(static_cast<const T*>(p_.k) + b * p_.k_bs + hk * p_.k_hs + sq.k_start * p_.k_rs),
+        gV(static_cast<const T*>(p_.v) + b * p_.v_bs + hk * p_.v_hs + sq.k_start * p_.v_rs),
+        n_end(key_end(p_, sq, m0, kBlockM)),
+        n_blocks((n_end + kBlockN - 1) / kBlockN) {}
+
+  __device__ __forceinline__ void operator()(int j, int stage) const {
+    constexpr int kLd = kD + kPad;
+    const int n0 = j * kBlockN;
+    copy_tile<T, kBlockN, kD, kThreads>(sK + stage * kBlockN * kLd, gK + n0 * p.k_rs, p.k_rs, n_end - n0, p.head_dim,
+                                        p.aligned);
+    copy_tile<T, kBlockN, kD, kThreads>(sV + stage * kBlockN * kLd, gV + n0 * p.v_rs, p.v_rs, n_end - n0,
+                                        p.head_dim_v, p.aligned);
+  }
+};
+
+// Top of step `it` of a two-stage copy pipeline of `steps` steps (step it in stage it & 1,
+// its copies committed): starts step it + 1's copies into the other stage through
+// load(it + 1, stage), waits for step it's, and syncs the block.
+template <typename Load>
+__device__ __forceinline__ void pipeline_step(int it, int steps, Load&& load) {
+  if (it + 1 < steps) {
+    load(it + 1, (it + 1) & 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+  __syncthreads();
 }
 
 // Stores two adjacent columns (c, c + 1) of a row, as one 32-bit store when allowed.

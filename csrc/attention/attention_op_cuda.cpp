@@ -9,11 +9,9 @@
 // fp16 / bf16 only: the kernels are tensor-core kernels; fusedlayers/cuda_backend.py
 // refuses float32 calls before they get here, with the reason.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/sub.h>
 #include <ATen/ops/sum.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -43,14 +41,24 @@ void check_device(const at::Tensor& t, const at::Tensor& like, const char* op, c
               like.device());
 }
 
+// The CUDA kernels compute no score variant and take no dropout layout: a call must carry the
+// defaults (the Python backend never sends others; dispatch refuses them for it).
+void check_no_variants(const char* op, const AttentionArgs& a) {
+  TORCH_CHECK(!a.dropout_layout.has_value(), "fusedlayers::", op,
+              ": the CUDA kernels take no dropout_layout (the keep-mask of a block of a larger call); use "
+              "backend='cpu' or 'reference'");
+  TORCH_CHECK(a.window_left == -1 && a.window_right == -1 && a.softcap == 0.0 && !a.alibi.has_value(),
+              "fusedlayers::", op, ": the CUDA kernels serve no window_size, softcap or alibi_slopes (got window (",
+              a.window_left, ", ", a.window_right, "), softcap ", a.softcap, ", alibi_slopes ",
+              a.alibi.has_value() ? "given" : "none", "); use backend='triton' or 'cpu'");
+}
+
 // Everything but the outputs: shapes, input pointers and strides, mask, dropout indexing.
-// `keep` holds the tensors the params point into that were made here (converted masks,
-// device copies of cu_seqlens).
+// q, k, v: a's, through rows_contiguous. `keep` holds the tensors the params point into that
+// were made here (converted masks, device copies of cu_seqlens).
 AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_q,
-                            const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, int64_t seed,
-                            double scale, bool causal, bool bottom_right, double dropout_p,
-                            std::vector<at::Tensor>& keep) {
+                            const AttentionArgs& a, std::vector<at::Tensor>& keep) {
+  check_no_variants(op, a);
   check_device(q, q, op, "q");
   check_device(k, q, op, "k");
   check_device(v, q, op, "v");
@@ -60,14 +68,14 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
   AttentionParams p{};
   p.dtype = q.scalar_type() == at::kBFloat16 ? DType::bf16 : DType::f16;
   std::optional<at::Tensor> cq, ck;  // the offsets, on q's device (the kernels read them there)
-  for (auto [cu, dev] : {std::pair{&cu_q, &cq}, std::pair{&cu_k, &ck}}) {
+  for (auto [cu, dev] : {std::pair{&a.cu_q, &cq}, std::pair{&a.cu_k, &ck}}) {
     if (!cu->has_value()) continue;
     TORCH_CHECK((*cu)->scalar_type() == at::kInt && (*cu)->dim() == 1, "fusedlayers::", op,
                 ": cu_seqlens must be 1-D int32 tensors, got ", (*cu)->scalar_type(), " ", (*cu)->sizes());
     *dev = (*cu)->to(q.device()).contiguous();
     keep.push_back(**dev);
   }
-  set_qkv(p, op, q, k, v, cq ? &*cq : nullptr, ck ? &*ck : nullptr, max_q, max_k);
+  set_qkv(p, op, q, k, v, cq ? &*cq : nullptr, ck ? &*ck : nullptr, a.max_q, a.max_k);
   TORCH_CHECK(p.head_dim >= 1 && p.head_dim <= 256 && p.head_dim_v >= 1 && p.head_dim_v <= 256, "fusedlayers::", op,
               ": head dims must be in 1..256 on the cuda backend, got D=", p.head_dim, " Dv=", p.head_dim_v);
   TORCH_CHECK(p.heads_q <= kMaxGrid, "fusedlayers::", op, ": at most ", kMaxGrid, " heads, got ", p.heads_q);
@@ -76,8 +84,8 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
   for (int64_t s : {p.q_bs, p.q_hs, p.q_rs, p.k_bs, p.k_hs, p.k_rs, p.v_bs, p.v_hs, p.v_rs}) {
     p.aligned = p.aligned && s % 8 == 0;
   }
-  if (mask.has_value()) {
-    at::Tensor m = *mask;
+  if (a.mask.has_value()) {
+    at::Tensor m = *a.mask;
     check_device(m, q, op, "attn_mask");
     if (m.scalar_type() == at::kBool) {
       p.mask_kind = 1;
@@ -92,84 +100,46 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
     }
     set_mask(p, op, m);
   }
-  set_scalars(p, op, scale, causal, bottom_right, dropout_p, seed);
+  set_scalars(p, op, a.scale, a.causal, a.bottom_right, a.dropout_p, a.seed);
   return p;
-}
-
-// The CUDA kernels compute no score variant and take no dropout layout: a call must carry the
-// defaults (the Python backend never sends others; dispatch refuses them for it).
-void check_no_variants(const char* op, int64_t window_left, int64_t window_right, double softcap,
-                       const std::optional<at::Tensor>& alibi, at::OptionalIntArrayRef dropout_layout) {
-  TORCH_CHECK(!dropout_layout.has_value(), "fusedlayers::", op,
-              ": the CUDA kernels take no dropout_layout (the keep-mask of a block of a larger call); use "
-              "backend='cpu' or 'reference'");
-  TORCH_CHECK(window_left == -1 && window_right == -1 && softcap == 0.0 && !alibi.has_value(), "fusedlayers::", op,
-              ": the CUDA kernels serve no window_size, softcap or alibi_slopes (got window (", window_left, ", ",
-              window_right, "), softcap ", softcap, ", alibi_slopes ", alibi.has_value() ? "given" : "none",
-              "); use backend='triton' or 'cpu'");
 }
 
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                      const at::Tensor& v_in, const std::optional<at::Tensor>& mask,
-                                                      const std::optional<at::Tensor>& cu_q,
-                                                      const std::optional<at::Tensor>& cu_k, int64_t max_q,
-                                                      int64_t max_k, int64_t seed, double scale, bool causal,
-                                                      bool bottom_right, double dropout_p, int64_t window_left,
-                                                      int64_t window_right, double softcap,
-                                                      const std::optional<at::Tensor>& alibi,
-                                                      at::OptionalIntArrayRef dropout_layout) {
-  check_no_variants(kFwd, window_left, window_right, softcap, alibi, dropout_layout);
-  const c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const AttentionArgs& a) {
+  const c10::cuda::CUDAGuard guard(a.q.device());
+  const at::Tensor q = rows_contiguous(a.q), k = rows_contiguous(a.k), v = rows_contiguous(a.v);
   std::vector<at::Tensor> keep;
-  AttentionParams p = make_params(kFwd, q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, causal, bottom_right,
-                                  dropout_p, keep);
+  AttentionParams p = make_params(kFwd, q, k, v, a, keep);
   auto [out, lse] = alloc_out(p, q);
   if (out.numel() > 0) attention_fwd_launch(p, stream_of(q));
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
-    const at::Tensor& dout_in, const at::Tensor& dlse_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& v_in, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_q,
-    const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, const at::Tensor& out_in,
-    const at::Tensor& lse_in, int64_t seed, double scale, bool causal, bool bottom_right, double dropout_p,
-    bool bias_grad, int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi,
-    at::OptionalIntArrayRef dropout_layout) {
-  check_no_variants(kBwd, window_left, window_right, softcap, alibi, dropout_layout);
-  const c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(const AttentionArgs& a,
+                                                                              const AttentionBwdArgs& g) {
+  const c10::cuda::CUDAGuard guard(a.q.device());
+  const at::Tensor q = rows_contiguous(a.q), k = rows_contiguous(a.k), v = rows_contiguous(a.v);
   std::vector<at::Tensor> keep;
-  AttentionParams p = make_params(kBwd, q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, causal, bottom_right,
-                                  dropout_p, keep);
-  check_device(dout_in, q, kBwd, "dout");
-  check_device(out_in, q, kBwd, "out");
-  const auto [out, dout, lse, dlse] = bwd_inputs(p, kBwd, q, out_in, dout_in, lse_in, dlse_in);
+  AttentionParams p = make_params(kBwd, q, k, v, a, keep);
+  check_device(g.dout, q, kBwd, "dout");
+  check_device(g.out, q, kBwd, "out");
+  const auto [out, dout, lse, dlse] = bwd_inputs(p, kBwd, q, g.out, g.dout, g.lse, g.dlse);
   p.aligned = p.aligned && aligned16(p.dout) && p.o_rs % 8 == 0 && p.o_hs % 8 == 0 && p.o_bs % 8 == 0;
   // the row term of dS = P * (dP - Delta + dlse): Delta_i - dlse_i, Delta_i = sum_d dO_id O_id,
   // in lse's layout ((B, Hq, Nq), or (Hq, Tq) for varlen)
   at::Tensor delta = at::sum(at::mul(dout.to(at::kFloat), out.to(at::kFloat)), {-1});
-  if (cu_q.has_value()) delta = delta.t();
+  if (a.cu_q.has_value()) delta = delta.t();
   delta = at::sub(delta, dlse).contiguous();
   p.delta = delta.const_data_ptr<float>();
   auto [dq, dk, dv] = alloc_grads(p, q, k, v);
-
-  at::Tensor dbias_full;
-  if (bias_grad) {
-    check_bias_grad(kBwd, mask);
-    // dS written once per (b, h, query, key) into a full-size float32 buffer (zero where
-    // causal skipping never visits), then summed over the mask's broadcast dims
-    dbias_full = at::zeros({p.batch, p.heads_q, p.seqlen_q, p.seqlen_k}, q.options().dtype(at::kFloat));
-    p.dbias = dbias_full.mutable_data_ptr<float>();
-    p.db_bs = dbias_full.stride(0), p.db_hs = dbias_full.stride(1), p.db_qs = dbias_full.stride(2), p.db_ks = 1;
-  }
+  // dbias: dS written once per (b, h, query, key) into a full-size buffer (zero where causal
+  // skipping never visits), then summed over the mask's broadcast dims
+  const at::Tensor dbias_full = alloc_bias_grad(p, kBwd, g.bias_grad, a.mask, q, /*mask_qk=*/false);
   if (q.numel() > 0 || k.numel() > 0) {
     attention_bwd_launch(p, stream_of(q));
   }
-  at::Tensor dbias = bias_grad ? reduce_bias_grad(dbias_full, *mask) : at::empty({0}, q.options());
-  return {dq, dk, dv, dbias};
+  return {dq, dk, dv, reduce_bias_grad(dbias_full, a.mask, q)};
 }
 
 int64_t attention_cuda_smem(int64_t head_dim) {
@@ -188,6 +158,7 @@ TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(fusedlayers, CUDA, m) {
-  m.impl("attention_fwd_kernel", &fusedlayers::cuda::attention_fwd_cuda);
-  m.impl("attention_bwd_kernel", &fusedlayers::cuda::attention_bwd_cuda);
+  using namespace fusedlayers::attention_host;
+  m.impl("attention_fwd_kernel", &fwd_op<&fusedlayers::cuda::attention_fwd_cuda>);
+  m.impl("attention_bwd_kernel", &bwd_op<&fusedlayers::cuda::attention_bwd_cuda>);
 }
