@@ -132,20 +132,32 @@ def _stages(v_lo, v_hi, f_lo, f_hi, BLOCK: tl.constexpr):
     s1_lo, s1_hi, hi): STAGE 1 the whole blocks [s1_lo, s1_hi) inside [f_lo, f_hi) (no position test), STAGE 2
     the blocks of [lo, s1_lo) and [s1_hi, hi) (lo = v_lo rounded down to a block; the window's far edge and
     the causal diagonal or the sequence end), each visited once."""
-    lo = (tl.maximum(v_lo, 0) // BLOCK) * BLOCK
-    hi = tl.maximum(v_hi, lo)
+    v_lo = tl.maximum(v_lo, 0)
+    lo = (v_lo // BLOCK) * BLOCK
+    hi = tl.where(v_hi > v_lo, v_hi, lo)  # v_hi <= v_lo: nothing seen (e.g. a window starting past the end)
     s1_lo = tl.minimum(tl.maximum(((tl.maximum(f_lo, 0) + BLOCK - 1) // BLOCK) * BLOCK, lo), hi)
     s1_hi = tl.maximum(tl.minimum((tl.maximum(f_hi, 0) // BLOCK) * BLOCK, hi), s1_lo)
     return lo, s1_lo, s1_hi, hi
 
 
 @triton.jit
-def _stage_blocks(lo, s1_lo, s1_hi, hi, BLOCK: tl.constexpr, STAGE: tl.constexpr):
+def _stage_blocks(lo, s1_lo, s1_hi, hi, BLOCK: tl.constexpr, STAGE: tl.constexpr, WINDOW: tl.constexpr,
+                  KEYS: tl.constexpr):
     """(first, count, n_lo, jump) of the blocks of STAGE (see _stages): block i starts at first + i * BLOCK, plus
-    jump from block n_lo on, the first of [s1_hi, hi) (STAGE 2 runs over its two ranges in one loop)."""
+    jump from block n_lo on, the first of [s1_hi, hi) (STAGE 2 runs over its two ranges in one loop). Without
+    WINDOW one of them is empty and the jump is not made: [lo, s1_lo) on the key axis (KEYS: _key_range), [s1_hi,
+    hi) on the query axis (_query_range)."""
     if STAGE == 1:
         first = s1_lo
         count = (s1_hi - s1_lo + BLOCK - 1) // BLOCK
+        n_lo = count
+    elif not WINDOW:
+        if KEYS:
+            first = s1_hi
+            count = (hi - s1_hi + BLOCK - 1) // BLOCK
+        else:
+            first = lo
+            count = (s1_lo - lo + BLOCK - 1) // BLOCK
         n_lo = count
     else:
         first = lo
@@ -156,39 +168,56 @@ def _stage_blocks(lo, s1_lo, s1_hi, hi, BLOCK: tl.constexpr, STAGE: tl.constexpr
 
 @triton.jit
 def _key_range(start_m, lo, hi, seqlen_k, shift, win_left, win_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               CAUSAL: tl.constexpr):
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """_stages of the keys of the query block at start_m within the keys [lo, hi) given (a split; block aligned).
 
     Query row i sits at key position p(i) = i + shift and sees keys p(i) - win_left <= j <= p(i) + win_right
     (j <= p(i) when causal, j < seqlen_k); the launchers pass an unbounded window side as Nq + Nk, which no
     position difference reaches. The block's rows see keys from p(first row) - win_left to p(last row) +
     win_right (or p(last row) when causal); every row sees those from p(last row) - win_left to p(first row)
-    + win_right (or p(first row)). So a window of W keys visits O(W) key blocks per query block."""
+    + win_right (or p(first row)). So a window of W keys visits O(W) key blocks per query block. Without
+    WINDOW (a constexpr: no window code in the kernels of calls without one) the window bounds are ignored."""
     p_first = start_m + shift
     p_last = start_m + BLOCK_M - 1 + shift
-    v_hi = tl.minimum(tl.minimum(hi, seqlen_k), p_last + win_right + 1)
-    f_hi = tl.minimum(tl.minimum(hi, seqlen_k), p_first + win_right + 1)
+    v_lo = lo
+    f_lo = lo
+    v_hi = tl.minimum(hi, seqlen_k)
+    f_hi = v_hi
+    if WINDOW:
+        v_lo = tl.maximum(lo, p_first - win_left)
+        f_lo = tl.maximum(lo, p_last - win_left)
+        v_hi = tl.minimum(v_hi, p_last + win_right + 1)
+        f_hi = tl.minimum(f_hi, p_first + win_right + 1)
     if CAUSAL:
         v_hi = tl.minimum(v_hi, p_last + 1)
         f_hi = tl.minimum(f_hi, p_first + 1)
-    return _stages(tl.maximum(lo, p_first - win_left), v_hi, tl.maximum(lo, p_last - win_left), f_hi, BLOCK_N)
+    return _stages(v_lo, v_hi, f_lo, f_hi, BLOCK_N)
 
 
 @triton.jit
 def _query_range(start_n, seqlen_q, shift, win_left, win_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CAUSAL: tl.constexpr):
+                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """_stages of the queries that see the key block at start_n, the mirror of _key_range: query i sees key j
     iff j - win_right <= i + shift <= j + win_left (and j <= i + shift when causal); STAGE 1 the query
     blocks whose every row sees every key of the block, STAGE 2 the rest of those that see one."""
     n_first = start_n - shift
     n_last = start_n + BLOCK_N - 1 - shift
-    v_lo = n_first - win_right
-    f_lo = n_last - win_right
+    v_lo = 0
+    f_lo = 0
+    v_hi = seqlen_q
+    f_hi = seqlen_q
+    if WINDOW:
+        v_lo = n_first - win_right
+        f_lo = n_last - win_right
+        v_hi = tl.minimum(seqlen_q, n_last + win_left + 1)
+        f_hi = tl.minimum(seqlen_q, n_first + win_left + 1)
     if CAUSAL:
         v_lo = tl.maximum(v_lo, n_first)
         f_lo = tl.maximum(f_lo, n_last)
-    return _stages(v_lo, tl.minimum(seqlen_q, n_last + win_left + 1), f_lo, tl.minimum(seqlen_q, n_first + win_left + 1),
-                   BLOCK_M)
+    lo, s1_lo, s1_hi, hi = _stages(v_lo, v_hi, f_lo, f_hi, BLOCK_M)
+    if not WINDOW:  # query rows are always load-checked: STAGE 1 may end at the sequence end, unaligned
+        s1_hi = hi
+    return lo, s1_lo, s1_hi, hi
 
 
 @triton.jit
@@ -203,12 +232,13 @@ def _tanh(x):
 @triton.jit
 def _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale, win_left, win_right,
             softcap, slope, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, CHECK_POS: tl.constexpr,
-            CHECK_KEYS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, IEEE: tl.constexpr):
+            CHECK_KEYS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+            IEEE: tl.constexpr):
     """(S, cap_grad) of a (BLOCK_M, BLOCK_N) tile: S = q k^T * scale, soft-capped (softcap * tanh(S / softcap),
     SOFTCAP), minus slope * |p(i) - j| (ALIBI), plus the bias, -inf where not allowed (rows offs_m, keys offs_n
     of the sequence; Mb the mask of this (sequence, head)); cap_grad = d(capped)/d(S) = 1 - tanh^2 (1.0 without
-    SOFTCAP). CHECK_POS: the tile may cross the causal diagonal or a window edge (see _key_range); CHECK_KEYS:
-    it may hold keys past the sequence end.
+    SOFTCAP). CHECK_POS: the tile may cross the causal diagonal or a window edge (WINDOW; see _key_range);
+    CHECK_KEYS: it may hold keys past the sequence end.
 
     Natural units: the callers subtract the row max (or lse) before scaling by LOG2E for exp2, so an
     extreme finite bias (finfo.min, Hugging Face's padding) never overflows to -inf."""
@@ -219,7 +249,7 @@ def _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stri
         cap_grad = 1.0 - t * t
     else:
         cap_grad = 1.0
-    if ALIBI or CHECK_POS:
+    if ALIBI or (CHECK_POS and WINDOW):
         dist = offs_n[None, :] - (offs_m[:, None] + shift)  # j - p(i)
     if ALIBI:
         s -= slope * tl.abs(dist).to(tl.float32)
@@ -232,11 +262,13 @@ def _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stri
             s += mvals.to(tl.float32)
     if CHECK_KEYS:
         s = tl.where(offs_n[None, :] < seqlen_k, s, float("-inf"))
-    if CHECK_POS:
+    if CHECK_POS and WINDOW:
         ok = (dist >= -win_left) & (dist <= win_right)
         if CAUSAL:
             ok = ok & (dist <= 0)
         s = tl.where(ok, s, float("-inf"))
+    elif CHECK_POS and CAUSAL:
+        s = tl.where(offs_n[None, :] <= offs_m[:, None] + shift, s, float("-inf"))
     return s, cap_grad
 
 
@@ -270,20 +302,22 @@ def _load_rows(Xb, offs, offs_d, stride_n, seqlen, D, CHECK: tl.constexpr, UPCAS
 def _attn_fwd_inner(acc, l_i, m_i, q, Kb, Vb, Mb, stride_kn, stride_mm, stride_mn, stride_sm, drop_base, seed,
                     dropout_p, qk_scale, win_left, win_right, softcap, slope, start_m, offs_m, offs_d, lo, hi,
                     seqlen_q, seqlen_k, shift, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGE: tl.constexpr,
-                    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
-                    ALIBI: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WINDOW: tl.constexpr,
+                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """Online softmax of one query block over its key blocks of STAGE (see _key_range) within keys [lo, hi)."""
-    lo, s1_lo, s1_hi, hi = _key_range(start_m, lo, hi, seqlen_k, shift, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL)
-    first, count, n_lo, jump = _stage_blocks(lo, s1_lo, s1_hi, hi, BLOCK_N, STAGE)
+    lo, s1_lo, s1_hi, hi = _key_range(start_m, lo, hi, seqlen_k, shift, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL,
+                                      WINDOW)
+    first, count, n_lo, jump = _stage_blocks(lo, s1_lo, s1_hi, hi, BLOCK_N, STAGE, WINDOW, True)
     for i in range(0, count):
         start_n = first + i * BLOCK_N
-        if STAGE == 2:
+        if WINDOW and STAGE == 2:
             start_n += tl.where(i >= n_lo, jump, 0)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(Kb, offs_n, offs_d, stride_kn, seqlen_k, D, STAGE == 2, UPCAST)
         v = _load_rows(Vb, offs_n, offs_d, stride_kn, seqlen_k, D, STAGE == 2, UPCAST)
         s, _ = _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale, win_left,
-                       win_right, softcap, slope, MASK_KIND, CAUSAL, STAGE == 2, STAGE == 2, SOFTCAP, ALIBI, IEEE)
+                       win_right, softcap, slope, MASK_KIND, CAUSAL, STAGE == 2, STAGE == 2, WINDOW, SOFTCAP, ALIBI,
+                       IEEE)
         m_i, p, alpha = _softmax_step(m_i, s)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         if DROPOUT:
@@ -320,7 +354,7 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes; BLOCK_D = pow2 >= D
     MASK_KIND: tl.constexpr,  # MASK_NONE, MASK_BOOL or MASK_BIAS
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,  # the softcap, ALiBi
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,  # the sliding window (win_left, win_right), softcap, ALiBi
     UPCAST: tl.constexpr,  # interpreter only: fp32 dot operands (its bf16 arithmetic is broken)
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 dots, no TF32
 ):
@@ -350,11 +384,11 @@ def _attn_fwd(
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K + kv_off, V + kv_off, Mb, stride_kn, stride_mm, stride_mn,
                                     stride_sm, drop_base, seed, dropout_p, qk_scale, win_left, win_right, softcap,
                                     slope, start_m, offs_m, offs_d, lo, hi, seqlen_q, seqlen_k, shift, D, BLOCK_M,
-                                    BLOCK_N, 1, MASK_KIND, CAUSAL, DROPOUT, SOFTCAP, ALIBI, UPCAST, IEEE)
+                                    BLOCK_N, 1, MASK_KIND, CAUSAL, DROPOUT, WINDOW, SOFTCAP, ALIBI, UPCAST, IEEE)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K + kv_off, V + kv_off, Mb, stride_kn, stride_mm, stride_mn,
                                     stride_sm, drop_base, seed, dropout_p, qk_scale, win_left, win_right, softcap,
                                     slope, start_m, offs_m, offs_d, lo, hi, seqlen_q, seqlen_k, shift, D, BLOCK_M,
-                                    BLOCK_N, 2, MASK_KIND, CAUSAL, DROPOUT, SOFTCAP, ALIBI, UPCAST, IEEE)
+                                    BLOCK_N, 2, MASK_KIND, CAUSAL, DROPOUT, WINDOW, SOFTCAP, ALIBI, UPCAST, IEEE)
 
     seen = l_i != 0.0  # a row that saw no key: output exactly 0 (even past a NaN of v), lse -inf; l NaN: NaN
     l_safe = tl.where(seen, l_i, 1.0)
@@ -458,7 +492,8 @@ def _bwd_row_stats(
     GROUP, Nq, Nk, D, qk_scale, bottom_right,
     stride_ab, stride_ah, win_left, win_right, softcap,  # the variants, as in _attn_fwd
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """(row_m, row_c) = (lse, 0), or (row max, log(row sum)) on a row with |lse| >= LSE_EXACT: there the float32
@@ -487,7 +522,7 @@ def _bwd_row_stats(
         Kb = K + b * stride_kb + (h // GROUP) * stride_kh + k_start.to(tl.int64) * stride_kn
         Mb = Mask + b * stride_mb + h * stride_mh
         lo, _, _, hi = _key_range(start_m, 0, seqlen_k, seqlen_k, shift, win_left, win_right, BLOCK_M, BLOCK_N,
-                                  CAUSAL)
+                                  CAUSAL, WINDOW)
         slope = tl.load(Alibi + b * stride_ab + h * stride_ah) if ALIBI else 0.0
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -495,7 +530,8 @@ def _bwd_row_stats(
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _load_rows(Kb, offs_n, offs_d, stride_kn, seqlen_k, D, True, UPCAST)
             s, _ = _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale,
-                           win_left, win_right, softcap, slope, MASK_KIND, CAUSAL, True, True, SOFTCAP, ALIBI, IEEE)
+                           win_left, win_right, softcap, slope, MASK_KIND, CAUSAL, True, True, WINDOW, SOFTCAP, ALIBI,
+                           IEEE)
             m_i, p, alpha = _softmax_step(m_i, s)
             l_i = l_i * alpha + tl.sum(p, 1)
         row_m = tl.where(exact, m_i, lse)
@@ -530,7 +566,8 @@ def _bwd_dp(do, v, do_rows, v_rows, do_ok, v_ok, D, IEEE: tl.constexpr):
 def _bwd_tile(q, k, v, do, DOb, Vb, stride_qn, stride_kn, D, row_m, row_c, Delta_i, offs_m, offs_n, seqlen_q,
               seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale, win_left, win_right, softcap, slope, seed,
               drop_base, stride_sm, dropout_p, inv_keep, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
-              DROPOUT: tl.constexpr, STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+              DROPOUT: tl.constexpr, STAGE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+              ALIBI: tl.constexpr,
               IEEE: tl.constexpr):
     """P (dropped and rescaled, for dV), dS (the bias gradient) and dS_qk (dS times the softcap's derivative,
     for dQ and dK) of one (BLOCK_M, BLOCK_N) tile, rows offs_m and keys offs_n of the tiles q, do (at DOb) and
@@ -540,7 +577,8 @@ def _bwd_tile(q, k, v, do, DOb, Vb, stride_qn, stride_kn, D, row_m, row_c, Delta
     Keys past the sequence end need no mask here: their K and V rows load as 0 (so they add nothing
     to dQ), their dK/dV/dbias are never stored, and P = exp2(min(S - row_m - row_c, 0)) stays finite."""
     s, cap_grad = _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale,
-                          win_left, win_right, softcap, slope, MASK_KIND, CAUSAL, STAGE == 2, False, SOFTCAP, ALIBI,
+                          win_left, win_right, softcap, slope, MASK_KIND, CAUSAL, STAGE == 2, False, WINDOW, SOFTCAP,
+                          ALIBI,
                           IEEE)
     m_safe = tl.where(row_m == float("-inf"), float("inf"), row_m)  # a row that saw no key: P = 0
     # S - row_m before the LOG2E scaling (no overflow for an extreme finite bias); NaN propagates
@@ -581,14 +619,16 @@ def _bwd_dkdv_inner(dk, dv, k, v, Qb, DOb, RowMb, RowCb, Deltab, DQb, DBb, Vb, M
                     win_left, win_right, softcap, slope, start_n, offs_n, offs_d, seqlen_q, seqlen_k, shift, D,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGE: tl.constexpr, MASK_KIND: tl.constexpr,
                     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, DBIAS: tl.constexpr,
-                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, UPCAST: tl.constexpr,
+                    IEEE: tl.constexpr):
     """dK, dV of the key block at start_n accumulated over the query blocks of one query head that see it in
     STAGE (see _query_range); base pointers offset to this (sequence, head)."""
-    lo, s1_lo, s1_hi, hi = _query_range(start_n, seqlen_q, shift, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL)
-    first, count, n_lo, jump = _stage_blocks(lo, s1_lo, s1_hi, hi, BLOCK_M, STAGE)
+    lo, s1_lo, s1_hi, hi = _query_range(start_n, seqlen_q, shift, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL,
+                                        WINDOW)
+    first, count, n_lo, jump = _stage_blocks(lo, s1_lo, s1_hi, hi, BLOCK_M, STAGE, WINDOW, False)
     for i in range(0, count):
         start_m = first + i * BLOCK_M
-        if STAGE == 2:
+        if WINDOW and STAGE == 2:
             start_m += tl.where(i >= n_lo, jump, 0)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q, do, row_m, row_c, Delta_i = _load_q_side(Qb, DOb, RowMb, RowCb, Deltab, offs_m, offs_d, stride_qn,
@@ -596,7 +636,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Qb, DOb, RowMb, RowCb, Deltab, DQb, DBb, Vb, M
         P_drop, dS, dS_qk = _bwd_tile(q, k, v, do, DOb, Vb, stride_qn, stride_kn, D, row_m, row_c, Delta_i, offs_m,
                                       offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale, win_left,
                                       win_right, softcap, slope, seed, drop_base, stride_sm, dropout_p, inv_keep,
-                                      MASK_KIND, CAUSAL, DROPOUT, STAGE, SOFTCAP, ALIBI, IEEE)
+                                      MASK_KIND, CAUSAL, DROPOUT, STAGE, WINDOW, SOFTCAP, ALIBI, IEEE)
         dv += _dot(tl.trans(P_drop.to(do.dtype)), do, IEEE)  # dV += P_drop^T dO
         dk += _dot(tl.trans(dS_qk.to(q.dtype)), q, IEEE)  # dK += dS'^T Q (times scale at the end)
         if DBIAS:  # DB is laid out as the dropout offsets: (B, Hq, Nq, Nk) contiguous
@@ -633,7 +673,7 @@ def _bwd_dkdv(
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,  # also accumulate dQ with fp32 atomics (the non-deterministic path)
     DBIAS: tl.constexpr,  # write dS to DB
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N  # grid (key blocks, Hkv, B)
@@ -664,13 +704,13 @@ def _bwd_dkdv(
                                  stride_mm, stride_mn, stride_sm, drop_base, seed, dropout_p, inv_keep, qk_scale,
                                  win_left, win_right, softcap, slope, start_n, offs_n, offs_d, seqlen_q, seqlen_k,
                                  shift, D, BLOCK_M, BLOCK_N, 2, MASK_KIND, CAUSAL, DROPOUT, ATOMIC_DQ, DBIAS,
-                                 SOFTCAP, ALIBI, UPCAST, IEEE)
+                                 WINDOW, SOFTCAP, ALIBI, UPCAST, IEEE)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q + q_side, DO + q_side, RowM + l_side, RowC + l_side, Delta + l_side,
                                  DQb, DB + drop_base, V + kv_off, Mb, stride_qn, stride_kn, stride_dqn, stride_ln,
                                  stride_mm, stride_mn, stride_sm, drop_base, seed, dropout_p, inv_keep, qk_scale,
                                  win_left, win_right, softcap, slope, start_n, offs_n, offs_d, seqlen_q, seqlen_k,
                                  shift, D, BLOCK_M, BLOCK_N, 1, MASK_KIND, CAUSAL, DROPOUT, ATOMIC_DQ, DBIAS,
-                                 SOFTCAP, ALIBI, UPCAST, IEEE)
+                                 WINDOW, SOFTCAP, ALIBI, UPCAST, IEEE)
     out_off = b * stride_dkb + hk * stride_dkh + (k_start + offs_n).to(tl.int64)[:, None] * stride_dkn + offs_d[None, :]
     st_ok = _lt(offs_n[:, None], seqlen_k) & _lt(offs_d[None, :], D)  # the load mask of k, recomputed (see _lt)
     tl.store(DK + out_off, (dk * qk_scale).to(DK.dtype.element_ty), mask=st_ok)
@@ -682,14 +722,15 @@ def _bwd_dq_inner(dq, q, do, row_m, row_c, Delta_i, DOb, Kb, Vb, Mb, stride_qn, 
                   stride_sm, drop_base, seed, dropout_p, inv_keep, qk_scale, win_left, win_right, softcap, slope,
                   start_m, offs_m, offs_d, seqlen_q, seqlen_k, shift, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   STAGE: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                  SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                  WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, UPCAST: tl.constexpr,
+                  IEEE: tl.constexpr):
     """dQ of one query block accumulated over its key blocks of STAGE (see _key_range)."""
     lo, s1_lo, s1_hi, hi = _key_range(start_m, 0, seqlen_k, seqlen_k, shift, win_left, win_right, BLOCK_M, BLOCK_N,
-                                      CAUSAL)
-    first, count, n_lo, jump = _stage_blocks(lo, s1_lo, s1_hi, hi, BLOCK_N, STAGE)
+                                      CAUSAL, WINDOW)
+    first, count, n_lo, jump = _stage_blocks(lo, s1_lo, s1_hi, hi, BLOCK_N, STAGE, WINDOW, True)
     for i in range(0, count):
         start_n = first + i * BLOCK_N
-        if STAGE == 2:
+        if WINDOW and STAGE == 2:
             start_n += tl.where(i >= n_lo, jump, 0)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(Kb, offs_n, offs_d, stride_kn, seqlen_k, D, STAGE == 2, UPCAST)
@@ -697,7 +738,7 @@ def _bwd_dq_inner(dq, q, do, row_m, row_c, Delta_i, DOb, Kb, Vb, Mb, stride_qn, 
         _, _, dS_qk = _bwd_tile(q, k, v, do, DOb, Vb, stride_qn, stride_kn, D, row_m, row_c, Delta_i, offs_m, offs_n,
                                 seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale, win_left, win_right,
                                 softcap, slope, seed, drop_base, stride_sm, dropout_p, inv_keep, MASK_KIND, CAUSAL,
-                                DROPOUT, STAGE, SOFTCAP, ALIBI, IEEE)
+                                DROPOUT, STAGE, WINDOW, SOFTCAP, ALIBI, IEEE)
         dq += _dot(dS_qk.to(k.dtype), k, IEEE)  # dQ += dS' K
     return dq
 
@@ -718,7 +759,7 @@ def _bwd_dq(
     stride_ab, stride_ah, win_left, win_right, softcap,  # the variants, as in _attn_fwd
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_M queries per program
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M  # grid (query blocks, Hq, B)
     h = tl.program_id(1).to(tl.int64)
@@ -742,11 +783,11 @@ def _bwd_dq(
     dq = _bwd_dq_inner(dq, q, do, row_m, row_c, Delta_i, DO + q_side, K + kv_off, V + kv_off, Mb, stride_qn, stride_kn,
                        stride_mm, stride_mn, stride_sm, drop_base, seed, dropout_p, inv_keep, qk_scale, win_left,
                        win_right, softcap, slope, start_m, offs_m, offs_d, seqlen_q, seqlen_k, shift, D, BLOCK_M,
-                       BLOCK_N, 1, MASK_KIND, CAUSAL, DROPOUT, SOFTCAP, ALIBI, UPCAST, IEEE)
+                       BLOCK_N, 1, MASK_KIND, CAUSAL, DROPOUT, WINDOW, SOFTCAP, ALIBI, UPCAST, IEEE)
     dq = _bwd_dq_inner(dq, q, do, row_m, row_c, Delta_i, DO + q_side, K + kv_off, V + kv_off, Mb, stride_qn, stride_kn,
                        stride_mm, stride_mn, stride_sm, drop_base, seed, dropout_p, inv_keep, qk_scale, win_left,
                        win_right, softcap, slope, start_m, offs_m, offs_d, seqlen_q, seqlen_k, shift, D, BLOCK_M,
-                       BLOCK_N, 2, MASK_KIND, CAUSAL, DROPOUT, SOFTCAP, ALIBI, UPCAST, IEEE)
+                       BLOCK_N, 2, MASK_KIND, CAUSAL, DROPOUT, WINDOW, SOFTCAP, ALIBI, UPCAST, IEEE)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + (q_start + offs_m).to(tl.int64)[:, None] * stride_dqn
              + offs_d[None, :], (dq * qk_scale).to(DQ.dtype.element_ty),
              mask=_lt(offs_m[:, None], seqlen_q) & _lt(offs_d[None, :], D))
@@ -848,7 +889,7 @@ class _Mods:
                                  f"{str(slopes.dtype).replace('torch.', '')} {tuple(slopes.shape)} on {slopes.device}")
             self.alibi = slopes
             self.alibi_strides = (0, slopes.stride(0)) if slopes.dim() == 1 else tuple(slopes.stride())
-        self.flags = dict(SOFTCAP=self.softcap > 0, ALIBI=slopes is not None)
+        self.flags = dict(WINDOW=left >= 0 or right >= 0, SOFTCAP=self.softcap > 0, ALIBI=slopes is not None)
 
     @property
     def tail(self) -> tuple:
@@ -1045,7 +1086,8 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
     bm, bn, warps, stages = _config("dkdv", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None)
     _bwd_dkdv[(triton.cdiv(nk, bn), hkv, b)](
         q, k, v, mask, dout, row_m, row_c, Delta, dq_acc, dk, dv, db_buf if db_buf is not None else dq_acc, cu_q, cu_k,
-        vm.alibi, *qs, *ks, *ms, *ls, *_strides(dq_acc, varlen), *_strides(dk, varlen), *drop, *tail, BLOCK_M=bm, BLOCK_N=bn,
+        vm.alibi, *qs, *ks, *ms, *ls, *_strides(dq_acc, varlen), *_strides(dk, varlen), *drop, *tail, BLOCK_M=bm,
+        BLOCK_N=bn,
         BLOCK_D=_bucket(d), ATOMIC_DQ=atomic, DBIAS=bias_grad, **common, **_launch_options(warps, stages))
     if atomic:
         dq = dq_acc.to(q.dtype)
@@ -1053,7 +1095,8 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
         dq = dq_acc
         bm, bn, warps, stages = _config("dq", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None)
         _bwd_dq[(triton.cdiv(nq, bm), hq, b)](
-            q, k, v, mask, dout, row_m, row_c, Delta, dq, cu_q, cu_k, vm.alibi, *qs, *ks, *ms, *ls, *_strides(dq, varlen),
+            q, k, v, mask, dout, row_m, row_c, Delta, dq, cu_q, cu_k, vm.alibi, *qs, *ks, *ms, *ls,
+            *_strides(dq, varlen),
             *drop, *tail, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d),
             **common, **_launch_options(warps, stages))
     if bias_grad and dbias is None:
