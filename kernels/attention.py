@@ -33,13 +33,16 @@ varlen: packed (total, H, D) tensors with cu_seqlens; programs past a sequence's
 
 Structure (as Triton's fused-attention tutorial): each kernel offsets its base pointers to its
 (sequence, head) and calls its inner loop twice, STAGE 1 over the blocks every row of the tile sees
-whole, STAGE 2 over the rest (the causal diagonal, the partial last block), which alone tests
-positions. One function each decides what the variants change: ``_scores`` (scale, mask / bias,
-causal and key-bound tests) for the forward and both backward passes, ``_key_range`` (the key blocks
-of a query block, forward and dQ) and its mirror ``_query_range`` (the query blocks of a key block,
-dK/dV). Layouts: the head-dim stride is 1 everywhere; q and dout share one stride set, k and v
-another (the launchers copy only a pair whose strides differ); the outputs (out, dq, dk, dv) are
-allocated contiguous, one stride set per side.
+whole, STAGE 2 over the rest (the causal diagonal, the sliding window's edges, the partial last
+block), which alone tests positions. One function each decides what the variants change: ``_scores``
+(scale, softcap, ALiBi, mask / bias, causal, window and key-bound tests) for the forward and both
+backward passes, ``_key_range`` (the key blocks of a query block, forward, dQ and the row statistics)
+and its mirror ``_query_range`` (the query blocks of a key block, dK/dV); blocks outside the window
+are never visited. The variants are constexprs (WINDOW, SOFTCAP, ALIBI): a call without one runs no
+code of it. Softcap backward: dS (the bias gradient) times 1 - tanh^2 gives dQ and dK. Layouts: the
+head-dim stride is 1 everywhere; q and dout share one stride set, k and v another (the launchers copy
+only a pair whose strides differ); the outputs (out, dq, dk, dv) are allocated contiguous, one stride
+set per side.
 
 Dtypes fp16/bf16 (native MMA, fp32 accumulation) and fp32 (``input_precision="ieee"``, no TF32).
 Under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors, tests only) dot operands are
@@ -354,7 +357,7 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes; BLOCK_D = pow2 >= D
     MASK_KIND: tl.constexpr,  # MASK_NONE, MASK_BOOL or MASK_BIAS
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
-    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,  # the sliding window (win_left, win_right), softcap, ALiBi
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,  # window (win_left, win_right), softcap, ALiBi
     UPCAST: tl.constexpr,  # interpreter only: fp32 dot operands (its bf16 arithmetic is broken)
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 dots, no TF32
 ):
