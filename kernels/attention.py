@@ -170,6 +170,15 @@ def _stage_blocks(lo, s1_lo, s1_hi, hi, BLOCK: tl.constexpr, STAGE: tl.constexpr
 
 
 @triton.jit
+def _block_offsets(first, i, n_lo, jump, BLOCK: tl.constexpr, STAGE: tl.constexpr, WINDOW: tl.constexpr):
+    """The BLOCK row offsets of block i of a stage (first, n_lo, jump of _stage_blocks)."""
+    start = first + i * BLOCK
+    if WINDOW and STAGE == 2:
+        start += tl.where(i >= n_lo, jump, 0)
+    return start + tl.arange(0, BLOCK)
+
+
+@triton.jit
 def _key_range(start_m, lo, hi, seqlen_k, shift, win_left, win_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """_stages of the keys of the query block at start_m within the keys [lo, hi) given (a split; block aligned).
@@ -298,6 +307,16 @@ def _load_rows(Xb, offs, offs_d, stride_n, seqlen, D, CHECK: tl.constexpr, UPCAS
     return x
 
 
+@triton.jit
+def _kv_block(Kb, Vb, first, i, n_lo, jump, offs_d, stride_kn, seqlen_k, D, BLOCK_N: tl.constexpr,
+              STAGE: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr):
+    """(offs_n, K tile, V tile) of key block i of a stage; rows past seqlen_k are checked in STAGE 2 only."""
+    offs_n = _block_offsets(first, i, n_lo, jump, BLOCK_N, STAGE, WINDOW)
+    k = _load_rows(Kb, offs_n, offs_d, stride_kn, seqlen_k, D, STAGE == 2, UPCAST)
+    v = _load_rows(Vb, offs_n, offs_d, stride_kn, seqlen_k, D, STAGE == 2, UPCAST)
+    return offs_n, k, v
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -312,12 +331,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, Kb, Vb, Mb, stride_kn, stride_mm, stride_m
                                       WINDOW)
     first, count, n_lo, jump = _stage_blocks(lo, s1_lo, s1_hi, hi, BLOCK_N, STAGE, WINDOW, True)
     for i in range(0, count):
-        start_n = first + i * BLOCK_N
-        if WINDOW and STAGE == 2:
-            start_n += tl.where(i >= n_lo, jump, 0)
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(Kb, offs_n, offs_d, stride_kn, seqlen_k, D, STAGE == 2, UPCAST)
-        v = _load_rows(Vb, offs_n, offs_d, stride_kn, seqlen_k, D, STAGE == 2, UPCAST)
+        offs_n, k, v = _kv_block(Kb, Vb, first, i, n_lo, jump, offs_d, stride_kn, seqlen_k, D, BLOCK_N, STAGE, WINDOW,
+                                 UPCAST)
         s, _ = _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale, win_left,
                        win_right, softcap, slope, MASK_KIND, CAUSAL, STAGE == 2, STAGE == 2, WINDOW, SOFTCAP, ALIBI,
                        IEEE)
@@ -532,9 +547,9 @@ def _bwd_row_stats(
         for start_n in range(lo, hi, BLOCK_N):  # both stages, every tile tested
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _load_rows(Kb, offs_n, offs_d, stride_kn, seqlen_k, D, True, UPCAST)
-            s, _ = _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale,
-                           win_left, win_right, softcap, slope, MASK_KIND, CAUSAL, True, True, WINDOW, SOFTCAP, ALIBI,
-                           IEEE)
+            s, _cap_grad = _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn,
+                                   qk_scale, win_left, win_right, softcap, slope, MASK_KIND, CAUSAL, True, True, WINDOW,
+                                   SOFTCAP, ALIBI, IEEE)
             m_i, p, alpha = _softmax_step(m_i, s)
             l_i = l_i * alpha + tl.sum(p, 1)
         row_m = tl.where(exact, m_i, lse)
@@ -630,10 +645,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Qb, DOb, RowMb, RowCb, Deltab, DQb, DBb, Vb, M
                                         WINDOW)
     first, count, n_lo, jump = _stage_blocks(lo, s1_lo, s1_hi, hi, BLOCK_M, STAGE, WINDOW, False)
     for i in range(0, count):
-        start_m = first + i * BLOCK_M
-        if WINDOW and STAGE == 2:
-            start_m += tl.where(i >= n_lo, jump, 0)
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_m = _block_offsets(first, i, n_lo, jump, BLOCK_M, STAGE, WINDOW)
         q, do, row_m, row_c, Delta_i = _load_q_side(Qb, DOb, RowMb, RowCb, Deltab, offs_m, offs_d, stride_qn,
                                                     stride_ln, seqlen_q, D, UPCAST)
         P_drop, dS, dS_qk = _bwd_tile(q, k, v, do, DOb, Vb, stride_qn, stride_kn, D, row_m, row_c, Delta_i, offs_m,
@@ -732,12 +744,8 @@ def _bwd_dq_inner(dq, q, do, row_m, row_c, Delta_i, DOb, Kb, Vb, Mb, stride_qn, 
                                       CAUSAL, WINDOW)
     first, count, n_lo, jump = _stage_blocks(lo, s1_lo, s1_hi, hi, BLOCK_N, STAGE, WINDOW, True)
     for i in range(0, count):
-        start_n = first + i * BLOCK_N
-        if WINDOW and STAGE == 2:
-            start_n += tl.where(i >= n_lo, jump, 0)
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(Kb, offs_n, offs_d, stride_kn, seqlen_k, D, STAGE == 2, UPCAST)
-        v = _load_rows(Vb, offs_n, offs_d, stride_kn, seqlen_k, D, STAGE == 2, UPCAST)
+        offs_n, k, v = _kv_block(Kb, Vb, first, i, n_lo, jump, offs_d, stride_kn, seqlen_k, D, BLOCK_N, STAGE, WINDOW,
+                                 UPCAST)
         _, _, dS_qk = _bwd_tile(q, k, v, do, DOb, Vb, stride_qn, stride_kn, D, row_m, row_c, Delta_i, offs_m, offs_n,
                                 seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale, win_left, win_right,
                                 softcap, slope, seed, drop_base, stride_sm, dropout_p, inv_keep, MASK_KIND, CAUSAL,

@@ -14,7 +14,7 @@ import fusedlayers
 from fusedlayers import _ext, dispatch, testing
 from fusedlayers.testing import AttentionCase, NormCase
 
-from conftest import torch_threads
+from conftest import skip_unless_serves, torch_threads
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"extension unavailable: {_ext.ERROR}")
 
@@ -182,10 +182,10 @@ def test_window_reads_only_the_keys_of_its_window():
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
 
 
-def _assert_cpu_within_rule(inputs: tuple, dout, dlse, kw: dict, context: str, check_lse=None) -> None:
-    """The cpu backend's out, lse and the gradients of ``inputs`` (q, k, v[, mask]) under the test rule:
+def _assert_within_rule(inputs: tuple, dout, dlse, kw: dict, context: str, check_lse=None, backend="cpu") -> None:
+    """The backend's out, lse and the gradients of ``inputs`` (q, k, v[, mask]) under the test rule:
     against the float64 reference, with the reference run in float32 as PyTorch's error."""
-    out, lse = fusedlayers.attention(*inputs, return_lse=True, backend="cpu", **kw)
+    out, lse = fusedlayers.attention(*inputs, return_lse=True, backend=backend, **kw)
     if check_lse is not None:
         assert check_lse(lse)
     grads = torch.autograd.grad((out, lse), inputs, (dout, dlse))
@@ -211,17 +211,20 @@ def test_variants_on_rows_of_huge_lse():
     mask = (mask.detach() + torch.where(torch.arange(case.nq) % 3 == 0, 5000.0, 0.0)[:, None]).requires_grad_()
     variants = testing.make_variants(case, case.b, dtype, "cpu")
     kw = dict(causal=True, causal_align="bottom_right", **variants)
-    _assert_cpu_within_rule((q, k, v, mask), dout, dlse, kw, str(case), check_lse=lambda lse: lse[0, 0, 0] > 4096)
+    _assert_within_rule((q, k, v, mask), dout, dlse, kw, str(case), check_lse=lambda lse: lse[0, 0, 0] > 4096)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("softcap", [1.0, 30.0])
-def test_softcap_on_saturated_scores(softcap):
+def test_softcap_on_saturated_scores(softcap, backend):
     # Scores of 20 standard deviations: s / softcap spans the whole range of tanh, its slope 1 - tanh^2 down
     # to where tanh rounds to +-1 in float32; the kernel's tanh and slope must hold the rule there too.
     case = AttentionCase(b=1, hq=2, hkv=2, nq=150, nk=150, d=64, causal="top_left")
+    skip_unless_serves("attention", backend, testing.attention_call_for(case, torch.float32, "cpu"))
     q, k, v, _, dout, dlse = testing.make_attention_inputs(case, torch.float32, "cpu")
     q = (q.detach() * 20).requires_grad_()
-    _assert_cpu_within_rule((q, k, v), dout, dlse, dict(causal=True, softcap=softcap), f"softcap {softcap}")
+    _assert_within_rule((q, k, v), dout, dlse, dict(causal=True, softcap=softcap), f"{backend} softcap {softcap}",
+                        backend=backend)
 
 
 # ------------------------------------------------------------------ native-speed sizes

@@ -23,24 +23,22 @@
 #if defined(FUSEDLAYERS_CPU_AVX512)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
-// sleef.h declares its 512-bit functions only under these macros (set by -mavx512f).
 #ifndef __AVX512F__
 #define __AVX512F__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __AVX__
-#define __AVX__ 1
 #endif
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
 #elif defined(FUSEDLAYERS_CPU_AVX2)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#else
+#define CPU_CAPABILITY DEFAULT
+#endif
+#if defined(FUSEDLAYERS_CPU_AVX512) || defined(FUSEDLAYERS_CPU_AVX2)
+// sleef.h and ATen's vector headers choose their code by these macros (set by -mavx512f / -mavx2 /
+// -mfma / -mavx, which this translation unit is not compiled with).
 #ifndef __AVX2__
 #define __AVX2__ 1
 #endif
@@ -50,10 +48,6 @@
 #ifndef __AVX__
 #define __AVX__ 1
 #endif
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#else
-#define CPU_CAPABILITY DEFAULT
 #endif
 
 #pragma GCC diagnostic push
