@@ -46,7 +46,7 @@ CANDIDATES = {
 # Tiles whose q/k/v/accumulator tiles would need more than this many bytes per thread are not tried:
 # they spill anyway, and an fp32 one at head dim 256 takes minutes to compile (FMA dots, fully unrolled).
 MAX_TILE_BYTES_PER_THREAD = 1024
-_NAME = re.compile(r"attn_(fwd|decode|dkdv|dq)_([a-z]+)_(bf16|fp16|fp32)_d(\d+)_")
+_NAME = re.compile(r"attn_(fwd|decode|dkdv|dq)_([a-z_]+?)_(bf16|fp16|fp32)_d(\d+)_")
 
 
 def clean(kind: str, variant: str, tdt: str, bucket: int, tile: tuple, arch: str) -> bool:

@@ -219,7 +219,7 @@ def test_variants_on_rows_of_huge_lse():
 def test_softcap_on_saturated_scores(softcap, backend):
     # Scores of 20 standard deviations: s / softcap spans the whole range of tanh, its slope 1 - tanh^2 down
     # to where tanh rounds to +-1 in float32; the kernel's tanh and slope must hold the rule there too.
-    case = AttentionCase(b=1, hq=2, hkv=2, nq=150, nk=150, d=64, causal="top_left")
+    case = AttentionCase(b=1, hq=2, hkv=2, nq=150, nk=150, d=64, causal="top_left", softcap=softcap)
     skip_unless_serves("attention", backend, testing.attention_call_for(case, torch.float32, "cpu"))
     q, k, v, _, dout, dlse = testing.make_attention_inputs(case, torch.float32, "cpu")
     q = (q.detach() * 20).requires_grad_()
