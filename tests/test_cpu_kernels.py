@@ -272,3 +272,23 @@ def test_lower_simd_levels(level):
     res = subprocess.run([sys.executable, "-c", _LEVEL_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"simd={level.upper()}" in res.stdout, res.stdout
+
+
+def test_bf16_through_torchs_blas():
+    """bf16 attention with its GEMMs in torch's BLAS, as on a CPU without AVX512-BF16."""
+    env = dict(os.environ, FUSEDLAYERS_CPU_BF16_GEMM="blas")
+    res = subprocess.run([sys.executable, "-c", _LEVEL_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "vdpbf16ps" not in res.stdout, res.stdout
+
+
+@pytest.mark.parametrize("case", [
+    # odd head dims (an odd GEMM depth in S = Q K^T and dQ), odd key and query counts (P V, dK, dV), rows
+    # and columns off the 8 x 32 tile, strided inputs, GQA, dropout, a float bias with its gradient
+    AttentionCase(b=1, hq=2, hkv=1, nq=37, nk=29, d=33, causal="bottom_right"),
+    AttentionCase(b=2, hq=2, hkv=2, nq=9, nk=47, d=17, dv=31, mask="bias", strided=True),
+    AttentionCase(b=1, hq=4, hkv=2, nq=130, nk=67, d=80, mask="key_padding", dropout_p=0.1),
+], ids=str)
+def test_bf16_gemm_edges(case):
+    """The bf16 GEMMs (AVX512-BF16 where the CPU has it) on every remainder of their tiles."""
+    testing.assert_all_ok(testing.check_attention(case, torch.bfloat16, "cpu", "cpu"), str(case))

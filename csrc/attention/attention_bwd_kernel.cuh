@@ -49,6 +49,22 @@ __device__ __forceinline__ void load_row_terms(const AttentionParams& p, const S
   }
 }
 
+// One score of a backward tile, query row r and key c: from the raw score s (q . k) and dp (dO . v) to
+// P = exp(logit - lse) and dS = P * (dropout(dP) - Delta); s becomes dropout(P) (for dV), dS is returned.
+template <typename T>
+__device__ __forceinline__ float score_grad(const AttentionParams& p, const Seq& sq, int b, int h, int r, int c,
+                                            bool check, bool keep, float inv_keep, float lse, float delta, float& s,
+                                            float dp) {
+  const float x = check ? masked_logit<T>(p, sq, b, h, r, c, s) : s * p.scale;
+  const float prob = exp2f((x - lse) * kLog2e);
+  s = prob;
+  if (p.dropout_p > 0.0f) {
+    dp = keep ? dp * inv_keep : 0.0f;
+    s = keep ? prob * inv_keep : 0.0f;
+  }
+  return prob * (dp - delta);
+}
+
 template <typename T, int kD>
 __global__ void __launch_bounds__(DkdvTile<T, kD>::kThreads, 1) attention_dkdv_kernel(const AttentionParams p) {
   using Tile = DkdvTile<T, kD>;
@@ -130,16 +146,9 @@ __global__ void __launch_bounds__(DkdvTile<T, kD>::kThreads, 1) attention_dkdv_k
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = key_a + (e / 2) * 8, qi = nt * 8 + 2 * tq + (e % 2), r = m0 + qi;
-          const float x = check ? masked_logit<T>(p, sq, b, h, r, key, s[nt][e]) : s[nt][e] * p.scale;
-          const float prob = exp2f((x - cLse[qi]) * kLog2e);
-          float dpv = dp[nt][e], pd = prob;
-          if (p.dropout_p > 0.0f) {
-            const bool keep = (keep_bits >> (4 * nt + e)) & 1u;
-            dpv = keep ? dpv * inv_keep : 0.0f;
-            pd = keep ? prob * inv_keep : 0.0f;
-          }
-          const float ds = prob * (dpv - cDelta[qi]);
-          s[nt][e] = pd;
+          const bool keep = (keep_bits >> (4 * nt + e)) & 1u;
+          const float ds = score_grad<T>(p, sq, b, h, r, key, check, keep, inv_keep, cLse[qi], cDelta[qi], s[nt][e],
+                                         dp[nt][e]);
           dp[nt][e] = ds;
           if (p.dbias != nullptr && c0 == 0 && r < sq.len_q && key < sq.len_k) {
             p.dbias[b * p.db_bs + h * p.db_hs + r * p.db_qs + key * p.db_ks] = ds;
@@ -186,14 +195,8 @@ __global__ void __launch_bounds__(DqTile<T, kD>::kThreads, 1) attention_dq_kerne
   T* sK = sdO + kBlockM * kLd;     // [2][kBlockN][kLd]
   T* sV = sK + 2 * kBlockN * kLd;  // [2][kBlockN][kLd]
 
-  const int m_block = gridDim.x - 1 - blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const Seq sq = seq_of(p, b);
-  const int m0 = m_block * kBlockM;
+  const auto [h, b, hk, m0, warp, lane, tq, row_a, sq] = query_block<kBlockM>(p);
   if (m0 >= sq.len_q) return;
-  const int hk = h / (p.heads_q / p.heads_kv);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tq = lane % 4;
-  const int row_a = m0 + warp * 16 + lane / 4;
 
   const T* gQ = static_cast<const T*>(p.q) + b * p.q_bs + h * p.q_hs + (sq.q_start + m0) * p.q_rs;
   const T* gdO = static_cast<const T*>(p.dout) + b * p.o_bs + h * p.o_hs + (sq.q_start + m0) * p.o_rs;
@@ -235,11 +238,9 @@ __global__ void __launch_bounds__(DqTile<T, kD>::kThreads, 1) attention_dq_kerne
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = e / 2, r = row_a + 8 * i, c = n0 + nt * 8 + 2 * tq + (e % 2);
-        const float x = check ? masked_logit<T>(p, sq, b, h, r, c, s[nt][e]) : s[nt][e] * p.scale;
-        const float prob = exp2f((x - lse_r[i]) * kLog2e);
         const bool keep = (keep_bits >> (4 * nt + e)) & 1u;
-        const float dpv = p.dropout_p > 0.0f ? (keep ? dp[nt][e] * inv_keep : 0.0f) : dp[nt][e];
-        s[nt][e] = prob * (dpv - delta[i]);
+        float score = s[nt][e];  // becomes dropout(P), which dQ does not use
+        s[nt][e] = score_grad<T>(p, sq, b, h, r, c, check, keep, inv_keep, lse_r[i], delta[i], score, dp[nt][e]);
       }
     }
 

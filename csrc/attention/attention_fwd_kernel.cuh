@@ -21,14 +21,8 @@ __global__ void __launch_bounds__(FwdTile<T, kD>::kThreads, 1) attention_fwd_ker
   T* sK = sQ + kBlockM * kLd;      // [2][kBlockN][kLd]
   T* sV = sK + 2 * kBlockN * kLd;  // [2][kBlockN][kLd]
 
-  const int m_block = gridDim.x - 1 - blockIdx.x;  // the heaviest (causal) blocks first
-  const int h = blockIdx.y, b = blockIdx.z;
-  const Seq sq = seq_of(p, b);
-  const int m0 = m_block * kBlockM;
+  const auto [h, b, hk, m0, warp, lane, tq, row_a, sq] = query_block<kBlockM>(p);
   if (m0 >= sq.len_q) return;
-  const int hk = h / (p.heads_q / p.heads_kv);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tq = lane % 4;
-  const int row_a = m0 + warp * 16 + lane / 4;  // this thread's rows: row_a, row_a + 8
 
   const T* gQ = static_cast<const T*>(p.q) + b * p.q_bs + h * p.q_hs + (sq.q_start + m0) * p.q_rs;
   const KvStream<T, kBlockM, kBlockN, kD, kThreads> load_kv(p, sq, b, hk, m0, sK, sV);

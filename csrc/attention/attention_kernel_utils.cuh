@@ -271,6 +271,29 @@ __device__ __forceinline__ Seq seq_of(const AttentionParams& p, int b) {
   return s;
 }
 
+// The query block of a forward or dQ thread block (grid: query blocks in reverse order, so the heaviest
+// causal blocks start first; query heads; sequences) and this thread's place in it: rows row_a and
+// row_a + 8 of its warp's 16, tq its quad lane. The block has nothing to do when m0 >= sq.len_q.
+struct QueryBlock {
+  int h, b, hk, m0, warp, lane, tq, row_a;
+  Seq sq;
+};
+
+template <int kBlockM>
+__device__ __forceinline__ QueryBlock query_block(const AttentionParams& p) {
+  QueryBlock qb;
+  qb.h = blockIdx.y;
+  qb.b = blockIdx.z;
+  qb.hk = qb.h / (p.heads_q / p.heads_kv);
+  qb.m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;
+  qb.warp = threadIdx.x / 32;
+  qb.lane = threadIdx.x % 32;
+  qb.tq = qb.lane % 4;
+  qb.row_a = qb.m0 + qb.warp * 16 + qb.lane / 4;
+  qb.sq = seq_of(p, qb.b);
+  return qb;
+}
+
 // Keys [0, end) that queries [m0, m0 + rows) may see.
 __device__ __forceinline__ int key_end(const AttentionParams& p, const Seq& sq, int m0, int rows) {
   if (!p.causal) return sq.len_k;

@@ -1,5 +1,15 @@
-// Row-major GEMM wrappers over the BLAS torch links: see cpu_gemm.h.
+// Row-major GEMM wrappers over the BLAS torch links, and the AVX512-BF16 GEMM: see cpu_gemm.h.
 #include "common/cpu_gemm.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define FUSEDLAYERS_BF16_GEMM 1
+#endif
 
 extern "C" {
 // Fortran BLAS and MKL's CBLAS extensions, weak: null when libtorch_cpu does not export them.
@@ -48,30 +58,200 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
   sgemm_(&opb, &opa, &mi, &ni, &ki, &alpha, b, &la, a, &lb, &beta, c, &lc);
 }
 
+namespace {
+
+// MKL's low-precision GEMM (cblas_gemm_bf16bf16f32 or cblas_gemm_f16f16f32), row-major.
+using LowpGemm = void (*)(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int, float,
+                          float*, int);
+
+template <typename T>
+bool gemm_lowp_with(LowpGemm fn, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const T* a,
+                    int64_t lda, const T* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (fn == nullptr) return false;
+  if (m == 0 || n == 0) return true;
+  fn(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, static_cast<int>(m), static_cast<int>(n),
+     static_cast<int>(k), alpha, reinterpret_cast<const uint16_t*>(a), static_cast<int>(lda),
+     reinterpret_cast<const uint16_t*>(b), static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
+  return true;
+}
+
+}  // namespace
+
+#ifdef FUSEDLAYERS_BF16_GEMM
+namespace {
+
+// C = alpha * op(A) op(B) + beta * C with bf16 operands on vdpbf16ps (AVX512-BF16): each instruction
+// multiplies 16 pairs of bf16 (exact products in float32) and adds both into 16 float32 accumulators.
+// B is packed into panels of 16 columns, pairs along k interleaved: panel[p][j][2] = (B[2p][j],
+// B[2p+1][j]) (0 past k), so that one 64-byte load holds pair p of 16 columns. A is read in place as
+// 32-bit pairs (row-major, op(A) = A) or packed to [p][i][2] likewise (op(A) = A^T). Tiles of kMr rows x
+// 32 columns (16 accumulator registers); a row and 16-column remainder use the 1-row / 1-panel kernels.
+// DAZ/FTZ: vdpbf16ps reads bf16 subnormals as 0 and writes float32 subnormals as 0.
+#define FL_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+constexpr int kMr = 8;
+
+template <int MR, int NV>
+FL_BF16_TARGET void bf16_tile(int64_t k, const char* a, int64_t a_rs, int64_t a_ps, const uint16_t* bp,
+                              int64_t panel, float alpha, float beta, float* c, int64_t ldc, int ncols) {
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  const int64_t k2 = k / 2;
+  for (int64_t p = 0; p < k2; ++p) {
+    __m512bh bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(bp + v * panel + p * 32);
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * a_rs + p * a_ps, 4);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  }
+  if (k & 1) {  // the last pair holds one element of A (the other half 0) against a 0-padded B
+    __m512bh bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(bp + v * panel + k2 * 32);
+    for (int r = 0; r < MR; ++r) {
+      uint16_t last;
+      std::memcpy(&last, a + r * a_rs + k2 * a_ps, 2);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(last));
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+  for (int v = 0; v < NV; ++v) {
+    const int left = ncols - 16 * v;
+    const __mmask16 cols = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
+    for (int r = 0; r < MR; ++r) {
+      float* out = c + r * ldc + 16 * v;
+      __m512 x = _mm512_mul_ps(acc[r][v], va);
+      if (beta != 0.0f) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(cols, out), vb, x);  // beta 0: C not read
+      _mm512_mask_storeu_ps(out, cols, x);
+    }
+  }
+}
+
+// out[2i], out[2i + 1] = r0[i], r1[i] for i < n (r1 null: 0), 16 pairs at a time; pad: the last group is
+// written whole (0 past n), as a panel wants.
+FL_BF16_TARGET void interleave_rows(const uint16_t* r0, const uint16_t* r1, int64_t n, uint16_t* out, bool pad) {
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21,
+                                       5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t i = 0; i < n; i += 16) {
+    const int64_t left = std::min<int64_t>(16, n - i);
+    const __mmask16 in = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
+    const __m256i x0 = _mm256_maskz_loadu_epi16(in, r0 + i);
+    const __m256i x1 = r1 != nullptr ? _mm256_maskz_loadu_epi16(in, r1 + i) : _mm256_setzero_si256();
+    const __m512i pairs = _mm512_permutexvar_epi16(idx, _mm512_inserti64x4(_mm512_castsi256_si512(x0), x1, 1));
+    const __mmask32 st = pad || left >= 16 ? ~__mmask32(0) : __mmask32((1u << (2 * left)) - 1u);
+    _mm512_mask_storeu_epi16(out + 2 * i, st, pairs);
+  }
+}
+
+// B (k x n after op) into panels (see above); out holds ceil(n / 16) * ceil(k / 2) * 32 elements.
+FL_BF16_TARGET void pack_b(bool tb, int64_t n, int64_t k, const uint16_t* b, int64_t ldb, uint16_t* out) {
+  const int64_t kp = (k + 1) / 2;
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    uint16_t* panel = out + (j0 / 16) * kp * 32;
+    const int64_t nj = std::min<int64_t>(16, n - j0);
+    if (tb) {  // B^T stored n x k: pair p of column j is the 32-bit word p of row j, gathered over 16 rows
+      uint32_t* words = reinterpret_cast<uint32_t*>(panel);
+      const __mmask16 live = nj >= 16 ? __mmask16(0xffff) : __mmask16((1u << nj) - 1u);
+      const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(static_cast<int32_t>(ldb)));
+      const uint16_t* b0 = b + j0 * ldb;
+      for (int64_t p = 0; p < k / 2; ++p) {
+        const __m512i w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, rows, b0 + 2 * p, 2);
+        _mm512_storeu_si512(words + p * 16, w);
+      }
+      if (k & 1) {  // the last element alone: no read past the row
+        for (int64_t jj = 0; jj < 16; ++jj) words[(kp - 1) * 16 + jj] = jj < nj ? b0[jj * ldb + k - 1] : 0u;
+      }
+    } else {  // B stored k x n: rows 2p and 2p + 1 interleaved
+      for (int64_t p = 0; p < kp; ++p) {
+        interleave_rows(b + 2 * p * ldb + j0, 2 * p + 1 < k ? b + (2 * p + 1) * ldb + j0 : nullptr, nj,
+                        panel + p * 32, true);
+      }
+    }
+  }
+}
+
+// A^T (A stored k x m) into pairs along k: out[p][i][2] = (A[2p][i], A[2p+1][i]), 0 past k.
+FL_BF16_TARGET void pack_a_t(int64_t m, int64_t k, const uint16_t* a, int64_t lda, uint16_t* out) {
+  for (int64_t p = 0; p < (k + 1) / 2; ++p) {
+    interleave_rows(a + 2 * p * lda, 2 * p + 1 < k ? a + (2 * p + 1) * lda : nullptr, m, out + p * m * 2, false);
+  }
+}
+
+FL_BF16_TARGET void gemm_bf16_dp(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
+                                 int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  thread_local std::vector<uint16_t> b_pack, a_pack;  // grown once per thread, reused by every call
+  const int64_t kp = (k + 1) / 2, panel = kp * 32;
+  b_pack.resize(static_cast<size_t>((n + 15) / 16 * panel));
+  pack_b(tb, n, k, b, ldb, b_pack.data());
+  const char* ap = reinterpret_cast<const char*>(a);
+  int64_t a_rs = lda * 2, a_ps = 4;  // bytes from row to row and pair to pair
+  if (ta) {
+    a_pack.resize(static_cast<size_t>(kp * m * 2));
+    pack_a_t(m, k, a, lda, a_pack.data());
+    ap = reinterpret_cast<const char*>(a_pack.data());
+    a_rs = 4;
+    a_ps = m * 4;
+  }
+  for (int64_t j0 = 0; j0 < n; j0 += 32) {
+    const int ncols = static_cast<int>(std::min<int64_t>(32, n - j0));
+    const uint16_t* bp = b_pack.data() + (j0 / 16) * panel;
+    float* cj = c + j0;
+    int64_t i = 0;
+    if (ncols > 16) {
+      for (; i + kMr <= m; i += kMr)
+        bf16_tile<kMr, 2>(k, ap + i * a_rs, a_rs, a_ps, bp, panel, alpha, beta, cj + i * ldc, ldc, ncols);
+      for (; i < m; ++i) bf16_tile<1, 2>(k, ap + i * a_rs, a_rs, a_ps, bp, panel, alpha, beta, cj + i * ldc, ldc, ncols);
+    } else {
+      for (; i + kMr <= m; i += kMr)
+        bf16_tile<kMr, 1>(k, ap + i * a_rs, a_rs, a_ps, bp, panel, alpha, beta, cj + i * ldc, ldc, ncols);
+      for (; i < m; ++i) bf16_tile<1, 1>(k, ap + i * a_rs, a_rs, a_ps, bp, panel, alpha, beta, cj + i * ldc, ldc, ncols);
+    }
+  }
+}
+
+// This CPU runs vdpbf16ps, and FUSEDLAYERS_CPU_BF16_GEMM is not "blas" (which keeps torch's BLAS, for tests
+// and comparisons). Read once per process.
+bool use_bf16_dp() {
+  static const bool yes = [] {
+    const char* env = std::getenv("FUSEDLAYERS_CPU_BF16_GEMM");
+    return __builtin_cpu_supports("avx512bf16") && !(env != nullptr && std::strcmp(env, "blas") == 0);
+  }();
+  return yes;
+}
+
+}  // namespace
+#endif
+
 bool gemm_lowp(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* a, int64_t lda,
                const c10::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (cblas_gemm_bf16bf16f32 == nullptr) return false;
-  if (m == 0 || n == 0) return true;
-  cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, static_cast<int>(m),
-                         static_cast<int>(n), static_cast<int>(k), alpha, reinterpret_cast<const uint16_t*>(a),
-                         static_cast<int>(lda), reinterpret_cast<const uint16_t*>(b), static_cast<int>(ldb), beta, c,
-                         static_cast<int>(ldc));
-  return true;
+#ifdef FUSEDLAYERS_BF16_GEMM
+  // (the packing of B^T gathers rows by 32-bit element offsets: 15 * ldb must fit)
+  if (use_bf16_dp() && (!tb || ldb < (int64_t{1} << 31) / 16)) {
+    if (m > 0 && n > 0) {
+      gemm_bf16_dp(ta, tb, m, n, k, alpha, reinterpret_cast<const uint16_t*>(a), lda,
+                   reinterpret_cast<const uint16_t*>(b), ldb, beta, c, ldc);
+    }
+    return true;
+  }
+#endif
+  return gemm_lowp_with(cblas_gemm_bf16bf16f32, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 bool gemm_lowp(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const c10::Half* a, int64_t lda,
                const c10::Half* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (cblas_gemm_f16f16f32 == nullptr) return false;
-  if (m == 0 || n == 0) return true;
-  cblas_gemm_f16f16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, static_cast<int>(m),
-                       static_cast<int>(n), static_cast<int>(k), alpha, reinterpret_cast<const uint16_t*>(a),
-                       static_cast<int>(lda), reinterpret_cast<const uint16_t*>(b), static_cast<int>(ldb), beta, c,
-                       static_cast<int>(ldc));
-  return true;
+  return gemm_lowp_with(cblas_gemm_f16f16f32, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 const char* gemm_backend() {
   if (sgemm_ == nullptr) return "loops (torch links no sgemm_)";
+#ifdef FUSEDLAYERS_BF16_GEMM
+  if (use_bf16_dp()) return "torch's BLAS (sgemm_, cblas_gemm_f16f16f32); bf16: AVX512-BF16 (vdpbf16ps)";
+#endif
   return cblas_gemm_bf16bf16f32 != nullptr ? "torch's BLAS (sgemm_, cblas_gemm_bf16bf16f32, cblas_gemm_f16f16f32)"
                                            : "torch's BLAS (sgemm_)";
 }

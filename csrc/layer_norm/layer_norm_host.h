@@ -67,6 +67,22 @@ inline void set_affine(const Device& dev, NormParams& p, const char* op, const a
   set_param(dev, op, "bias", p.hidden, like, bias, keep.bias, p.bias, p.bias_dtype);
 }
 
+// What both directions check and set from the row tensor (x forward, zin backward): a 2-D
+// tensor on the device, kept as keep.rows through rows_contiguous; rows, hidden, dropout, seed, rms.
+inline at::Tensor rows_setup(const Device& dev, NormParams& p, Keep& keep, const char* op, const char* name,
+                             const at::Tensor& t_in, int64_t seed, double dropout_p, bool rms) {
+  check_device(dev, t_in, t_in, op, name);
+  TORCH_CHECK(t_in.dim() == 2, "fusedlayers::", op, ": ", name, " must be 2-D (rows, hidden), got ", t_in.sizes());
+  check_dropout(op, dropout_p);
+  const at::Tensor t = keep.rows = rows_contiguous(t_in);
+  p.rows = t.size(0);
+  p.hidden = t.size(1);
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.seed = static_cast<uint64_t>(seed);
+  p.rms = rms;
+  return t;
+}
+
 // The forward: checks, fills p (inputs and outputs), allocates y, z (or empty), mean (empty
 // for RMS norm), rstd. keep.rows is x (through rows_contiguous).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_setup(
@@ -74,16 +90,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_setup(
     const std::optional<at::Tensor>& residual_in, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, int64_t seed, double eps, double dropout_p, bool rms, bool keep_stream,
     at::ScalarType stream_dtype) {
-  check_device(dev, x_in, x_in, op, "x");
-  TORCH_CHECK(x_in.dim() == 2, "fusedlayers::", op, ": x must be 2-D (rows, hidden), got ", x_in.sizes());
-  check_dropout(op, dropout_p);
-  const at::Tensor x = keep.rows = rows_contiguous(x_in);
-  p.rows = x.size(0);
-  p.hidden = x.size(1);
+  const at::Tensor x = rows_setup(dev, p, keep, op, "x", x_in, seed, dropout_p, rms);
   p.eps = static_cast<float>(eps);
-  p.dropout_p = static_cast<float>(dropout_p);
-  p.seed = static_cast<uint64_t>(seed);
-  p.rms = rms;
   p.x = x.const_data_ptr();
   p.x_dtype = code(dev, x.scalar_type(), op, "x");
   p.x_rs = x.stride(0);
@@ -120,15 +128,7 @@ inline std::tuple<at::Tensor, at::Tensor> bwd_setup(
     const std::optional<at::Tensor>& dz_in, const at::Tensor& zin_in, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& mean_in, const at::Tensor& rstd_in, int64_t seed,
     double dropout_p, bool rms, at::ScalarType x_dtype, std::optional<at::ScalarType> residual_dtype) {
-  check_device(dev, zin_in, zin_in, op, "zin");
-  TORCH_CHECK(zin_in.dim() == 2, "fusedlayers::", op, ": zin must be 2-D (rows, hidden), got ", zin_in.sizes());
-  check_dropout(op, dropout_p);
-  const at::Tensor zin = keep.rows = rows_contiguous(zin_in);
-  p.rows = zin.size(0);
-  p.hidden = zin.size(1);
-  p.dropout_p = static_cast<float>(dropout_p);
-  p.seed = static_cast<uint64_t>(seed);
-  p.rms = rms;
+  const at::Tensor zin = rows_setup(dev, p, keep, op, "zin", zin_in, seed, dropout_p, rms);
   p.x_dtype = code(dev, x_dtype, op, "x");
   p.zin = zin.const_data_ptr();
   p.zin_dtype = code(dev, zin.scalar_type(), op, "zin");
