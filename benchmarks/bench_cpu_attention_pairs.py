@@ -2,12 +2,15 @@
 
     python benchmarks/bench_cpu_attention_pairs.py                       # fp32 and bf16, (4, 8, 1024, 64)
     python benchmarks/bench_cpu_attention_pairs.py --dtypes bfloat16 --shapes 1x8x2048x128
+    python benchmarks/bench_cpu_attention_pairs.py --decode 1x32x8x1x8192x128   # BxHqxHkvxNqxNkxD, GQA decode
 
 Each row times ``fusedlayers.attention(backend="cpu")`` and ``F.scaled_dot_product_attention`` on
 the same inputs in alternating batches (``benchmarks.core.interleaved_pair``) and reports the median
 time of each and the median per-pair speedup SDPA / ours (above 1: fusedlayers is faster), which the
 machine's drift cancels out of; forward, causal forward and forward + backward (into accumulating
-leaf gradients, as training does). Each output is checked against SDPA's before timing.
+leaf gradients, as training does); decode rows (``--decode``: a few queries against a long KV cache,
+GQA) time the forward against SDPA with ``enable_gqa=True``. Each output is checked against SDPA's
+before timing.
 
 For scale, the same run measures the matrix-multiply rate this CPU reaches in each dtype
 (``torch.matmul`` of two 2048 x 2048 matrices, GFLOP/s): the ceiling of an attention kernel, whose
@@ -69,10 +72,28 @@ def rows(b: int, h: int, n: int, d: int, dtype: torch.dtype):
             yield mode, (lambda c=causal: ours(q, k, v, c)), (lambda c=causal: sdpa(q, k, v, c)), ok, flops
 
 
+def decode_rows(b: int, hq: int, hkv: int, nq: int, nk: int, d: int, dtype: torch.dtype):
+    """(mode, ours, sdpa, ok, flops) of one decode step: nq queries of hq heads against nk keys of hkv heads."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, hq, nq, d, generator=g).to(dtype)
+    k, v = (torch.randn(b, hkv, nk, d, generator=g).to(dtype) for _ in range(2))
+
+    def ours():
+        return fusedlayers.attention(q, k, v, backend="cpu")
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    ok = torch.allclose(ours().float(), sdpa().float(), rtol=tol, atol=tol)
+    yield "decode", ours, sdpa, ok, attention_flops(b, hq, nq, nk, d, False, "fwd")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16"))
-    parser.add_argument("--shapes", nargs="+", default=["4x8x1024x64"], help="BxHxNxD")
+    parser.add_argument("--shapes", nargs="*", default=["4x8x1024x64"], help="BxHxNxD")
+    parser.add_argument("--decode", nargs="*", default=[], help="BxHqxHkvxNqxNkxD decode shapes (forward only)")
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu" / "attention-pairs")
     args = parser.parse_args(argv)
@@ -86,13 +107,14 @@ def main(argv=None) -> int:
     results = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
-        for shape in args.shapes:
-            b, h, n, d = (int(v) for v in shape.split("x"))
-            for mode, ours, theirs, ok, flops in rows(b, h, n, d, dtype):
+        cases = [(shape, rows(*(int(v) for v in shape.split("x")), dtype)) for shape in args.shapes]
+        cases += [(shape, decode_rows(*(int(v) for v in shape.split("x")), dtype)) for shape in args.decode]
+        for shape, timed in cases:
+            for mode, ours, theirs, ok, flops in timed:
                 if not ok:
                     print(f"{shape} {dtype_name} {mode}: WRONG (differs from SDPA), not timed")
                     continue
-                res = interleaved_pair(ours, theirs, args.pairs, 1)
+                res = interleaved_pair(ours, theirs, args.pairs, 1 if mode != "decode" else 10)
                 row = {"shape": shape, "dtype": dtype_name, "mode": mode, "ours_ms": res["ours_us"] / 1e3,
                        "sdpa_ms": res["torch_us"] / 1e3, "speedup": 1.0 / res["ratio"],
                        "ours_GFLOPs": flops / res["ours_us"] / 1e3, "sdpa_GFLOPs": flops / res["torch_us"] / 1e3}

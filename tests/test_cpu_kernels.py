@@ -6,13 +6,14 @@ grid leaves to --slow."""
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
 import fusedlayers
 from fusedlayers import _ext, dispatch, testing
-from fusedlayers.testing import AttentionCase, NormCase
+from fusedlayers.testing import AttentionCase, NormCase, VarlenCase
 
 from conftest import skip_unless_serves, torch_threads
 
@@ -253,7 +254,7 @@ def test_large_norm_within_the_rule(case):
 _LEVEL_SCRIPT = r"""
 import torch, fusedlayers
 from fusedlayers import testing
-from fusedlayers.testing import AttentionCase, NormCase
+from fusedlayers.testing import AttentionCase, NormCase, VarlenCase
 print(torch.ops.fusedlayers._cpu_kernels_info())
 for dtype in (torch.float32, torch.bfloat16):
     for case in (AttentionCase(b=1, hq=2, hkv=1, nq=70, nk=300, d=40, mask="bias", causal="bottom_right"),
@@ -263,6 +264,32 @@ for dtype in (torch.float32, torch.bfloat16):
                  NormCase(rows=5, hidden=37, rms=True, bias=False)):
         testing.assert_all_ok(testing.check_norm(case, dtype, "cpu", "cpu"), str(case))
 """
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [
+    # decode (Nq <= 16): the query heads of a KV head stacked into one task, the keys split across threads
+    # (with 2 threads: 4 splits wanted for one (sequence, KV head), capped at the 3 key blocks of 512)
+    AttentionCase(b=1, hq=4, hkv=1, nq=1, nk=1200, d=64),
+    AttentionCase(b=1, hq=8, hkv=2, nq=5, nk=1100, d=40, causal="bottom_right", mask="key_padding"),
+    AttentionCase(b=2, hq=4, hkv=2, nq=16, nk=600, d=64, mask="bias", dropout_p=0.1),
+    AttentionCase(b=1, hq=2, hkv=2, nq=3, nk=1500, d=32, mask="bool"),  # no GQA: one head per task, split
+    replace(AttentionCase(b=1, hq=6, hkv=2, nq=7, nk=1300, d=64, causal="bottom_right"), window=(700, 0),
+            softcap=30.0, alibi=True, sinks=True),
+], ids=str)
+def test_decode(case, dtype):
+    """Decode shapes through the split-KV merge, with every feature that reads a row's head or position."""
+    with torch_threads(2):
+        testing.assert_all_ok(testing.check_attention(case, dtype, "cpu", "cpu"), str(case))
+
+
+@pytest.mark.parametrize("case", [
+    VarlenCase(lens_q=(1, 16, 4), lens_k=(700, 1100, 3), hq=8, hkv=2, d=64, causal="bottom_right"),
+    replace(VarlenCase(lens_q=(2, 0, 9), lens_k=(1030, 5, 600), hq=4, hkv=1, d=32), window=(500, 0)),
+], ids=str)
+def test_decode_varlen(case):
+    with torch_threads(2):
+        testing.assert_all_ok(testing.check_attention_varlen(case, torch.float32, "cpu", "cpu"), str(case))
 
 
 @pytest.mark.parametrize("level", ["default", "avx2"])

@@ -211,83 +211,162 @@ inline void score_row(const AttentionParams& p, const Seq& sq, int64_t b, int64_
   }
 }
 
+// The query rows of one forward task: rows i0 .. i0 + mq of one head, or, in decode (Nq <= kDecodeRows), every
+// row of each of the `heads` query heads of one KV head, stacked head-major (row g * mq + i: head h0 + g, row i),
+// so that the group reads its K and V once.
+struct TaskRows {
+  int64_t b, h0, heads, i0, mq;
+  int64_t count() const { return heads * mq; }
+  int64_t head(int64_t i) const { return h0 + i / mq; }
+  int64_t row(int64_t i) const { return i0 + i % mq; }  // position in the sequence
+};
+
+// Nq up to which the forward runs as decode: query heads stacked per KV head, keys split across threads.
+constexpr int64_t kDecodeRows = 16;
+
+// One key block [kb, kb + nk) of a task: S = scale Q K^T, each row's scores (score_row), the online softmax
+// (state), dropout, and O += P V (P in T for fp16 / bf16). Q: the task's rows, lda apart.
+template <typename T>
+void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows, const T* Q, int64_t lda,
+                   const T* K, const T* V, int64_t kb, int64_t nk, bool edge, float* S, T* p_lowp, float* o_acc,
+                   SoftmaxState* state) {
+  const int64_t kBlockK = p.block_k, D = p.head_dim, Dv = p.head_dim_v, m = rows.count();
+  mm<T>(false, true, m, nk, D, p.scale, Q, lda, K + kb * p.k_rs, p.k_rs, 0.0f, S, kBlockK);
+  for (int64_t i = 0; i < m; ++i) {
+    float* s = S + i * kBlockK;
+    const int64_t h = rows.head(i), r = rows.row(i);
+    score_row<T>(p, sq, rows.b, h, r, kb, nk, edge, s, nullptr);
+    SoftmaxState& st = state[i];
+    const float m_new = softmax_new_max(st, row_max(s, nk));
+    if (m_new == -INFINITY) {  // nothing visible yet: P = 0
+      std::fill(s, s + nk, 0.0f);
+    } else {
+      const float alpha = softmax_update(st, m_new, exp_sub_sum(s, nk, m_new));
+      if (alpha != 1.0f) scale_row(o_acc + i * Dv, Dv, alpha);
+      if (p.dropout_p > 0) {
+        const int64_t index0 =
+            p.drop_offset + rows.b * p.drop_bs + h * p.drop_hs + (sq.q_start + r) * p.drop_rs + sq.k_start + kb;
+        dropout_row(s, nk, p.seed, static_cast<uint64_t>(index0), p.dropout_p, 1.0f / (1.0f - p.dropout_p));
+      }
+    }
+    if constexpr (!std::is_same_v<T, float>) store_row(s, nk, p_lowp + i * kBlockK);
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    mm<T>(false, false, m, Dv, nk, 1.0f, S, kBlockK, V + kb * p.v_rs, p.v_rs, 1.0f, o_acc, Dv);
+  } else {
+    mm<T>(false, false, m, Dv, nk, 1.0f, p_lowp, kBlockK, V + kb * p.v_rs, p.v_rs, 1.0f, o_acc, Dv);
+  }
+}
+
+// out and lse of a task's rows from their accumulator and state.
+template <typename T>
+void forward_store(const AttentionParams& p, const Seq& sq, const TaskRows& rows, const float* o_acc,
+                   const SoftmaxState* state) {
+  const int64_t Dv = p.head_dim_v;
+  for (int64_t i = 0; i < rows.count(); ++i) {
+    const int64_t h = rows.head(i), r = sq.q_start + rows.row(i);
+    T* o_row = static_cast<T*>(p.out) + rows.b * p.o_bs + h * p.o_hs + r * p.o_rs;
+    if (state[i].l == 0.0f) {  // no allowed key: exactly 0, even where P V met a NaN / inf of v (0 * NaN)
+      std::fill(o_row, o_row + Dv, T(0));
+    } else {
+      store_row(o_acc + i * Dv, Dv, o_row, softmax_inv_sum(state[i]));
+    }
+    p.lse[rows.b * p.lse_bs + h * p.lse_hs + r] = softmax_lse(state[i]);
+  }
+}
+
+// Forward. Tasks: (sequence, query head, block of block_q query rows), or in decode (Nq <= kDecodeRows) (sequence,
+// KV head, split of the keys): the query heads of a KV head stacked into one task (one read of K and V for the
+// group), the keys of a row cut into `splits` ranges of whole key blocks when there would be fewer than two
+// tasks per thread; each split leaves its rows' partial (O, m, l), merged by their maxima afterwards.
 template <typename T>
 void forward(const AttentionParams& p) {
-  const int64_t kBlockQ = p.block_q, kBlockK = p.block_k;
-  const int64_t D = p.head_dim, Dv = p.head_dim_v, group = p.heads_q / p.heads_kv;
-  const int64_t n_qblocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
-  const int64_t n_tasks = p.batch * p.heads_q * n_qblocks;
-  const float inv_keep = p.dropout_p > 0 ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+  const int64_t kBlockK = p.block_k, D = p.head_dim, Dv = p.head_dim_v, group = p.heads_q / p.heads_kv;
+  const bool decode = p.seqlen_q <= kDecodeRows;
+  const int64_t kBlockQ = decode ? p.seqlen_q : p.block_q;            // rows per head and task
+  const int64_t task_rows = decode ? group * p.seqlen_q : p.block_q;  // rows per task
+  const int64_t heads = decode ? p.heads_kv : p.heads_q;
+  const int64_t n_qblocks = decode ? 1 : (p.seqlen_q + kBlockQ - 1) / kBlockQ;
+  const int64_t threads = at::get_num_threads(), key_blocks = (p.seqlen_k + kBlockK - 1) / kBlockK;
+  const int64_t splits = decode ? std::max<int64_t>(1, std::min(key_blocks, 2 * threads / (p.batch * heads))) : 1;
+  const int64_t n_tasks = p.batch * heads * n_qblocks * splits;
   const T* qp = static_cast<const T*>(p.q);
   const T* kp = static_cast<const T*>(p.k);
   const T* vp = static_cast<const T*>(p.v);
-  T* op = static_cast<T*>(p.out);
+  // split-KV partials: per task, each row's O accumulator and state
+  std::unique_ptr<float[]> part_o(new float[splits > 1 ? n_tasks * task_rows * Dv : 1]);
+  std::unique_ptr<SoftmaxState[]> part_st(new SoftmaxState[splits > 1 ? n_tasks * task_rows : 1]);
 
 // one thread when the scores are fewer than kParallelGrain
-#pragma omp parallel num_threads(at::get_num_threads()) \
+#pragma omp parallel num_threads(threads) \
     if (n_tasks > 1 && p.batch * p.heads_q * p.seqlen_q * p.seqlen_k >= kParallelGrain && !omp_in_parallel())
   {
-    std::unique_ptr<float[]> s_buf(new float[kBlockQ * kBlockK]);   // S, then P
-    std::unique_ptr<float[]> o_acc(new float[kBlockQ * Dv]);        // O accumulator
-    std::unique_ptr<T[]> p_lowp(new T[std::is_same_v<T, float> ? 1 : kBlockQ * kBlockK]);  // P in T
-    std::vector<SoftmaxState> state(kBlockQ);
-    float* S = s_buf.get();
+    std::unique_ptr<float[]> s_buf(new float[task_rows * kBlockK]);  // S, then P
+    std::unique_ptr<float[]> o_buf(new float[task_rows * Dv]);       // O accumulator
+    std::unique_ptr<T[]> p_lowp(new T[std::is_same_v<T, float> ? 1 : task_rows * kBlockK]);  // P in T
+    std::unique_ptr<T[]> q_stack(new T[decode && group > 1 ? task_rows * D : 1]);  // decode: the group's rows
+    std::vector<SoftmaxState> state(task_rows);
 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n_tasks; ++task) {
-      // heaviest (last, under causal) query blocks first
-      const int64_t qb = n_qblocks - 1 - task % n_qblocks;
-      const int64_t bh = task / n_qblocks, b = bh / p.heads_q, h = bh % p.heads_q, hk = h / group;
+      const int64_t split = task % splits, qb = n_qblocks - 1 - task / splits % n_qblocks;  // heaviest first
+      const int64_t bh = task / splits / n_qblocks, b = bh / heads, hh = bh % heads;
       const Seq sq = seq_of(p, b);
-      const int64_t i0 = qb * kBlockQ;
-      if (i0 >= sq.len_q) continue;
-      const int64_t mq = std::min(kBlockQ, sq.len_q - i0);
-      const T* Q = qp + b * p.q_bs + h * p.q_hs + (sq.q_start + i0) * p.q_rs;
+      const TaskRows rows{b, decode ? hh * group : hh, decode ? group : 1, qb * kBlockQ,
+                          std::min(kBlockQ, sq.len_q - qb * kBlockQ)};
+      float* o_acc = splits > 1 ? part_o.get() + task * task_rows * Dv : o_buf.get();
+      SoftmaxState* st = splits > 1 ? part_st.get() + task * task_rows : state.data();
+      std::fill(st, st + task_rows, softmax_init());
+      if (rows.mq <= 0) continue;
+      const int64_t hk = rows.h0 / group;
       const T* K = kp + b * p.k_bs + hk * p.k_hs + sq.k_start * p.k_rs;
       const T* V = vp + b * p.v_bs + hk * p.v_hs + sq.k_start * p.v_rs;
-      std::fill(o_acc.get(), o_acc.get() + mq * Dv, 0.0f);
-      std::fill(state.begin(), state.begin() + mq, softmax_init());
-      const KeySpan span = key_span(p, sq, i0, mq);
-
-      for (int64_t kb = span.first; kb < span.end; kb += kBlockK) {
-        const int64_t nk = std::min(kBlockK, span.end - kb);
-        mm<T>(false, true, mq, nk, D, p.scale, Q, p.q_rs, K + kb * p.k_rs, p.k_rs, 0.0f, S, kBlockK);
-        const bool edge = span.edge(kb, nk);
-        for (int64_t i = 0; i < mq; ++i) {
-          float* s = S + i * kBlockK;
-          const int64_t r = i0 + i;
-          score_row<T>(p, sq, b, h, r, kb, nk, edge, s, nullptr);
-          SoftmaxState& st = state[i];
-          const float m_new = softmax_new_max(st, row_max(s, nk));
-          if (m_new == -INFINITY) {  // nothing visible yet: P = 0
-            std::fill(s, s + nk, 0.0f);
-          } else {
-            const float alpha = softmax_update(st, m_new, exp_sub_sum(s, nk, m_new));
-            if (alpha != 1.0f) scale_row(o_acc.get() + i * Dv, Dv, alpha);
-            if (p.dropout_p > 0) {
-              const int64_t index0 =
-                  p.drop_offset + b * p.drop_bs + h * p.drop_hs + (sq.q_start + r) * p.drop_rs + sq.k_start + kb;
-              dropout_row(s, nk, p.seed, static_cast<uint64_t>(index0), p.dropout_p, inv_keep);
-            }
-          }
-          if constexpr (!std::is_same_v<T, float>) store_row(s, nk, p_lowp.get() + i * kBlockK);
+      const T* Q = qp + b * p.q_bs + rows.h0 * p.q_hs + (sq.q_start + rows.i0) * p.q_rs;
+      int64_t lda = p.q_rs;
+      if (rows.heads > 1) {  // the rows of different heads are not one stride apart: copy them
+        for (int64_t i = 0; i < rows.count(); ++i) {
+          const T* src = qp + b * p.q_bs + rows.head(i) * p.q_hs + (sq.q_start + rows.row(i)) * p.q_rs;
+          std::copy(src, src + D, q_stack.get() + i * D);
         }
-        if constexpr (std::is_same_v<T, float>) {
-          mm<T>(false, false, mq, Dv, nk, 1.0f, S, kBlockK, V + kb * p.v_rs, p.v_rs, 1.0f, o_acc.get(), Dv);
-        } else {
-          mm<T>(false, false, mq, Dv, nk, 1.0f, p_lowp.get(), kBlockK, V + kb * p.v_rs, p.v_rs, 1.0f, o_acc.get(),
-                Dv);
-        }
+        Q = q_stack.get();
+        lda = D;
       }
-      for (int64_t i = 0; i < mq; ++i) {
-        const int64_t r = sq.q_start + i0 + i;
-        T* o_row = op + b * p.o_bs + h * p.o_hs + r * p.o_rs;
-        if (state[i].l == 0.0f) {  // no allowed key: exactly 0, even where P V met a NaN / inf of v (0 * NaN)
-          std::fill(o_row, o_row + Dv, T(0));
-        } else {
-          store_row(o_acc.get() + i * Dv, Dv, o_row, softmax_inv_sum(state[i]));
+      std::fill(o_acc, o_acc + rows.count() * Dv, 0.0f);
+      const KeySpan span = key_span(p, sq, rows.i0, rows.mq);
+      // this split's key blocks: [first, end) cut into `splits` runs of whole blocks
+      const int64_t span_blocks = (std::max(span.end - span.first, int64_t{0}) + kBlockK - 1) / kBlockK;
+      const int64_t per_split = (span_blocks + splits - 1) / splits;
+      const int64_t first = span.first + split * per_split * kBlockK;
+      const int64_t end = std::min(span.end, first + per_split * kBlockK);
+      for (int64_t kb = first; kb < end; kb += kBlockK) {
+        const int64_t nk = std::min(kBlockK, end - kb);
+        forward_block<T>(p, sq, rows, Q, lda, K, V, kb, nk, span.edge(kb, nk), s_buf.get(), p_lowp.get(), o_acc,
+                         st);
+      }
+      if (splits == 1) forward_store<T>(p, sq, rows, o_acc, st);
+    }
+
+    if (splits > 1) {  // merge each (sequence, KV head)'s splits (the loop above ends in a barrier)
+#pragma omp for schedule(static)
+      for (int64_t bh = 0; bh < p.batch * heads; ++bh) {
+        const int64_t b = bh / heads;
+        const Seq sq = seq_of(p, b);
+        const TaskRows rows{b, bh % heads * group, group, 0, std::min(kBlockQ, sq.len_q)};
+        float* o_acc = o_buf.get();
+        for (int64_t i = 0; i < rows.count(); ++i) {
+          SoftmaxState merged = softmax_init();
+          for (int64_t s = 0; s < splits; ++s) merged = softmax_merge(merged, part_st[(bh * splits + s) * task_rows + i]);
+          std::fill(o_acc + i * Dv, o_acc + (i + 1) * Dv, 0.0f);
+          for (int64_t s = 0; s < splits && merged.m != -INFINITY; ++s) {
+            const SoftmaxState& ps = part_st[(bh * splits + s) * task_rows + i];
+            const float w = softmax_rescale(ps.m, merged.m);
+            if (w == 0.0f) continue;  // a split that saw no key of this row adds nothing
+            const float* po = part_o.get() + ((bh * splits + s) * task_rows + i) * Dv;
+            for (int64_t d = 0; d < Dv; ++d) o_acc[i * Dv + d] += w * po[d];
+          }
+          state[i] = merged;
         }
-        p.lse[b * p.lse_bs + h * p.lse_hs + r] = softmax_lse(state[i]);
+        forward_store<T>(p, sq, rows, o_acc, state.data());
       }
     }
   }
