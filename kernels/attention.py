@@ -22,7 +22,8 @@ Delta), dV = P_dropped^T dO, dK = dS^T Q * scale, dQ = dS K * scale, d(bias) = d
       loops over the query blocks of every query head of its group (dK, dV in registers, no
       atomics); dQ is either atomically added into an fp32 buffer by the same kernel (default)
       or computed by ``_bwd_dq``, one query block per program (``deterministic=True``: no
-      atomics anywhere, bitwise reproducible; also 16-bit head dims > 128 on a GPU, see _atomic_dq).
+      atomics anywhere, bitwise reproducible; also 16-bit head dims > 128 and
+      fp32 d >= 128 with a score variant on a GPU, see _atomic_dq).
     * d(bias): ``_bwd_dkdv`` writes each dS tile once into an fp32 (B, Hq, Nq, Nk) buffer (or
       straight into the gradient when the bias is full size and fp32); torch then sums it over
       the bias's broadcast dims. Deterministic, and it costs what autograd of an expanded bias
@@ -33,13 +34,16 @@ varlen: packed (total, H, D) tensors with cu_seqlens; programs past a sequence's
 
 Structure (as Triton's fused-attention tutorial): each kernel offsets its base pointers to its
 (sequence, head) and calls its inner loop twice, STAGE 1 over the blocks every row of the tile sees
-whole, STAGE 2 over the rest (the causal diagonal, the partial last block), which alone tests
-positions. One function each decides what the variants change: ``_scores`` (scale, mask / bias,
-causal and key-bound tests) for the forward and both backward passes, ``_key_range`` (the key blocks
-of a query block, forward and dQ) and its mirror ``_query_range`` (the query blocks of a key block,
-dK/dV). Layouts: the head-dim stride is 1 everywhere; q and dout share one stride set, k and v
-another (the launchers copy only a pair whose strides differ); the outputs (out, dq, dk, dv) are
-allocated contiguous, one stride set per side.
+whole, STAGE 2 over the rest (the causal diagonal, the sliding window's edges, the partial last
+block), which alone tests positions. One function each decides what the variants change: ``_scores``
+(scale, softcap, ALiBi, mask / bias, causal, window and key-bound tests) for the forward and both
+backward passes, ``_key_range`` (the key blocks of a query block, forward, dQ and the row statistics)
+and its mirror ``_query_range`` (the query blocks of a key block, dK/dV); blocks outside the window
+are never visited. The variants are constexprs (WINDOW, SOFTCAP, ALIBI): a call without one runs no
+code of it. Softcap backward: dS (the bias gradient) times 1 - tanh^2 gives dQ and dK. Layouts: the
+head-dim stride is 1 everywhere; q and dout share one stride set, k and v another (the launchers copy
+only a pair whose strides differ); the outputs (out, dq, dk, dv) are allocated contiguous, one stride
+set per side.
 
 Dtypes fp16/bf16 (native MMA, fp32 accumulation) and fp32 (``input_precision="ieee"``, no TF32).
 Under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors, tests only) dot operands are
@@ -109,9 +113,13 @@ def _keep(seed, drop_base, offs_m, offs_n, stride_sm, dropout_p):
 
 
 @triton.jit
-def _sequence(CuQ, CuK, b, Nq, Nk, bottom_right, VARLEN: tl.constexpr):
-    """(q_start, seqlen_q, k_start, seqlen_k, shift) of sequence b: packed offsets for varlen, else (0, Nq,
-    0, Nk); shift = seqlen_k - seqlen_q for the bottom-right causal alignment, 0 for top-left."""
+def _sequence(CuQ, CuK, Nq, Nk, bottom_right, VARLEN: tl.constexpr):
+    """(h, b, q_start, seqlen_q, k_start, seqlen_k, shift) of this program: its head h and sequence b (grid axes
+    1 and 2: each <= 65535, so B * H is not bounded by one axis' limit); the packed offsets of sequence b for
+    varlen, else (0, Nq, 0, Nk); shift = seqlen_k - seqlen_q for the bottom-right causal alignment, 0 for
+    top-left."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     if VARLEN:
         q_start = tl.load(CuQ + b)
         seqlen_q = tl.load(CuQ + b + 1) - q_start
@@ -122,67 +130,146 @@ def _sequence(CuQ, CuK, b, Nq, Nk, bottom_right, VARLEN: tl.constexpr):
         seqlen_q = Nq
         k_start = 0
         seqlen_k = Nk
-    return q_start, seqlen_q, k_start, seqlen_k, (seqlen_k - seqlen_q) * bottom_right
+    return h, b, q_start, seqlen_q, k_start, seqlen_k, (seqlen_k - seqlen_q) * bottom_right
 
 
 @triton.jit
-def _key_range(start_m, lo, hi, seqlen_k, shift, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               CAUSAL: tl.constexpr, STAGE: tl.constexpr):
-    """Keys [lo, hi) of the query block at start_m in STAGE, within the keys [lo, hi) given (a split).
+def _stages(v_lo, v_hi, f_lo, f_hi, BLOCK: tl.constexpr):
+    """Blocks of BLOCK positions along one axis (keys, or queries for dK/dV): [v_lo, v_hi) the positions some
+    row (column) of the tile sees, [f_lo, f_hi) those every one sees (f_hi <= the sequence end). Returns (lo,
+    s1_lo, s1_hi, hi): STAGE 1 the whole blocks [s1_lo, s1_hi) inside [f_lo, f_hi) (no position test), STAGE 2
+    the blocks of [lo, s1_lo) and [s1_hi, hi) (lo = v_lo rounded down to a block; the window's far edge and
+    the causal diagonal or the sequence end), each visited once."""
+    v_lo = tl.maximum(v_lo, 0)
+    lo = (v_lo // BLOCK) * BLOCK
+    hi = tl.where(v_hi > v_lo, v_hi, lo)  # v_hi <= v_lo: nothing seen (e.g. a window starting past the end)
+    s1_lo = tl.minimum(tl.maximum(((tl.maximum(f_lo, 0) + BLOCK - 1) // BLOCK) * BLOCK, lo), hi)
+    s1_hi = tl.maximum(tl.minimum((tl.maximum(f_hi, 0) // BLOCK) * BLOCK, hi), s1_lo)
+    return lo, s1_lo, s1_hi, hi
 
-    STAGE 1: whole key blocks every row of the block sees (no position test needed); STAGE 2: the rest,
-    up to the causal diagonal of the block's last row and the sequence end."""
-    hi = tl.minimum(hi, seqlen_k)
-    if CAUSAL:
-        hi = tl.minimum(hi, start_m + BLOCK_M + shift)
-        mid = tl.minimum(hi, start_m + 1 + shift)  # keys the block's first row sees
-    else:
-        mid = hi
-    mid = tl.maximum(lo, (tl.maximum(mid, 0) // BLOCK_N) * BLOCK_N)
+
+@triton.jit
+def _stage_blocks(lo, s1_lo, s1_hi, hi, BLOCK: tl.constexpr, STAGE: tl.constexpr, WINDOW: tl.constexpr,
+                  KEYS: tl.constexpr):
+    """(first, count, n_lo, jump) of the blocks of STAGE (see _stages): block i starts at first + i * BLOCK, plus
+    jump from block n_lo on, the first of [s1_hi, hi) (STAGE 2 runs over its two ranges in one loop). Without
+    WINDOW one of them is empty and the jump is not made: [lo, s1_lo) on the key axis (KEYS: _key_range), [s1_hi,
+    hi) on the query axis (_query_range)."""
     if STAGE == 1:
-        r_lo = lo
-        r_hi = mid
+        first = s1_lo
+        count = (s1_hi - s1_lo + BLOCK - 1) // BLOCK
+        n_lo = count
+    elif not WINDOW:
+        if KEYS:
+            first = s1_hi
+            count = (hi - s1_hi + BLOCK - 1) // BLOCK
+        else:
+            first = lo
+            count = (s1_lo - lo + BLOCK - 1) // BLOCK
+        n_lo = count
     else:
-        r_lo = mid
-        r_hi = hi
-    return r_lo, r_hi
+        first = lo
+        n_lo = (s1_lo - lo + BLOCK - 1) // BLOCK  # s1_lo is block aligned unless [s1_hi, hi) is empty
+        count = n_lo + (hi - s1_hi + BLOCK - 1) // BLOCK
+    return first, count, n_lo, s1_hi - s1_lo
 
 
 @triton.jit
-def _query_range(start_n, seqlen_q, shift, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                 STAGE: tl.constexpr):
-    """Queries [lo, hi) that see the key block at start_n in STAGE, the mirror of _key_range.
+def _block_start(first, i, n_lo, jump, BLOCK: tl.constexpr, STAGE: tl.constexpr, WINDOW: tl.constexpr):
+    """Where block i of a stage from _stage_blocks starts."""
+    start = first + i * BLOCK
+    if WINDOW and STAGE == 2:
+        start += tl.where(i >= n_lo, jump, 0)
+    return start
 
-    STAGE 2: the query blocks crossing the causal diagonal (from the first row that sees a key of the
-    block); STAGE 1: the query blocks whose every row sees every key of the block, to the sequence end."""
+
+@triton.jit
+def _key_range(start_m, lo, hi, seqlen_k, shift, win_left, win_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """_stages of the keys of the query block at start_m within the keys [lo, hi) given (a split; block aligned).
+
+    Query row i sits at key position p(i) = i + shift and sees keys p(i) - win_left <= j <= p(i) + win_right
+    (j <= p(i) when causal, j < seqlen_k); the launchers pass an unbounded window side as Nq + Nk, which no
+    position difference reaches. The block's rows see keys from p(first row) - win_left to p(last row) +
+    win_right (or p(last row) when causal); every row sees those from p(last row) - win_left to p(first row)
+    + win_right (or p(first row)). So a window of W keys visits O(W) key blocks per query block. Without
+    WINDOW (a constexpr: no window code in the kernels of calls without one) the window bounds are ignored."""
+    p_first = start_m + shift
+    p_last = start_m + BLOCK_M - 1 + shift
+    v_lo = lo
+    f_lo = lo
+    v_hi = tl.minimum(hi, seqlen_k)
+    f_hi = v_hi
+    if WINDOW:
+        v_lo = tl.maximum(lo, p_first - win_left)
+        f_lo = tl.maximum(lo, p_last - win_left)
+        v_hi = tl.minimum(v_hi, p_last + win_right + 1)
+        f_hi = tl.minimum(f_hi, p_first + win_right + 1)
     if CAUSAL:
-        m_lo = (tl.maximum(start_n - shift, 0) // BLOCK_M) * BLOCK_M
-        m_mid = tl.minimum(((tl.maximum(start_n + BLOCK_N - 1 - shift, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M,
-                           seqlen_q)
-        m_mid = tl.maximum(m_mid, m_lo)
-    else:
-        m_lo = 0
-        m_mid = 0
-    if STAGE == 2:
-        r_lo = m_lo
-        r_hi = m_mid
-    else:
-        r_lo = m_mid
-        r_hi = seqlen_q
-    return r_lo, r_hi
+        v_hi = tl.minimum(v_hi, p_last + 1)
+        f_hi = tl.minimum(f_hi, p_first + 1)
+    return _stages(v_lo, v_hi, f_lo, f_hi, BLOCK_N)
 
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale,
-            MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, CHECK_CAUSAL: tl.constexpr, CHECK_KEYS: tl.constexpr,
+def _query_range(start_n, seqlen_q, shift, win_left, win_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """_stages of the queries that see the key block at start_n, the mirror of _key_range: query i sees key j
+    iff j - win_right <= i + shift <= j + win_left (and j <= i + shift when causal); STAGE 1 the query
+    blocks whose every row sees every key of the block, STAGE 2 the rest of those that see one."""
+    n_first = start_n - shift
+    n_last = start_n + BLOCK_N - 1 - shift
+    v_lo = 0
+    f_lo = 0
+    v_hi = seqlen_q
+    f_hi = seqlen_q
+    if WINDOW:
+        v_lo = n_first - win_right
+        f_lo = n_last - win_right
+        v_hi = tl.minimum(seqlen_q, n_last + win_left + 1)
+        f_hi = tl.minimum(seqlen_q, n_first + win_left + 1)
+    if CAUSAL:
+        v_lo = tl.maximum(v_lo, n_first)
+        f_lo = tl.maximum(f_lo, n_last)
+    lo, s1_lo, s1_hi, hi = _stages(v_lo, v_hi, f_lo, f_hi, BLOCK_M)
+    if not WINDOW:  # query rows are always load-checked: STAGE 1 may end at the sequence end, unaligned
+        s1_hi = hi
+    return lo, s1_lo, s1_hi, hi
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in fp32 from exp2 (no libdevice, so the interpreter runs it): sign(x) (1 - e) / (1 + e) with
+    e = exp(-2|x|) in (0, 1]; absolute error a few fp32 ulps of 1; +-inf -> +-1, NaN -> NaN."""
+    e = tl.math.exp2(tl.abs(x) * (-2.0 * LOG2E))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale, win_left, win_right,
+            softcap, slope, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, CHECK_POS: tl.constexpr,
+            CHECK_KEYS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
             IEEE: tl.constexpr):
-    """S of a (BLOCK_M, BLOCK_N) tile: q k^T * scale + bias, -inf where not allowed (rows offs_m, keys offs_n
-    of the sequence; Mb the mask of this (sequence, head)). CHECK_CAUSAL: the tile may cross the causal
-    diagonal; CHECK_KEYS: it may hold keys past the sequence end.
+    """(S, cap_grad) of a (BLOCK_M, BLOCK_N) tile: S = q k^T * scale, soft-capped (softcap * tanh(S / softcap),
+    SOFTCAP), minus slope * |p(i) - j| (ALIBI), plus the bias, -inf where not allowed (rows offs_m, keys offs_n
+    of the sequence; Mb the mask of this (sequence, head)); cap_grad = d(capped)/d(S) = 1 - tanh^2 (1.0 without
+    SOFTCAP). CHECK_POS: the tile may cross the causal diagonal or a window edge (WINDOW; see _key_range);
+    CHECK_KEYS: it may hold keys past the sequence end.
 
     Natural units: the callers subtract the row max (or lse) before scaling by LOG2E for exp2, so an
     extreme finite bias (finfo.min, Hugging Face's padding) never overflows to -inf."""
     s = _dot(q, tl.trans(k), IEEE) * qk_scale
+    if SOFTCAP:
+        t = _tanh(s * (1.0 / softcap))
+        s = softcap * t
+        cap_grad = 1.0 - t * t
+    else:
+        cap_grad = 1.0
+    if ALIBI or (CHECK_POS and WINDOW):
+        dist = offs_n[None, :] - (offs_m[:, None] + shift)  # j - p(i)
+    if ALIBI:
+        s -= slope * tl.abs(dist).to(tl.float32)
     if MASK_KIND != MASK_NONE:
         in_bounds = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
         mvals = tl.load(Mb + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn, mask=in_bounds, other=0)
@@ -192,9 +279,14 @@ def _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stri
             s += mvals.to(tl.float32)
     if CHECK_KEYS:
         s = tl.where(offs_n[None, :] < seqlen_k, s, float("-inf"))
-    if CAUSAL and CHECK_CAUSAL:
+    if CHECK_POS and WINDOW:
+        ok = (dist >= -win_left) & (dist <= win_right)
+        if CAUSAL:
+            ok = ok & (dist <= 0)
+        s = tl.where(ok, s, float("-inf"))
+    elif CHECK_POS and CAUSAL:
         s = tl.where(offs_n[None, :] <= offs_m[:, None] + shift, s, float("-inf"))
-    return s
+    return s, cap_grad
 
 
 @triton.jit
@@ -220,22 +312,35 @@ def _load_rows(Xb, offs, offs_d, stride_n, seqlen, D, CHECK: tl.constexpr, UPCAS
     return x
 
 
+@triton.jit
+def _key_block(Kb, Vb, first, i, n_lo, jump, offs_d, stride_kn, seqlen_k, D, BLOCK_N: tl.constexpr,
+               STAGE: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr):
+    """(offs_n, k, v) of key block i of STAGE (see _stage_blocks); keys past seqlen_k read 0 in STAGE 2."""
+    offs_n = _block_start(first, i, n_lo, jump, BLOCK_N, STAGE, WINDOW) + tl.arange(0, BLOCK_N)
+    k = _load_rows(Kb, offs_n, offs_d, stride_kn, seqlen_k, D, STAGE == 2, UPCAST)
+    v = _load_rows(Vb, offs_n, offs_d, stride_kn, seqlen_k, D, STAGE == 2, UPCAST)
+    return offs_n, k, v
+
+
 # ----------------------------------------------------------------------------- forward
 
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, Kb, Vb, Mb, stride_kn, stride_mm, stride_mn, stride_sm, drop_base, seed,
-                    dropout_p, qk_scale, start_m, offs_m, offs_d, lo, hi, seqlen_q, seqlen_k, shift, D,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGE: tl.constexpr, MASK_KIND: tl.constexpr,
-                    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                    dropout_p, qk_scale, win_left, win_right, softcap, slope, start_m, offs_m, offs_d, lo, hi,
+                    seqlen_q, seqlen_k, shift, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGE: tl.constexpr,
+                    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WINDOW: tl.constexpr,
+                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """Online softmax of one query block over its key blocks of STAGE (see _key_range) within keys [lo, hi)."""
-    lo, hi = _key_range(start_m, lo, hi, seqlen_k, shift, BLOCK_M, BLOCK_N, CAUSAL, STAGE)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(Kb, offs_n, offs_d, stride_kn, seqlen_k, D, STAGE == 2, UPCAST)
-        v = _load_rows(Vb, offs_n, offs_d, stride_kn, seqlen_k, D, STAGE == 2, UPCAST)
-        s = _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale,
-                    MASK_KIND, CAUSAL, STAGE == 2, STAGE == 2, IEEE)
+    lo, s1_lo, s1_hi, hi = _key_range(start_m, lo, hi, seqlen_k, shift, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL,
+                                      WINDOW)
+    first, count, n_lo, jump = _stage_blocks(lo, s1_lo, s1_hi, hi, BLOCK_N, STAGE, WINDOW, True)
+    for i in range(0, count):
+        offs_n, k, v = _key_block(Kb, Vb, first, i, n_lo, jump, offs_d, stride_kn, seqlen_k, D, BLOCK_N, STAGE, WINDOW,
+                                  UPCAST)
+        s, _ = _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale, win_left,
+                       win_right, softcap, slope, MASK_KIND, CAUSAL, STAGE == 2, STAGE == 2, WINDOW, SOFTCAP, ALIBI,
+                       IEEE)
         m_i, p, alpha = _softmax_step(m_i, s)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         if DROPOUT:
@@ -251,6 +356,7 @@ def _attn_fwd(
     Out,  # output (B, Hq, Nq, D) in q's dtype, or the fp32 partial outputs (splits, B, Hq, Nq, D) of split-KV
     Lse,  # lse (B, Hq, Nq) fp32 natural log (varlen (Hq, total_q)), or per-split partial lse
     CuQ, CuK,  # int32 cu_seqlens (B + 1) of varlen; unused otherwise
+    Alibi,  # fp32 ALiBi slopes, slope of (b, h) at b * stride_ab + h * stride_ah (stride_ab 0 for (Hq,)); if ALIBI
     stride_qb, stride_qh, stride_qn,  # strides of Q in elements (varlen: stride_qb = 0); head-dim stride 1 here
     stride_kb, stride_kh, stride_kn,  # strides of K and V (the same for both)
     stride_ob, stride_oh, stride_on, stride_os,  # strides of Out; os: per split
@@ -262,21 +368,23 @@ def _attn_fwd(
     qk_scale,  # the score scale (scores stay in natural units until the max is subtracted)
     bottom_right,  # 1: causal diagonal aligned to the bottom-right corner (shift Nk - Nq), 0: top-left
     seed, dropout_p, inv_keep,  # Philox seed, dropout probability, 1 / (1 - dropout_p)
+    stride_ab, stride_ah,  # strides of Alibi
+    win_left, win_right,  # sliding window: keys p(i) - win_left .. p(i) + win_right (Nq + Nk: unbounded)
+    softcap,  # S -> softcap * tanh(S / softcap) when SOFTCAP
+    split_lo,  # first key of split 0 (a multiple of BLOCK_N): the window's first key block; 0 when not split
     keys_per_split,  # keys per split-KV program (a multiple of BLOCK_N); >= Nk when not split
     num_m_blocks,  # query blocks per (sequence, head): grid axis 0 runs over (split, query block)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes; BLOCK_D = pow2 >= D
     MASK_KIND: tl.constexpr,  # MASK_NONE, MASK_BOOL or MASK_BIAS
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,  # window (win_left, win_right), softcap, ALiBi
     UPCAST: tl.constexpr,  # interpreter only: fp32 dot operands (its bf16 arithmetic is broken)
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 dots, no TF32
 ):
-    # grid (splits * query blocks, Hq, B): axes 1 and 2 (<= 65535 each) hold the head and the sequence, so
-    # B * Hq is not bounded by one axis' limit
+    # grid (splits * query blocks, Hq, B)
     start_m = (tl.program_id(0) % num_m_blocks) * BLOCK_M
     split = tl.program_id(0) // num_m_blocks
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    q_start, seqlen_q, k_start, seqlen_k, shift = _sequence(CuQ, CuK, b, Nq, Nk, bottom_right, VARLEN)
+    h, b, q_start, seqlen_q, k_start, seqlen_k, shift = _sequence(CuQ, CuK, Nq, Nk, bottom_right, VARLEN)
     if start_m >= seqlen_q:  # varlen: past this sequence's end
         return
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -286,20 +394,19 @@ def _attn_fwd(
     kv_off = b * stride_kb + (h // GROUP) * stride_kh + k_start.to(tl.int64) * stride_kn
     Mb = Mask + b * stride_mb + h * stride_mh
     drop_base = b * stride_sb + h * stride_sh + q_start.to(tl.int64) * stride_sm + k_start
-    lo = split * keys_per_split  # this program's keys: its split
+    lo = split_lo + split * keys_per_split  # this program's keys: its split
     hi = lo + keys_per_split
+    slope = tl.load(Alibi + b * stride_ab + h * stride_ah) if ALIBI else 0.0
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K + kv_off, V + kv_off, Mb, stride_kn, stride_mm, stride_mn,
-                                    stride_sm, drop_base, seed, dropout_p, qk_scale, start_m, offs_m, offs_d, lo, hi,
-                                    seqlen_q, seqlen_k, shift, D, BLOCK_M, BLOCK_N, 1, MASK_KIND, CAUSAL, DROPOUT,
-                                    UPCAST, IEEE)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K + kv_off, V + kv_off, Mb, stride_kn, stride_mm, stride_mn,
-                                    stride_sm, drop_base, seed, dropout_p, qk_scale, start_m, offs_m, offs_d, lo, hi,
-                                    seqlen_q, seqlen_k, shift, D, BLOCK_M, BLOCK_N, 2, MASK_KIND, CAUSAL, DROPOUT,
-                                    UPCAST, IEEE)
+    for stage in tl.static_range(1, 3):  # the key blocks every row sees whole, then the diagonal / window edges
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K + kv_off, V + kv_off, Mb, stride_kn, stride_mm,
+                                        stride_mn, stride_sm, drop_base, seed, dropout_p, qk_scale, win_left,
+                                        win_right, softcap, slope, start_m, offs_m, offs_d, lo, hi, seqlen_q,
+                                        seqlen_k, shift, D, BLOCK_M, BLOCK_N, stage, MASK_KIND, CAUSAL, DROPOUT,
+                                        WINDOW, SOFTCAP, ALIBI, UPCAST, IEEE)
 
     seen = l_i != 0.0  # a row that saw no key: output exactly 0 (even past a NaN of v), lse -inf; l NaN: NaN
     l_safe = tl.where(seen, l_i, 1.0)
@@ -395,23 +502,24 @@ def _bwd_row_stats(
     Q, K, Mask,  # as in _attn_fwd
     Lse,  # (B, Hq, Nq) fp32 natural lse of the forward
     RowM, RowC,  # outputs laid out like Lse: the backward's P = exp((S - row_m) - row_c)
-    CuQ, CuK,
+    CuQ, CuK, Alibi,
     stride_qb, stride_qh, stride_qn,  # strides of Q
     stride_kb, stride_kh, stride_kn,  # strides of K
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_lb, stride_lh, stride_ln,  # strides of Lse, RowM and RowC
     GROUP, Nq, Nk, D, qk_scale, bottom_right,
+    stride_ab, stride_ah, win_left, win_right, softcap,  # the variants, as in _attn_fwd
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """(row_m, row_c) = (lse, 0), or (row max, log(row sum)) on a row with |lse| >= LSE_EXACT: there the float32
     lse = m + log(l) has lost log(l) (every visible key carries a huge bias, e.g. finfo.min), so m and l are
     recomputed from the scores (keys as in _attn_fwd, no dropout: l counts dropped entries too). Only a block
     holding such a row reads Q and K."""
     start_m = tl.program_id(0) * BLOCK_M  # grid (query blocks, Hq, B)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    q_start, seqlen_q, k_start, seqlen_k, shift = _sequence(CuQ, CuK, b, Nq, Nk, bottom_right, VARLEN)
+    h, b, q_start, seqlen_q, k_start, seqlen_k, shift = _sequence(CuQ, CuK, Nq, Nk, bottom_right, VARLEN)
     if start_m >= seqlen_q:
         return
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -429,15 +537,17 @@ def _bwd_row_stats(
                        stride_qn, seqlen_q, D, True, UPCAST)
         Kb = K + b * stride_kb + (h // GROUP) * stride_kh + k_start.to(tl.int64) * stride_kn
         Mb = Mask + b * stride_mb + h * stride_mh
-        lo, _ = _key_range(start_m, 0, seqlen_k, seqlen_k, shift, BLOCK_M, BLOCK_N, CAUSAL, 1)
-        _, hi = _key_range(start_m, 0, seqlen_k, seqlen_k, shift, BLOCK_M, BLOCK_N, CAUSAL, 2)
+        lo, _, _, hi = _key_range(start_m, 0, seqlen_k, seqlen_k, shift, win_left, win_right, BLOCK_M, BLOCK_N,
+                                  CAUSAL, WINDOW)
+        slope = tl.load(Alibi + b * stride_ab + h * stride_ah) if ALIBI else 0.0
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         for start_n in range(lo, hi, BLOCK_N):  # both stages, every tile tested
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _load_rows(Kb, offs_n, offs_d, stride_kn, seqlen_k, D, True, UPCAST)
-            s = _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale,
-                        MASK_KIND, CAUSAL, True, True, IEEE)
+            s, _cap_grad = _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn,
+                                   qk_scale, win_left, win_right, softcap, slope, MASK_KIND, CAUSAL, True, True, WINDOW,
+                                   SOFTCAP, ALIBI, IEEE)
             m_i, p, alpha = _softmax_step(m_i, s)
             l_i = l_i * alpha + tl.sum(p, 1)
         row_m = tl.where(exact, m_i, lse)
@@ -470,17 +580,22 @@ def _bwd_dp(do, v, do_rows, v_rows, do_ok, v_ok, D, IEEE: tl.constexpr):
 
 @triton.jit
 def _bwd_tile(q, k, v, do, DOb, Vb, stride_qn, stride_kn, D, row_m, row_c, Delta_i, offs_m, offs_n, seqlen_q,
-              seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale, seed, drop_base, stride_sm, dropout_p, inv_keep,
-              MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, STAGE: tl.constexpr,
+              seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale, win_left, win_right, softcap, slope, seed,
+              drop_base, stride_sm, dropout_p, inv_keep, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+              DROPOUT: tl.constexpr, STAGE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+              ALIBI: tl.constexpr,
               IEEE: tl.constexpr):
-    """P (dropped and rescaled, for dV) and dS of one (BLOCK_M, BLOCK_N) tile, rows offs_m and keys offs_n of
-    the tiles q, do (at DOb) and k, v (at Vb); P = exp((S - row_m) - row_c), (row_m, row_c) from
-    _bwd_row_stats ((lse, 0) on an ordinary row), dP = dO V^T by _bwd_dp. STAGE as in _key_range.
+    """P (dropped and rescaled, for dV), dS (the bias gradient) and dS_qk (dS times the softcap's derivative,
+    for dQ and dK) of one (BLOCK_M, BLOCK_N) tile, rows offs_m and keys offs_n of the tiles q, do (at DOb) and
+    k, v (at Vb); P = exp((S - row_m) - row_c), (row_m, row_c) from _bwd_row_stats ((lse, 0) on an ordinary
+    row), dP = dO V^T by _bwd_dp. STAGE as in _stages.
 
     Keys past the sequence end need no mask here: their K and V rows load as 0 (so they add nothing
     to dQ), their dK/dV/dbias are never stored, and P = exp2(min(S - row_m - row_c, 0)) stays finite."""
-    s = _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale,
-                MASK_KIND, CAUSAL, STAGE == 2, False, IEEE)
+    s, cap_grad = _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale,
+                          win_left, win_right, softcap, slope, MASK_KIND, CAUSAL, STAGE == 2, False, WINDOW, SOFTCAP,
+                          ALIBI,
+                          IEEE)
     m_safe = tl.where(row_m == float("-inf"), float("inf"), row_m)  # a row that saw no key: P = 0
     # S - row_m before the LOG2E scaling (no overflow for an extreme finite bias); NaN propagates
     P = tl.math.exp2(tl.minimum(((s - m_safe[:, None]) - row_c[:, None]) * LOG2E, 0.0,
@@ -494,7 +609,11 @@ def _bwd_tile(q, k, v, do, DOb, Vb, stride_qn, stride_kn, D, row_m, row_c, Delta
     else:
         P_drop = P
     dS = (P * (dP - Delta_i[:, None])).to(tl.float32)
-    return P_drop, dS
+    if SOFTCAP:
+        dS_qk = dS * cap_grad
+    else:
+        dS_qk = dS
+    return P_drop, dS, dS_qk
 
 
 @triton.jit
@@ -513,27 +632,32 @@ def _load_q_side(Qb, DOb, RowMb, RowCb, Deltab, offs_m, offs_d, stride_qn, strid
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, Qb, DOb, RowMb, RowCb, Deltab, DQb, DBb, Vb, Mb, stride_qn, stride_kn, stride_dqn,
                     stride_ln, stride_mm, stride_mn, stride_sm, drop_base, seed, dropout_p, inv_keep, qk_scale,
-                    start_n, offs_n, offs_d, seqlen_q, seqlen_k, shift, D, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, STAGE: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
-                    DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, DBIAS: tl.constexpr, UPCAST: tl.constexpr,
+                    win_left, win_right, softcap, slope, start_n, offs_n, offs_d, seqlen_q, seqlen_k, shift, D,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGE: tl.constexpr, MASK_KIND: tl.constexpr,
+                    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, DBIAS: tl.constexpr,
+                    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, UPCAST: tl.constexpr,
                     IEEE: tl.constexpr):
     """dK, dV of the key block at start_n accumulated over the query blocks of one query head that see it in
     STAGE (see _query_range); base pointers offset to this (sequence, head)."""
-    lo, hi = _query_range(start_n, seqlen_q, shift, BLOCK_M, BLOCK_N, CAUSAL, STAGE)
-    for start_m in range(lo, hi, BLOCK_M):
+    lo, s1_lo, s1_hi, hi = _query_range(start_n, seqlen_q, shift, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL,
+                                        WINDOW)
+    first, count, n_lo, jump = _stage_blocks(lo, s1_lo, s1_hi, hi, BLOCK_M, STAGE, WINDOW, False)
+    for i in range(0, count):
+        start_m = _block_start(first, i, n_lo, jump, BLOCK_M, STAGE, WINDOW)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q, do, row_m, row_c, Delta_i = _load_q_side(Qb, DOb, RowMb, RowCb, Deltab, offs_m, offs_d, stride_qn,
                                                     stride_ln, seqlen_q, D, UPCAST)
-        P_drop, dS = _bwd_tile(q, k, v, do, DOb, Vb, stride_qn, stride_kn, D, row_m, row_c, Delta_i, offs_m, offs_n,
-                               seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale, seed, drop_base,
-                               stride_sm, dropout_p, inv_keep, MASK_KIND, CAUSAL, DROPOUT, STAGE, IEEE)
+        P_drop, dS, dS_qk = _bwd_tile(q, k, v, do, DOb, Vb, stride_qn, stride_kn, D, row_m, row_c, Delta_i, offs_m,
+                                      offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale, win_left,
+                                      win_right, softcap, slope, seed, drop_base, stride_sm, dropout_p, inv_keep,
+                                      MASK_KIND, CAUSAL, DROPOUT, STAGE, WINDOW, SOFTCAP, ALIBI, IEEE)
         dv += _dot(tl.trans(P_drop.to(do.dtype)), do, IEEE)  # dV += P_drop^T dO
-        dk += _dot(tl.trans(dS.to(q.dtype)), q, IEEE)  # dK += dS^T Q (times scale at the end)
+        dk += _dot(tl.trans(dS_qk.to(q.dtype)), q, IEEE)  # dK += dS'^T Q (times scale at the end)
         if DBIAS:  # DB is laid out as the dropout offsets: (B, Hq, Nq, Nk) contiguous
             tl.store(DBb + offs_m[:, None] * stride_sm + offs_n[None, :], dS,
                      mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
         if ATOMIC_DQ:
-            dq = _dot(dS.to(k.dtype), k, IEEE) * qk_scale  # dQ += dS K * scale
+            dq = _dot(dS_qk.to(k.dtype), k, IEEE) * qk_scale  # dQ += dS' K * scale
             tl.atomic_add(DQb + offs_m[:, None] * stride_dqn + offs_d[None, :], dq,
                           mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < D))
     return dk, dv
@@ -547,6 +671,7 @@ def _bwd_dkdv(
     DK, DV,  # outputs, k's / v's dtype
     DB,  # fp32 (B, Hq, Nq, Nk) contiguous dS: the bias gradient before its broadcast reduction, when DBIAS
     CuQ, CuK,  # varlen cu_seqlens
+    Alibi,  # ALiBi slopes, as in _attn_fwd
     stride_qb, stride_qh, stride_qn,  # strides of Q and DO
     stride_kb, stride_kh, stride_kn,  # strides of K and V
     stride_mb, stride_mh, stride_mm, stride_mn,  # strides of Mask
@@ -557,16 +682,16 @@ def _bwd_dkdv(
     GROUP, Nq, Nk, D,
     qk_scale,  # the score scale, also the factor of dK and dQ (scores in natural units, see _scores)
     bottom_right, seed, dropout_p, inv_keep,
+    stride_ab, stride_ah, win_left, win_right, softcap,  # the variants, as in _attn_fwd
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_N keys per program
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,  # also accumulate dQ with fp32 atomics (the non-deterministic path)
     DBIAS: tl.constexpr,  # write dS to DB
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N  # grid (key blocks, Hkv, B)
-    hk = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    q_start, seqlen_q, k_start, seqlen_k, shift = _sequence(CuQ, CuK, b, Nq, Nk, bottom_right, VARLEN)
+    hk, b, q_start, seqlen_q, k_start, seqlen_k, shift = _sequence(CuQ, CuK, Nq, Nk, bottom_right, VARLEN)
     if start_n >= seqlen_k:
         return
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -584,17 +709,16 @@ def _bwd_dkdv(
         DQb = DQ + b * stride_dqb + h * stride_dqh + q_off * stride_dqn
         Mb = Mask + b * stride_mb + h * stride_mh
         drop_base = b * stride_sb + h * stride_sh + q_off * stride_sm + k_start
-        # the diagonal blocks first, then those every row of which sees the whole key block
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q + q_side, DO + q_side, RowM + l_side, RowC + l_side, Delta + l_side,
-                                 DQb, DB + drop_base, V + kv_off, Mb, stride_qn, stride_kn, stride_dqn, stride_ln,
-                                 stride_mm, stride_mn, stride_sm, drop_base, seed, dropout_p, inv_keep, qk_scale,
-                                 start_n, offs_n, offs_d, seqlen_q, seqlen_k, shift, D, BLOCK_M, BLOCK_N, 2,
-                                 MASK_KIND, CAUSAL, DROPOUT, ATOMIC_DQ, DBIAS, UPCAST, IEEE)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q + q_side, DO + q_side, RowM + l_side, RowC + l_side, Delta + l_side,
-                                 DQb, DB + drop_base, V + kv_off, Mb, stride_qn, stride_kn, stride_dqn, stride_ln,
-                                 stride_mm, stride_mn, stride_sm, drop_base, seed, dropout_p, inv_keep, qk_scale,
-                                 start_n, offs_n, offs_d, seqlen_q, seqlen_k, shift, D, BLOCK_M, BLOCK_N, 1,
-                                 MASK_KIND, CAUSAL, DROPOUT, ATOMIC_DQ, DBIAS, UPCAST, IEEE)
+        slope = tl.load(Alibi + b * stride_ab + h * stride_ah) if ALIBI else 0.0
+        # the diagonal and window-edge blocks first, then those every row of which sees the whole key block
+        for stage in tl.static_range(2, 0, -1):
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q + q_side, DO + q_side, RowM + l_side, RowC + l_side,
+                                     Delta + l_side, DQb, DB + drop_base, V + kv_off, Mb, stride_qn, stride_kn,
+                                     stride_dqn, stride_ln, stride_mm, stride_mn, stride_sm, drop_base, seed,
+                                     dropout_p, inv_keep, qk_scale, win_left, win_right, softcap, slope, start_n,
+                                     offs_n, offs_d, seqlen_q, seqlen_k, shift, D, BLOCK_M, BLOCK_N, stage,
+                                     MASK_KIND, CAUSAL, DROPOUT, ATOMIC_DQ, DBIAS, WINDOW, SOFTCAP, ALIBI, UPCAST,
+                                     IEEE)
     out_off = b * stride_dkb + hk * stride_dkh + (k_start + offs_n).to(tl.int64)[:, None] * stride_dkn + offs_d[None, :]
     st_ok = _lt(offs_n[:, None], seqlen_k) & _lt(offs_d[None, :], D)  # the load mask of k, recomputed (see _lt)
     tl.store(DK + out_off, (dk * qk_scale).to(DK.dtype.element_ty), mask=st_ok)
@@ -603,20 +727,23 @@ def _bwd_dkdv(
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, row_m, row_c, Delta_i, DOb, Kb, Vb, Mb, stride_qn, stride_kn, stride_mm, stride_mn,
-                  stride_sm, drop_base, seed, dropout_p, inv_keep, qk_scale, start_m, offs_m, offs_d, seqlen_q,
-                  seqlen_k, shift, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGE: tl.constexpr,
-                  MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+                  stride_sm, drop_base, seed, dropout_p, inv_keep, qk_scale, win_left, win_right, softcap, slope,
+                  start_m, offs_m, offs_d, seqlen_q, seqlen_k, shift, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  STAGE: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                  WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, UPCAST: tl.constexpr,
                   IEEE: tl.constexpr):
     """dQ of one query block accumulated over its key blocks of STAGE (see _key_range)."""
-    lo, hi = _key_range(start_m, 0, seqlen_k, seqlen_k, shift, BLOCK_M, BLOCK_N, CAUSAL, STAGE)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(Kb, offs_n, offs_d, stride_kn, seqlen_k, D, STAGE == 2, UPCAST)
-        v = _load_rows(Vb, offs_n, offs_d, stride_kn, seqlen_k, D, STAGE == 2, UPCAST)
-        P_drop, dS = _bwd_tile(q, k, v, do, DOb, Vb, stride_qn, stride_kn, D, row_m, row_c, Delta_i, offs_m, offs_n,
-                               seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale, seed, drop_base,
-                               stride_sm, dropout_p, inv_keep, MASK_KIND, CAUSAL, DROPOUT, STAGE, IEEE)
-        dq += _dot(dS.to(k.dtype), k, IEEE)  # dQ += dS K
+    lo, s1_lo, s1_hi, hi = _key_range(start_m, 0, seqlen_k, seqlen_k, shift, win_left, win_right, BLOCK_M, BLOCK_N,
+                                      CAUSAL, WINDOW)
+    first, count, n_lo, jump = _stage_blocks(lo, s1_lo, s1_hi, hi, BLOCK_N, STAGE, WINDOW, True)
+    for i in range(0, count):
+        offs_n, k, v = _key_block(Kb, Vb, first, i, n_lo, jump, offs_d, stride_kn, seqlen_k, D, BLOCK_N, STAGE, WINDOW,
+                                  UPCAST)
+        _, _, dS_qk = _bwd_tile(q, k, v, do, DOb, Vb, stride_qn, stride_kn, D, row_m, row_c, Delta_i, offs_m, offs_n,
+                                seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale, win_left, win_right,
+                                softcap, slope, seed, drop_base, stride_sm, dropout_p, inv_keep, MASK_KIND, CAUSAL,
+                                DROPOUT, STAGE, WINDOW, SOFTCAP, ALIBI, IEEE)
+        dq += _dot(dS_qk.to(k.dtype), k, IEEE)  # dQ += dS' K
     return dq
 
 
@@ -624,7 +751,7 @@ def _bwd_dq_inner(dq, q, do, row_m, row_c, Delta_i, DOb, Kb, Vb, Mb, stride_qn, 
 def _bwd_dq(
     Q, K, V, Mask, DO, RowM, RowC, Delta,  # as in _bwd_dkdv
     DQ,  # output in q's dtype
-    CuQ, CuK,
+    CuQ, CuK, Alibi,
     stride_qb, stride_qh, stride_qn,  # strides of Q and DO
     stride_kb, stride_kh, stride_kn,  # strides of K and V
     stride_mb, stride_mh, stride_mm, stride_mn,
@@ -633,17 +760,16 @@ def _bwd_dq(
     stride_sb, stride_sh, stride_sm,  # dropout offsets, as in _attn_fwd
     GROUP, Nq, Nk, D,
     qk_scale, bottom_right, seed, dropout_p, inv_keep,
+    stride_ab, stride_ah, win_left, win_right, softcap,  # the variants, as in _attn_fwd
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_M queries per program
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M  # grid (query blocks, Hq, B)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    q_start, seqlen_q, k_start, seqlen_k, shift = _sequence(CuQ, CuK, b, Nq, Nk, bottom_right, VARLEN)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    h, b, q_start, seqlen_q, k_start, seqlen_k, shift = _sequence(CuQ, CuK, Nq, Nk, bottom_right, VARLEN)
     if start_m >= seqlen_q:
         return
-    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_off = q_start.to(tl.int64)
     q_side = b * stride_qb + h * stride_qh + q_off * stride_qn
@@ -654,15 +780,13 @@ def _bwd_dq(
     kv_off = b * stride_kb + (h // GROUP) * stride_kh + k_start.to(tl.int64) * stride_kn
     Mb = Mask + b * stride_mb + h * stride_mh
     drop_base = b * stride_sb + h * stride_sh + q_off * stride_sm + k_start
+    slope = tl.load(Alibi + b * stride_ab + h * stride_ah) if ALIBI else 0.0
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dq = _bwd_dq_inner(dq, q, do, row_m, row_c, Delta_i, DO + q_side, K + kv_off, V + kv_off, Mb, stride_qn, stride_kn,
-                       stride_mm, stride_mn, stride_sm, drop_base, seed, dropout_p, inv_keep, qk_scale, start_m, offs_m,
-                       offs_d, seqlen_q, seqlen_k, shift, D, BLOCK_M, BLOCK_N, 1, MASK_KIND, CAUSAL, DROPOUT, UPCAST,
-                       IEEE)
-    dq = _bwd_dq_inner(dq, q, do, row_m, row_c, Delta_i, DO + q_side, K + kv_off, V + kv_off, Mb, stride_qn, stride_kn,
-                       stride_mm, stride_mn, stride_sm, drop_base, seed, dropout_p, inv_keep, qk_scale, start_m, offs_m,
-                       offs_d, seqlen_q, seqlen_k, shift, D, BLOCK_M, BLOCK_N, 2, MASK_KIND, CAUSAL, DROPOUT, UPCAST,
-                       IEEE)
+    for stage in tl.static_range(1, 3):
+        dq = _bwd_dq_inner(dq, q, do, row_m, row_c, Delta_i, DO + q_side, K + kv_off, V + kv_off, Mb, stride_qn,
+                           stride_kn, stride_mm, stride_mn, stride_sm, drop_base, seed, dropout_p, inv_keep, qk_scale,
+                           win_left, win_right, softcap, slope, start_m, offs_m, offs_d, seqlen_q, seqlen_k, shift, D,
+                           BLOCK_M, BLOCK_N, stage, MASK_KIND, CAUSAL, DROPOUT, WINDOW, SOFTCAP, ALIBI, UPCAST, IEEE)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + (q_start + offs_m).to(tl.int64)[:, None] * stride_dqn
              + offs_d[None, :], (dq * qk_scale).to(DQ.dtype.element_ty),
              mask=_lt(offs_m[:, None], seqlen_q) & _lt(offs_d[None, :], D))
@@ -698,6 +822,11 @@ def _on(device: torch.device):
 
 
 # ----------------------------------------------------------------------------- the backend interface
+
+
+# The score variants these kernels serve (dispatch.why_not refuses the others); sinks are joined to (out, lse)
+# outside them (registration.join_sinks), their backward taking P from the saved lse.
+VARIANTS = frozenset({"window_size", "softcap", "alibi_slopes"})
 
 
 def why_not(call) -> Optional[str]:
@@ -740,8 +869,47 @@ def _one_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return a.contiguous(), b.contiguous()
 
 
+class _Mods:
+    """The kernels' arguments of the score variants (``registration.ScoreMods`` or None): ``args`` = (alibi
+    slopes, stride_ab, stride_ah) before the strides and (win_left, win_right, softcap) after them (an unbounded
+    window side as ``unbounded`` = Nq + Nk, which no |p(i) - j| reaches), ``flags`` the constexprs."""
+
+    def __init__(self, mods, b: int, hq: int, unbounded: int, like: torch.Tensor):
+        left, right = (mods.window_left, mods.window_right) if mods is not None else (-1, -1)
+        self.left = unbounded if left < 0 else min(left, unbounded)
+        self.right = unbounded if right < 0 else min(right, unbounded)
+        self.softcap = float(mods.softcap) if mods is not None else 0.0
+        slopes = mods.alibi_slopes if mods is not None else None
+        if slopes is None:
+            self.alibi, self.alibi_strides = like, (0, 0)
+        else:
+            if slopes.dtype != torch.float32 or slopes.device != like.device or slopes.shape not in ((hq,), (b, hq)):
+                raise ValueError(f"alibi_slopes: expected float32 ({hq},) or ({b}, {hq}) on {like.device}, got "
+                                 f"{str(slopes.dtype).replace('torch.', '')} {tuple(slopes.shape)} on {slopes.device}")
+            self.alibi = slopes
+            self.alibi_strides = (0, slopes.stride(0)) if slopes.dim() == 1 else tuple(slopes.stride())
+        self.flags = dict(WINDOW=left >= 0 or right >= 0, SOFTCAP=self.softcap > 0, ALIBI=slopes is not None)
+
+    @property
+    def tail(self) -> tuple:
+        """(stride_ab, stride_ah, win_left, win_right, softcap): the kernels' variant scalars."""
+        return (*self.alibi_strides, self.left, self.right, self.softcap)
+
+
+def _key_span(nq: int, nk: int, causal: bool, bottom_right: bool, left: int, right: int) -> tuple[int, int]:
+    """Keys [lo, hi) that some query of a dense call sees (before any mask): the causal and window bounds of
+    the first and last query (left / right as _Mods normalises them). hi == lo when no query sees a key."""
+    shift = nk - nq if bottom_right else 0
+    lo = max(0, shift - left)
+    hi = min(nk, nq - 1 + shift + right + 1)
+    if causal:
+        hi = min(hi, nq + shift)
+    return lo, max(lo, hi)
+
+
 def _num_splits(b: int, hq: int, nq: int, nk: int, block_m: int, block_n: int, device) -> int:
-    """Split-KV count for decode: enough programs to fill the GPU, each split >= 4 key blocks."""
+    """Split-KV count for decode: enough programs to fill the GPU, each split >= 4 key blocks. ``nk``: the keys
+    the queries see (inside a sliding window, its span)."""
     if INTERPRET or nq > 16 or nk < 1024:
         return 1
     programs = b * hq * triton.cdiv(nq, block_m)
@@ -757,7 +925,7 @@ def _pad_head_dim(t: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, *, varlen, cu_q=None, cu_k=None,
-                 max_q=None, max_k=None, num_splits=None):
+                 max_q=None, max_k=None, num_splits=None, mods=None):
     """Launches the forward kernel (and the split-KV combine); returns (out, lse).
 
     The kernels take one head dim for q, k and v. When v's differs, the narrower side is zero-padded
@@ -768,7 +936,7 @@ def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_
         w = max(d, dv)
         out, lse = _run_forward(_pad_head_dim(q, w), _pad_head_dim(k, w), _pad_head_dim(v, w), attn_mask, seed, scale,
                                 causal, bottom_right, dropout_p, varlen=varlen, cu_q=cu_q, cu_k=cu_k, max_q=max_q,
-                                max_k=max_k, num_splits=num_splits)
+                                max_k=max_k, num_splits=num_splits, mods=mods)
         return out[..., :dv].contiguous(), lse
     q = q if q.stride(-1) == 1 else q.contiguous()
     k, v = _one_layout(k, v)
@@ -790,10 +958,15 @@ def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_
     os_ = (*_strides(out, varlen), 0)
     kind = "decode" if (nq <= 16 and not INTERPRET) else "fwd"
     bm, bn, warps, stages = _config(kind, d, q.dtype, q.device, dropout_p > 0, attn_mask is not None)
+    vm = _Mods(mods, b, hq, nq + nk, q)
+    # the keys the queries see (varlen: every key of the longest sequence), split-KV over these alone
+    key_lo, key_hi = (0, nk) if varlen else _key_span(nq, nk, causal, bottom_right, vm.left, vm.right)
+    split_lo = (key_lo // bn) * bn
+    span = max(key_hi - split_lo, 1)
     if num_splits is None:
-        num_splits = 1 if varlen else _num_splits(b, hq, nq, nk, bm, bn, q.device)
-    keys_per_split = triton.cdiv(triton.cdiv(nk, num_splits), bn) * bn
-    num_splits = triton.cdiv(nk, keys_per_split)
+        num_splits = 1 if varlen else _num_splits(b, hq, nq, span, bm, bn, q.device)
+    keys_per_split = triton.cdiv(triton.cdiv(span, num_splits), bn) * bn
+    num_splits = triton.cdiv(span, keys_per_split)
     o_dst, l_dst = out, lse
     if num_splits > 1:
         assert not varlen, "split-KV serves dense calls"
@@ -804,11 +977,11 @@ def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_
     mask, ms, mask_kind = _mask_args(attn_mask, q)
     num_m_blocks = triton.cdiv(nq, bm)
     _attn_fwd[(num_m_blocks * num_splits, hq, b)](
-        q, k, v, mask, o_dst, l_dst, cu_q, cu_k, *_strides(q, varlen), *_strides(k, varlen), *os_, *ms, *ls, *drop,
-        hq // hkv, nq, nk, d, scale, int(bottom_right), seed, dropout_p, 1.0 / (1.0 - dropout_p),
-        keys_per_split, num_m_blocks,
+        q, k, v, mask, o_dst, l_dst, cu_q, cu_k, vm.alibi, *_strides(q, varlen), *_strides(k, varlen), *os_, *ms, *ls,
+        *drop, hq // hkv, nq, nk, d, scale, int(bottom_right), seed, dropout_p, 1.0 / (1.0 - dropout_p), *vm.tail,
+        split_lo, keys_per_split, num_m_blocks,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d), MASK_KIND=mask_kind, CAUSAL=bool(causal),
-        DROPOUT=dropout_p > 0, VARLEN=varlen, UPCAST=INTERPRET, IEEE=q.dtype == torch.float32,
+        DROPOUT=dropout_p > 0, VARLEN=varlen, **vm.flags, UPCAST=INTERPRET, IEEE=q.dtype == torch.float32,
         **_launch_options(warps, stages))
     if num_splits > 1:
         rows = b * hq * nq
@@ -817,21 +990,24 @@ def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_
     return out, lse
 
 
-def forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p):
-    """(out (B, Hq, Nq, Dv), lse (B, Hq, Nq) fp32) of ``fusedlayers.attention``."""
-    with _on(q.device):
-        return _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, varlen=False)
-
-
-def forward_split_kv(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, num_splits: int):
-    """forward() with an explicit split-KV count (tests the decode path where the heuristic would not split)."""
+def forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, mods=None):
+    """(out (B, Hq, Nq, Dv), lse (B, Hq, Nq) fp32) of ``fusedlayers.attention``; ``mods``: the score variants
+    (``registration.ScoreMods``; sinks are not taken here)."""
     with _on(q.device):
         return _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, varlen=False,
-                            num_splits=num_splits)
+                            mods=mods)
+
+
+def forward_split_kv(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, num_splits: int, mods=None):
+    """forward() with an explicit split-KV count over the keys the queries see (tests the decode path where
+    the heuristic would not split)."""
+    with _on(q.device):
+        return _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, varlen=False,
+                            num_splits=num_splits, mods=mods)
 
 
 def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, scale, causal,
-                   bottom_right, dropout_p):
+                   bottom_right, dropout_p, mods=None):
     """(out (total_q, Hq, Dv), lse (Hq, total_q)) of ``fusedlayers.attention_varlen``."""
     from fusedlayers.ops import check_cu_seqlens_values  # the op body runs eagerly: values can be read
 
@@ -839,11 +1015,11 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     with _on(q.device):
         return _run_forward(q, k, v, None, seed, scale, causal, bottom_right, dropout_p, varlen=True,
                             cu_q=cu_seqlens_q.contiguous(), cu_k=cu_seqlens_k.contiguous(), max_q=max_seqlen_q,
-                            max_k=max_seqlen_k)  # the kernels read cu_seqlens[b] at offset b
+                            max_k=max_seqlen_k, mods=mods)  # the kernels read cu_seqlens[b] at offset b
 
 
 def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right, dropout_p,
-                  deterministic, bias_grad, *, varlen, cu_q=None, cu_k=None, max_q=None, max_k=None):
+                  deterministic, bias_grad, *, varlen, cu_q=None, cu_k=None, max_q=None, max_k=None, mods=None):
     lse = lse.contiguous()  # Delta is allocated like lse and written through lse's strides
     d, dv = q.shape[-1], v.shape[-1]
     if d != dv:  # as in _run_forward: the padded out and dout have zero columns, so Delta is unchanged
@@ -851,7 +1027,7 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
         grads = _run_backward(_pad_head_dim(dout, w), dlse, _pad_head_dim(q, w), _pad_head_dim(k, w),
                               _pad_head_dim(v, w), attn_mask, _pad_head_dim(out, w), lse, seed, scale, causal,
                               bottom_right, dropout_p, deterministic, bias_grad, varlen=varlen, cu_q=cu_q, cu_k=cu_k,
-                              max_q=max_q, max_k=max_k)
+                              max_q=max_q, max_k=max_k, mods=mods)
         return (grads[0][..., :d].contiguous(), grads[1][..., :d].contiguous(), grads[2][..., :dv].contiguous(),
                 grads[3])
     q, dout = _one_layout(q, dout)  # the q side: one stride set
@@ -875,6 +1051,7 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
         cu_q = cu_k = q
     qs, ks = _strides(q, varlen), _strides(k, varlen)
     group = hq // hkv
+    vm = _Mods(mods, b, hq, nq + nk, q)
     # Delta = rowsum(dO * O) - dlse, laid out like lse; fp64 for fp32 inputs (see _bwd_tile)
     Delta = torch.empty_like(lse, dtype=torch.float64 if q.dtype == torch.float32 else torch.float32)
     _bwd_preprocess[(triton.cdiv(pre_n, _ROWS), hq, pre_b)](
@@ -885,9 +1062,10 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
     row_m, row_c = torch.empty_like(lse), torch.empty_like(lse)
     bm, bn, warps = _row_stats_config(d)
     _bwd_row_stats[(triton.cdiv(nq, bm), hq, b)](
-        q, k, mask, lse, row_m, row_c, cu_q, cu_k, *qs, *ks, *ms, *ls, group, nq, nk, d, scale,
-        int(bottom_right), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d), MASK_KIND=mask_kind, CAUSAL=bool(causal),
-        VARLEN=varlen, UPCAST=INTERPRET, IEEE=q.dtype == torch.float32, **_launch_options(warps, 1))
+        q, k, mask, lse, row_m, row_c, cu_q, cu_k, vm.alibi, *qs, *ks, *ms, *ls, group, nq, nk, d, scale,
+        int(bottom_right), *vm.tail, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d), MASK_KIND=mask_kind,
+        CAUSAL=bool(causal), VARLEN=varlen, **vm.flags, UPCAST=INTERPRET, IEEE=q.dtype == torch.float32,
+        **_launch_options(warps, 1))
 
     dk = k.new_empty(k.shape)  # contiguous, as dv
     dv = v.new_empty(v.shape)
@@ -897,17 +1075,18 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
         db_buf = torch.zeros((b, hq, nq, nk), device=q.device, dtype=torch.float32)
         if tuple(attn_mask.shape) == (b, hq, nq, nk) and attn_mask.dtype == torch.float32:
             dbias = db_buf
-    atomic = not deterministic and (INTERPRET or _atomic_dq(_bucket(d), q.dtype))
+    atomic = not deterministic and (INTERPRET or _atomic_dq(_bucket(d), q.dtype, any(vm.flags.values())))
     # contiguous: the fp32 accumulator of the atomic path, or dq itself
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else q.new_empty(q.shape)
-    common = dict(MASK_KIND=mask_kind, CAUSAL=bool(causal), DROPOUT=dropout_p > 0, VARLEN=varlen, UPCAST=INTERPRET,
-                  IEEE=q.dtype == torch.float32)
-    tail = (group, nq, nk, d, scale, int(bottom_right), seed, dropout_p, 1.0 / (1.0 - dropout_p))
+    common = dict(MASK_KIND=mask_kind, CAUSAL=bool(causal), DROPOUT=dropout_p > 0, VARLEN=varlen, **vm.flags,
+                  UPCAST=INTERPRET, IEEE=q.dtype == torch.float32)
+    tail = (group, nq, nk, d, scale, int(bottom_right), seed, dropout_p, 1.0 / (1.0 - dropout_p), *vm.tail)
 
     bm, bn, warps, stages = _config("dkdv", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None)
     _bwd_dkdv[(triton.cdiv(nk, bn), hkv, b)](
         q, k, v, mask, dout, row_m, row_c, Delta, dq_acc, dk, dv, db_buf if db_buf is not None else dq_acc, cu_q, cu_k,
-        *qs, *ks, *ms, *ls, *_strides(dq_acc, varlen), *_strides(dk, varlen), *drop, *tail, BLOCK_M=bm, BLOCK_N=bn,
+        vm.alibi, *qs, *ks, *ms, *ls, *_strides(dq_acc, varlen), *_strides(dk, varlen), *drop, *tail, BLOCK_M=bm,
+        BLOCK_N=bn,
         BLOCK_D=_bucket(d), ATOMIC_DQ=atomic, DBIAS=bias_grad, **common, **_launch_options(warps, stages))
     if atomic:
         dq = dq_acc.to(q.dtype)
@@ -915,7 +1094,8 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
         dq = dq_acc
         bm, bn, warps, stages = _config("dq", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None)
         _bwd_dq[(triton.cdiv(nq, bm), hq, b)](
-            q, k, v, mask, dout, row_m, row_c, Delta, dq, cu_q, cu_k, *qs, *ks, *ms, *ls, *_strides(dq, varlen),
+            q, k, v, mask, dout, row_m, row_c, Delta, dq, cu_q, cu_k, vm.alibi, *qs, *ks, *ms, *ls,
+            *_strides(dq, varlen),
             *drop, *tail, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d),
             **common, **_launch_options(warps, stages))
     if bias_grad and dbias is None:
@@ -925,15 +1105,15 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
 
 
 def backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right, dropout_p, deterministic,
-             bias_grad):
+             bias_grad, mods=None):
     """(dq, dk, dv, dbias or None) of ``fusedlayers.attention``."""
     with _on(q.device):
         return _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right, dropout_p,
-                             deterministic, bias_grad, varlen=False)
+                             deterministic, bias_grad, varlen=False, mods=mods)
 
 
 def varlen_backward(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, lse, seed,
-                    scale, causal, bottom_right, dropout_p, deterministic):
+                    scale, causal, bottom_right, dropout_p, deterministic, mods=None):
     """(dq, dk, dv) of ``fusedlayers.attention_varlen``."""
     from fusedlayers.ops import check_cu_seqlens_values  # the op body runs eagerly: values can be read
 
@@ -941,7 +1121,8 @@ def varlen_backward(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     with _on(q.device):
         dq, dk, dv, _ = _run_backward(dout, dlse, q, k, v, None, out, lse, seed, scale, causal, bottom_right,
                                       dropout_p, deterministic, False, varlen=True, cu_q=cu_seqlens_q.contiguous(),
-                                      cu_k=cu_seqlens_k.contiguous(), max_q=max_seqlen_q, max_k=max_seqlen_k)
+                                      cu_k=cu_seqlens_k.contiguous(), max_q=max_seqlen_q, max_k=max_seqlen_k,
+                                      mods=mods)
     return dq, dk, dv
 
 

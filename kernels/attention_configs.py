@@ -32,22 +32,22 @@ _BUCKETS = (16, 32, 64, 128, 256)
 
 _CONFIGS = {  # fp16 and bf16
     # (pass, dropout, mask):  d <= 16          d 17..32         d 33..64         d 65..128        d 129..256
-    ("fwd", False, False):    ((128, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 8, 2)),
-    ("fwd", False, True):     ((128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3),  (32, 64, 8, 2)),
+    ("fwd", False, False):    ((128, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (32, 64, 8, 2)),
+    ("fwd", False, True):     ((128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3),  (32, 64, 8, 2)),
     ("fwd", True, False):     ((128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3), (64, 32, 8, 3),  (32, 64, 8, 1)),
     ("fwd", True, True):      ((128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 8, 3),  (32, 32, 8, 1)),
-    ("decode", False, False): ((16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2),  (16, 64, 4, 3),  (16, 32, 8, 2)),
+    ("decode", False, False): ((16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 2)),
     ("decode", False, True):  ((16, 64, 4, 2),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2)),
-    ("decode", True, False):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 4, 2)),
+    ("decode", True, False):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 8, 2)),
     ("decode", True, True):   ((16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2)),
     ("dkdv", False, False):   ((32, 64, 8, 3),  (32, 64, 8, 3),  (32, 64, 8, 3),  (32, 64, 8, 2),  (32, 64, 8, 1)),
-    ("dkdv", False, True):    ((32, 64, 8, 2),  (32, 64, 8, 1),  (32, 64, 8, 1),  (16, 64, 8, 2),  (32, 32, 8, 2)),
+    ("dkdv", False, True):    ((32, 64, 8, 1),  (32, 64, 8, 1),  (32, 64, 8, 1),  (16, 64, 8, 2),  (32, 32, 8, 2)),
     ("dkdv", True, False):    ((32, 64, 8, 1),  (16, 64, 4, 2),  (32, 64, 8, 3),  (16, 32, 8, 2),  (32, 32, 8, 1)),
-    ("dkdv", True, True):     ((32, 32, 8, 2),  (16, 32, 8, 1),  (32, 32, 4, 1),  (16, 32, 8, 2),  (16, 32, 8, 2)),
+    ("dkdv", True, True):     ((32, 32, 8, 2),  (16, 32, 8, 1),  (32, 32, 8, 2),  (16, 32, 8, 2),  (16, 32, 8, 2)),
     ("dq", False, False):     ((128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 2), (32, 32, 8, 1)),
-    ("dq", False, True):      ((128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 2), (32, 32, 8, 1)),
+    ("dq", False, True):      ((128, 32, 8, 2), (128, 32, 4, 3), (64, 32, 4, 3),  (64, 32, 4, 3),  (32, 32, 8, 1)),
     ("dq", True, False):      ((64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 8, 2),  (32, 32, 8, 1)),
-    ("dq", True, True):       ((64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 8, 2),  (32, 32, 8, 1)),
+    ("dq", True, True):       ((64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 4, 3),  (32, 32, 8, 1),  (32, 32, 8, 1)),
 }
 
 
@@ -59,24 +59,24 @@ def _ARCH(sm80: tuple, sm90: tuple) -> dict:
 
 _FP32_CONFIGS = {  # fp32: FMA dots (no TF32), fp64 dP in backward: smaller tiles
     # (pass, dropout, mask):  d <= 16          d 17..32         d 33..64         d 65..128        d 129..256
-    ("fwd", False, False):    ((128, 32, 4, 2), (128, 32, 8, 3), (32, 32, 4, 1),  (16, 16, 4, 1),  (32, 32, 8, 1)),
-    ("fwd", False, True):     ((64, 32, 4, 2),  (64, 32, 8, 3),  (32, 32, 4, 1),  (32, 32, 8, 1),  (32, 32, 8, 1)),
-    ("fwd", True, False):     ((128, 32, 4, 2), (128, 32, 8, 3), (64, 32, 8, 3),  (16, 16, 4, 1),  (32, 32, 8, 1)),
-    ("fwd", True, True):      ((128, 32, 8, 3), (64, 32, 8, 3),  (32, 32, 4, 1),  (32, 32, 8, 1),  (32, 32, 8, 1)),
-    ("decode", False, False): ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 2),  (16, 16, 4, 1),  (16, 32, 4, 1)),
+    ("fwd", False, False):    ((128, 32, 4, 2), (128, 32, 8, 3), (32, 64, 8, 2),  (16, 16, 4, 1),  (32, 32, 8, 1)),
+    ("fwd", False, True):     ((64, 32, 4, 2),  (64, 32, 8, 3),  (32, 64, 8, 2),  (32, 32, 8, 1),  (32, 32, 8, 1)),
+    ("fwd", True, False):     ((128, 32, 8, 3), (128, 32, 8, 3), (64, 32, 8, 3),  (16, 16, 4, 1),  (16, 32, 4, 1)),
+    ("fwd", True, True):      ((64, 64, 8, 3),  (64, 32, 8, 3),  (32, 32, 4, 1),  (32, 32, 8, 1),  (32, 32, 8, 1)),
+    ("decode", False, False): ((16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 4, 2),  (16, 16, 4, 1),  (16, 32, 4, 1)),
     ("decode", False, True):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 4, 1)),
-    ("decode", True, False):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 4, 1)),
+    ("decode", True, False):  ((16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 4, 1)),
     ("decode", True, True):   ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 4, 1)),
-    ("dkdv", False, False):   ((32, 64, 8, 3),  (32, 32, 8, 1),  (32, 32, 8, 1),  (16, 64, 8, 2),  (16, 16, 4, 1)),
-    ("dkdv", False, True):    ((32, 32, 8, 1),  (32, 64, 8, 1),  (32, 32, 8, 1),
-                               _ARCH((16, 64, 8, 2), (32, 32, 8, 1)), (16, 16, 8, 1)),
-    ("dkdv", True, False):    ((32, 64, 8, 1),  (16, 64, 8, 2),  (16, 64, 8, 1),  (16, 32, 8, 2),  (16, 16, 8, 1)),
-    ("dkdv", True, True):     ((32, 32, 8, 1),  _ARCH((16, 32, 8, 1), (32, 32, 8, 1)), (16, 16, 4, 1),
-                               _ARCH((16, 64, 8, 1), (32, 16, 8, 1)), (32, 16, 8, 1)),
+    ("dkdv", False, False):   ((16, 64, 8, 2),  (16, 64, 8, 1),  (32, 64, 8, 1),  (16, 64, 8, 2),  (16, 32, 8, 2)),
+    ("dkdv", False, True):    ((16, 64, 8, 2),  (16, 64, 8, 2),  (32, 32, 8, 1),  (32, 16, 8, 1),  (16, 32, 8, 1)),
+    ("dkdv", True, False):    ((32, 64, 8, 2),  (16, 64, 8, 2),  _ARCH((32, 64, 8, 1), (16, 32, 8, 2)),
+                               _ARCH((16, 64, 8, 1), (16, 64, 8, 2)), _ARCH((16, 16, 8, 1), (32, 16, 8, 1))),
+    ("dkdv", True, True):     ((16, 64, 8, 1),  (16, 32, 8, 2),  _ARCH((32, 32, 8, 1), (16, 16, 4, 1)),
+                               _ARCH((16, 64, 8, 1), (32, 16, 8, 1)), _ARCH((32, 16, 8, 1), (16, 32, 8, 1))),
     ("dq", False, False):     ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 8, 1)),
-    ("dq", False, True):      ((32, 32, 4, 1),  (128, 32, 8, 2), (16, 32, 4, 1),  (64, 32, 8, 2),  (16, 32, 8, 1)),
-    ("dq", True, False):      ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 16, 4, 1)),
-    ("dq", True, True):       ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 8, 1)),
+    ("dq", False, True):      ((32, 32, 4, 1),  (128, 32, 8, 2), (16, 32, 4, 1),  (16, 32, 4, 1),  (32, 32, 8, 1)),
+    ("dq", True, False):      ((32, 32, 4, 1),  (128, 32, 8, 2), (16, 32, 4, 1),  (32, 32, 8, 1),  (16, 32, 8, 1)),
+    ("dq", True, True):       ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (32, 32, 8, 1)),
 }
 
 _INTERPRETER_CONFIG = (64, 64, 4, 1)
@@ -98,12 +98,17 @@ def _bucket(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _atomic_dq(bucket: int, dtype: torch.dtype) -> bool:
+def _atomic_dq(bucket: int, dtype: torch.dtype, mods: bool = False) -> bool:
     """Whether the non-deterministic backward may add dQ with atomics inside _bwd_dkdv (on a GPU). Not for
     16-bit head dims > 128: dK/dV with bias, dropout and the atomic dQ of 256-wide rows spills on sm_80 at
     every tile tried, and atomics of (BLOCK_M, 256) fp32 per key block of 16-32 keys cost more than the
-    separate _bwd_dq pass. fp32 keeps them at every head dim (_bwd_dq does not fit the registers at d > 128)."""
-    return dtype == torch.float32 or bucket <= 128
+    separate _bwd_dq pass. fp32 keeps them at every head dim, except with a score variant (``mods``: window,
+    softcap or ALiBi) at d >= 128, where dK/dV with the atomic dQ spills on sm_80 at every tile tried (bias and
+    dropout at 128, packed sequences and dropout at 256) and _bwd_dq, which the deterministic backward compiles
+    at every head dim anyway, takes dQ."""
+    if dtype == torch.float32:
+        return not (mods and bucket >= 128)
+    return bucket <= 128
 
 
 # ----------------------------------------------------------------------------- compile targets
@@ -115,7 +120,9 @@ def compile_targets() -> list[tuple]:
     hints; archs: the architectures that pick it, None for all).
 
     Each table entry (pass, head-dim bucket, dtype, dropout, mask) is compiled in the variant that
-    turns on every feature of that entry (``_VARIANT_ENTRY``), in bf16, fp16 and fp32: fp16 and bf16
+    turns on every feature of that entry (``_VARIANT_ENTRY``), and again with the sliding window, the
+    softcap and ALiBi on (``<variant>_mods``: the score variants pick no table entry of their own), in
+    bf16, fp16 and fp32: fp16 and bf16
     share their tiles but not their code (ptxas allocates registers differently for the two MMA
     types, one fp16 kernel spilled where its bf16 twin did not). The row kernels (Delta, split-KV
     combine) once per bucket and dtype. Runtime specialisation is mirrored for the common case: the
@@ -143,7 +150,7 @@ def compile_targets() -> list[tuple]:
                     targets[name] = [(name, fn, signature, constexprs, {"num_warps": 4}, _aligned(fn, signature)),
                                      {8, 9}]
             for bucket, (bm, bn, warps) in zip(_BUCKETS, _ROW_STATS_CONFIGS):
-                for variant in ("all", "varlen"):  # causal with an fp32 bias; causal, packed
+                for variant in ("all", "varlen", "all_mods"):  # causal with an fp32 bias; causal, packed; + mods
                     name = f"attn_rowstats_{variant}_{tdt}_d{bucket}_BM{bm}_BN{bn}_w{warps}"
                     fn, signature, constexprs = _target("rowstats", variant, tdt, bucket, bm, bn)
                     targets[name] = [(name, fn, signature, constexprs, {"num_warps": warps, "num_stages": 1},
@@ -160,13 +167,17 @@ def compile_targets() -> list[tuple]:
 
 # Variants compiled per pass, and the table entry (dropout, mask) each one checks. all: fp32 additive bias
 # (+ dbias) + causal + dropout; mask: the same without dropout; varlen: causal + dropout, packed; none:
-# no feature; deterministic (dK/dV): all, without the dQ atomics. Decode serves varlen calls with
-# max_seqlen_q <= 16 too (never split).
-_VARIANTS = {"fwd": ("all", "mask", "none", "varlen"), "decode": ("all", "mask", "none", "varlen"),
-             "dkdv": ("all", "mask", "none", "varlen", "deterministic"), "dq": ("all", "mask", "none", "varlen")}
+# no feature; deterministic (dK/dV): all, without the dQ atomics; <variant>_mods: that variant with the
+# sliding window, the softcap and ALiBi (constexprs WINDOW, SOFTCAP, ALIBI). Decode serves varlen calls
+# with max_seqlen_q <= 16 too (never split).
+_BASE_VARIANTS = {"fwd": ("all", "mask", "none", "varlen"), "decode": ("all", "mask", "none", "varlen"),
+                  "dkdv": ("all", "mask", "none", "varlen", "deterministic"), "dq": ("all", "mask", "none", "varlen")}
+_MODS = ("all", "mask", "none", "varlen")  # the variants compiled again with the score variants
+_VARIANTS = {kind: base + tuple(f"{v}_mods" for v in base if v in _MODS) for kind, base in _BASE_VARIANTS.items()}
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _VARIANT_ENTRY = {"all": (True, True), "deterministic": (True, True), "mask": (False, True),
                   "varlen": (True, False), "none": (False, False)}
+_VARIANT_ENTRY.update({f"{v}_mods": _VARIANT_ENTRY[v] for v in _MODS})
 
 
 def _variants(kind: str, tdt: str, bucket: int) -> tuple:
@@ -197,41 +208,45 @@ def _target(kind: str, variant: str, tdt: str, bucket: int, bm: int, bn: int):
 
     fn = {"fwd": A._attn_fwd, "decode": A._attn_fwd, "dkdv": A._bwd_dkdv, "dq": A._bwd_dq,
           "rowstats": A._bwd_row_stats}[kind]
+    mods = variant.endswith("_mods")
+    variant = variant.removesuffix("_mods")
     on = variant in ("all", "deterministic", "mask")
     varlen = variant == "varlen"
     dropout = variant != "mask" and (on or varlen)
-    signature, constexprs = {}, {}
+    types = {"Mask": "*fp32" if on else "*" + tdt,
+             "Out": "*fp32" if kind == "decode" and on else "*" + tdt,  # split-KV partials are fp32
+             "DQ": "*fp32" if kind == "dkdv" or tdt == "fp32" else "*" + tdt,
+             "stride_mn": "constexpr"}  # a mask's key stride is 1 unless broadcast over keys
+    types.update({arg: "*" + tdt for arg in ("Q", "K", "V", "DO", "DK", "DV")})
+    types.update({arg: "*i32" if varlen else "*" + tdt for arg in ("CuQ", "CuK")})
+    types.update({arg: "fp32" for arg in ("qk_scale", "sm_scale", "dropout_p", "inv_keep", "softcap")})
+    types.update({arg: "i64" for arg in ("seed", "stride_sb", "stride_sh", "stride_sm")})
+    signature, constexprs = _signature(fn, tdt, types), {"stride_mn": 1}
+    mask_kind = A.MASK_BIAS if on and not varlen else A.MASK_NONE
+    constexprs.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bucket, MASK_KIND=mask_kind.value,
+                      CAUSAL=on or varlen, DROPOUT=dropout, VARLEN=varlen, WINDOW=mods, SOFTCAP=mods, ALIBI=mods,
+                      UPCAST=False, IEEE=tdt == "fp32")
+    if kind == "dkdv":
+        constexprs.update(ATOMIC_DQ=variant != "deterministic" and _atomic_dq(bucket, _DTYPES[tdt], mods), DBIAS=on)
+    return fn, signature, {k: v for k, v in constexprs.items() if k in fn.arg_names}
+
+
+def _signature(fn, tdt: str, types: dict) -> dict:
+    """Triton signature of ``fn`` in dtype ``tdt``: ``types`` for the arguments it names; the fp32 row tensors;
+    Delta fp64 for fp32 inputs, else fp32; ``tl.constexpr`` parameters; i32 for the rest (sizes, strides)."""
+    signature = {}
     for arg in fn.arg_names:
-        if arg in ("Q", "K", "V", "DO", "DK", "DV"):
-            signature[arg] = "*" + tdt
-        elif arg == "Mask":
-            signature[arg] = "*fp32" if on else "*" + tdt
-        elif arg == "Out":
-            signature[arg] = "*fp32" if kind == "decode" and on else "*" + tdt  # split-KV partials are fp32
-        elif arg == "DQ":
-            signature[arg] = "*fp32" if kind == "dkdv" or tdt == "fp32" else "*" + tdt
-        elif arg in ("Lse", "RowM", "RowC", "DB"):
-            signature[arg] = "*fp32"
-        elif arg == "Delta":
+        if arg in types:
+            signature[arg] = types[arg]
+        elif arg in ("Delta", "Delta_out"):
             signature[arg] = "*fp64" if tdt == "fp32" else "*fp32"
-        elif arg in ("CuQ", "CuK"):
-            signature[arg] = "*i32" if varlen else "*" + tdt
-        elif arg == "stride_mn":  # a mask's key stride is 1 unless broadcast over keys
-            signature[arg], constexprs[arg] = "constexpr", 1
-        elif arg in ("qk_scale", "sm_scale", "dropout_p", "inv_keep"):
-            signature[arg] = "fp32"
-        elif arg in ("seed", "stride_sb", "stride_sh", "stride_sm"):
-            signature[arg] = "i64"
+        elif arg in ("Lse", "RowM", "RowC", "DB", "Alibi", "DLse", "OPart", "LPart"):
+            signature[arg] = "*fp32"
         elif arg in _constexpr_args(fn):
             signature[arg] = "constexpr"
         else:
             signature[arg] = "i32"
-    mask_kind = A.MASK_BIAS if on and not varlen else A.MASK_NONE
-    constexprs.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bucket, MASK_KIND=mask_kind.value,
-                      CAUSAL=on or varlen, DROPOUT=dropout, VARLEN=varlen, UPCAST=False, IEEE=tdt == "fp32")
-    if kind == "dkdv":
-        constexprs.update(ATOMIC_DQ=variant != "deterministic" and _atomic_dq(bucket, _DTYPES[tdt]), DBIAS=on)
-    return fn, signature, {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    return signature
 
 
 def _constexpr_args(fn) -> set:
@@ -242,18 +257,7 @@ def _constexpr_args(fn) -> set:
 
 def _row_target(fn, tdt: str, bucket: int):
     """(signature, constexprs) of a row kernel (_bwd_preprocess, _split_combine) in dtype ``tdt``."""
-    signature, constexprs = {}, {}
-    for arg in fn.arg_names:
-        if arg in ("O", "DO", "Out"):
-            signature[arg] = "*" + tdt
-        elif arg == "Delta_out":
-            signature[arg] = "*fp64" if tdt == "fp32" else "*fp32"
-        elif arg in ("DLse", "OPart", "LPart", "Lse"):
-            signature[arg] = "*fp32"
-        elif arg in _constexpr_args(fn):
-            signature[arg] = "constexpr"
-        else:
-            signature[arg] = "i32"
+    signature, constexprs = _signature(fn, tdt, {arg: "*" + tdt for arg in ("O", "DO", "Out")}), {}
     constexprs.update(BLOCK_M=_ROWS_BLOCK, BLOCK_D=bucket)
     return signature, constexprs
 

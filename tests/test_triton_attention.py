@@ -1,13 +1,15 @@
 """Paths of the Triton attention kernels (kernels/attention.py) that the shared grid does not reach:
 forced split-KV decode, the dropout stream against dropout_keep_mask, deterministic backward,
 broadcast masks read through strides, odd head dims, bias gradients of broadcast biases, refusals,
-and the compile-target list of the resource check (kernels/attention_configs.py). On CPU they run through TRITON_INTERPRET=1."""
+the score variants' block ranges (sliding window), split-KV over a window, per-head ALiBi, a saturating softcap,
+and the compile-target list of the resource check (kernels/attention_configs.py). On CPU they run through
+TRITON_INTERPRET=1."""
 
 import pytest
 import torch
 
 import fusedlayers
-from fusedlayers import dispatch, ops, reference, testing
+from fusedlayers import dispatch, ops, reference, registration, testing
 from fusedlayers.testing import AttentionCase
 
 from conftest import DEVICE, skip_unless_serves
@@ -360,3 +362,171 @@ def test_tensors_on_the_second_gpu_with_the_first_current():
     with torch.random.fork_rng(devices=[0, 1]):
         testing.assert_all_ok(testing.check_attention(case, torch.bfloat16, "cuda:1", "triton"), str(case))
     assert torch.cuda.current_device() == 0
+
+
+# ----------------------------------------------------------------------------- score variants
+
+if A is not None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _probe_ranges(Params, Out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                      WINDOW: tl.constexpr, KEYS: tl.constexpr):
+        """Out[p] = (lo, s1_lo, s1_hi, hi) of A._key_range (KEYS) or A._query_range for the p-th row of Params
+        (start, seqlen, shift, win_left, win_right): the kernels' own functions on host values."""
+        p = tl.program_id(0)
+        start = tl.load(Params + p * 5)
+        seqlen = tl.load(Params + p * 5 + 1)
+        shift = tl.load(Params + p * 5 + 2)
+        left = tl.load(Params + p * 5 + 3)
+        right = tl.load(Params + p * 5 + 4)
+        if KEYS:
+            lo, s1_lo, s1_hi, hi = A._key_range(start, 0, seqlen, seqlen, shift, left, right, BLOCK_M, BLOCK_N, CAUSAL,
+                                                WINDOW)
+        else:
+            lo, s1_lo, s1_hi, hi = A._query_range(start, seqlen, shift, left, right, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+        tl.store(Out + p * 4, lo)
+        tl.store(Out + p * 4 + 1, s1_lo)
+        tl.store(Out + p * 4 + 2, s1_hi)
+        tl.store(Out + p * 4 + 3, hi)
+
+
+def _stage_blocks(lo, s1_lo, s1_hi, hi, block):
+    """(STAGE 1 block starts, STAGE 2 block starts) as the kernels' loops visit them (A._stage_blocks)."""
+    return list(range(s1_lo, s1_hi, block)), list(range(lo, s1_lo, block)) + list(range(s1_hi, hi, block))
+
+
+def _window_cases(n_rows, n_cols):
+    """(seqlen_rows, seqlen_cols, shift, left, right) cases: both alignments, windows from none (-1) to one
+    key, one-sided and two-sided, Nq != Nk."""
+    cases = []
+    for nq, nk in ((n_rows, n_cols), (n_rows // 3, n_cols), (n_rows, n_cols // 4)):
+        for shift in (0, nk - nq):
+            for left, right in ((-1, -1), (0, 0), (5, -1), (-1, 7), (40, 0), (17, 33), (100, 3), (1, 200)):
+                cases.append((nq, nk, shift, left, right))
+    return cases
+
+
+@pytest.mark.parametrize("block_m, block_n", [(32, 16), (16, 64)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_and_query_ranges_visit_exactly_the_blocks_a_window_reaches(causal, block_m, block_n):
+    # The launchers' block ranges on host values: each block is visited once; STAGE 1 (no position test) holds
+    # only blocks whose every (row, key) pair is visible and inside the sequence; STAGE 1 and 2 together are
+    # exactly the blocks holding a visible pair (a window of W keys costs O(W) blocks, not O(Nk)).
+    cases = _window_cases(150, 230)
+    for keys, window in ((True, True), (False, True), (True, False), (False, False)):
+        params, expect = [], []  # WINDOW off (calls without a window): the unbounded cases only
+        for nq, nk, shift, left, right in (c for c in cases if window or c[3:] == (-1, -1)):
+            unbounded = nq + nk  # as the launchers pass an unbounded side (_Mods)
+            lw, rw = (unbounded if w < 0 else w for w in (left, right))
+            block = block_m if keys else block_n  # the tile side whose rows / keys are fixed
+            for start in range(0, nq if keys else nk, block):
+                params.append((start, nk if keys else nq, shift, lw, rw))
+                expect.append((nq, nk, shift, left, right, start))
+        params_t = torch.tensor(params, dtype=torch.int32, device=DEVICE)
+        out = torch.empty(len(params), 4, dtype=torch.int32, device=DEVICE)
+        _probe_ranges[(len(params),)](params_t, out, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, WINDOW=window,
+                                      KEYS=keys)
+        for (nq, nk, shift, left, right, start), (lo, s1_lo, s1_hi, hi) in zip(expect, out.tolist()):
+            pos_q = torch.arange(nq) + shift
+            if keys:  # the query block's rows (all BLOCK_M of them: rows past Nq are computed, never stored)
+                rows = torch.arange(start, start + block_m)
+                vis_block = reference.visible_keys(rows + shift, torch.arange(nk), causal=causal,
+                                                   window_size=(left, right))
+                size, other, n = block_n, vis_block, nk
+            else:  # the key block's columns, the rows of the sequence
+                cols = torch.arange(start, start + block_n)
+                size, other, n = block_m, reference.visible_keys(pos_q, cols, causal=causal,
+                                                                 window_size=(left, right)).T, nq
+            stage1, stage2 = _stage_blocks(lo, s1_lo, s1_hi, hi, size)
+            visited = stage1 + stage2
+            where = (keys, nq, nk, shift, left, right, start, (lo, s1_lo, s1_hi, hi))
+            assert len(visited) == len(set(visited)), where
+            reached = {s for s in range(0, n, size) if other[:, s:s + size].any()}
+            assert set(visited) == reached, where
+            for s in stage1:  # no key past the end (unchecked loads); query rows are always load-checked
+                assert (s + size <= n or not keys) and other[:, s:s + size].all(), where
+            if keys and left >= 0 and right >= 0:
+                assert len(visited) <= (block_m + left + right) // size + 2, where
+
+
+def test_key_span_of_the_split_kv_launcher():
+    # the keys split-KV divides: exactly those some query sees (before masks)
+    for nq, nk, shift_kind, left, right in [(1, 300, "bottom_right", 100, 0), (16, 4096, "bottom_right", 256, -1),
+                                            (3, 50, "top_left", 2, 5), (70, 300, "top_left", -1, 10),
+                                            (40, 20, "bottom_right", 3, 3), (5, 1000, "bottom_right", -1, -1)]:
+        for causal in (False, True):
+            unbounded = nq + nk
+            lw, rw = (unbounded if w < 0 else w for w in (left, right))
+            lo, hi = A._key_span(nq, nk, causal, shift_kind == "bottom_right", lw, rw)
+            vis = reference.visible_keys(reference.query_positions(nq, nk, shift_kind), torch.arange(nk),
+                                         causal=causal, window_size=(left, right)).any(0)
+            seen = vis.nonzero().flatten()
+            if len(seen) == 0:
+                assert lo == hi
+            else:
+                assert (lo, hi) == (int(seen[0]), int(seen[-1]) + 1) and bool(vis[lo:hi].all())
+
+
+@pytest.mark.parametrize("nq", [1, 70])
+def test_split_kv_over_a_sliding_window_matches_reference(nq):
+    # Decode over a long cache with a window: the splits divide the window's keys (three splits of one block)
+    case = AttentionCase(b=2, hq=4, hkv=2, nq=nq, nk=700, d=32, mask="key_padding", causal="bottom_right")
+    q, k, v, mask, _, _ = testing.make_attention_inputs(case, torch.float32, DEVICE)
+    mask[:] = True  # the padding would hide the window's keys of sequence 1
+    slopes = torch.linspace(0.05, 0.4, 4, device=DEVICE)
+    mods = registration.ScoreMods(150, 0, 4.0, slopes)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    out, lse = A.forward_split_kv(q, k, v, mask, 0, 32 ** -0.5, True, True, 0.0, num_splits=3, mods=mods)
+    kw = dict(causal=True, causal_align="bottom_right", scale=32 ** -0.5, window_size=(150, 0), softcap=4.0)
+    o64, l64 = reference.attention(q.double(), k.double(), v.double(), mask, alibi_slopes=slopes.double(), **kw)
+    ot, lt = reference.attention(q, k, v, mask, alibi_slopes=slopes, **kw)
+    testing.assert_all_ok([testing.compare("out", out, o64, ot, testing.OUT_FACTOR),
+                           testing.compare("lse", lse, l64, lt, testing.OUT_FACTOR)], f"split-KV window nq={nq}")
+    one, lse1 = A.forward(q, k, v, mask, 0, 32 ** -0.5, True, True, 0.0, mods=mods)
+    torch.testing.assert_close(lse, lse1)
+
+
+@pytest.mark.parametrize("causal", [None, "top_left"])
+def test_long_keys_with_a_small_window_match_reference(causal):
+    # Nk = 1024 keys, a window of 40 + 8: forward and backward visit a few key blocks per query block
+    # (and query blocks per key block), and give the reference's values and gradients
+    case = AttentionCase(b=1, hq=2, hkv=1, nq=1024, nk=1024, d=16, causal=causal, window=(40, 8))
+    testing.assert_all_ok(testing.check_attention(case, torch.float32, DEVICE, "triton"), str(case))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_per_head_alibi_and_saturating_softcap(dtype):
+    # (Hq,) slopes (the grid draws (B, Hq)), and scores far past the cap: tanh saturates, its derivative -> 0
+    gen = torch.Generator().manual_seed(3)
+    q = (torch.randn(2, 4, 40, 32, generator=gen) * 6).to(DEVICE, dtype).requires_grad_()
+    k, v = (torch.randn(2, 2, 90, 32, generator=gen).to(DEVICE, dtype).requires_grad_() for _ in range(2))
+    bias = torch.randn(1, 4, 40, 90, generator=gen).to(DEVICE, dtype).requires_grad_()
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=DEVICE)
+    seeds = (torch.randn(2, 4, 40, 32, generator=gen).to(DEVICE, dtype),
+             torch.randn(2, 4, 40, generator=gen).to(DEVICE))
+    kw = dict(causal=True, causal_align="bottom_right", softcap=1.5)
+    comps = _against_reference(
+        lambda *t: fusedlayers.attention(*t, return_lse=True, alibi_slopes=slopes, backend="triton", **kw),
+        lambda *t: reference.attention(*t, alibi_slopes=slopes.to(t[0].device, t[0].dtype), **kw), (q, k, v, bias),
+        seeds)
+    testing.assert_all_ok(comps, f"per-head ALiBi, softcap {dtype}")
+
+
+def test_varlen_per_head_alibi_with_window():
+    lens_q, lens_k = (5, 40, 13), (30, 40, 7)
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(sum(n), h, 16, generator=gen).to(DEVICE).requires_grad_()
+               for n, h in ((lens_q, 4), (lens_k, 2), (lens_k, 2)))
+    cu_q, cu_k = (torch.tensor([0, *n]).cumsum(0).to(DEVICE, torch.int32) for n in (lens_q, lens_k))
+    slopes = torch.tensor([0.3, 0.2, 0.1, 0.05], device=DEVICE)
+    seeds = (torch.randn(sum(lens_q), 4, 16, generator=gen).to(DEVICE),
+             torch.randn(4, sum(lens_q), generator=gen).to(DEVICE))
+    kw = dict(causal=True, causal_align="bottom_right", window_size=(6, 0), softcap=2.0, alibi_slopes=slopes)
+    comps = _against_reference(
+        lambda *t: fusedlayers.attention_varlen(*t, cu_q, cu_k, 40, 40, return_lse=True, backend="triton", **kw),
+        lambda *t: reference.attention_varlen(*t, cu_q, cu_k, **dict(kw, alibi_slopes=slopes.to(t[0].device,
+                                                                                                t[0].dtype))),
+        (q, k, v), seeds)
+    testing.assert_all_ok(comps, "varlen per-head ALiBi")
