@@ -238,6 +238,13 @@ void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows
     score_row<T>(p, sq, rows.b, h, r, kb, nk, edge, s, nullptr);
     SoftmaxState& st = state[i];
     const float m_new = softmax_new_max(st, row_max(s, nk));
+    if constexpr (!std::is_same_v<T, float>) {
+      if (m_new != -INFINITY && p.dropout_p == 0) {  // P straight to T, no float32 copy
+        const float alpha = softmax_update(st, m_new, exp_sub_sum_to(s, nk, m_new, p_lowp + i * kBlockK));
+        if (alpha != 1.0f) scale_row(o_acc + i * Dv, Dv, alpha);
+        continue;
+      }
+    }
     if (m_new == -INFINITY) {  // nothing visible yet: P = 0
       std::fill(s, s + nk, 0.0f);
     } else {

@@ -194,6 +194,29 @@ inline float exp_sub_sum(float* a, int64_t n, float m) {
   return s;
 }
 
+// exp_sub_sum for a row whose exponentials go on in T (bf16 / fp16) alone: out[j] = exp(a[j] - m) rounded to T,
+// returns the float32 sum. ATen's exp_u20 (20 ulp, far below T's 8 or 11 bits) with NaN passed through (exp_u20
+// clamps its input, so a NaN score would come out finite); exp(-inf) = 0.
+template <typename T>
+inline float exp_sub_sum_to(const float* a, int64_t n, float m, T* out) {
+  int64_t j = 0;
+  const Vec vm(m);
+  Vec acc(0.0f);
+  for (; j + 2 * kVec <= n; j += 2 * kVec) {
+    const Vec x0 = Vec::loadu(a + j) - vm, x1 = Vec::loadu(a + j + kVec) - vm;
+    const Vec e0 = Vec::blendv(x0.exp_u20(), x0, x0.isnan()), e1 = Vec::blendv(x1.exp_u20(), x1, x1.isnan());
+    store_vec2(out + j, e0, e1);
+    acc = acc + e0 + e1;
+  }
+  float s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+  for (; j < n; ++j) {
+    const float e = std::exp(a[j] - m);
+    out[j] = static_cast<T>(e);
+    s += e;
+  }
+  return s;
+}
+
 // a[j] *= keep(index0 + j) ? inv_keep : 0, the Philox dropout mask (common/philox.h).
 inline void dropout_row(float* a, int64_t n, uint64_t seed, uint64_t index0, float p, float inv_keep) {
   int64_t j = 0;
