@@ -283,6 +283,18 @@ def test_decode(case, dtype):
         testing.assert_all_ok(testing.check_attention(case, dtype, "cpu", "cpu"), str(case))
 
 
+@pytest.mark.parametrize("nq", [1, 300])  # decode and the query-block path
+def test_kernel_op_on_an_empty_batch(nq):
+    """The kernel op itself (no Python short cut) on zero sequences: empty outputs dense, a clear error packed."""
+    q, k, v = torch.randn(0, 4, nq, 64), torch.randn(0, 2, 100, 64), torch.randn(0, 2, 100, 64)
+    out, lse = ops.attention_fwd_kernel(q, k, v, None, None, None, 0, 0, 0, 0.125, False, False, 0.0)
+    assert out.shape == (0, 4, nq, 64) and lse.shape == (0, 4, nq)
+    cu = torch.zeros(1, dtype=torch.int32)
+    q, k, v = torch.randn(0, 4, 64), torch.randn(0, 2, 64), torch.randn(0, 2, 64)
+    with pytest.raises(RuntimeError, match=r"cu_seqlens_q and cu_seqlens_k must hold B \+ 1 >= 2"):
+        ops.attention_fwd_kernel(q, k, v, None, cu, cu, nq, 100, 0, 0.125, True, True, 0.0)
+
+
 @pytest.mark.parametrize("case", [
     VarlenCase(lens_q=(1, 16, 4), lens_k=(700, 1100, 3), hq=8, hkv=2, d=64, causal="bottom_right"),
     replace(VarlenCase(lens_q=(2, 0, 9), lens_k=(1030, 5, 600), hq=4, hkv=1, d=32), window=(500, 0)),

@@ -295,7 +295,8 @@ void forward(const AttentionParams& p) {
   const int64_t heads = decode ? p.heads_kv : p.heads_q;
   const int64_t n_qblocks = decode ? 1 : (p.seqlen_q + kBlockQ - 1) / kBlockQ;
   const int64_t threads = at::get_num_threads(), key_blocks = (p.seqlen_k + kBlockK - 1) / kBlockK;
-  const int64_t splits = decode ? std::max<int64_t>(1, std::min(key_blocks, 2 * threads / (p.batch * heads))) : 1;
+  const int64_t pairs = std::max<int64_t>(p.batch * heads, 1);  // (an empty batch has no task)
+  const int64_t splits = decode ? std::max<int64_t>(1, std::min(key_blocks, 2 * threads / pairs)) : 1;
   const int64_t n_tasks = p.batch * heads * n_qblocks * splits;
   const T* qp = static_cast<const T*>(p.q);
   const T* kp = static_cast<const T*>(p.k);
