@@ -231,6 +231,7 @@ void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows
                    const T* K, const T* V, int64_t kb, int64_t nk, bool edge, float* S, T* p_lowp, float* o_acc,
                    SoftmaxState* state) {
   const int64_t kBlockK = p.block_k, D = p.head_dim, Dv = p.head_dim_v, m = rows.count();
+  constexpr bool lowp = !std::is_same_v<T, float>;
   mm<T>(false, true, m, nk, D, p.scale, Q, lda, K + kb * p.k_rs, p.k_rs, 0.0f, S, kBlockK);
   for (int64_t i = 0; i < m; ++i) {
     float* s = S + i * kBlockK;
@@ -238,17 +239,18 @@ void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows
     score_row<T>(p, sq, rows.b, h, r, kb, nk, edge, s, nullptr);
     SoftmaxState& st = state[i];
     const float m_new = softmax_new_max(st, row_max(s, nk));
-    if constexpr (!std::is_same_v<T, float>) {
-      if (m_new != -INFINITY && p.dropout_p == 0) {  // P straight to T, no float32 copy
-        const float alpha = softmax_update(st, m_new, exp_sub_sum_to(s, nk, m_new, p_lowp + i * kBlockK));
-        if (alpha != 1.0f) scale_row(o_acc + i * Dv, Dv, alpha);
-        continue;
-      }
-    }
+    // fp16 / bf16 without dropout: the exponentials go straight to P in T, no float32 copy
+    const bool direct = lowp && p.dropout_p == 0 && m_new != -INFINITY;
     if (m_new == -INFINITY) {  // nothing visible yet: P = 0
       std::fill(s, s + nk, 0.0f);
     } else {
-      const float alpha = softmax_update(st, m_new, exp_sub_sum(s, nk, m_new));
+      float sum;
+      if constexpr (lowp) {
+        sum = direct ? exp_sub_sum_to(s, nk, m_new, p_lowp + i * kBlockK) : exp_sub_sum(s, nk, m_new);
+      } else {
+        sum = exp_sub_sum(s, nk, m_new);
+      }
+      const float alpha = softmax_update(st, m_new, sum);
       if (alpha != 1.0f) scale_row(o_acc + i * Dv, Dv, alpha);
       if (p.dropout_p > 0) {
         const int64_t index0 =
@@ -256,13 +258,12 @@ void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows
         dropout_row(s, nk, p.seed, static_cast<uint64_t>(index0), p.dropout_p, 1.0f / (1.0f - p.dropout_p));
       }
     }
-    if constexpr (!std::is_same_v<T, float>) store_row(s, nk, p_lowp + i * kBlockK);
+    if constexpr (lowp) {
+      if (!direct) lowp_row(s, nk, p_lowp + i * kBlockK);
+    }
   }
-  if constexpr (std::is_same_v<T, float>) {
-    mm<T>(false, false, m, Dv, nk, 1.0f, S, kBlockK, V + kb * p.v_rs, p.v_rs, 1.0f, o_acc, Dv);
-  } else {
-    mm<T>(false, false, m, Dv, nk, 1.0f, p_lowp, kBlockK, V + kb * p.v_rs, p.v_rs, 1.0f, o_acc, Dv);
-  }
+  const T* P = lowp ? p_lowp : reinterpret_cast<const T*>(S);
+  mm<T>(false, false, m, Dv, nk, 1.0f, P, kBlockK, V + kb * p.v_rs, p.v_rs, 1.0f, o_acc, Dv);
 }
 
 // out and lse of a task's rows from their accumulator and state.
@@ -369,8 +370,7 @@ void forward(const AttentionParams& p) {
             const SoftmaxState& ps = part_st[(bh * splits + s) * task_rows + i];
             const float w = softmax_rescale(ps.m, merged.m);
             if (w == 0.0f) continue;  // a split that saw no key of this row adds nothing
-            const float* po = part_o.get() + ((bh * splits + s) * task_rows + i) * Dv;
-            for (int64_t d = 0; d < Dv; ++d) o_acc[i * Dv + d] += w * po[d];
+            axpy_row(w, part_o.get() + ((bh * splits + s) * task_rows + i) * Dv, Dv, o_acc + i * Dv);
           }
           state[i] = merged;
         }
@@ -480,10 +480,10 @@ void backward(const AttentionParams& p) {
               }
               score_row<T>(p, sq, b, h, r, kb, nk, edge, s, slope);
               if (exact[i]) {  // P = exp(S - m) / l
-                exp_sub_sum(s, nk, row_m[i]);
+                exp_sub_sum<lowp>(s, nk, row_m[i]);
                 scale_row(s, nk, row_inv_l[i]);
               } else {
-                exp_sub_sum(s, nk, lse[i]);  // P = exp(S - lse)
+                exp_sub_sum<lowp>(s, nk, lse[i]);  // P = exp(S - lse)
               }
               if (p.dropout_p > 0) {
                 const int64_t index0 =
@@ -501,8 +501,7 @@ void backward(const AttentionParams& p) {
               // would keep the rounding errors of both (where the reference's Delta, summed from the
               // same dP, cancels them): there dS comes from dP_ij and Delta_i in double, so a row with
               // one visible key gets dS = dlse exactly.
-              for (int64_t jj = 0; jj < nk; ++jj) {
-                if (!(s[jj] > 0.5f)) continue;
+              for_each_above(s, nk, 0.5f, [&](int64_t jj) {
                 load_row(dO + i * p.o_rs, Dv, row_a.get());
                 load_row(V + (kb + jj) * p.v_rs, Dv, row_b.get());
                 double dpd = dot_double(row_a.get(), row_b.get(), Dv);
@@ -513,7 +512,7 @@ void backward(const AttentionParams& p) {
                   dpd = dropout_keep(p.seed, static_cast<uint64_t>(index), p.dropout_p) ? dpd * inv_keep : 0.0;
                 }
                 dp[jj] = s[jj] * static_cast<float>(dpd - delta_d[i] + dlse[i]);
-              }
+              });
               if (p.dbias != nullptr) {
                 float* db = p.dbias + b * p.db_bs + h * p.db_hs + r * p.db_qs + kb * p.db_ks;
                 for (int64_t jj = 0; jj < nk; ++jj) db[jj * p.db_ks] += dp[jj];
@@ -531,9 +530,9 @@ void backward(const AttentionParams& p) {
             }
             // dV += dropout(P)^T dO
             if constexpr (lowp) {
-              for (int64_t i = 0; i < mq; ++i) store_row(Pb + i * kBlockK, nk, t_buf.get() + i * kBlockK);
+              for (int64_t i = 0; i < mq; ++i) lowp_row(Pb + i * kBlockK, nk, t_buf.get() + i * kBlockK);
               mm<T>(true, false, nk, Dv, mq, 1.0f, t_buf.get(), kBlockK, dO, p.o_rs, 1.0f, dv_acc.get() + kb * Dv, Dv);
-              for (int64_t i = 0; i < mq; ++i) store_row(dPb + i * kBlockK, nk, t_buf.get() + i * kBlockK);
+              for (int64_t i = 0; i < mq; ++i) lowp_row(dPb + i * kBlockK, nk, t_buf.get() + i * kBlockK);
               mm<T>(false, false, mq, D, nk, 1.0f, t_buf.get(), kBlockK, K + kb * p.k_rs, p.k_rs, 1.0f, dq_acc.get(), D);
               mm<T>(true, false, nk, D, mq, 1.0f, t_buf.get(), kBlockK, Q, p.q_rs, 1.0f, dk_acc.get() + kb * D, D);
             } else {

@@ -24,6 +24,11 @@ bool gemm_lowp(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, floa
 bool gemm_lowp(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const c10::Half* a,
                int64_t lda, const c10::Half* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
+// out[j] = bf16(in[j]) (round to nearest even, NaN stays NaN) with vcvtne2ps2bf16, where gemm_lowp's bf16
+// products run on AVX512-BF16; returns false elsewhere (the caller converts). A float32 subnormal becomes 0,
+// as those products read a bf16 subnormal: a row converted here is meant for gemm_lowp.
+bool to_bf16_row(const float* in, int64_t n, c10::BFloat16* out);
+
 // Which BLAS serves gemm / gemm_lowp (for benchmarks and error messages).
 const char* gemm_backend();
 

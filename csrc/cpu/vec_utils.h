@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/cpu_gemm.h"
 #include "common/philox.h"
 #include "cpu/kernels.h"
 
@@ -133,13 +134,29 @@ inline void scale_row(float* a, int64_t n, float s) {
   for (; j < n; ++j) a[j] *= s;
 }
 
+// y[j] += a * x[j].
+inline void axpy_row(float a, const float* x, int64_t n, float* y) {
+  int64_t j = 0;
+  const Vec va(a);
+  for (; j + kVec <= n; j += kVec) at::vec::fmadd(va, Vec::loadu(x + j), Vec::loadu(y + j)).store(y + j);
+  for (; j < n; ++j) y[j] += a * x[j];
+}
+
 // max_j a[j]; NaN when any a[j] is NaN (a NaN score must not pass for a masked one).
 inline float row_max(const float* a, int64_t n) {
   int64_t j = 0;
   float m = -INFINITY;
   if (n >= kVec) {
-    Vec vm(-INFINITY);
-    for (; j + kVec <= n; j += kVec) vm = at::vec::maximum(vm, Vec::loadu(a + j));
+    auto vmax = [](const Vec& x, const Vec& y) { return at::vec::maximum(x, y); };
+    Vec m0(-INFINITY), m1(-INFINITY), m2(-INFINITY), m3(-INFINITY);  // four chains: max has a latency
+    for (; j + 4 * kVec <= n; j += 4 * kVec) {
+      m0 = vmax(m0, Vec::loadu(a + j));
+      m1 = vmax(m1, Vec::loadu(a + j + kVec));
+      m2 = vmax(m2, Vec::loadu(a + j + 2 * kVec));
+      m3 = vmax(m3, Vec::loadu(a + j + 3 * kVec));
+    }
+    for (; j + kVec <= n; j += kVec) m0 = vmax(m0, Vec::loadu(a + j));
+    Vec vm = vmax(vmax(m0, m1), vmax(m2, m3));
     m = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vm);
   }
   for (; j < n; ++j) m = (a[j] > m || a[j] != a[j]) ? a[j] : m;  // NaN propagates, as at::vec::maximum
@@ -175,14 +192,22 @@ inline float row_dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// a[j] = exp(a[j] - m), returns sum_j a[j]. exp(-inf) = 0. Sleef's 1-ulp exp: ATen's
-// faster exp_u20 put float32 dq / dbias just past the test rule's bound (2-3x torch's error).
+// a[j] = exp(a[j] - m), returns sum_j a[j]. exp(-inf) = 0. Sleef's 1-ulp exp, or with U20 ATen's exp_u20 (NaN
+// passed through, as in exp_sub_sum_to) for rows that go on in bf16 / fp16: in float32, exp_u20 put dq / dbias
+// just past the test rule's bound (2-3x torch's error).
+template <bool U20 = false>
 inline float exp_sub_sum(float* a, int64_t n, float m) {
   int64_t j = 0;
   const Vec vm(m);
   Vec acc(0.0f);
   for (; j + kVec <= n; j += kVec) {
-    const Vec e = (Vec::loadu(a + j) - vm).exp();
+    const Vec x = Vec::loadu(a + j) - vm;
+    Vec e;
+    if constexpr (U20) {
+      e = Vec::blendv(x.exp_u20(), x, x.isnan());
+    } else {
+      e = x.exp();
+    }
     e.store(a + j);
     acc = acc + e;
   }
@@ -194,27 +219,62 @@ inline float exp_sub_sum(float* a, int64_t n, float m) {
   return s;
 }
 
+// f(j) for each j < n with a[j] > t, in order.
+template <typename F>
+inline void for_each_above(const float* a, int64_t n, float t, F f) {
+  int64_t j = 0;
+  const Vec vt(t);
+  for (; j + kVec <= n; j += kVec) {
+    uint32_t hits = ~static_cast<uint32_t>((Vec::loadu(a + j) > vt).zero_mask()) & ((1u << kVec) - 1u);
+    for (; hits != 0; hits &= hits - 1) f(j + __builtin_ctz(hits));
+  }
+  for (; j < n; ++j) {
+    if (a[j] > t) f(j);
+  }
+}
+
 // exp_sub_sum for a row whose exponentials go on in T (bf16 / fp16) alone: out[j] = exp(a[j] - m) rounded to T,
 // returns the float32 sum. ATen's exp_u20 (20 ulp, far below T's 8 or 11 bits) with NaN passed through (exp_u20
-// clamps its input, so a NaN score would come out finite); exp(-inf) = 0.
+// clamps its input, so a NaN score would come out finite); exp(-inf) = 0. bf16 with AVX512-BF16: the
+// exponentials go to a first, then to out in one conversion pass (to_bf16_row), else straight to out.
 template <typename T>
-inline float exp_sub_sum_to(const float* a, int64_t n, float m, T* out) {
+inline float exp_sub_sum_to(float* a, int64_t n, float m, T* out) {
+  bool via_a = false;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) via_a = to_bf16_row(a, 0, out);
   int64_t j = 0;
   const Vec vm(m);
   Vec acc(0.0f);
   for (; j + 2 * kVec <= n; j += 2 * kVec) {
     const Vec x0 = Vec::loadu(a + j) - vm, x1 = Vec::loadu(a + j + kVec) - vm;
     const Vec e0 = Vec::blendv(x0.exp_u20(), x0, x0.isnan()), e1 = Vec::blendv(x1.exp_u20(), x1, x1.isnan());
-    store_vec2(out + j, e0, e1);
+    if (via_a) {
+      e0.store(a + j);
+      e1.store(a + j + kVec);
+    } else {
+      store_vec2(out + j, e0, e1);
+    }
     acc = acc + e0 + e1;
   }
   float s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
   for (; j < n; ++j) {
     const float e = std::exp(a[j] - m);
-    out[j] = static_cast<T>(e);
+    if (via_a) a[j] = e;
+    else out[j] = static_cast<T>(e);
     s += e;
   }
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (via_a) to_bf16_row(a, n, out);
+  }
   return s;
+}
+
+// out[j] = T(in[j]): a row for gemm_lowp (to_bf16_row where it serves, else store_row).
+template <typename T>
+inline void lowp_row(const float* in, int64_t n, T* out) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (to_bf16_row(in, n, out)) return;
+  }
+  store_row(in, n, out);
 }
 
 // a[j] *= keep(index0 + j) ? inv_keep : 0, the Philox dropout mask (common/philox.h).
