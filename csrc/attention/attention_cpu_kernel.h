@@ -221,6 +221,9 @@ struct TaskRows {
   int64_t row(int64_t i) const { return i0 + i % mq; }  // position in the sequence
 };
 
+// Rows per run on a block that straddles a causal / window edge (the forward cuts such a block by rows).
+constexpr int64_t kEdgeRows = 64;
+
 // Nq up to which the forward runs as decode: query heads stacked per KV head, keys split across threads.
 constexpr int64_t kDecodeRows = 16;
 
@@ -349,8 +352,21 @@ void forward(const AttentionParams& p) {
       const int64_t end = std::min(span.end, first + per_split * kBlockK);
       for (int64_t kb = first; kb < end; kb += kBlockK) {
         const int64_t nk = std::min(kBlockK, end - kb);
-        forward_block<T>(p, sq, rows, Q, lda, K, V, kb, nk, span.edge(kb, nk), s_buf.get(), p_lowp.get(), o_acc,
-                         st);
+        if (!span.edge(kb, nk) || rows.heads > 1 || rows.mq <= kEdgeRows) {
+          forward_block<T>(p, sq, rows, Q, lda, K, V, kb, nk, span.edge(kb, nk), s_buf.get(), p_lowp.get(), o_acc,
+                           st);
+          continue;
+        }
+        // A block on a causal / window edge: its rows in runs of kEdgeRows, each over the keys of [kb, kb + nk)
+        // that its own rows can see (a causal diagonal block costs about half).
+        for (int64_t r0 = 0; r0 < rows.mq; r0 += kEdgeRows) {
+          const TaskRows run{rows.b, rows.h0, 1, rows.i0 + r0, std::min(kEdgeRows, rows.mq - r0)};
+          const KeySpan rs = key_span(p, sq, run.i0, run.mq);
+          const int64_t lo = std::max(kb, rs.first), hi = std::min(kb + nk, rs.end);
+          if (lo >= hi) continue;  // no key of this block for these rows: their state stays
+          forward_block<T>(p, sq, run, Q + r0 * lda, lda, K, V, lo, hi - lo, rs.edge(lo, hi - lo), s_buf.get(),
+                           p_lowp.get(), o_acc + r0 * Dv, st + r0);
+        }
       }
       if (splits == 1) forward_store<T>(p, sq, rows, o_acc, st);
     }
