@@ -140,6 +140,12 @@ const c10::TypedOperatorHandle<AttnBwdOp>& attn_bwd_op() {
 // z = x + residual in the stream dtype (x alone without residual); y = norm(z) * weight + bias.
 // `shape` is x's shape; the kernel sees (rows, hidden) views. Outputs y (x's shape and dtype)
 // and, with prenorm, z.
+// t as (rows, hidden) and back in a shape: t itself where it has that shape already.
+Tensor as_rows(const Tensor& t, int64_t hidden) {
+  return t.dim() == 2 && t.size(1) == hidden ? t : t.reshape({-1, hidden});
+}
+Tensor as_shape(const Tensor& t, at::IntArrayRef sizes) { return t.sizes() == sizes ? t : t.view(sizes); }
+
 struct NormArgs {
   double eps;
   int64_t hidden;
@@ -149,10 +155,11 @@ struct NormArgs {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> norm_forward(const Tensor& x, const Tensor& residual, const Tensor& weight,
                                                         const Tensor& bias, const NormArgs& a) {
-  const Tensor x2 = x.view({-1, a.hidden});
-  const Tensor r2 = residual.defined() ? residual.view({-1, a.hidden}) : Tensor();
+  const Tensor x2 = as_rows(x, a.hidden);
+  const Tensor r2 = residual.defined() ? as_rows(residual, a.hidden) : Tensor();
   auto [y, z, mean, rstd] =
       norm_fwd_op().call(x2, opt(r2), opt(weight), opt(bias), 0, a.eps, 0.0, a.rms, a.keep_stream, a.stream_dtype);
+  if (y.sizes() == x.sizes()) return {y, z, mean, rstd};
   return {at::_unsafe_view(y, x.sizes()), a.keep_stream ? at::_unsafe_view(z, x.sizes()) : z, mean, rstd};
 }
 
@@ -184,7 +191,7 @@ struct NormFunction : public torch::autograd::Function<NormFunction> {
     Tensor dy = grads[0].defined() ? grads[0] : at::zeros_like(x);
     const Tensor dz = a.prenorm && grads.size() > 1 ? grads[1] : Tensor();
     variable_list out(10);
-    const Tensor zin = saved[4].view({-1, a.hidden});
+    const Tensor zin = as_rows(saved[4], a.hidden);
     if (at::GradMode::is_enabled()) {  // create_graph=True: the Python path's differentiable backward
       py::gil_scoped_acquire gil;
       static const auto* double_backward =
@@ -214,14 +221,16 @@ struct NormFunction : public torch::autograd::Function<NormFunction> {
     const bool share = residual.defined() && residual.scalar_type() == x.scalar_type();
     const std::optional<at::ScalarType> residual_dtype =
         residual.defined() && !share ? std::optional<at::ScalarType>(residual.scalar_type()) : std::nullopt;
+    // bias only shapes y: the kernel needs it for dbias alone
+    const bool bias_grad = bias.defined() && needs_grad(ctx, {x, residual, weight, bias}, 3);
     auto [dx, dres, dw, db] =
-        norm_bwd_op().call(dy.reshape({-1, a.hidden}), dz.defined() ? opt(dz.reshape({-1, a.hidden})) : std::nullopt,
-                           zin, opt(weight), opt(bias), saved[5], saved[6], 0, 0.0, a.rms, x.scalar_type(),
+        norm_bwd_op().call(as_rows(dy, a.hidden), dz.defined() ? opt(as_rows(dz, a.hidden)) : std::nullopt, zin, opt(weight),
+                           bias_grad ? opt(bias) : std::nullopt, saved[5], saved[6], 0, 0.0, a.rms, x.scalar_type(),
                            residual_dtype);
-    out[0] = dx.view(x.sizes());
-    if (residual.defined()) out[1] = share ? out[0] : dres.view(residual.sizes());
+    out[0] = as_shape(dx, x.sizes());
+    if (residual.defined()) out[1] = share ? out[0] : as_shape(dres, residual.sizes());
     if (weight.defined()) out[2] = dw;
-    if (bias.defined()) out[3] = db;
+    if (bias_grad) out[3] = db;
     return out;
   }
 };

@@ -313,12 +313,26 @@ def test_lower_simd_levels(level):
     assert f"simd={level.upper()}" in res.stdout, res.stdout
 
 
-def test_bf16_through_torchs_blas():
-    """bf16 attention with its GEMMs in torch's BLAS, as on a CPU without AVX512-BF16."""
-    env = dict(os.environ, FUSEDLAYERS_CPU_BF16_GEMM="blas")
+def test_gemms_through_torchs_blas():
+    """Attention and norms with every GEMM in torch's BLAS, as on a CPU without AVX-512 / AVX512-BF16."""
+    env = dict(os.environ, FUSEDLAYERS_CPU_GEMM="blas")
     res = subprocess.run([sys.executable, "-c", _LEVEL_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "vdpbf16ps" not in res.stdout, res.stdout
+    assert "vdpbf16ps" not in res.stdout and "tiles" not in res.stdout, res.stdout
+
+
+def test_fp32_tiles():
+    """float32 attention on our AVX-512 tiles (FUSEDLAYERS_CPU_GEMM=tiles), packed K and V included."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("no AVX-512 here")
+    script = _LEVEL_SCRIPT + (
+        "for case in (AttentionCase(b=1, hq=2, hkv=1, nq=600, nk=700, d=300, causal='bottom_right'),\n"
+        "             AttentionCase(b=2, hq=2, hkv=2, nq=300, nk=45, d=20, dv=37, mask='bias', strided=True)):\n"
+        "    testing.assert_all_ok(testing.check_attention(case, torch.float32, 'cpu', 'cpu'), str(case))\n")
+    env = dict(os.environ, FUSEDLAYERS_CPU_GEMM="tiles")
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "fp32: AVX-512 tiles" in res.stdout, res.stdout
 
 
 @pytest.mark.parametrize("case", [

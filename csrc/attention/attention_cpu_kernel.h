@@ -8,12 +8,15 @@
 // skipped, so a sliding window of W keys costs O(N W); only the blocks that straddle an
 // edge are masked element-wise) and keeps the online-softmax state of its rows
 // (common/online_softmax.h):
-//     S = scale * Q K_blk^T           GEMM (torch's BLAS, common/cpu_gemm.h)
+//     S = scale * Q K_blk^T           GEMM (common/cpu_gemm.h)
 //     S = softcap * tanh(S / softcap), S -= slope * |p(i) - j| (ALiBi), S += bias,
 //     -inf where masked               at::vec row loops, mask read through its strides (score_row)
 //     m_new = max(m, rowmax S); P = exp(S - m_new); l = alpha * l + rowsum P
 //     O = alpha * O + dropout(P) V    GEMM (P in the inputs' dtype for fp16 / bf16)
-// then out = O / l, lse = m + log l (0 and -inf for rows that saw no key).
+// then out = O / l, lse = m + log l (0 and -inf for rows that saw no key). A key block on a causal / window
+// edge runs its rows in runs of kEdgeRows, each over the keys it can see. Where the GEMMs have packed
+// products (fp32 on AVX-512, bf16 on AVX512-BF16) K^T and V of each (sequence, KV head) are packed once,
+// before the tasks, for every query block that reads them.
 //
 // Backward: one task per (sequence b, KV head hk): it owns dK, dV of that head (float32
 // accumulators, summed over the query heads of its GQA group in a fixed order) and the
@@ -28,11 +31,12 @@
 //     dS = P * (dP - Delta + dlse)                   (dlse: lse's own gradient)
 //     dbias += dS (in the mask's shape);  dS' = dS * (1 - tanh^2(raw / softcap)) with a softcap, else dS
 //     dQ += scale * dS' K,  dK += scale * dS'^T Q
+// With packed products, a task packs K^T, V^T and K of its KV head once and Q, dO of each query block once.
+// The forward and the backward compute S with the same GEMM, so P = exp(S - lse) sees the forward's scores.
 //
 // Tiles (block_q x block_k, 256 x 512 by default) are chosen by the op glue
-// (attention_cpu.cpp). fp16 / bf16 inputs go to the GEMM as they are (MKL's
-// bf16/fp16 x bf16/fp16 -> fp32 routines), with P and dS rounded to the input dtype as
-// FlashAttention does; everything else is float32.
+// (attention_cpu.cpp). fp16 / bf16 inputs go to the GEMM as they are (low-precision operands, float32
+// accumulation), with P and dS rounded to the input dtype as FlashAttention does; everything else is float32.
 // Dropout regenerates the Philox mask of (seed, element index) (common/philox.h).
 // Checked by tests/test_attention.py and tests/test_cpu_kernels.py (backend "cpu"),
 // benchmarked by benchmarks/bench_cpu.py.
@@ -55,8 +59,8 @@ inline namespace CPU_CAPABILITY {
 namespace attn {
 
 
-// C (m x n, float32) = alpha * op(A) op(B) + beta * C for A, B in the inputs' dtype:
-// torch's BLAS with low-precision operands where it has them, else a float32 copy.
+// C (m x n, float32) = alpha * op(A) op(B) + beta * C for A, B in the inputs' dtype (common/cpu_gemm.h):
+// low-precision operands where a GEMM takes them, else a float32 copy.
 template <typename T>
 void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const T* a, int64_t lda, const T* b,
         int64_t ldb, float beta, float* c, int64_t ldc) {
@@ -227,15 +231,62 @@ constexpr int64_t kEdgeRows = 64;
 // Nq up to which the forward runs as decode: query heads stacked per KV head, keys split across threads.
 constexpr int64_t kDecodeRows = 16;
 
+// Element types with packed products (common/cpu_gemm.h: gemm_packed).
+template <typename T>
+constexpr bool kPackable = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+
+// pack_b, gemm_packed and packs for the element types that have them (kPackable); never reached for others.
+template <typename T>
+bool can_pack() {
+  if constexpr (kPackable<T>) return packs<T>();
+  return false;
+}
+template <typename T>
+void pack_into(bool tb, int64_t n, int64_t k, const T* b, int64_t ldb, T* out) {
+  if constexpr (kPackable<T>) pack_b<T>(tb, n, k, b, ldb, out);
+}
+template <typename T>
+void mm_packed(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const T* a, int64_t lda, const T* bp,
+               int64_t panel, float beta, float* c, int64_t ldc) {
+  if constexpr (kPackable<T>) gemm_packed<T>(ta, m, n, k, alpha, a, lda, bp, panel, beta, c, ldc);
+}
+
+// Whether a product over the keys [kb, kb + nk) of a packing of len_k keys reads it (packed_offset: whole
+// panels of keys; bf16 pairs of keys).
+template <typename T>
+bool packed_keys(int64_t kb, int64_t nk, int64_t len_k) {
+  return kb % 16 == 0 && (std::is_same_v<T, float> || nk % 2 == 0 || kb + nk == len_k);
+}
+
+// Largest packing of K and V the forward makes (beside the inputs) for its products; past it, each product packs
+// its own block.
+constexpr int64_t kPackBytes = int64_t{1} << 30;
+
+// K^T (n = keys, k = D) and V (k = keys, n = Dv) of one (sequence, KV head), packed once for the products of all
+// its query blocks; k null when the forward does not pack.
+template <typename T>
+struct PackedKV {
+  const T* k = nullptr;
+  const T* v = nullptr;
+  int64_t k_panel = 0, v_panel = 0, len_k = 0;
+  bool serves(int64_t kb, int64_t nk) const { return k != nullptr && packed_keys<T>(kb, nk, len_k); }
+};
+
 // One key block [kb, kb + nk) of a task: S = scale Q K^T, each row's scores (score_row), the online softmax
 // (state), dropout, and O += P V (P in T for fp16 / bf16). Q: the task's rows, lda apart.
 template <typename T>
 void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows, const T* Q, int64_t lda,
-                   const T* K, const T* V, int64_t kb, int64_t nk, bool edge, float* S, T* p_lowp, float* o_acc,
-                   SoftmaxState* state) {
+                   const T* K, const T* V, const PackedKV<T>& kv, int64_t kb, int64_t nk, bool edge, float* S,
+                   T* p_lowp, float* o_acc, SoftmaxState* state) {
   const int64_t kBlockK = p.block_k, D = p.head_dim, Dv = p.head_dim_v, m = rows.count();
   constexpr bool lowp = !std::is_same_v<T, float>;
-  mm<T>(false, true, m, nk, D, p.scale, Q, lda, K + kb * p.k_rs, p.k_rs, 0.0f, S, kBlockK);
+  const bool packed = kv.serves(kb, nk);
+  if (packed) {
+    mm_packed<T>(false, m, nk, D, p.scale, Q, lda, kv.k + packed_offset(kb, 0, kv.k_panel), kv.k_panel, 0.0f, S,
+                 kBlockK);
+  } else {
+    mm<T>(false, true, m, nk, D, p.scale, Q, lda, K + kb * p.k_rs, p.k_rs, 0.0f, S, kBlockK);
+  }
   for (int64_t i = 0; i < m; ++i) {
     float* s = S + i * kBlockK;
     const int64_t h = rows.head(i), r = rows.row(i);
@@ -266,7 +317,12 @@ void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows
     }
   }
   const T* P = lowp ? p_lowp : reinterpret_cast<const T*>(S);
-  mm<T>(false, false, m, Dv, nk, 1.0f, P, kBlockK, V + kb * p.v_rs, p.v_rs, 1.0f, o_acc, Dv);
+  if (packed) {
+    mm_packed<T>(false, m, Dv, nk, 1.0f, P, kBlockK, kv.v + packed_offset(0, kb, kv.v_panel), kv.v_panel, 1.0f, o_acc,
+                 Dv);
+  } else {
+    mm<T>(false, false, m, Dv, nk, 1.0f, P, kBlockK, V + kb * p.v_rs, p.v_rs, 1.0f, o_acc, Dv);
+  }
 }
 
 // out and lse of a task's rows from their accumulator and state.
@@ -308,6 +364,13 @@ void forward(const AttentionParams& p) {
   // split-KV partials: per task, each row's O accumulator and state
   std::unique_ptr<float[]> part_o(new float[splits > 1 ? n_tasks * task_rows * Dv : 1]);
   std::unique_ptr<SoftmaxState[]> part_st(new SoftmaxState[splits > 1 ? n_tasks * task_rows : 1]);
+  // K and V packed once per (sequence, KV head) where several query blocks read them (per_head elements each)
+  const int64_t k_panel = panel_stride<T>(D);
+  const int64_t per_head =
+      packed_size(p.seqlen_k, D, k_panel) + packed_size(Dv, p.seqlen_k, panel_stride<T>(p.seqlen_k));
+  const bool prepack = !decode && n_qblocks > 1 && can_pack<T>() &&
+                       p.batch * p.heads_kv * per_head * static_cast<int64_t>(sizeof(T)) <= kPackBytes;
+  std::unique_ptr<T[]> kv_pack(new T[prepack ? p.batch * p.heads_kv * per_head : 1]);
 
 // one thread when the scores are fewer than kParallelGrain
 #pragma omp parallel num_threads(threads) \
@@ -318,6 +381,18 @@ void forward(const AttentionParams& p) {
     std::unique_ptr<T[]> p_lowp(new T[std::is_same_v<T, float> ? 1 : task_rows * kBlockK]);  // P in T
     std::unique_ptr<T[]> q_stack(new T[decode && group > 1 ? task_rows * D : 1]);  // decode: the group's rows
     std::vector<SoftmaxState> state(task_rows);
+
+    if (prepack) {  // (the loop ends in a barrier: every packing is done before the first task)
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t bh = 0; bh < p.batch * p.heads_kv; ++bh) {
+        const int64_t b = bh / p.heads_kv, hk = bh % p.heads_kv;
+        const Seq sq = seq_of(p, b);
+        T* slot = kv_pack.get() + bh * per_head;
+        pack_into<T>(true, sq.len_k, D, kp + b * p.k_bs + hk * p.k_hs + sq.k_start * p.k_rs, p.k_rs, slot);
+        pack_into<T>(false, Dv, sq.len_k, vp + b * p.v_bs + hk * p.v_hs + sq.k_start * p.v_rs, p.v_rs,
+                     slot + packed_size(p.seqlen_k, D, k_panel));
+      }
+    }
 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n_tasks; ++task) {
@@ -331,6 +406,11 @@ void forward(const AttentionParams& p) {
       std::fill(st, st + task_rows, softmax_init());
       if (rows.mq <= 0) continue;
       const int64_t hk = rows.h0 / group;
+      PackedKV<T> kv;
+      if (prepack) {
+        const T* slot = kv_pack.get() + (b * p.heads_kv + hk) * per_head;
+        kv = {slot, slot + packed_size(p.seqlen_k, D, k_panel), k_panel, panel_stride<T>(sq.len_k), sq.len_k};
+      }
       const T* K = kp + b * p.k_bs + hk * p.k_hs + sq.k_start * p.k_rs;
       const T* V = vp + b * p.v_bs + hk * p.v_hs + sq.k_start * p.v_rs;
       const T* Q = qp + b * p.q_bs + rows.h0 * p.q_hs + (sq.q_start + rows.i0) * p.q_rs;
@@ -353,8 +433,8 @@ void forward(const AttentionParams& p) {
       for (int64_t kb = first; kb < end; kb += kBlockK) {
         const int64_t nk = std::min(kBlockK, end - kb);
         if (!span.edge(kb, nk) || rows.heads > 1 || rows.mq <= kEdgeRows) {
-          forward_block<T>(p, sq, rows, Q, lda, K, V, kb, nk, span.edge(kb, nk), s_buf.get(), p_lowp.get(), o_acc,
-                           st);
+          forward_block<T>(p, sq, rows, Q, lda, K, V, kv, kb, nk, span.edge(kb, nk), s_buf.get(), p_lowp.get(),
+                           o_acc, st);
           continue;
         }
         // A block on a causal / window edge: its rows in runs of kEdgeRows, each over the keys of [kb, kb + nk)
@@ -364,7 +444,7 @@ void forward(const AttentionParams& p) {
           const KeySpan rs = key_span(p, sq, run.i0, run.mq);
           const int64_t lo = std::max(kb, rs.first), hi = std::min(kb + nk, rs.end);
           if (lo >= hi) continue;  // no key of this block for these rows: their state stays
-          forward_block<T>(p, sq, run, Q + r0 * lda, lda, K, V, lo, hi - lo, rs.edge(lo, hi - lo), s_buf.get(),
+          forward_block<T>(p, sq, run, Q + r0 * lda, lda, K, V, kv, lo, hi - lo, rs.edge(lo, hi - lo), s_buf.get(),
                            p_lowp.get(), o_acc + r0 * Dv, st + r0);
         }
       }
@@ -427,6 +507,14 @@ void backward(const AttentionParams& p) {
     std::vector<float> lse(kBlockQ), delta(kBlockQ), dlse(kBlockQ), row_m(kBlockQ), row_inv_l(kBlockQ);
     std::vector<char> exact(kBlockQ);
     std::vector<SoftmaxState> stats(kBlockQ);
+    // packed product operands (can_pack): K^T, V^T and K of the task's KV head, Q and dO of one query block
+    const bool pack = can_pack<T>();
+    const int64_t kt_panel = panel_stride<T>(D), vt_panel = panel_stride<T>(Dv);
+    std::unique_ptr<T[]> kt_pack(new T[pack ? packed_size(nk_max, D, kt_panel) : 1]);
+    std::unique_ptr<T[]> vt_pack(new T[pack ? packed_size(nk_max, Dv, vt_panel) : 1]);
+    std::unique_ptr<T[]> k_pack(new T[pack ? packed_size(D, nk_max, panel_stride<T>(nk_max)) : 1]);
+    std::unique_ptr<T[]> q_pack(new T[pack ? packed_size(D, kBlockQ, panel_stride<T>(kBlockQ)) : 1]);
+    std::unique_ptr<T[]> do_pack(new T[pack ? packed_size(Dv, kBlockQ, panel_stride<T>(kBlockQ)) : 1]);
 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n_tasks; ++task) {
@@ -436,6 +524,12 @@ void backward(const AttentionParams& p) {
       const T* V = vp + b * p.v_bs + hk * p.v_hs + sq.k_start * p.v_rs;
       std::fill(dk_acc.get(), dk_acc.get() + sq.len_k * D, 0.0f);
       std::fill(dv_acc.get(), dv_acc.get() + sq.len_k * Dv, 0.0f);
+      const int64_t k_panel = panel_stride<T>(sq.len_k);
+      if (pack) {
+        pack_into<T>(true, sq.len_k, D, K, p.k_rs, kt_pack.get());
+        pack_into<T>(true, sq.len_k, Dv, V, p.v_rs, vt_pack.get());
+        pack_into<T>(false, D, sq.len_k, K, p.k_rs, k_pack.get());
+      }
 
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         for (int64_t i0 = 0; i0 < sq.len_q; i0 += kBlockQ) {
@@ -444,6 +538,11 @@ void backward(const AttentionParams& p) {
           const T* Q = qp + b * p.q_bs + h * p.q_hs + row0 * p.q_rs;
           const T* dO = doutp + b * p.o_bs + h * p.o_hs + row0 * p.o_rs;
           std::fill(dq_acc.get(), dq_acc.get() + mq * D, 0.0f);
+          const int64_t q_panel = panel_stride<T>(mq);
+          if (pack) {
+            pack_into<T>(false, D, mq, Q, p.q_rs, q_pack.get());
+            pack_into<T>(false, Dv, mq, dO, p.o_rs, do_pack.get());
+          }
           for (int64_t i = 0; i < mq; ++i) {
             const int64_t at = b * p.lse_bs + h * p.lse_hs + row0 + i;
             lse[i] = p.lse[at];
@@ -481,8 +580,16 @@ void backward(const AttentionParams& p) {
             const int64_t nk = std::min(kBlockK, span.end - kb);
             float* Pb = P.get();
             float* dPb = dP.get();
-            mm<T>(false, true, mq, nk, D, p.scale, Q, p.q_rs, K + kb * p.k_rs, p.k_rs, 0.0f, Pb, kBlockK);
-            mm<T>(false, true, mq, nk, Dv, 1.0f, dO, p.o_rs, V + kb * p.v_rs, p.v_rs, 0.0f, dPb, kBlockK);
+            const bool packed = pack && packed_keys<T>(kb, nk, sq.len_k);
+            if (packed) {
+              mm_packed<T>(false, mq, nk, D, p.scale, Q, p.q_rs, kt_pack.get() + packed_offset(kb, 0, kt_panel),
+                           kt_panel, 0.0f, Pb, kBlockK);
+              mm_packed<T>(false, mq, nk, Dv, 1.0f, dO, p.o_rs, vt_pack.get() + packed_offset(kb, 0, vt_panel),
+                           vt_panel, 0.0f, dPb, kBlockK);
+            } else {
+              mm<T>(false, true, mq, nk, D, p.scale, Q, p.q_rs, K + kb * p.k_rs, p.k_rs, 0.0f, Pb, kBlockK);
+              mm<T>(false, true, mq, nk, Dv, 1.0f, dO, p.o_rs, V + kb * p.v_rs, p.v_rs, 0.0f, dPb, kBlockK);
+            }
             const bool edge = span.edge(kb, nk);
             for (int64_t i = 0; i < mq; ++i) {
               float* s = Pb + i * kBlockK;
@@ -544,17 +651,32 @@ void backward(const AttentionParams& p) {
                 dropout_row(s, nk, p.seed, static_cast<uint64_t>(index0), p.dropout_p, inv_keep);
               }
             }
-            // dV += dropout(P)^T dO
-            if constexpr (lowp) {
-              for (int64_t i = 0; i < mq; ++i) lowp_row(Pb + i * kBlockK, nk, t_buf.get() + i * kBlockK);
-              mm<T>(true, false, nk, Dv, mq, 1.0f, t_buf.get(), kBlockK, dO, p.o_rs, 1.0f, dv_acc.get() + kb * Dv, Dv);
-              for (int64_t i = 0; i < mq; ++i) lowp_row(dPb + i * kBlockK, nk, t_buf.get() + i * kBlockK);
-              mm<T>(false, false, mq, D, nk, 1.0f, t_buf.get(), kBlockK, K + kb * p.k_rs, p.k_rs, 1.0f, dq_acc.get(), D);
-              mm<T>(true, false, nk, D, mq, 1.0f, t_buf.get(), kBlockK, Q, p.q_rs, 1.0f, dk_acc.get() + kb * D, D);
+            // dV += dropout(P)^T dO, dQ += dS K, dK += dS^T Q (P and dS rounded to T for fp16 / bf16)
+            auto operand = [&](const float* rows_f32) -> const T* {
+              if constexpr (lowp) {
+                for (int64_t i = 0; i < mq; ++i) lowp_row(rows_f32 + i * kBlockK, nk, t_buf.get() + i * kBlockK);
+                return t_buf.get();
+              } else {
+                return rows_f32;
+              }
+            };
+            const T* Pt = operand(Pb);
+            if (pack) {
+              mm_packed<T>(true, nk, Dv, mq, 1.0f, Pt, kBlockK, do_pack.get(), q_panel, 1.0f, dv_acc.get() + kb * Dv, Dv);
             } else {
-              mm<T>(true, false, nk, Dv, mq, 1.0f, Pb, kBlockK, dO, p.o_rs, 1.0f, dv_acc.get() + kb * Dv, Dv);
-              mm<T>(false, false, mq, D, nk, 1.0f, dPb, kBlockK, K + kb * p.k_rs, p.k_rs, 1.0f, dq_acc.get(), D);
-              mm<T>(true, false, nk, D, mq, 1.0f, dPb, kBlockK, Q, p.q_rs, 1.0f, dk_acc.get() + kb * D, D);
+              mm<T>(true, false, nk, Dv, mq, 1.0f, Pt, kBlockK, dO, p.o_rs, 1.0f, dv_acc.get() + kb * Dv, Dv);
+            }
+            const T* dSt = operand(dPb);
+            if (packed) {
+              mm_packed<T>(false, mq, D, nk, 1.0f, dSt, kBlockK, k_pack.get() + packed_offset(0, kb, k_panel), k_panel,
+                           1.0f, dq_acc.get(), D);
+            } else {
+              mm<T>(false, false, mq, D, nk, 1.0f, dSt, kBlockK, K + kb * p.k_rs, p.k_rs, 1.0f, dq_acc.get(), D);
+            }
+            if (pack) {
+              mm_packed<T>(true, nk, D, mq, 1.0f, dSt, kBlockK, q_pack.get(), q_panel, 1.0f, dk_acc.get() + kb * D, D);
+            } else {
+              mm<T>(true, false, nk, D, mq, 1.0f, dSt, kBlockK, Q, p.q_rs, 1.0f, dk_acc.get() + kb * D, D);
             }
           }
           T* dQ = static_cast<T*>(p.dq) + b * p.dq_bs + h * p.dq_hs + row0 * p.dq_rs;

@@ -1,4 +1,4 @@
-// Row-major GEMM wrappers over the BLAS torch links, and the AVX512-BF16 GEMM: see cpu_gemm.h.
+// The CPU GEMMs: our AVX-512 and AVX512-BF16 tiles and the wrappers over the BLAS torch links (cpu_gemm.h).
 #include "common/cpu_gemm.h"
 
 #include <algorithm>
@@ -26,6 +26,12 @@ void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int 
 namespace fusedlayers::cpu {
 namespace {
 
+#ifdef FUSEDLAYERS_BF16_GEMM
+bool use_f32_tiles();
+void gemm_f32_tiles(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                    const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+#endif
+
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CBLAS enum values
 
 template <typename T>
@@ -50,6 +56,9 @@ void gemm_loop(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, c
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
+#ifdef FUSEDLAYERS_BF16_GEMM
+  if (use_f32_tiles()) return gemm_f32_tiles(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+#endif
   if (sgemm_ == nullptr) return gemm_loop(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
   const char opa = ta ? 'T' : 'N', opb = tb ? 'T' : 'N';
@@ -88,8 +97,95 @@ namespace {
 // 32 columns (16 accumulator registers); a row and 16-column remainder use the 1-row / 1-panel kernels.
 // DAZ/FTZ: vdpbf16ps reads bf16 subnormals as 0 and writes float32 subnormals as 0.
 #define FL_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define FL_F32_TARGET __attribute__((target("avx512f")))
 
 constexpr int kMr = 8;
+
+// C[r][16 v + j] = alpha * acc[r][v][j] + beta * C[...] for the first ncols columns (beta 0: C is not read).
+template <int MR, int NV>
+FL_F32_TARGET inline void store_tile(const __m512 (&acc)[MR][NV], float alpha, float beta, float* c, int64_t ldc,
+                                     int ncols) {
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+  for (int v = 0; v < NV; ++v) {
+    const int left = ncols - 16 * v;
+    const __mmask16 cols = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
+    for (int r = 0; r < MR; ++r) {
+      float* out = c + r * ldc + 16 * v;
+      __m512 x = _mm512_mul_ps(acc[r][v], va);
+      if (beta != 0.0f) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(cols, out), vb, x);
+      _mm512_mask_storeu_ps(out, cols, x);
+    }
+  }
+}
+
+// The float32 tile: C (MR x 16 NV) from op(A) (element (r, p) at a[r * a_rs + p * a_ks]) and panels [k][16].
+template <int MR, int NV>
+FL_F32_TARGET void f32_tile(int64_t k, const float* a, int64_t a_rs, int64_t a_ks, const float* bp, int64_t panel,
+                            float alpha, float beta, float* c, int64_t ldc, int ncols) {
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < k; ++p) {
+    __m512 bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(bp + v * panel + p * 16);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * a_rs + p * a_ks]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+    }
+  }
+  store_tile<MR, NV>(acc, alpha, beta, c, ldc, ncols);
+}
+
+// B (k x n after op) into float32 panels [k][16].
+FL_F32_TARGET void pack_b_f32(bool tb, int64_t n, int64_t k, const float* b, int64_t ldb, float* out) {
+  const bool gather = ldb < (int64_t{1} << 31) / 16;  // 32-bit gather offsets
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    float* panel = out + (j0 / 16) * k * 16;
+    const int64_t nj = std::min<int64_t>(16, n - j0);
+    const __mmask16 live = nj >= 16 ? __mmask16(0xffff) : __mmask16((1u << nj) - 1u);
+    if (!tb) {  // B stored k x n: row p's 16 columns
+      for (int64_t p = 0; p < k; ++p) _mm512_storeu_ps(panel + p * 16, _mm512_maskz_loadu_ps(live, b + p * ldb + j0));
+    } else if (gather) {  // B^T stored n x k: element p of 16 rows
+      const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(static_cast<int32_t>(ldb)));
+      for (int64_t p = 0; p < k; ++p) {
+        _mm512_storeu_ps(panel + p * 16, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, rows, b + j0 * ldb + p, 4));
+      }
+    } else {
+      for (int64_t p = 0; p < k; ++p)
+        for (int64_t j = 0; j < 16; ++j) panel[p * 16 + j] = j < nj ? b[(j0 + j) * ldb + p] : 0.0f;
+    }
+  }
+}
+
+// Depth of one pass over k: each pass sums kKc products in registers and adds them to C, which keeps a long
+// k's rounding error near a BLAS's (one chain of 512 FMAs drifts about twice as far).
+constexpr int64_t kKc = 128;
+
+FL_F32_TARGET void f32_product(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                               const float* bp, int64_t panel, float beta, float* c, int64_t ldc) {
+  const int64_t a_rs = ta ? 1 : lda, a_ks = ta ? lda : 1;
+  if (k > kKc) {  // C = alpha * (first kKc) + beta * C, then C += alpha * (each next kKc)
+    for (int64_t p0 = 0; p0 < k; p0 += kKc) {
+      f32_product(ta, m, n, std::min(kKc, k - p0), alpha, a + p0 * a_ks, lda, bp + p0 * 16, panel,
+                  p0 == 0 ? beta : 1.0f, c, ldc);
+    }
+    return;
+  }
+  for (int64_t j0 = 0; j0 < n; j0 += 32) {
+    const int ncols = static_cast<int>(std::min<int64_t>(32, n - j0));
+    const float* bj = bp + (j0 / 16) * panel;
+    float* cj = c + j0;
+    int64_t i = 0;
+    if (ncols > 16) {
+      for (; i + kMr <= m; i += kMr) f32_tile<kMr, 2>(k, a + i * a_rs, a_rs, a_ks, bj, panel, alpha, beta, cj + i * ldc, ldc, ncols);
+      for (; i < m; ++i) f32_tile<1, 2>(k, a + i * a_rs, a_rs, a_ks, bj, panel, alpha, beta, cj + i * ldc, ldc, ncols);
+    } else {
+      for (; i + kMr <= m; i += kMr) f32_tile<kMr, 1>(k, a + i * a_rs, a_rs, a_ks, bj, panel, alpha, beta, cj + i * ldc, ldc, ncols);
+      for (; i < m; ++i) f32_tile<1, 1>(k, a + i * a_rs, a_rs, a_ks, bj, panel, alpha, beta, cj + i * ldc, ldc, ncols);
+    }
+  }
+}
 
 template <int MR, int NV>
 FL_BF16_TARGET void bf16_tile(int64_t k, const char* a, int64_t a_rs, int64_t a_ps, const uint16_t* bp,
@@ -118,17 +214,7 @@ FL_BF16_TARGET void bf16_tile(int64_t k, const char* a, int64_t a_rs, int64_t a_
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
     }
   }
-  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
-  for (int v = 0; v < NV; ++v) {
-    const int left = ncols - 16 * v;
-    const __mmask16 cols = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
-    for (int r = 0; r < MR; ++r) {
-      float* out = c + r * ldc + 16 * v;
-      __m512 x = _mm512_mul_ps(acc[r][v], va);
-      if (beta != 0.0f) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(cols, out), vb, x);  // beta 0: C not read
-      _mm512_mask_storeu_ps(out, cols, x);
-    }
-  }
+  store_tile<MR, NV>(acc, alpha, beta, c, ldc, ncols);
 }
 
 // out[2i], out[2i + 1] = r0[i], r1[i] for i < n (r1 null: 0), 16 pairs at a time; pad: the last group is
@@ -148,7 +234,7 @@ FL_BF16_TARGET void interleave_rows(const uint16_t* r0, const uint16_t* r1, int6
 }
 
 // B (k x n after op) into panels (see above); out holds ceil(n / 16) * ceil(k / 2) * 32 elements.
-FL_BF16_TARGET void pack_b(bool tb, int64_t n, int64_t k, const uint16_t* b, int64_t ldb, uint16_t* out) {
+FL_BF16_TARGET void pack_b_bf16(bool tb, int64_t n, int64_t k, const uint16_t* b, int64_t ldb, uint16_t* out) {
   const int64_t kp = (k + 1) / 2;
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     uint16_t* panel = out + (j0 / 16) * kp * 32;
@@ -182,12 +268,11 @@ FL_BF16_TARGET void pack_a_t(int64_t m, int64_t k, const uint16_t* a, int64_t ld
   }
 }
 
-FL_BF16_TARGET void gemm_bf16_dp(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
-                                 int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  thread_local std::vector<uint16_t> b_pack, a_pack;  // grown once per thread, reused by every call
-  const int64_t kp = (k + 1) / 2, panel = kp * 32;
-  b_pack.resize(static_cast<size_t>((n + 15) / 16 * panel));
-  pack_b(tb, n, k, b, ldb, b_pack.data());
+// C = alpha * op(A) bp + beta * C, bp packed by pack_b_bf16 (panels `panel` apart).
+FL_BF16_TARGET void bf16_product(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
+                                 int64_t lda, const uint16_t* bp, int64_t panel, float beta, float* c, int64_t ldc) {
+  thread_local std::vector<uint16_t> a_pack;  // grown once per thread, reused by every call
+  const int64_t kp = (k + 1) / 2;
   const char* ap = reinterpret_cast<const char*>(a);
   int64_t a_rs = lda * 2, a_ps = 4;  // bytes from row to row and pair to pair
   if (ta) {
@@ -199,19 +284,28 @@ FL_BF16_TARGET void gemm_bf16_dp(bool ta, bool tb, int64_t m, int64_t n, int64_t
   }
   for (int64_t j0 = 0; j0 < n; j0 += 32) {
     const int ncols = static_cast<int>(std::min<int64_t>(32, n - j0));
-    const uint16_t* bp = b_pack.data() + (j0 / 16) * panel;
+    const uint16_t* bj = bp + (j0 / 16) * panel;
     float* cj = c + j0;
     int64_t i = 0;
     if (ncols > 16) {
       for (; i + kMr <= m; i += kMr)
-        bf16_tile<kMr, 2>(k, ap + i * a_rs, a_rs, a_ps, bp, panel, alpha, beta, cj + i * ldc, ldc, ncols);
-      for (; i < m; ++i) bf16_tile<1, 2>(k, ap + i * a_rs, a_rs, a_ps, bp, panel, alpha, beta, cj + i * ldc, ldc, ncols);
+        bf16_tile<kMr, 2>(k, ap + i * a_rs, a_rs, a_ps, bj, panel, alpha, beta, cj + i * ldc, ldc, ncols);
+      for (; i < m; ++i) bf16_tile<1, 2>(k, ap + i * a_rs, a_rs, a_ps, bj, panel, alpha, beta, cj + i * ldc, ldc, ncols);
     } else {
       for (; i + kMr <= m; i += kMr)
-        bf16_tile<kMr, 1>(k, ap + i * a_rs, a_rs, a_ps, bp, panel, alpha, beta, cj + i * ldc, ldc, ncols);
-      for (; i < m; ++i) bf16_tile<1, 1>(k, ap + i * a_rs, a_rs, a_ps, bp, panel, alpha, beta, cj + i * ldc, ldc, ncols);
+        bf16_tile<kMr, 1>(k, ap + i * a_rs, a_rs, a_ps, bj, panel, alpha, beta, cj + i * ldc, ldc, ncols);
+      for (; i < m; ++i) bf16_tile<1, 1>(k, ap + i * a_rs, a_rs, a_ps, bj, panel, alpha, beta, cj + i * ldc, ldc, ncols);
     }
   }
+}
+
+void gemm_bf16_dp(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda,
+                  const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  thread_local std::vector<uint16_t> b_pack;  // grown once per thread, reused by every call
+  const int64_t panel = (k + 1) / 2 * 32;
+  b_pack.resize(static_cast<size_t>((n + 15) / 16 * panel));
+  pack_b_bf16(tb, n, k, b, ldb, b_pack.data());
+  bf16_product(ta, m, n, k, alpha, a, lda, b_pack.data(), panel, beta, c, ldc);
 }
 
 FL_BF16_TARGET void cvt_bf16(const float* in, int64_t n, uint16_t* out) {
@@ -228,14 +322,35 @@ FL_BF16_TARGET void cvt_bf16(const float* in, int64_t n, uint16_t* out) {
   }
 }
 
-// This CPU runs vdpbf16ps, and FUSEDLAYERS_CPU_BF16_GEMM is not "blas" (which keeps torch's BLAS, for tests
-// and comparisons). Read once per process.
-bool use_bf16_dp() {
-  static const bool yes = [] {
-    const char* env = std::getenv("FUSEDLAYERS_CPU_BF16_GEMM");
-    return __builtin_cpu_supports("avx512bf16") && !(env != nullptr && std::strcmp(env, "blas") == 0);
+// FUSEDLAYERS_CPU_GEMM, read once: "blas" sends every product to torch's BLAS (for tests and comparisons);
+// "tiles" also runs float32 on our AVX-512 tiles (bf16 runs on its tiles unless "blas").
+const char* gemm_choice() {
+  static const char* const choice = [] {
+    const char* env = std::getenv("FUSEDLAYERS_CPU_GEMM");
+    return env == nullptr ? "" : env;
   }();
+  return choice;
+}
+
+// This CPU runs vdpbf16ps, and no BLAS is forced.
+bool use_bf16_dp() {
+  static const bool yes = __builtin_cpu_supports("avx512bf16") && std::strcmp(gemm_choice(), "blas") != 0;
   return yes;
+}
+
+// This CPU runs AVX-512, and FUSEDLAYERS_CPU_GEMM=tiles.
+bool use_f32_tiles() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && std::strcmp(gemm_choice(), "tiles") == 0;
+  return yes;
+}
+
+// C = alpha * op(A) op(B) + beta * C in float32 on the AVX-512 tiles, B packed per call.
+void gemm_f32_tiles(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                    const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  thread_local std::vector<float> b_pack;  // grown once per thread, reused by every call
+  b_pack.resize(static_cast<size_t>((n + 15) / 16 * k * 16));
+  pack_b_f32(tb, n, k, b, ldb, b_pack.data());
+  f32_product(ta, m, n, k, alpha, a, lda, b_pack.data(), k * 16, beta, c, ldc);
 }
 
 }  // namespace
@@ -271,11 +386,73 @@ bool gemm_lowp(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, c
   return gemm_lowp_with(cblas_gemm_f16f16f32, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-const char* gemm_backend() {
-  if (sgemm_ == nullptr) return "loops (torch links no sgemm_)";
 #ifdef FUSEDLAYERS_BF16_GEMM
+template <>
+bool packs<float>() {
+  return use_f32_tiles();
+}
+template <>
+bool packs<c10::BFloat16>() {
+  return use_bf16_dp();
+}
+template <>
+void pack_b<float>(bool tb, int64_t n, int64_t k, const float* b, int64_t ldb, float* out) {
+  pack_b_f32(tb, n, k, b, ldb, out);
+}
+template <>
+void pack_b<c10::BFloat16>(bool tb, int64_t n, int64_t k, const c10::BFloat16* b, int64_t ldb, c10::BFloat16* out) {
+  if (tb && ldb >= (int64_t{1} << 31) / 16) {  // past the 32-bit gather offsets: one 16-row group at a time
+    std::vector<uint16_t> rows(static_cast<size_t>(16 * k));
+    const int64_t panel = (k + 1) / 2 * 32;
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      const int64_t nj = std::min<int64_t>(16, n - j0);
+      for (int64_t j = 0; j < nj; ++j) std::memcpy(rows.data() + j * k, b + (j0 + j) * ldb, k * 2);
+      pack_b_bf16(true, nj, k, rows.data(), k, reinterpret_cast<uint16_t*>(out) + j0 / 16 * panel);
+    }
+    return;
+  }
+  pack_b_bf16(tb, n, k, reinterpret_cast<const uint16_t*>(b), ldb, reinterpret_cast<uint16_t*>(out));
+}
+template <>
+void gemm_packed<float>(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                        const float* bp, int64_t panel, float beta, float* c, int64_t ldc) {
+  if (m > 0 && n > 0) f32_product(ta, m, n, k, alpha, a, lda, bp, panel, beta, c, ldc);
+}
+template <>
+void gemm_packed<c10::BFloat16>(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* a,
+                                int64_t lda, const c10::BFloat16* bp, int64_t panel, float beta, float* c,
+                                int64_t ldc) {
+  if (m > 0 && n > 0) {
+    bf16_product(ta, m, n, k, alpha, reinterpret_cast<const uint16_t*>(a), lda, reinterpret_cast<const uint16_t*>(bp),
+                 panel, beta, c, ldc);
+  }
+}
+#else  // no AVX-512 kernels in this build: packs<T>() is false and the rest is never called
+template <>
+bool packs<float>() { return false; }
+template <>
+bool packs<c10::BFloat16>() { return false; }
+template <>
+void pack_b<float>(bool, int64_t, int64_t, const float*, int64_t, float*) { std::abort(); }
+template <>
+void pack_b<c10::BFloat16>(bool, int64_t, int64_t, const c10::BFloat16*, int64_t, c10::BFloat16*) { std::abort(); }
+template <>
+void gemm_packed<float>(bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t, float,
+                        float*, int64_t) { std::abort(); }
+template <>
+void gemm_packed<c10::BFloat16>(bool, int64_t, int64_t, int64_t, float, const c10::BFloat16*, int64_t,
+                                const c10::BFloat16*, int64_t, float, float*, int64_t) { std::abort(); }
+#endif
+
+const char* gemm_backend() {
+#ifdef FUSEDLAYERS_BF16_GEMM
+  if (use_f32_tiles()) {
+    return use_bf16_dp() ? "fp32: AVX-512 tiles; bf16: AVX512-BF16 (vdpbf16ps); fp16: torch's BLAS"
+                         : "fp32: AVX-512 tiles; bf16 / fp16: torch's BLAS";
+  }
   if (use_bf16_dp()) return "torch's BLAS (sgemm_, cblas_gemm_f16f16f32); bf16: AVX512-BF16 (vdpbf16ps)";
 #endif
+  if (sgemm_ == nullptr) return "loops (torch links no sgemm_)";
   return cblas_gemm_bf16bf16f32 != nullptr ? "torch's BLAS (sgemm_, cblas_gemm_bf16bf16f32, cblas_gemm_f16f16f32)"
                                            : "torch's BLAS (sgemm_)";
 }

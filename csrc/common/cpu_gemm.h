@@ -1,10 +1,12 @@
 // Row-major GEMM on tiles for the CPU kernels: C (m x n) = alpha * op(A) op(B) + beta * C,
 // op(X) = X or X^T, every matrix row-major with its leading dimension.
 //
-// It calls the BLAS that torch itself links (MKL on x86-64 wheels: sgemm_,
-// cblas_gemm_bf16bf16f32, cblas_gemm_f16f16f32), found as weak symbols of libtorch_cpu at
-// load time; where torch links none of them, a plain loop (correct, slow) serves.
-// Called from inside our OpenMP parallel regions, MKL runs each call on the calling thread.
+// bf16 runs on our AVX512-BF16 tiles (vdpbf16ps) where the CPU has them; float32 runs on our AVX-512 tiles (8 x
+// 32, FMA) under FUSEDLAYERS_CPU_GEMM=tiles. Otherwise, and for fp16, the BLAS that torch itself links serves
+// (MKL on x86-64 wheels: sgemm_, cblas_gemm_bf16bf16f32, cblas_gemm_f16f16f32, found as weak symbols of
+// libtorch_cpu at load time), and where torch links none of them a plain loop (correct, slow).
+// FUSEDLAYERS_CPU_GEMM=blas sends every product to the BLAS (for tests and comparisons). Called from inside our
+// OpenMP parallel regions, each call runs on the calling thread.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -28,6 +30,29 @@ bool gemm_lowp(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, floa
 // products run on AVX512-BF16; returns false elsewhere (the caller converts). A float32 subnormal becomes 0,
 // as those products read a bf16 subnormal: a row converted here is meant for gemm_lowp.
 bool to_bf16_row(const float* in, int64_t n, c10::BFloat16* out);
+
+// Packed B: products of many A against one B (the K and V of a head against each query block) pack B once.
+// B (k x n after op) is cut into panels of 16 columns, 0 past n and k; float32 panels are [k][16], bf16 ones
+// [ceil(k / 2)][16][2] (pairs along k, as vdpbf16ps reads them). Panels lie `panel` elements apart (a whole
+// packing's panel_stride), so the columns from j0 and the k indices from p0 of a packing start
+// packed_offset(j0, p0, panel) elements in (j0 a multiple of 16; for bf16, p0 even, and the product's k even
+// unless it runs to the end of the packed k, where the padding is 0).
+// packs<T>(): whether gemm_packed<T> serves (float32: AVX-512 and FUSEDLAYERS_CPU_GEMM=tiles; bf16: AVX512-BF16,
+// not FUSEDLAYERS_CPU_GEMM=blas). T: float or c10::BFloat16.
+template <typename T>
+bool packs();
+template <typename T>
+inline int64_t panel_stride(int64_t k) {  // elements per panel
+  return sizeof(T) == 4 ? k * 16 : (k + 1) / 2 * 32;
+}
+inline int64_t packed_size(int64_t n, int64_t k, int64_t panel) { return (n + 15) / 16 * panel; }
+inline int64_t packed_offset(int64_t j0, int64_t p0, int64_t panel) { return j0 / 16 * panel + p0 * 16; }
+template <typename T>
+void pack_b(bool trans_b, int64_t n, int64_t k, const T* b, int64_t ldb, T* out);
+// C (m x n) = alpha * op(A) bp + beta * C, bp a packed B from packed_offset (beta 0: C is not read).
+template <typename T>
+void gemm_packed(bool trans_a, int64_t m, int64_t n, int64_t k, float alpha, const T* a, int64_t lda, const T* bp,
+                 int64_t panel, float beta, float* c, int64_t ldc);
 
 // Which BLAS serves gemm / gemm_lowp (for benchmarks and error messages).
 const char* gemm_backend();

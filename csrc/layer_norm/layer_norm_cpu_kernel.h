@@ -53,6 +53,13 @@ inline void add_rows(const float* a, const float* b, int64_t n, float* z) {
   for (; j < n; ++j) z[j] = a[j] + b[j];
 }
 
+// Per-thread scratch of `count` floats, grown once per thread and reused by every call.
+inline float* row_scratch(int64_t count) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < count) buf.resize(count);
+  return buf.data();
+}
+
 // Weight and bias as float32 rows (1 and 0 when absent), once per thread.
 inline void load_affine(const NormParams& p, float* w, float* bias) {
   const int64_t n = p.hidden;
@@ -87,8 +94,9 @@ inline void forward(const NormParams& p) {
 #pragma omp parallel num_threads(at::get_num_threads()) \
     if (p.rows > 1 && p.rows * n >= kParallelGrain && !omp_in_parallel())
   {
-    std::unique_ptr<float[]> z(new float[n]), tmp(new float[n]), w(new float[n]), bias(new float[n]);
-    load_affine(p, w.get(), bias.get());
+    float* const rows_buf = row_scratch(4 * n);
+    float *const z = rows_buf, *const tmp = rows_buf + n, *const w = rows_buf + 2 * n, *const bias = rows_buf + 3 * n;
+    load_affine(p, w, bias);
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < p.rows; ++row) {
       const char* x = row_ptr(p.x, p.x_dtype, row, p.x_rs);
@@ -98,23 +106,23 @@ inline void forward(const NormParams& p) {
         if (p.residual != nullptr) {
           const char* rrow = row_ptr(p.residual, p.residual_dtype, row, p.residual_rs);
           r = reinterpret_cast<const float*>(rrow);
-          if (p.residual_dtype != DType::f32) load_row_any(rrow, p.residual_dtype, n, tmp.get()), r = tmp.get();
+          if (p.residual_dtype != DType::f32) load_row_any(rrow, p.residual_dtype, n, tmp), r = tmp;
         }
         if (p.x_dtype == DType::f32 && p.dropout_p == 0) {  // z = x + r in one pass
-          add_rows(reinterpret_cast<const float*>(x), r, n, z.get());
+          add_rows(reinterpret_cast<const float*>(x), r, n, z);
         } else {
-          load_row_any(x, p.x_dtype, n, z.get());
-          if (p.dropout_p > 0) dropout_row(z.get(), n, p.seed, static_cast<uint64_t>(row * n), p.dropout_p, inv_keep);
-          if (r != nullptr) add_row(z.get(), r, n);
+          load_row_any(x, p.x_dtype, n, z);
+          if (p.dropout_p > 0) dropout_row(z, n, p.seed, static_cast<uint64_t>(row * n), p.dropout_p, inv_keep);
+          if (r != nullptr) add_row(z, r, n);
         }
-        zr = z.get();
+        zr = z;
       }
       if (p.z != nullptr) {
         char* zrow = row_ptr(p.z, p.z_dtype, row, n);
         store_row_any(zr, n, zrow, p.z_dtype, 1.0f, stream && p.z_dtype == DType::f32);
         // statistics of the stored (rounded) z, which backward reads back: with the unrounded
         // ones, zin - mean of a constant fp16 row would be a rounding error times rstd (1e6 at eps 1e-12)
-        if (p.z_dtype != DType::f32) load_row_any(zrow, p.z_dtype, n, z.get()), zr = z.get();
+        if (p.z_dtype != DType::f32) load_row_any(zrow, p.z_dtype, n, z), zr = z;
       }
 
       // statistics: two passes over the cached row (common/mean_var.h). The mean is taken of
@@ -139,13 +147,13 @@ inline void forward(const NormParams& p) {
       char* y = row_ptr(p.y, p.x_dtype, row, n);
       switch (p.x_dtype) {
         case DType::f32:
-          store_affine(zr, n, mean, rstd, w.get(), bias.get(), reinterpret_cast<float*>(y), stream);
+          store_affine(zr, n, mean, rstd, w, bias, reinterpret_cast<float*>(y), stream);
           break;
         case DType::f16:
-          store_affine(zr, n, mean, rstd, w.get(), bias.get(), reinterpret_cast<c10::Half*>(y), stream);
+          store_affine(zr, n, mean, rstd, w, bias, reinterpret_cast<c10::Half*>(y), stream);
           break;
         case DType::bf16:
-          store_affine(zr, n, mean, rstd, w.get(), bias.get(), reinterpret_cast<c10::BFloat16*>(y), stream);
+          store_affine(zr, n, mean, rstd, w, bias, reinterpret_cast<c10::BFloat16*>(y), stream);
           break;
       }
     }
@@ -162,16 +170,22 @@ inline void backward(const NormParams& p) {
   const int threads = omp_in_parallel() || p.rows * n < kParallelGrain
                           ? 1
                           : std::max<int>(1, std::min<int64_t>(at::get_num_threads(), p.rows));
-  // per-thread partial sums of dweight and dbias: (threads, n) each
-  std::vector<float> dw_part(want_dw ? threads * n : 0, 0.0f), db_part(want_db ? threads * n : 0, 0.0f);
+  // per-thread partial sums of dweight and dbias, (threads, n) each; one thread sums into them directly
+  std::vector<float> dw_part(want_dw && threads > 1 ? threads * n : 0, 0.0f),
+      db_part(want_db && threads > 1 ? threads * n : 0, 0.0f);
+  if (threads == 1) {
+    if (want_dw) std::fill(p.dweight, p.dweight + n, 0.0f);
+    if (want_db) std::fill(p.dbias, p.dbias + n, 0.0f);
+  }
 
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    std::unique_ptr<float[]> xhat(new float[n]), wdy(new float[n]), g(new float[n]), w(new float[n]);
-    load_affine(p, w.get(), nullptr);
-    float* dwp = want_dw ? dw_part.data() + t * n : nullptr;
-    float* dbp = want_db ? db_part.data() + t * n : nullptr;
+    float* const rows_buf = row_scratch(4 * n);
+    float *const xhat = rows_buf, *const wdy = rows_buf + n, *const g = rows_buf + 2 * n, *const w = rows_buf + 3 * n;
+    load_affine(p, w, nullptr);
+    float* dwp = !want_dw ? nullptr : threads > 1 ? dw_part.data() + t * n : p.dweight;
+    float* dbp = !want_db ? nullptr : threads > 1 ? db_part.data() + t * n : p.dbias;
     // a fixed contiguous range of rows per thread: the partial sums do not depend on timing
     const int64_t lo = p.rows * t / nt, hi = p.rows * (t + 1) / nt;
     for (int64_t row = lo; row < hi; ++row) {
@@ -181,17 +195,17 @@ inline void backward(const NormParams& p) {
       const char* dyrow = row_ptr(p.dy, p.x_dtype, row, n);
       const float* zs = reinterpret_cast<const float*>(zrow);
       const float* gs = reinterpret_cast<const float*>(dyrow);
-      if (p.zin_dtype != DType::f32) load_row_any(zrow, p.zin_dtype, n, xhat.get()), zs = xhat.get();
-      if (p.x_dtype != DType::f32) load_row_any(dyrow, p.x_dtype, n, g.get()), gs = g.get();
+      if (p.zin_dtype != DType::f32) load_row_any(zrow, p.zin_dtype, n, xhat), zs = xhat;
+      if (p.x_dtype != DType::f32) load_row_any(dyrow, p.x_dtype, n, g), gs = g;
       const Vec vm(mean), vr(rstd);
       Vec c1v(0.0f), c2v(0.0f);
       int64_t j = 0;
       for (; j + kVec <= n; j += kVec) {
         const Vec xh = (Vec::loadu(zs + j) - vm) * vr;
         const Vec gy = Vec::loadu(gs + j);
-        const Vec wd = gy * Vec::loadu(w.get() + j);
-        xh.store(xhat.get() + j);
-        wd.store(wdy.get() + j);
+        const Vec wd = gy * Vec::loadu(w + j);
+        xh.store(xhat + j);
+        wd.store(wdy + j);
         c1v = at::vec::fmadd(xh, wd, c1v);
         c2v = c2v + wd;
         if (dwp) at::vec::fmadd(gy, xh, Vec::loadu(dwp + j)).store(dwp + j);
@@ -214,23 +228,23 @@ inline void backward(const NormParams& p) {
       const Vec vc1(c1), vc2(c2);
       j = 0;
       for (; j + kVec <= n; j += kVec) {
-        ((Vec::loadu(wdy.get() + j) - Vec::loadu(xhat.get() + j) * vc1 - vc2) * vr).store(g.get() + j);
+        ((Vec::loadu(wdy + j) - Vec::loadu(xhat + j) * vc1 - vc2) * vr).store(g + j);
       }
       for (; j < n; ++j) g[j] = (wdy[j] - xhat[j] * c1 - c2) * rstd;
       if (p.dz != nullptr) {
-        load_row_any(row_ptr(p.dz, p.dz_dtype, row, n), p.dz_dtype, n, wdy.get());
-        add_row(g.get(), wdy.get(), n);
+        load_row_any(row_ptr(p.dz, p.dz_dtype, row, n), p.dz_dtype, n, wdy);
+        add_row(g, wdy, n);
       }
       if (p.dresidual != nullptr) {
-        store_row_any(g.get(), n, row_ptr(p.dresidual, p.residual_dtype, row, n), p.residual_dtype, 1.0f, stream);
+        store_row_any(g, n, row_ptr(p.dresidual, p.residual_dtype, row, n), p.residual_dtype, 1.0f, stream);
       }
-      if (p.dropout_p > 0) dropout_row(g.get(), n, p.seed, static_cast<uint64_t>(row * n), p.dropout_p, inv_keep);
-      store_row_any(g.get(), n, row_ptr(p.dx, p.x_dtype, row, n), p.x_dtype, 1.0f, stream);
+      if (p.dropout_p > 0) dropout_row(g, n, p.seed, static_cast<uint64_t>(row * n), p.dropout_p, inv_keep);
+      store_row_any(g, n, row_ptr(p.dx, p.x_dtype, row, n), p.x_dtype, 1.0f, stream);
     }
     if (stream) stream_fence();
   }
   // partials in thread order, columns split over the threads
-  if (want_dw || want_db) {
+  if (threads > 1 && (want_dw || want_db)) {
 #pragma omp parallel for num_threads(threads) if (threads > 1 && n >= 4096) schedule(static)
     for (int64_t j = 0; j < n; ++j) {
       float dw = 0.0f, db = 0.0f;

@@ -174,7 +174,9 @@ inline std::tuple<at::Tensor, at::Tensor> bwd_setup(
 // A float32 sum over `hidden` (dweight / dbias) in the parameter's dtype and shape (rounded
 // once), or an empty tensor when the parameter is absent.
 inline at::Tensor param_grad(const at::Tensor& sum, const std::optional<at::Tensor>& param, const at::Tensor& like) {
-  return param.has_value() ? sum.to(param->scalar_type()).view(param->sizes()) : at::empty({0}, like.options());
+  if (!param.has_value()) return at::empty({0}, like.options());
+  const at::Tensor g = sum.to(param->scalar_type());
+  return g.sizes() == param->sizes() ? g : g.view(param->sizes());
 }
 
 }  // namespace fusedlayers::norm_host
