@@ -423,6 +423,70 @@ def varlen_impls(call, cu, lens, quick) -> list[Impl]:
     return impls
 
 
+def encoder_step_pairs(d_model: int = 256, layers: int = 4, seq: int = 1024, batch: int = 4, pairs: int = 3,
+                       steps: int = 2) -> tuple[list, dict]:
+    """Training steps of a ``torch.nn.TransformerEncoder`` (post-norm layers, d_model // 64 heads, dropout 0.1)
+    against a copy swapped onto fusedlayers (``fusedlayers.swap``: attention and the residual-add + layer norms)
+    on CPU tensors: forward with a key-padding mask (sequences of 100/88/75/94% of ``seq``), a loss over the
+    non-padding positions, backward and an SGD step, in float32 and under bf16 autocast. ``pairs`` rounds of
+    ``steps`` steps of each model, alternating which goes first. Returns one row per dtype (median ms per step
+    of each, median per-round speedup torch / ours) and the setup. The two models' eval-mode outputs are
+    compared first."""
+    import copy
+    import statistics
+    import time
+    from contextlib import nullcontext
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d_model, nhead=max(1, d_model // 64), dim_feedforward=4 * d_model,
+                                             batch_first=True)
+    theirs = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+    ours = copy.deepcopy(theirs)
+    swapped = fusedlayers.swap(ours).swapped
+    lengths = ([max(1, int(seq * f)) for f in (1.0, 0.88, 0.75, 0.94)] * batch)[:batch]
+    pad = torch.arange(seq)[None, :] >= torch.tensor(lengths)[:, None]  # True: padding
+    x = torch.randn(batch, seq, d_model, generator=torch.Generator().manual_seed(1))
+    valid = (~pad)[..., None].float()
+    with torch.no_grad():
+        theirs.eval(), ours.eval()
+        err = ((theirs(x, src_key_padding_mask=pad) - ours(x, src_key_padding_mask=pad)) * valid).abs().max().item()
+        assert err < 1e-3, f"the swapped encoder's output differs from torch's by {err}"
+        theirs.train(), ours.train()
+
+    def stepper(model, autocast):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with autocast():
+                out = model(x, src_key_padding_mask=pad)
+            (out.float().square() * valid).mean().backward()
+            opt.step()
+        return step
+
+    rows = []
+    for dtype, autocast in (("float32", nullcontext),
+                            ("bf16 autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16))):
+        sides = {"ours": stepper(ours, autocast), "torch": stepper(theirs, autocast)}
+        for fn in sides.values():  # warm-up
+            fn()
+        ms, ratios = {"ours": [], "torch": []}, []
+        for i in range(pairs):
+            t = {}
+            for side in (("ours", "torch") if i % 2 == 0 else ("torch", "ours")):
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    sides[side]()
+                t[side] = (time.perf_counter() - t0) / steps * 1e3
+                ms[side].append(t[side])
+            ratios.append(t["torch"] / t["ours"])
+        rows.append({"dtype": dtype, "ours_ms": statistics.median(ms["ours"]),
+                     "torch_ms": statistics.median(ms["torch"]), "speedup": statistics.median(ratios)})
+    setup = {"d_model": d_model, "layers": layers, "heads": max(1, d_model // 64), "batch": batch, "seq": seq,
+             "lengths": lengths, "pairs": pairs, "steps": steps, "swapped": [str(m) for m in swapped]}
+    return rows, setup
+
+
 def train_steps(report: Report, device: torch.device, quick: bool) -> None:
     """Tokens/s of the reference Transformer's training (translation task, d_model 64, 2+2
     layers), the same run on each backend that can serve it."""
@@ -442,3 +506,13 @@ def train_steps(report: Report, device: torch.device, quick: bool) -> None:
             continue
         report.results.append(Result("train_step", "fwd+bwd", case, f"fusedlayers[{backend}]", r["seconds"] * 1e3,
                                      r["tokens_per_s"] / 1e3, "k tokens/s", backend != "reference"))
+    if device.type == "cpu":  # a torch.nn model swapped vs not (benchmarks/bench_train_step.py)
+        seq = 256 if quick else 1024
+        rows, setup = encoder_step_pairs(seq=seq, pairs=2 if quick else 3, steps=1 if quick else 2)
+        tokens = sum(setup["lengths"])
+        for row in rows:
+            case = {"model": "nn.TransformerEncoder", "d_model": 256, "layers": 4, "tokens": f"4x{seq}",
+                    "dtype": row["dtype"]}
+            for impl, key, ours_ in (("fusedlayers.swap", "ours_ms", True), ("torch", "torch_ms", False)):
+                report.results.append(Result("train_step", "fwd+bwd", case, impl, row[key], tokens / row[key],
+                                             "k tokens/s", ours_))

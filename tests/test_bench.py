@@ -52,3 +52,11 @@ def test_a_wrong_implementation_is_reported_not_timed():
                       torch.device("cpu"), True, ("fwd",), None)
     (result,) = report.results
     assert result.ms is None and result.note.startswith("WRONG")
+
+
+def test_encoder_step_pairs_compares_a_swapped_encoder():
+    """The training-step comparison checks the swapped encoder against torch's before it times anything."""
+    rows, setup = suite.encoder_step_pairs(d_model=64, layers=1, seq=24, batch=2, pairs=1, steps=1)
+    assert [r["dtype"] for r in rows] == ["float32", "bf16 autocast"]
+    assert all(r["ours_ms"] > 0 and r["torch_ms"] > 0 for r in rows)
+    assert setup["lengths"] == [24, 21] and setup["swapped"], setup
