@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -101,6 +102,26 @@ namespace {
 
 constexpr int kMr = 8;
 
+// tile(mr, nv, i, j0, ncols) over C (m x n): rows in tiles of kMr (the rest one at a time), columns in tiles of
+// 32 (nv = 2; a remainder of 16 or fewer: nv = 1); mr and nv as std::integral_constant.
+template <typename Tile>
+inline void for_each_tile(int64_t m, int64_t n, Tile tile) {
+  using One = std::integral_constant<int, 1>;
+  using Mr = std::integral_constant<int, kMr>;
+  using Two = std::integral_constant<int, 2>;
+  for (int64_t j0 = 0; j0 < n; j0 += 32) {
+    const int ncols = static_cast<int>(std::min<int64_t>(32, n - j0));
+    int64_t i = 0;
+    if (ncols > 16) {
+      for (; i + kMr <= m; i += kMr) tile(Mr(), Two(), i, j0, ncols);
+      for (; i < m; ++i) tile(One(), Two(), i, j0, ncols);
+    } else {
+      for (; i + kMr <= m; i += kMr) tile(Mr(), One(), i, j0, ncols);
+      for (; i < m; ++i) tile(One(), One(), i, j0, ncols);
+    }
+  }
+}
+
 // C[r][16 v + j] = alpha * acc[r][v][j] + beta * C[...] for the first ncols columns (beta 0: C is not read).
 template <int MR, int NV>
 FL_F32_TARGET inline void store_tile(const __m512 (&acc)[MR][NV], float alpha, float beta, float* c, int64_t ldc,
@@ -172,19 +193,10 @@ FL_F32_TARGET void f32_product(bool ta, int64_t m, int64_t n, int64_t k, float a
     }
     return;
   }
-  for (int64_t j0 = 0; j0 < n; j0 += 32) {
-    const int ncols = static_cast<int>(std::min<int64_t>(32, n - j0));
-    const float* bj = bp + (j0 / 16) * panel;
-    float* cj = c + j0;
-    int64_t i = 0;
-    if (ncols > 16) {
-      for (; i + kMr <= m; i += kMr) f32_tile<kMr, 2>(k, a + i * a_rs, a_rs, a_ks, bj, panel, alpha, beta, cj + i * ldc, ldc, ncols);
-      for (; i < m; ++i) f32_tile<1, 2>(k, a + i * a_rs, a_rs, a_ks, bj, panel, alpha, beta, cj + i * ldc, ldc, ncols);
-    } else {
-      for (; i + kMr <= m; i += kMr) f32_tile<kMr, 1>(k, a + i * a_rs, a_rs, a_ks, bj, panel, alpha, beta, cj + i * ldc, ldc, ncols);
-      for (; i < m; ++i) f32_tile<1, 1>(k, a + i * a_rs, a_rs, a_ks, bj, panel, alpha, beta, cj + i * ldc, ldc, ncols);
-    }
-  }
+  for_each_tile(m, n, [&](auto mr, auto nv, int64_t i, int64_t j0, int ncols) {
+    f32_tile<decltype(mr)::value, decltype(nv)::value>(k, a + i * a_rs, a_rs, a_ks, bp + (j0 / 16) * panel, panel,
+                                                       alpha, beta, c + i * ldc + j0, ldc, ncols);
+  });
 }
 
 template <int MR, int NV>
@@ -282,21 +294,10 @@ FL_BF16_TARGET void bf16_product(bool ta, int64_t m, int64_t n, int64_t k, float
     a_rs = 4;
     a_ps = m * 4;
   }
-  for (int64_t j0 = 0; j0 < n; j0 += 32) {
-    const int ncols = static_cast<int>(std::min<int64_t>(32, n - j0));
-    const uint16_t* bj = bp + (j0 / 16) * panel;
-    float* cj = c + j0;
-    int64_t i = 0;
-    if (ncols > 16) {
-      for (; i + kMr <= m; i += kMr)
-        bf16_tile<kMr, 2>(k, ap + i * a_rs, a_rs, a_ps, bj, panel, alpha, beta, cj + i * ldc, ldc, ncols);
-      for (; i < m; ++i) bf16_tile<1, 2>(k, ap + i * a_rs, a_rs, a_ps, bj, panel, alpha, beta, cj + i * ldc, ldc, ncols);
-    } else {
-      for (; i + kMr <= m; i += kMr)
-        bf16_tile<kMr, 1>(k, ap + i * a_rs, a_rs, a_ps, bj, panel, alpha, beta, cj + i * ldc, ldc, ncols);
-      for (; i < m; ++i) bf16_tile<1, 1>(k, ap + i * a_rs, a_rs, a_ps, bj, panel, alpha, beta, cj + i * ldc, ldc, ncols);
-    }
-  }
+  for_each_tile(m, n, [&](auto mr, auto nv, int64_t i, int64_t j0, int ncols) {
+    bf16_tile<decltype(mr)::value, decltype(nv)::value>(k, ap + i * a_rs, a_rs, a_ps, bp + (j0 / 16) * panel, panel,
+                                                        alpha, beta, c + i * ldc + j0, ldc, ncols);
+  });
 }
 
 void gemm_bf16_dp(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda,
