@@ -15,8 +15,8 @@
 //     O = alpha * O + dropout(P) V    GEMM (P in the inputs' dtype for fp16 / bf16)
 // then out = O / l, lse = m + log l (0 and -inf for rows that saw no key). A key block on a causal / window
 // edge runs its rows in runs of kEdgeRows, each over the keys it can see. Where the GEMMs have packed
-// products (fp32 on AVX-512, bf16 on AVX512-BF16) K^T and V of each (sequence, KV head) are packed once,
-// before the tasks, for every query block that reads them.
+// products (common/cpu_gemm.h: packs<T>) K^T and V of each (sequence, KV head) are packed once, before the
+// tasks, for every query block that reads them.
 //
 // Backward: one task per (sequence b, KV head hk): it owns dK, dV of that head (float32
 // accumulators, summed over the query heads of its GQA group in a fixed order) and the

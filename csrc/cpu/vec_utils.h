@@ -192,9 +192,13 @@ inline float row_dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// a[j] = exp(a[j] - m), returns sum_j a[j]. exp(-inf) = 0. Sleef's 1-ulp exp, or with U20 ATen's exp_u20 (NaN
-// passed through, as in exp_sub_sum_to) for rows that go on in bf16 / fp16: in float32, exp_u20 put dq / dbias
-// just past the test rule's bound (2-3x torch's error).
+// exp(x) by ATen's exp_u20 (20 ulp, far below bf16's or fp16's 8 or 11 bits) with NaN passed through
+// (exp_u20 clamps its input, so a NaN score would come out finite); exp(-inf) = 0.
+inline Vec exp_u20_nan(const Vec& x) { return Vec::blendv(x.exp_u20(), x, x.isnan()); }
+
+// a[j] = exp(a[j] - m), returns sum_j a[j]. exp(-inf) = 0. Sleef's 1-ulp exp, or with U20 exp_u20_nan for rows
+// that go on in bf16 / fp16: in float32, exp_u20 put dq / dbias just past the test rule's bound (2-3x torch's
+// error).
 template <bool U20 = false>
 inline float exp_sub_sum(float* a, int64_t n, float m) {
   int64_t j = 0;
@@ -204,7 +208,7 @@ inline float exp_sub_sum(float* a, int64_t n, float m) {
     const Vec x = Vec::loadu(a + j) - vm;
     Vec e;
     if constexpr (U20) {
-      e = Vec::blendv(x.exp_u20(), x, x.isnan());
+      e = exp_u20_nan(x);
     } else {
       e = x.exp();
     }
@@ -233,54 +237,23 @@ inline void for_each_above(const float* a, int64_t n, float t, F f) {
   }
 }
 
-// exp(x - m) of 2 kVec floats from x, NaN passed through (exp_u20 clamps its input, so a NaN score would come
-// out finite); exp(-inf) = 0. ATen's exp_u20: 20 ulp, far below bf16's or fp16's 8 or 11 bits.
-inline void exp_u20_pair(const float* x, const Vec& vm, Vec& e0, Vec& e1) {
-  const Vec x0 = Vec::loadu(x) - vm, x1 = Vec::loadu(x + kVec) - vm;
-  e0 = Vec::blendv(x0.exp_u20(), x0, x0.isnan());
-  e1 = Vec::blendv(x1.exp_u20(), x1, x1.isnan());
-}
-
-#if defined(CPU_CAPABILITY_AVX512)
-// exp_sub_sum_to for bf16 where the CPU has AVX512-BF16: each 32 exponentials rounded to bf16 by one
-// vcvtne2ps2bf16 (as to_bf16_row rounds: nearest even, NaN kept, a float32 subnormal to 0).
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avx512bf16")))
-inline float exp_sub_sum_bf16(const float* a, int64_t n, float m, c10::BFloat16* out) {
-  int64_t j = 0;
-  const Vec vm(m);
-  Vec acc(0.0f);
-  for (; j + 2 * kVec <= n; j += 2 * kVec) {
-    Vec e0, e1;
-    exp_u20_pair(a + j, vm, e0, e1);
-    const __m512bh v = _mm512_cvtne2ps_pbh(static_cast<__m512>(e1), static_cast<__m512>(e0));
-    _mm512_storeu_si512(out + j, (__m512i)v);
-    acc = acc + e0 + e1;
-  }
-  float s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
-  for (; j < n; ++j) {
-    const float e = std::exp(a[j] - m);
-    out[j] = static_cast<c10::BFloat16>(e);
-    s += e;
-  }
-  return s;
-}
-#endif
-
 // exp_sub_sum for a row whose exponentials go on in T (bf16 / fp16) alone: out[j] = exp(a[j] - m) rounded to T
-// (exp_u20_pair), returns the float32 sum.
+// (exp_u20_nan), returns the float32 sum. bf16 where to_bf16_row serves: the exponentials go to a, then to out in
+// one conversion pass (vcvtne2ps2bf16); else straight to out.
 template <typename T>
-inline float exp_sub_sum_to(const float* a, int64_t n, float m, T* out) {
-#if defined(CPU_CAPABILITY_AVX512)
+inline float exp_sub_sum_to(float* a, int64_t n, float m, T* out) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (to_bf16_row(a, 0, out)) return exp_sub_sum_bf16(a, n, m, out);  // (n = 0 asks whether it serves)
+    if (packs<c10::BFloat16>()) {
+      const float s = exp_sub_sum<true>(a, n, m);
+      to_bf16_row(a, n, out);
+      return s;
+    }
   }
-#endif
   int64_t j = 0;
   const Vec vm(m);
   Vec acc(0.0f);
   for (; j + 2 * kVec <= n; j += 2 * kVec) {
-    Vec e0, e1;
-    exp_u20_pair(a + j, vm, e0, e1);
+    const Vec e0 = exp_u20_nan(Vec::loadu(a + j) - vm), e1 = exp_u20_nan(Vec::loadu(a + j + kVec) - vm);
     store_vec2(out + j, e0, e1);
     acc = acc + e0 + e1;
   }
