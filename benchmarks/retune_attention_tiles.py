@@ -98,7 +98,9 @@ def retune(entry: tuple, pool):
 
 
 def _cell(entry) -> str:
-    return f"_ARCH({entry[8]}, {entry[9]})" if isinstance(entry, dict) else str(tuple(entry))
+    if isinstance(entry, dict):
+        return f"_ARCH({entry[8]}, {entry[9]})"
+    return str(entry if entry is None else tuple(entry))
 
 
 def write_tables(path: str, proposals: dict) -> None:
@@ -113,7 +115,7 @@ def write_tables(path: str, proposals: dict) -> None:
             padded = [(c + ", ").ljust(17) for c in cells[:-1]]
             head = f"    {key!r}:".replace("'", '"').ljust(30) + "("
             line = head + "".join(padded) + cells[-1] + "),"
-            if len(line) > 120:
+            if len(line) > 140:
                 line = (head + "".join(padded[:3])).rstrip() + "\n" + " " * 31 + " ".join(
                     p.strip() for p in padded[3:]) + " " + cells[-1] + "),"
             lines.append(line)

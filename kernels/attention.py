@@ -9,7 +9,7 @@ their broadcast strides (a (B,1,1,Nk) key-padding mask costs no B*H*N*N memory),
 (query head h reads KV head h // (Hq // Hkv)), Nq != Nk, dropout from Triton's Philox
 ``tl.rand(seed, offset)`` with offset = the linear index of the score in (B, Hq, Nq, Nk) (varlen: in
 (Hq, total_q, total_k)), so backward and ``dropout_keep_mask`` regenerate the same mask. Head dims
-1..256 are padded to a power-of-two block >= 16 with masked loads: one kernel source serves every head
+1..512 are padded to a power-of-two block >= 16 with masked loads: one kernel source serves every head
 dim. When v's head dim Dv differs from q's, the launchers zero-pad the narrower side to the wider (a
 copy; see _run_forward).
 Backward (same names as ``fusedlayers.reference_backend``): P = exp((S - row_m) - row_c) recomputed,
@@ -69,20 +69,19 @@ import triton
 import triton.language as tl
 
 from .attention_configs import (_BUCKETS, _INTERPRETER_CONFIG, _KEEP_MASK_BLOCK, _KEEP_MASK_BLOCK_INTERPRET,
-                                _KEEP_MASK_WARPS, _ROW_STATS_CONFIGS, _ROWS_BLOCK, _ROWS_BLOCK_INTERPRET,
-                                _atomic_dq, _bucket, _gpu_config)
+                                _KEEP_MASK_WARPS, _ROW_STATS_CONFIGS, _ROWS_BLOCK_INTERPRET,
+                                _atomic_dq, _bucket, _gpu_config, _rows_block)
 
 # Decided once at import, as @triton.jit decides it (from TRITON_INTERPRET).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2): natural lse = base-2 lse * LN2
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 512
 MASK_NONE, MASK_BOOL, MASK_BIAS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # MASK_KIND
 # |lse| from which the backward recomputes a row's max and sum (_bwd_row_stats): past 4096 the float32 lse
 # = m + log(l) keeps log(l) to at most ~2**-11 absolutely, and under a huge bias (finfo.min) not at all
 LSE_EXACT = tl.constexpr(4096.0)
-_ROWS = _ROWS_BLOCK_INTERPRET if INTERPRET else _ROWS_BLOCK  # rows per program of the row kernels
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -804,6 +803,11 @@ def _config(kind: str, d: int, dtype: torch.dtype, device: torch.device, dropout
     return _gpu_config(kind, _bucket(d), dtype, major, dropout, masked)
 
 
+def _rows(d: int) -> int:
+    """Rows per program of the row kernels (_bwd_preprocess, _split_combine)."""
+    return _ROWS_BLOCK_INTERPRET if INTERPRET else _rows_block(_bucket(d))
+
+
 def _row_stats_config(d: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of _bwd_row_stats (its key loop runs only on rows with a huge lse)."""
     if INTERPRET:
@@ -840,6 +844,14 @@ def why_not(call) -> Optional[str]:
         return f"dtype {str(call.dtype).replace('torch.', '')} is not supported (float16, bfloat16, float32)"
     if max(call.head_dim, call.head_dim_v) > MAX_HEAD_DIM:
         return f"head dim {max(call.head_dim, call.head_dim_v)} > {MAX_HEAD_DIM}"
+    if call.device.type == "cuda" and not INTERPRET:
+        major = 9 if torch.cuda.get_device_capability(call.device)[0] >= 9 else 8
+        d, dropout, masked = max(call.head_dim, call.head_dim_v), call.dropout_p > 0, call.mask is not None
+        for kind in ("fwd", "decode", "dkdv", "dq"):  # the backward's passes too: the backend that runs forward runs backward
+            if _gpu_config(kind, _bucket(d), call.dtype, major, dropout, masked) is None:
+                return (f"head dim {d} in {str(call.dtype).replace('torch.', '')}"
+                        + (" with dropout" if dropout else "") + (" with a mask" if masked else "")
+                        + f": no {kind} tile compiles without register spills on sm_{major}0")
     if call.heads_q > 65535 or call.batch > 65535:
         return f"Hq = {call.heads_q}, B = {call.batch}: each must be <= 65535 (CUDA grid axes 1 and 2)"
     return None
@@ -985,8 +997,8 @@ def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_
         **_launch_options(warps, stages))
     if num_splits > 1:
         rows = b * hq * nq
-        _split_combine[(triton.cdiv(rows, _ROWS),)](o_dst, l_dst, out, lse, rows, d, num_splits, BLOCK_M=_ROWS,
-                                                    BLOCK_D=_bucket(d))
+        _split_combine[(triton.cdiv(rows, _rows(d)),)](o_dst, l_dst, out, lse, rows, d, num_splits,
+                                                       BLOCK_M=_rows(d), BLOCK_D=_bucket(d))
     return out, lse
 
 
@@ -1054,8 +1066,8 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
     vm = _Mods(mods, b, hq, nq + nk, q)
     # Delta = rowsum(dO * O) - dlse, laid out like lse; fp64 for fp32 inputs (see _bwd_tile)
     Delta = torch.empty_like(lse, dtype=torch.float64 if q.dtype == torch.float32 else torch.float32)
-    _bwd_preprocess[(triton.cdiv(pre_n, _ROWS), hq, pre_b)](
-        out, dout, dlse, Delta, *_strides(out, varlen), *qs, *gs, *ls, pre_n, d, BLOCK_M=_ROWS, BLOCK_D=_bucket(d))
+    _bwd_preprocess[(triton.cdiv(pre_n, _rows(d)), hq, pre_b)](
+        out, dout, dlse, Delta, *_strides(out, varlen), *qs, *gs, *ls, pre_n, d, BLOCK_M=_rows(d), BLOCK_D=_bucket(d))
     # P = exp((S - row_m) - row_c), laid out like lse: (lse, 0), or the exact (max, log(sum)) of a row whose
     # float32 lse is too coarse (|lse| >= LSE_EXACT; see _bwd_row_stats)
     mask, ms, mask_kind = _mask_args(attn_mask, q)

@@ -11,6 +11,7 @@ benchmarks/resource_check.py (registers, spills and shared memory on sm_80 and s
 from __future__ import annotations
 
 import inspect
+from typing import Optional
 
 import torch
 import triton
@@ -21,68 +22,71 @@ import triton.language as tl
 # bucket. Each entry is the largest tile of a short FlashAttention-2 / Triton tutorial 06 style list
 # that compiles with 0 spill bytes (Triton 3.8, its ptxas with the flags triton.compile passes) for
 # every variant of compile_targets() that uses it, on sm_80 and sm_90a alike; where no tile of the list
-# was clean on both, the entry is _ARCH(sm_80 tile, sm_90 tile). Register use sits near 255 for many
+# was clean on both, the entry is _ARCH(sm_80 tile, sm_90 tile); None (or None in _ARCH) where no tile
+# was clean at all: kernels.attention.why_not refuses such calls with that reason. Register use sits near 255 for many
 # entries and ptxas is neither monotonic in tile size nor stable under small source changes (moving
 # one statement turned clean fp32 entries into 8-96 B spills): re-run benchmarks/resource_check.py
 # (CI does) after touching a kernel or Triton; benchmarks/retune_attention_tiles.py --write replaces
 # the entries that started spilling. Expect these to change when tuned on a GPU. Under the
 # interpreter: one configuration, blocks of 64.
 
-_BUCKETS = (16, 32, 64, 128, 256)
+_BUCKETS = (16, 32, 64, 128, 256, 512)
 
-_CONFIGS = {  # fp16 and bf16
-    # (pass, dropout, mask):  d <= 16          d 17..32         d 33..64         d 65..128        d 129..256
-    ("fwd", False, False):    ((128, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (32, 64, 8, 2)),
-    ("fwd", False, True):     ((128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3),  (32, 64, 8, 2)),
-    ("fwd", True, False):     ((128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3), (64, 32, 8, 3),  (32, 64, 8, 1)),
-    ("fwd", True, True):      ((128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 8, 3),  (32, 32, 8, 1)),
-    ("decode", False, False): ((16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 2)),
-    ("decode", False, True):  ((16, 64, 4, 2),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2)),
-    ("decode", True, False):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 8, 2)),
-    ("decode", True, True):   ((16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2)),
-    ("dkdv", False, False):   ((32, 64, 8, 3),  (32, 64, 8, 3),  (32, 64, 8, 3),  (32, 64, 8, 2),  (32, 64, 8, 1)),
-    ("dkdv", False, True):    ((32, 64, 8, 1),  (32, 64, 8, 1),  (32, 64, 8, 1),  (16, 64, 8, 2),  (32, 32, 8, 2)),
-    ("dkdv", True, False):    ((32, 64, 8, 1),  (16, 64, 4, 2),  (32, 64, 8, 3),  (16, 32, 8, 2),  (32, 32, 8, 1)),
-    ("dkdv", True, True):     ((32, 32, 8, 2),  (16, 32, 8, 1),  (32, 32, 8, 2),  (16, 32, 8, 2),  (16, 32, 8, 2)),
-    ("dq", False, False):     ((128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 2), (32, 32, 8, 1)),
-    ("dq", False, True):      ((128, 32, 8, 2), (128, 32, 4, 3), (64, 32, 4, 3),  (64, 32, 4, 3),  (32, 32, 8, 1)),
-    ("dq", True, False):      ((64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 8, 2),  (32, 32, 8, 1)),
-    ("dq", True, True):       ((64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 4, 3),  (32, 32, 8, 1),  (32, 32, 8, 1)),
-}
-
-
-def _ARCH(sm80: tuple, sm90: tuple) -> dict:
+def _ARCH(sm80: Optional[tuple], sm90: Optional[tuple]) -> dict:
     """A table entry that differs between sm_80 and sm_90 (ptxas allocates registers differently: no
     tile of the list was clean on both)."""
     return {8: sm80, 9: sm90}
 
 
+_CONFIGS = {  # fp16 and bf16
+    # (pass, dropout, mask):  d <= 16          d 17..32         d 33..64         d 65..128        d 129..256        d 257..512
+    ("fwd", False, False):    ((128, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (32, 64, 8, 2),  (32, 16, 8, 1)),
+    ("fwd", False, True):     ((128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3),  (32, 64, 8, 2),  (32, 16, 8, 1)),
+    ("fwd", True, False):     ((128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3), (64, 32, 8, 3),  (32, 64, 8, 1),  (32, 16, 8, 1)),
+    ("fwd", True, True):      ((128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 8, 3),  (32, 32, 8, 1),  (32, 16, 8, 1)),
+    ("decode", False, False): ((16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 8, 1)),
+    ("decode", False, True):  ((16, 64, 4, 2),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 8, 1)),
+    ("decode", True, False):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 8, 2),  (16, 32, 8, 1)),
+    ("decode", True, True):   ((16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 8, 1)),
+    ("dkdv", False, False):   ((32, 64, 8, 3),  (32, 64, 8, 3),  (32, 64, 8, 3),  (32, 64, 8, 2),  (32, 64, 8, 1),  (32, 16, 8, 1)),
+    ("dkdv", False, True):    ((32, 64, 8, 1),  (32, 64, 8, 1),  (32, 64, 8, 1),  (16, 64, 8, 2),  (32, 32, 8, 2),  (16, 16, 8, 1)),
+    ("dkdv", True, False):    ((32, 64, 8, 1),  (16, 64, 4, 2),  (32, 64, 8, 3),  (16, 32, 8, 2),  (32, 32, 8, 1),  (16, 16, 8, 1)),
+    ("dkdv", True, True):     ((32, 32, 8, 2),  (16, 32, 8, 1),  (32, 32, 8, 2),  (16, 32, 8, 2),  (16, 32, 8, 2),  (16, 16, 8, 1)),
+    ("dq", False, False):     ((128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 2), (32, 32, 8, 1),  (32, 16, 8, 1)),
+    ("dq", False, True):      ((128, 32, 8, 2), (128, 32, 4, 3), (64, 32, 4, 3),  (64, 32, 4, 3),  (32, 32, 8, 1),  (32, 16, 8, 1)),
+    ("dq", True, False):      ((64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 8, 2),  (32, 32, 8, 1),  (32, 16, 8, 1)),
+    ("dq", True, True):       ((64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 4, 3),
+                               (32, 32, 8, 1), (32, 32, 8, 1), _ARCH(None, (16, 16, 8, 2))),
+}
+
+
 _FP32_CONFIGS = {  # fp32: FMA dots (no TF32), fp64 dP in backward: smaller tiles
-    # (pass, dropout, mask):  d <= 16          d 17..32         d 33..64         d 65..128        d 129..256
-    ("fwd", False, False):    ((128, 32, 4, 2), (128, 32, 8, 3), (32, 64, 8, 2),  (16, 16, 4, 1),  (32, 32, 8, 1)),
-    ("fwd", False, True):     ((64, 32, 4, 2),  (64, 32, 8, 3),  (32, 64, 8, 2),  (32, 32, 8, 1),  (32, 32, 8, 1)),
-    ("fwd", True, False):     ((128, 32, 8, 3), (128, 32, 8, 3), (64, 32, 8, 3),  (16, 16, 4, 1),  (16, 32, 4, 1)),
-    ("fwd", True, True):      ((64, 64, 8, 3),  (64, 32, 8, 3),  (32, 32, 4, 1),  (32, 32, 8, 1),  (32, 32, 8, 1)),
-    ("decode", False, False): ((16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 4, 2),  (16, 16, 4, 1),  (16, 32, 4, 1)),
-    ("decode", False, True):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 4, 1)),
-    ("decode", True, False):  ((16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 4, 1)),
-    ("decode", True, True):   ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 4, 1)),
-    ("dkdv", False, False):   ((16, 64, 8, 2),  (16, 64, 8, 1),  (32, 64, 8, 1),  (16, 64, 8, 2),  (16, 32, 8, 2)),
-    ("dkdv", False, True):    ((16, 64, 8, 2),  (16, 64, 8, 2),  (32, 32, 8, 1),  (32, 16, 8, 1),  (16, 32, 8, 1)),
+    # (pass, dropout, mask):  d <= 16          d 17..32         d 33..64         d 65..128        d 129..256        d 257..512
+    ("fwd", False, False):    ((128, 32, 4, 2), (128, 32, 8, 3), (32, 64, 8, 2),  (16, 16, 4, 1),  (32, 32, 8, 1),  (32, 16, 8, 1)),
+    ("fwd", False, True):     ((64, 32, 4, 2),  (64, 32, 8, 3),  (32, 64, 8, 2),  (32, 32, 8, 1),  (32, 32, 8, 1),  (32, 16, 8, 1)),
+    ("fwd", True, False):     ((128, 32, 8, 3), (128, 32, 8, 3), (64, 32, 8, 3),  (16, 16, 4, 1),  (16, 32, 4, 1),  (32, 16, 8, 1)),
+    ("fwd", True, True):      ((64, 64, 8, 3),  (64, 32, 8, 3),  (32, 32, 4, 1),  (32, 32, 8, 1),  (32, 32, 8, 1),  (32, 16, 8, 1)),
+    ("decode", False, False): ((16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 4, 2),  (16, 16, 4, 1),  (16, 32, 4, 1),  (16, 32, 8, 1)),
+    ("decode", False, True):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 8, 1)),
+    ("decode", True, False):  ((16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 4, 1),  (16, 32, 8, 1)),
+    ("decode", True, True):   ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 8, 1)),
+    ("dkdv", False, False):   ((16, 64, 8, 2),  (16, 64, 8, 1),  (32, 64, 8, 1),  (16, 64, 8, 2),  (16, 32, 8, 2),  (16, 16, 8, 1)),
+    ("dkdv", False, True):    ((16, 64, 8, 2),  (16, 64, 8, 2),  (32, 32, 8, 1),  (32, 16, 8, 1),  (16, 32, 8, 1),  None),
     ("dkdv", True, False):    ((32, 64, 8, 2),  (16, 64, 8, 2),  _ARCH((32, 64, 8, 1), (16, 32, 8, 2)),
-                               _ARCH((16, 64, 8, 1), (16, 64, 8, 2)), _ARCH((16, 16, 8, 1), (32, 16, 8, 1))),
+                               _ARCH((16, 64, 8, 1), (16, 64, 8, 2)), _ARCH((16, 16, 8, 1), (32, 16, 8, 1)), None),
     ("dkdv", True, True):     ((16, 64, 8, 1),  (16, 32, 8, 2),  _ARCH((32, 32, 8, 1), (16, 16, 4, 1)),
-                               _ARCH((16, 64, 8, 1), (32, 16, 8, 1)), _ARCH((32, 16, 8, 1), (16, 32, 8, 1))),
-    ("dq", False, False):     ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 8, 1)),
-    ("dq", False, True):      ((32, 32, 4, 1),  (128, 32, 8, 2), (16, 32, 4, 1),  (16, 32, 4, 1),  (32, 32, 8, 1)),
-    ("dq", True, False):      ((32, 32, 4, 1),  (128, 32, 8, 2), (16, 32, 4, 1),  (32, 32, 8, 1),  (16, 32, 8, 1)),
-    ("dq", True, True):       ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (32, 32, 8, 1)),
+                               _ARCH((16, 64, 8, 1), (32, 16, 8, 1)), _ARCH((32, 16, 8, 1), (16, 32, 8, 1)), None),
+    ("dq", False, False):     ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 8, 1),  (32, 16, 8, 1)),
+    ("dq", False, True):      ((32, 32, 4, 1),  (128, 32, 8, 2), (16, 32, 4, 1),  (16, 32, 4, 1),  (32, 32, 8, 1),  (16, 16, 4, 1)),
+    ("dq", True, False):      ((32, 32, 4, 1),  (128, 32, 8, 2), (16, 32, 4, 1),  (32, 32, 8, 1),  (16, 32, 8, 1),  (16, 16, 8, 1)),
+    ("dq", True, True):       ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (32, 32, 8, 1),  (16, 16, 8, 1)),
 }
 
 _INTERPRETER_CONFIG = (64, 64, 4, 1)
 # _bwd_row_stats (BLOCK_M, BLOCK_N, num_warps) per head-dim bucket, every dtype; one stage
-_ROW_STATS_CONFIGS = ((32, 32, 4), (32, 32, 4), (32, 32, 4), (32, 32, 4), (32, 16, 8))
-# rows per program of the row kernels (preprocess, combine); 16 spills. The interpreter costs per program: 64.
+_ROW_STATS_CONFIGS = ((32, 32, 4), (32, 32, 4), (32, 32, 4), (32, 32, 4), (32, 16, 8), (16, 16, 4))
+# rows per program of the row kernels (preprocess, combine) up to head dim 256 (16 spills there), half as many
+# at 512 (32 spill). The interpreter costs per program: 64.
 _ROWS_BLOCK = 32
 _ROWS_BLOCK_INTERPRET = 64
 # dropout_keep_mask: scores per program. 1024 over 4 warps is 8 per thread (Philox gives 4 per call); the
@@ -98,16 +102,21 @@ def _bucket(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def _rows_block(bucket: int) -> int:
+    """Rows per program of the row kernels (_bwd_preprocess, _split_combine) on a GPU."""
+    return _ROWS_BLOCK if bucket <= 256 else _ROWS_BLOCK // 2
+
+
 def _atomic_dq(bucket: int, dtype: torch.dtype, mods: bool = False) -> bool:
     """Whether the non-deterministic backward may add dQ with atomics inside _bwd_dkdv (on a GPU). Not for
     16-bit head dims > 128: dK/dV with bias, dropout and the atomic dQ of 256-wide rows spills on sm_80 at
     every tile tried, and atomics of (BLOCK_M, 256) fp32 per key block of 16-32 keys cost more than the
-    separate _bwd_dq pass. fp32 keeps them at every head dim, except with a score variant (``mods``: window,
-    softcap or ALiBi) at d >= 128, where dK/dV with the atomic dQ spills on sm_80 at every tile tried (bias and
-    dropout at 128, packed sequences and dropout at 256) and _bwd_dq, which the deterministic backward compiles
-    at every head dim anyway, takes dQ."""
+    separate _bwd_dq pass. fp32 keeps them up to head dim 256 (past it dK/dV with the atomic dQ spills at
+    every tile tried), except with a score variant (``mods``: window, softcap or ALiBi) at d >= 128, where
+    dK/dV with the atomic dQ spills on sm_80 at every tile tried (bias and dropout at 128, packed sequences and
+    dropout at 256) and _bwd_dq, which the deterministic backward compiles at every head dim anyway, takes dQ."""
     if dtype == torch.float32:
-        return not (mods and bucket >= 128)
+        return bucket <= 256 and not (mods and bucket >= 128)
     return bucket <= 128
 
 
@@ -135,7 +144,10 @@ def compile_targets() -> list[tuple]:
             for bucket in _BUCKETS:
                 for kind in ("fwd", "decode", "dkdv", "dq"):
                     for variant in _variants(kind, tdt, bucket):
-                        bm, bn, warps, stages = _gpu_config(kind, bucket, dt, major, *_VARIANT_ENTRY[variant])
+                        tile = _gpu_config(kind, bucket, dt, major, *_VARIANT_ENTRY[variant])
+                        if tile is None:  # not served on this generation: kernels.attention.why_not refuses it
+                            continue
+                        bm, bn, warps, stages = tile
                         name = f"attn_{kind}_{variant}_{tdt}_d{bucket}_BM{bm}_BN{bn}_w{warps}_s{stages}"
                         if name not in targets:
                             fn, signature, constexprs = _target(kind, variant, tdt, bucket, bm, bn)
@@ -195,8 +207,9 @@ def _aligned(fn, signature: dict) -> dict:
 
 
 def _gpu_config(kind: str, bucket: int, dtype: torch.dtype, major: int, dropout: bool,
-                masked: bool) -> tuple[int, int, int, int]:
-    """The table's entry for a GPU of compute capability ``major``.x (8: sm_80 tiles, 9: sm_90)."""
+                masked: bool) -> Optional[tuple[int, int, int, int]]:
+    """The table's entry for a GPU of compute capability ``major``.x (8: sm_80 tiles, 9: sm_90); None where no
+    tile compiles without spills (the call is refused)."""
     table = _FP32_CONFIGS if dtype == torch.float32 else _CONFIGS
     entry = table[kind, bool(dropout), bool(masked)][_BUCKETS.index(bucket)]
     return entry[major] if isinstance(entry, dict) else entry
@@ -258,6 +271,6 @@ def _constexpr_args(fn) -> set:
 def _row_target(fn, tdt: str, bucket: int):
     """(signature, constexprs) of a row kernel (_bwd_preprocess, _split_combine) in dtype ``tdt``."""
     signature, constexprs = _signature(fn, tdt, {arg: "*" + tdt for arg in ("O", "DO", "Out")}), {}
-    constexprs.update(BLOCK_M=_ROWS_BLOCK, BLOCK_D=bucket)
+    constexprs.update(BLOCK_M=_rows_block(bucket), BLOCK_D=bucket)
     return signature, constexprs
 

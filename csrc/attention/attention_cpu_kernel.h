@@ -135,7 +135,9 @@ inline KeySpan key_span(const AttentionParams& p, const Seq& s, int64_t i0, int6
 // |x| < 0.625: a rational function of x (odd degree 13 over even degree 6; Eigen's generic_fast_tanh_float
 // coefficients), x itself below 4e-4, and d = 1 - t^2. Elsewhere r = 2 / (exp(2|x|) + 1) = 1 - |tanh(x)|,
 // t = sign(x) (1 - r) and d = r (2 - r), which keeps d's relative accuracy where t rounds to +-1 and
-// 1 - t^2 would cancel; a vector whose lanes all lie below 0.625 skips the exp. NaN gives NaN.
+// 1 - t^2 would cancel; a vector whose lanes all lie below 0.625 skips the exp. NaN gives NaN. Without
+// kSlope, d is left alone (the forward needs only t).
+template <bool kSlope>
 inline void tanh_slope(Vec x, Vec& t, Vec& d) {
   const Vec one(1.0f), two(2.0f), ax = x.abs();
   const Vec x2 = x * x;
@@ -148,29 +150,46 @@ inline void tanh_slope(Vec x, Vec& t, Vec& d) {
   Vec q = at::vec::fmadd(x2, Vec(1.19825839466702e-06f), Vec(1.18534705686654e-04f));
   q = at::vec::fmadd(q, x2, Vec(2.26843463243900e-03f));
   q = at::vec::fmadd(q, x2, Vec(4.89352518554385e-03f));
+#if defined(CPU_CAPABILITY_AVX512)
+  // p x / q as p x times 1 / q from the 14-bit reciprocal and one Newton step (relative error ~2^-27): a
+  // division costs more than the rest of the rational function
+  const Vec r0(_mm512_rcp14_ps(q));
+  const Vec inv_q = r0 * at::vec::fnmadd(q, r0, two);
+  const Vec small = Vec::blendv(p * x * inv_q, x, ax < Vec(4e-4f));
+#else
   const Vec small = Vec::blendv(p * x / q, x, ax < Vec(4e-4f));
+#endif
   const Vec near = ax < Vec(0.625f);
   if (near.zero_mask() == 0) {  // every lane below 0.625 (scores well inside the cap): no exp
     t = small;
-    d = one - small * small;
+    if constexpr (kSlope) d = one - small * small;
     return;
   }
   const Vec r = two / ((ax + ax).exp() + one);
   const Vec big = Vec::blendv(one - r, r - one, x < Vec(0.0f));
   t = Vec::blendv(big, small, near);
-  d = Vec::blendv(r * (two - r), one - small * small, near);
+  if constexpr (kSlope) d = Vec::blendv(r * (two - r), one - small * small, near);
 }
 
 // s[j] = c * tanh(s[j] / c), and the derivative 1 - tanh^2(s[j] / c) in d[j] when d is not null; the
 // row's tail through a partial vector, so every score takes the same arithmetic.
-inline void softcap_row(float* s, int64_t n, float c, float* d) {
+template <bool kSlope>
+inline void softcap_row_impl(float* s, int64_t n, float c, float* d) {
   const Vec vc(c), inv(1.0f / c);
   for (int64_t j = 0; j < n; j += kVec) {
     const int64_t m = std::min<int64_t>(kVec, n - j);
     Vec t, slope;
-    tanh_slope(Vec::loadu(s + j, m) * inv, t, slope);
-    if (d != nullptr) slope.store(d + j, m);
+    tanh_slope<kSlope>(Vec::loadu(s + j, m) * inv, t, slope);
+    if constexpr (kSlope) slope.store(d + j, m);
     (t * vc).store(s + j, m);
+  }
+}
+
+inline void softcap_row(float* s, int64_t n, float c, float* d) {
+  if (d != nullptr) {
+    softcap_row_impl<true>(s, n, c, d);
+  } else {
+    softcap_row_impl<false>(s, n, c, nullptr);
   }
 }
 
