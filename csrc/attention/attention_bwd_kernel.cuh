@@ -65,6 +65,29 @@ __device__ __forceinline__ float score_grad(const AttentionParams& p, const Seq&
   return prob * (dp - delta);
 }
 
+// score_grad over every element of a warp's accumulator tiles: s (the raw q . k) becomes dropout(P), dp (dO . v)
+// becomes dS. `pos` (a FragPos) maps (nt, e) to the element's (query r, key c); terms(nt, e, lse, delta) gives
+// its row's lse and Delta; each(r, c, ds) sees every dS (the bias gradient).
+template <typename T, int kTiles, bool kQueryRows, typename Terms, typename Each>
+__device__ __forceinline__ void tile_score_grads(const AttentionParams& p, const Seq& sq, int b, int h,
+                                                 FragPos<kQueryRows> pos, bool check, float inv_keep, Terms terms,
+                                                 Each each, float (&s)[kTiles][4], float (&dp)[kTiles][4]) {
+  const uint32_t keep_bits = dropout_bits<kTiles>(p, sq, b, h, pos);
+#pragma unroll
+  for (int nt = 0; nt < kTiles; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      int r, c;
+      pos(nt, e, r, c);
+      float lse, delta;
+      terms(nt, e, lse, delta);
+      const bool keep = (keep_bits >> (4 * nt + e)) & 1u;
+      dp[nt][e] = score_grad<T>(p, sq, b, h, r, c, check, keep, inv_keep, lse, delta, s[nt][e], dp[nt][e]);
+      each(r, c, dp[nt][e]);
+    }
+  }
+}
+
 template <typename T, int kD>
 __global__ void __launch_bounds__(DkdvTile<T, kD>::kThreads, 1) attention_dkdv_kernel(const AttentionParams p) {
   using Tile = DkdvTile<T, kD>;
@@ -140,21 +163,19 @@ __global__ void __launch_bounds__(DkdvTile<T, kD>::kThreads, 1) attention_dkdv_k
 
       // P^T = exp(S^T - lse), dS^T = P^T * (dP^T - Delta + dlse); s <- dropout(P)^T, dp <- dS^T
       const bool check = tile_needs_mask(p, sq, m0, n0, kBlockN);
-      const uint32_t keep_bits = dropout_bits<kMT>(p, sq, b, h, FragPos<false>{key_a, m0, tq});
-#pragma unroll
-      for (int nt = 0; nt < kMT; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = key_a + (e / 2) * 8, qi = nt * 8 + 2 * tq + (e % 2), r = m0 + qi;
-          const bool keep = (keep_bits >> (4 * nt + e)) & 1u;
-          const float ds = score_grad<T>(p, sq, b, h, r, key, check, keep, inv_keep, cLse[qi], cDelta[qi], s[nt][e],
-                                         dp[nt][e]);
-          dp[nt][e] = ds;
-          if (p.dbias != nullptr && c0 == 0 && r < sq.len_q && key < sq.len_k) {
-            p.dbias[b * p.db_bs + h * p.db_hs + r * p.db_qs + key * p.db_ks] = ds;
-          }
-        }
-      }
+      tile_score_grads<T>(
+          p, sq, b, h, FragPos<false>{key_a, m0, tq}, check, inv_keep,
+          [&](int nt, int e, float& lse, float& delta) {
+            const int qi = nt * 8 + 2 * tq + (e % 2);  // the query's row in this step's block
+            lse = cLse[qi];
+            delta = cDelta[qi];
+          },
+          [&](int r, int key, float ds) {
+            if (p.dbias != nullptr && c0 == 0 && r < sq.len_q && key < sq.len_k) {
+              p.dbias[b * p.db_bs + h * p.db_hs + r * p.db_qs + key * p.db_ks] = ds;
+            }
+          },
+          s, dp);
 
       // dV += dropout(P)^T dO and dK += dS^T Q, columns c0 .. c0 + kDChunk
       gemm_rs<T, kLd>(dv, s, do_bt + stage_off + off<kLd>(0, c0), p.head_dim_v - c0);
@@ -232,20 +253,16 @@ __global__ void __launch_bounds__(DqTile<T, kD>::kThreads, 1) attention_dq_kerne
 
     // dS = P * (dropout(dP) - Delta + dlse)
     const bool check = tile_needs_mask(p, sq, m0, n0, kBlockN);
-    const uint32_t keep_bits = dropout_bits<kNT>(p, sq, b, h, FragPos<true>{row_a, n0, tq});
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = e / 2, r = row_a + 8 * i, c = n0 + nt * 8 + 2 * tq + (e % 2);
-        const bool keep = (keep_bits >> (4 * nt + e)) & 1u;
-        float score = s[nt][e];  // becomes dropout(P), which dQ does not use
-        s[nt][e] = score_grad<T>(p, sq, b, h, r, c, check, keep, inv_keep, lse_r[i], delta[i], score, dp[nt][e]);
-      }
-    }
+    tile_score_grads<T>(
+        p, sq, b, h, FragPos<true>{row_a, n0, tq}, check, inv_keep,
+        [&](int, int e, float& lse, float& d) {
+          lse = lse_r[e / 2];  // rows row_a, row_a + 8
+          d = delta[e / 2];
+        },
+        [](int, int, float) {}, s, dp);  // s: dropout(P), which dQ does not use
 
     // dQ += dS K
-    gemm_rs<T, kLd>(dq, s, k_bt + stage_off, p.head_dim);
+    gemm_rs<T, kLd>(dq, dp, k_bt + stage_off, p.head_dim);
     __syncthreads();
   }
   cp_async_wait<0>();

@@ -153,13 +153,32 @@ __device__ __forceinline__ void normalize_store(const NormParams& p, int64_t row
   store_chunk_any(p.y, static_cast<int>(p.x_dtype), row * p.hidden + c.col0, c.n, vec, v);
 }
 
+// This thread's chunks of a row (chunk tid + k * team, while the row is active): cached(k, c, vec) for the first
+// kCache of them (k indexes the caller's register cache), then rest(c, vec) for the others.
+template <int kCache, typename Cached, typename Rest>
+__device__ __forceinline__ void for_each_chunk(const NormParams& p, int tid, int team, bool active, Cached cached,
+                                               Rest rest) {
+  const int64_t nchunks = (p.hidden + kChunk - 1) / kChunk;
+#pragma unroll
+  for (int k = 0; k < kCache; ++k) {
+    const int64_t ch = tid + static_cast<int64_t>(k) * team;
+    if (active && ch < nchunks) {
+      const Chunk c = chunk_of(ch, p.hidden);
+      cached(k, c, p.vec && c.n == kChunk);
+    }
+  }
+  for (int64_t ch = tid + static_cast<int64_t>(kCache) * team; active && ch < nchunks; ch += team) {
+    const Chunk c = chunk_of(ch, p.hidden);
+    rest(c, p.vec && c.n == kChunk);
+  }
+}
+
 // One row per team (blockDim.x threads, blockDim.y rows per block), rows grid-strided.
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads, 1) norm_fwd_kernel(const NormParams p) {
   __shared__ MeanVar smem_mv[kRowsPerWarpBlock * kMaxWarpsPerRow];
   __shared__ float2 smem_f2[kRowsPerWarpBlock * kMaxWarpsPerRow];
   const int team = blockDim.x, tid = threadIdx.x;
-  const int64_t nchunks = (p.hidden + kChunk - 1) / kChunk;
   const float inv_keep = p.dropout_p > 0.0f ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
 
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < p.rows;
@@ -171,25 +190,17 @@ __global__ void __launch_bounds__(kMaxThreads, 1) norm_fwd_kernel(const NormPara
     float ss = 0.0f;
 
     // pass 1: z (stored when wanted) and its statistics
-#pragma unroll
-    for (int k = 0; k < kFwdCache; ++k) {
-      const int64_t ch = tid + static_cast<int64_t>(k) * team;
-      if (active && ch < nchunks) {
-        const Chunk c = chunk_of(ch, p.hidden);
-        const bool vec = p.vec && c.n == kChunk;
-        load_z<T>(p, row, c, vec, inv_keep, cache[k]);
-        fold_chunk(cache[k], c.n, p.rms, mv, ss);
-        if (p.z != nullptr) store_chunk_any(p.z, static_cast<int>(p.z_dtype), row * p.hidden + c.col0, c.n, vec, cache[k]);
-      }
-    }
-    for (int64_t ch = tid + static_cast<int64_t>(kFwdCache) * team; active && ch < nchunks; ch += team) {
-      const Chunk c = chunk_of(ch, p.hidden);
-      const bool vec = p.vec && c.n == kChunk;
-      float v[kChunk];
+    auto pass1 = [&](const Chunk& c, bool vec, float (&v)[kChunk]) {
       load_z<T>(p, row, c, vec, inv_keep, v);
       fold_chunk(v, c.n, p.rms, mv, ss);
       if (p.z != nullptr) store_chunk_any(p.z, static_cast<int>(p.z_dtype), row * p.hidden + c.col0, c.n, vec, v);
-    }
+    };
+    for_each_chunk<kFwdCache>(
+        p, tid, team, active, [&](int k, const Chunk& c, bool vec) { pass1(c, vec, cache[k]); },
+        [&](const Chunk& c, bool vec) {
+          float v[kChunk];
+          pass1(c, vec, v);
+        });
 
     float mean = 0.0f, rstd;
     if (p.rms) {
@@ -206,21 +217,14 @@ __global__ void __launch_bounds__(kMaxThreads, 1) norm_fwd_kernel(const NormPara
     }
 
     // pass 2: y
-#pragma unroll
-    for (int k = 0; k < kFwdCache; ++k) {
-      const int64_t ch = tid + static_cast<int64_t>(k) * team;
-      if (active && ch < nchunks) {
-        const Chunk c = chunk_of(ch, p.hidden);
-        normalize_store(p, row, c, p.vec && c.n == kChunk, mean, rstd, cache[k]);
-      }
-    }
-    for (int64_t ch = tid + static_cast<int64_t>(kFwdCache) * team; active && ch < nchunks; ch += team) {
-      const Chunk c = chunk_of(ch, p.hidden);
-      const bool vec = p.vec && c.n == kChunk;
-      float v[kChunk];
-      load_z<T>(p, row, c, vec, inv_keep, v);
-      normalize_store(p, row, c, vec, mean, rstd, v);
-    }
+    for_each_chunk<kFwdCache>(
+        p, tid, team, active,
+        [&](int k, const Chunk& c, bool vec) { normalize_store(p, row, c, vec, mean, rstd, cache[k]); },
+        [&](const Chunk& c, bool vec) {
+          float v[kChunk];
+          load_z<T>(p, row, c, vec, inv_keep, v);
+          normalize_store(p, row, c, vec, mean, rstd, v);
+        });
   }
 }
 
@@ -272,7 +276,6 @@ __global__ void __launch_bounds__(kMaxThreads, 1) norm_bwd_kernel(const NormPara
   __shared__ float2 smem_f2[kRowsPerWarpBlock * kMaxWarpsPerRow];
   const int team = blockDim.x, tid = threadIdx.x;
   const int64_t team_id = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  const int64_t nchunks = (p.hidden + kChunk - 1) / kChunk;
   const float inv_keep = p.dropout_p > 0.0f ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
   const float inv_n = 1.0f / static_cast<float>(p.hidden);
   float* dw_row = p.dweight_partial != nullptr ? p.dweight_partial + team_id * p.hidden : nullptr;
@@ -294,75 +297,63 @@ __global__ void __launch_bounds__(kMaxThreads, 1) norm_bwd_kernel(const NormPara
     float s1 = 0.0f, s2 = 0.0f;  // sum xhat * wdy, sum wdy
 
     // pass 1: the two row sums, and this team's dweight / dbias contributions
+    for_each_chunk<kBwdCache>(
+        p, tid, team, active,
+        [&](int k, const Chunk& c, bool vec) {
+          float dy[kChunk], wdy[kChunk];
+          load_bwd<T>(p, row, c, vec, mean, rstd, xhat_c[k], dy, wdy);
 #pragma unroll
-    for (int k = 0; k < kBwdCache; ++k) {
-      const int64_t ch = tid + static_cast<int64_t>(k) * team;
-      if (active && ch < nchunks) {
-        const Chunk c = chunk_of(ch, p.hidden);
-        float dy[kChunk], wdy[kChunk];
-        load_bwd<T>(p, row, c, p.vec && c.n == kChunk, mean, rstd, xhat_c[k], dy, wdy);
+          for (int i = 0; i < kChunk; ++i) {
+            s1 += xhat_c[k][i] * wdy[i];
+            s2 += wdy[i];
+            dw_acc[k][i] += dy[i] * xhat_c[k][i];
+            db_acc[k][i] += dy[i];
+          }
+        },
+        [&](const Chunk& c, bool vec) {
+          float xhat[kChunk], dy[kChunk], wdy[kChunk];
+          load_bwd<T>(p, row, c, vec, mean, rstd, xhat, dy, wdy);
 #pragma unroll
-        for (int i = 0; i < kChunk; ++i) {
-          s1 += xhat_c[k][i] * wdy[i];
-          s2 += wdy[i];
-          dw_acc[k][i] += dy[i] * xhat_c[k][i];
-          db_acc[k][i] += dy[i];
-        }
-      }
-    }
-    for (int64_t ch = tid + static_cast<int64_t>(kBwdCache) * team; active && ch < nchunks; ch += team) {
-      const Chunk c = chunk_of(ch, p.hidden);
-      float xhat[kChunk], dy[kChunk], wdy[kChunk];
-      load_bwd<T>(p, row, c, p.vec && c.n == kChunk, mean, rstd, xhat, dy, wdy);
-#pragma unroll
-      for (int i = 0; i < kChunk; ++i) {
-        s1 += xhat[i] * wdy[i];
-        s2 += wdy[i];
-        if (i < c.n && dw_row != nullptr) dw_row[c.col0 + i] += dy[i] * xhat[i];  // this team's own row
-        if (i < c.n && db_row != nullptr) db_row[c.col0 + i] += dy[i];
-      }
-    }
+          for (int i = 0; i < kChunk; ++i) {
+            s1 += xhat[i] * wdy[i];
+            s2 += wdy[i];
+            if (i < c.n && dw_row != nullptr) dw_row[c.col0 + i] += dy[i] * xhat[i];  // this team's own row
+            if (i < c.n && db_row != nullptr) db_row[c.col0 + i] += dy[i];
+          }
+        });
     const float2 s = team_reduce(make_float2(s1, s2), AddPair(), smem_f2);
     const float c1 = s.x * inv_n;                    // mean(xhat * wdy)
     const float c2 = p.rms ? 0.0f : s.y * inv_n;     // mean(wdy)
 
     // pass 2: dz, dresidual, dx
+    for_each_chunk<kBwdCache>(
+        p, tid, team, active,
+        [&](int k, const Chunk& c, bool vec) {
+          float dy[kChunk], w[kChunk], wdy[kChunk];
+          load_chunk(static_cast<const T*>(p.dy) + row * p.hidden + c.col0, c.n, vec, dy);
+          if (p.weight != nullptr) load_chunk_any(p.weight, static_cast<int>(p.weight_dtype), c.col0, c.n, vec, w);
 #pragma unroll
-    for (int k = 0; k < kBwdCache; ++k) {
-      const int64_t ch = tid + static_cast<int64_t>(k) * team;
-      if (active && ch < nchunks) {
-        const Chunk c = chunk_of(ch, p.hidden);
-        const bool vec = p.vec && c.n == kChunk;
-        float dy[kChunk], w[kChunk], wdy[kChunk];
-        load_chunk(static_cast<const T*>(p.dy) + row * p.hidden + c.col0, c.n, vec, dy);
-        if (p.weight != nullptr) load_chunk_any(p.weight, static_cast<int>(p.weight_dtype), c.col0, c.n, vec, w);
-#pragma unroll
-        for (int i = 0; i < kChunk; ++i) wdy[i] = p.weight != nullptr ? dy[i] * w[i] : dy[i];
-        store_bwd<T>(p, row, c, vec, rstd, c1, c2, inv_keep, xhat_c[k], wdy);
-      }
-    }
-    for (int64_t ch = tid + static_cast<int64_t>(kBwdCache) * team; active && ch < nchunks; ch += team) {
-      const Chunk c = chunk_of(ch, p.hidden);
-      const bool vec = p.vec && c.n == kChunk;
-      float xhat[kChunk], dy[kChunk], wdy[kChunk];
-      load_bwd<T>(p, row, c, vec, mean, rstd, xhat, dy, wdy);
-      store_bwd<T>(p, row, c, vec, rstd, c1, c2, inv_keep, xhat, wdy);
-    }
+          for (int i = 0; i < kChunk; ++i) wdy[i] = p.weight != nullptr ? dy[i] * w[i] : dy[i];
+          store_bwd<T>(p, row, c, vec, rstd, c1, c2, inv_keep, xhat_c[k], wdy);
+        },
+        [&](const Chunk& c, bool vec) {
+          float xhat[kChunk], dy[kChunk], wdy[kChunk];
+          load_bwd<T>(p, row, c, vec, mean, rstd, xhat, dy, wdy);
+          store_bwd<T>(p, row, c, vec, rstd, c1, c2, inv_keep, xhat, wdy);
+        });
   }
 
   // this team's partial sums of the cached columns (the others are already in its row)
+  for_each_chunk<kBwdCache>(
+      p, tid, team, true,
+      [&](int k, const Chunk& c, bool) {
 #pragma unroll
-  for (int k = 0; k < kBwdCache; ++k) {
-    const int64_t ch = tid + static_cast<int64_t>(k) * team;
-    if (ch < nchunks) {
-      const Chunk c = chunk_of(ch, p.hidden);
-#pragma unroll
-      for (int i = 0; i < kChunk; ++i) {
-        if (i < c.n && dw_row != nullptr) dw_row[c.col0 + i] = dw_acc[k][i];
-        if (i < c.n && db_row != nullptr) db_row[c.col0 + i] = db_acc[k][i];
-      }
-    }
-  }
+        for (int i = 0; i < kChunk; ++i) {
+          if (i < c.n && dw_row != nullptr) dw_row[c.col0 + i] = dw_acc[k][i];
+          if (i < c.n && db_row != nullptr) db_row[c.col0 + i] = db_acc[k][i];
+        }
+      },
+      [](const Chunk&, bool) {});
 }
 
 __global__ void dropout_keep_mask_kernel(bool* __restrict__ keep, int64_t n, uint64_t seed, float p) {
