@@ -172,45 +172,35 @@ inline void tanh_slope(Vec x, Vec& t, Vec& d) {
 }
 
 // s[j] = c * tanh(s[j] / c), and the derivative 1 - tanh^2(s[j] / c) in d[j] when d is not null; the
-// row's tail through a partial vector, so every score takes the same arithmetic. Returns the row's new max
-// (NaN propagates, as row_max), so that the forward needs no second pass for it.
+// row's tail through a partial vector, so every score takes the same arithmetic.
 template <bool kSlope>
-inline float softcap_row_impl(float* s, int64_t n, float c, float* d) {
+inline void softcap_row_impl(float* s, int64_t n, float c, float* d) {
   const Vec vc(c), inv(1.0f / c);
-  Vec vmax(-INFINITY);
-  float mx = -INFINITY;
   for (int64_t j = 0; j < n; j += kVec) {
     const int64_t m = std::min<int64_t>(kVec, n - j);
     Vec t, slope;
     tanh_slope<kSlope>(Vec::loadu(s + j, m) * inv, t, slope);
     if constexpr (kSlope) slope.store(d + j, m);
-    const Vec capped = t * vc;
-    capped.store(s + j, m);
-    if (m == kVec) {
-      vmax = at::vec::maximum(vmax, capped);
-    } else {
-      for (int64_t e = j; e < n; ++e) mx = (s[e] > mx || s[e] != s[e]) ? s[e] : mx;
-    }
+    (t * vc).store(s + j, m);
   }
-  const float vm = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vmax);
-  return (vm > mx || vm != vm) ? vm : mx;
 }
 
-inline float softcap_row(float* s, int64_t n, float c, float* d) {
-  return d != nullptr ? softcap_row_impl<true>(s, n, c, d) : softcap_row_impl<false>(s, n, c, nullptr);
+inline void softcap_row(float* s, int64_t n, float c, float* d) {
+  if (d != nullptr) {
+    softcap_row_impl<true>(s, n, c, d);
+  } else {
+    softcap_row_impl<false>(s, n, c, nullptr);
+  }
 }
 
 // Turns one row of raw scores s[0 .. nk) = scale * q_r . k_j, keys j = kb .. kb + nk of query
 // row r (position in its sequence), into the scores of the softmax: softcap (its derivative
 // 1 - tanh^2 into `cap` when not null), ALiBi, bias / bool mask, and, on an edge block, -inf outside the row's
-// causal / window range. Returns the row's max where the softcap pass found it and nothing after it changed a
-// score, else NaN (then the caller takes row_max).
+// causal / window range.
 template <typename T>
-inline float score_row(const AttentionParams& p, const Seq& sq, int64_t b, int64_t h, int64_t r, int64_t kb,
-                       int64_t nk, bool edge, float* s, float* cap) {
-  float mx = NAN;
-  if (p.softcap > 0.0f) mx = softcap_row(s, nk, p.softcap, cap);
-  if (p.alibi == nullptr && p.mask_kind == 0 && !edge) return mx;
+inline void score_row(const AttentionParams& p, const Seq& sq, int64_t b, int64_t h, int64_t r, int64_t kb,
+                      int64_t nk, bool edge, float* s, float* cap) {
+  if (p.softcap > 0.0f) softcap_row(s, nk, p.softcap, cap);
   if (p.alibi != nullptr) {
     const float slope = p.alibi[b * p.alibi_bs + h * p.alibi_hs];
     const int64_t d0 = r + sq.shift - kb;  // p(r) - key kb
@@ -242,7 +232,6 @@ inline float score_row(const AttentionParams& p, const Seq& sq, int64_t b, int64
     for (int64_t j = 0; j < lo; ++j) s[j] = -INFINITY;
     for (int64_t j = hi; j < nk; ++j) s[j] = -INFINITY;
   }
-  return NAN;
 }
 
 // The query rows of one forward task: rows i0 .. i0 + mq of one head, or, in decode (Nq <= kDecodeRows), every
@@ -320,9 +309,9 @@ void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows
   for (int64_t i = 0; i < m; ++i) {
     float* s = S + i * kBlockK;
     const int64_t h = rows.head(i), r = rows.row(i);
-    const float known = score_row<T>(p, sq, rows.b, h, r, kb, nk, edge, s, nullptr);
+    score_row<T>(p, sq, rows.b, h, r, kb, nk, edge, s, nullptr);
     SoftmaxState& st = state[i];
-    const float m_new = softmax_new_max(st, std::isnan(known) ? row_max(s, nk) : known);
+    const float m_new = softmax_new_max(st, row_max(s, nk));
     // fp16 / bf16 without dropout: the exponentials go straight to P in T, no float32 copy
     const bool direct = lowp && p.dropout_p == 0 && m_new != -INFINITY;
     if (m_new == -INFINITY) {  // nothing visible yet: P = 0
