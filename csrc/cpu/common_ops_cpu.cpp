@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 
 #include "common/mean_var.h"
 #include "common/online_softmax.h"
@@ -52,13 +53,18 @@ at::Tensor philox4x32_cpu(const at::Tensor& ck) {
   return out;
 }
 
+// The float32 (R, N) input of a row test op, contiguous, and its (R, cols) output; `name` in the error.
+std::pair<at::Tensor, at::Tensor> row_test_io(const at::Tensor& in, int64_t block, int64_t cols, const char* name) {
+  TORCH_CHECK(in.scalar_type() == at::kFloat && in.dim() == 2 && block > 0, name, ": bad input");
+  at::Tensor x = in.contiguous();
+  return {x, at::empty({x.size(0), cols}, x.options())};
+}
+
 // scores (R, N) float32 -> (R, 3): lse of each row through online updates over blocks of
 // `block` columns, the same merged from two halves (softmax_merge), and the final 1 / l.
 at::Tensor online_softmax_test_cpu(const at::Tensor& scores, int64_t block) {
-  TORCH_CHECK(scores.scalar_type() == at::kFloat && scores.dim() == 2 && block > 0, "_online_softmax_test: bad input");
-  const at::Tensor s = scores.contiguous();
+  auto [s, out] = row_test_io(scores, block, 3, "_online_softmax_test");
   const int64_t rows = s.size(0), n = s.size(1);
-  at::Tensor out = at::empty({rows, 3}, s.options());
   auto run = [&](const float* x, int64_t lo, int64_t hi) {
     SoftmaxState st = softmax_init();
     for (int64_t b = lo; b < hi; b += block) {
@@ -89,10 +95,8 @@ at::Tensor online_softmax_test_cpu(const at::Tensor& scores, int64_t block) {
 // x (R, N) float32 -> (R, 4): mean and biased variance by Welford over each row, and by
 // Chan merges of two-pass statistics of blocks of `block` elements.
 at::Tensor mean_var_test_cpu(const at::Tensor& x_in, int64_t block) {
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2 && block > 0, "_mean_var_test: bad input");
-  const at::Tensor x = x_in.contiguous();
+  auto [x, out] = row_test_io(x_in, block, 4, "_mean_var_test");
   const int64_t rows = x.size(0), n = x.size(1);
-  at::Tensor out = at::empty({rows, 4}, x.options());
   for (int64_t r = 0; r < rows; ++r) {
     const float* v = x.const_data_ptr<float>() + r * n;
     MeanVar w = mean_var_init();

@@ -51,22 +51,24 @@ inline void store_vec2(T* p, const Vec& a, const Vec& b) {
 // of an output written once. A thread that streamed calls stream_fence() before others read.
 constexpr int64_t kStreamBytes = int64_t{8} << 20;  // outputs above this many bytes are streamed
 
+// One streaming store of a float vector, and of a vector of 16-bit elements, at this SIMD level.
+#if defined(CPU_CAPABILITY_AVX512)
+inline void stream_floats(float* p, __m512 v) { _mm512_stream_ps(p, v); }
+inline void stream_bits(void* p, __m512i v) { _mm512_stream_si512(static_cast<__m512i*>(p), v); }
+#elif defined(CPU_CAPABILITY_AVX2)
+inline void stream_floats(float* p, __m256 v) { _mm256_stream_ps(p, v); }
+inline void stream_bits(void* p, __m256i v) { _mm256_stream_si256(static_cast<__m256i*>(p), v); }
+#endif
+
 // stream_vec2(p, a, b): store_vec2 with streaming stores; p aligned to sizeof(Vec) bytes.
 template <typename T>
 inline void stream_vec2(T* p, const Vec& a, const Vec& b) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float>) {
-    _mm512_stream_ps(p, a);
-    _mm512_stream_ps(p + kVec, b);
+    stream_floats(p, a);
+    stream_floats(p + kVec, b);
   } else {
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), at::vec::convert_from_float<T>(a, b));
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<T, float>) {
-    _mm256_stream_ps(p, a);
-    _mm256_stream_ps(p + kVec, b);
-  } else {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_from_float<T>(a, b));
+    stream_bits(p, at::vec::convert_from_float<T>(a, b));
   }
 #else
   store_vec2(p, a, b);
