@@ -182,8 +182,7 @@ inline void backward(const NormParams& p) {
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     float* const rows_buf = row_scratch(4 * n);
-    // zf: z in float32 (a row of another dtype); g: dy in float32 likewise, then dz; dzs: the stream's dz
-    float *const zf = rows_buf, *const dzs = rows_buf + n, *const g = rows_buf + 2 * n, *const w = rows_buf + 3 * n;
+    float *const xhat = rows_buf, *const wdy = rows_buf + n, *const g = rows_buf + 2 * n, *const w = rows_buf + 3 * n;
     load_affine(p, w, nullptr);
     float* dwp = !want_dw ? nullptr : threads > 1 ? dw_part.data() + t * n : p.dweight;
     float* dbp = !want_db ? nullptr : threads > 1 ? db_part.data() + t * n : p.dbias;
@@ -196,10 +195,8 @@ inline void backward(const NormParams& p) {
       const char* dyrow = row_ptr(p.dy, p.x_dtype, row, n);
       const float* zs = reinterpret_cast<const float*>(zrow);
       const float* gs = reinterpret_cast<const float*>(dyrow);
-      if (p.zin_dtype != DType::f32) load_row_any(zrow, p.zin_dtype, n, zf), zs = zf;
+      if (p.zin_dtype != DType::f32) load_row_any(zrow, p.zin_dtype, n, xhat), zs = xhat;
       if (p.x_dtype != DType::f32) load_row_any(dyrow, p.x_dtype, n, g), gs = g;
-      // xhat = (z - mean) * rstd and wdy = dy * w, formed in both passes (recomputing costs less than storing
-      // and reloading them)
       const Vec vm(mean), vr(rstd);
       Vec c1v(0.0f), c2v(0.0f);
       int64_t j = 0;
@@ -207,6 +204,8 @@ inline void backward(const NormParams& p) {
         const Vec xh = (Vec::loadu(zs + j) - vm) * vr;
         const Vec gy = Vec::loadu(gs + j);
         const Vec wd = gy * Vec::loadu(w + j);
+        xh.store(xhat + j);
+        wd.store(wdy + j);
         c1v = at::vec::fmadd(xh, wd, c1v);
         c2v = c2v + wd;
         if (dwp) at::vec::fmadd(gy, xh, Vec::loadu(dwp + j)).store(dwp + j);
@@ -216,6 +215,8 @@ inline void backward(const NormParams& p) {
       float c1 = at::vec::vec_reduce_all<float>(sum, c1v), c2 = at::vec::vec_reduce_all<float>(sum, c2v);
       for (; j < n; ++j) {
         const float xh = (zs[j] - mean) * rstd, gy = gs[j], wd = gy * w[j];
+        xhat[j] = xh;
+        wdy[j] = wd;
         c1 += xh * wd;
         c2 += wd;
         if (dwp) dwp[j] += gy * xh;
@@ -223,22 +224,16 @@ inline void backward(const NormParams& p) {
       }
       c1 *= inv_n;
       c2 = p.rms ? 0.0f : c2 * inv_n;
-      // dz = (wdy - xhat * c1 - c2) * rstd: straight into a float32 dx when nothing joins it, else into g
-      const bool direct = p.x_dtype == DType::f32 && p.dz == nullptr && p.dresidual == nullptr && p.dropout_p == 0 &&
-                          !stream;
-      float* dz = direct ? reinterpret_cast<float*>(row_ptr(p.dx, p.x_dtype, row, n)) : g;
+      // dz = (wdy - xhat * c1 - c2) * rstd, into g
       const Vec vc1(c1), vc2(c2);
       j = 0;
       for (; j + kVec <= n; j += kVec) {
-        const Vec xh = (Vec::loadu(zs + j) - vm) * vr;
-        const Vec wd = Vec::loadu(gs + j) * Vec::loadu(w + j);
-        ((wd - xh * vc1 - vc2) * vr).store(dz + j);
+        ((Vec::loadu(wdy + j) - Vec::loadu(xhat + j) * vc1 - vc2) * vr).store(g + j);
       }
-      for (; j < n; ++j) dz[j] = (gs[j] * w[j] - (zs[j] - mean) * rstd * c1 - c2) * rstd;
-      if (direct) continue;
+      for (; j < n; ++j) g[j] = (wdy[j] - xhat[j] * c1 - c2) * rstd;
       if (p.dz != nullptr) {
-        load_row_any(row_ptr(p.dz, p.dz_dtype, row, n), p.dz_dtype, n, dzs);
-        add_row(g, dzs, n);
+        load_row_any(row_ptr(p.dz, p.dz_dtype, row, n), p.dz_dtype, n, wdy);
+        add_row(g, wdy, n);
       }
       if (p.dresidual != nullptr) {
         store_row_any(g, n, row_ptr(p.dresidual, p.residual_dtype, row, n), p.residual_dtype, 1.0f, stream);
