@@ -847,10 +847,11 @@ def why_not(call) -> Optional[str]:
     if call.device.type == "cuda" and not INTERPRET:
         major = 9 if torch.cuda.get_device_capability(call.device)[0] >= 9 else 8
         d, dropout, masked = max(call.head_dim, call.head_dim_v), call.dropout_p > 0, call.mask is not None
-        for kind in ("fwd", "decode", "dkdv", "dq"):  # the backward's passes too: the backend that runs forward runs backward
+        with_ = " and ".join(f for f, on in (("dropout", dropout), ("a mask", masked)) if on)
+        # the backward's passes too: the backend that runs the forward runs the backward
+        for kind in ("fwd", "decode", "dkdv", "dq"):
             if _gpu_config(kind, _bucket(d), call.dtype, major, dropout, masked) is None:
-                return (f"head dim {d} in {str(call.dtype).replace('torch.', '')}"
-                        + (" with dropout" if dropout else "") + (" with a mask" if masked else "")
+                return (f"head dim {d} in {str(call.dtype).replace('torch.', '')}" + (f" with {with_}" if with_ else "")
                         + f": no {kind} tile compiles without register spills on sm_{major}0")
     if call.heads_q > 65535 or call.batch > 65535:
         return f"Hq = {call.heads_q}, B = {call.batch}: each must be <= 65535 (CUDA grid axes 1 and 2)"
