@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.core import Report, Result, attention_flops, environment, measure, norm_bytes  # noqa: E402
+from benchmarks.core import (Report, Result, attention_flops, environment, malloc_name, measure,  # noqa: E402
+                             norm_bytes, rerun_without_mmap)
 
 
 def copy_bandwidth(quick: bool) -> float:
@@ -165,12 +166,11 @@ def main() -> int:
                              "outputs from its heap and keeps freed pages, so fresh outputs do not page-fault")
     parser.add_argument("--out", type=Path, help="result folder (default benchmarks/results/cpu/<threads>t-<malloc>)")
     args = parser.parse_args()
-    if args.no_mmap and os.environ.get("MALLOC_MMAP_MAX_") != "0":
-        env = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2**40))
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)  # glibc reads these at start-up only
+    if args.no_mmap:
+        rerun_without_mmap()
     if args.threads:
         torch.set_num_threads(args.threads)
-    malloc = "no-mmap" if os.environ.get("MALLOC_MMAP_MAX_") == "0" else "glibc-default"
+    malloc = malloc_name()
     out_dir = args.out or Path(__file__).parent / "results" / "cpu" / f"{torch.get_num_threads()}t-{malloc}"
 
     import fusedlayers

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_cpu_norm_pairs.py                   # fp32, 1024x768 and 8192x1024
     python benchmarks/bench_cpu_norm_pairs.py --dtype bfloat16
+    python benchmarks/bench_cpu_norm_pairs.py --no-mmap         # glibc keeps freed pages: no page faults
 
 Each row times fusedlayers and torch on the same inputs in alternating batches
 (``benchmarks.core.interleaved_pair``) and reports the median time of each and the median
@@ -10,7 +11,8 @@ cancels out of. Competitors: ``F.layer_norm``, ``F.rms_norm`` and the unfused
 ``F.layer_norm(x + r)``; ``fwd+bwd`` runs ``backward(dy)`` into accumulating leaf grads,
 as training does. Outputs are fresh tensors on both sides, as a model gets them (glibc
 malloc: blocks above its mmap threshold are new pages, which fault on first touch; the
-``cpu`` kernels advise transparent huge pages on large outputs, see README). Each
+``cpu`` kernels advise transparent huge pages on large outputs, see README); ``--no-mmap``
+measures under glibc settings where they do not. Each
 output is checked against torch's before timing. Results: benchmarks/results/cpu/norm-pairs/.
 """
 
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fusedlayers  # noqa: E402
-from benchmarks.core import environment, interleaved_pair  # noqa: E402
+from benchmarks.core import environment, interleaved_pair, malloc_name, rerun_without_mmap  # noqa: E402
 
 
 def rows(m: int, n: int, dtype: torch.dtype):
@@ -55,12 +57,18 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--shapes", nargs="+", default=["1024x768", "8192x1024"])
     parser.add_argument("--pairs", type=int, default=9)
+    parser.add_argument("--no-mmap", action="store_true",
+                        help="rerun under MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2**40: glibc serves large "
+                             "outputs from its heap and keeps freed pages, so fresh outputs do not page-fault")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu" / "norm-pairs")
     args = parser.parse_args(argv)
+    if args.no_mmap:
+        rerun_without_mmap()
     if args.pairs < 1:
         parser.error("--pairs must be >= 1")
     dtype = getattr(torch, args.dtype)
     env = environment(torch.device("cpu"))
+    env["malloc"] = malloc_name()
     results = []
     for shape in args.shapes:
         m, n = (int(v) for v in shape.split("x"))
@@ -76,11 +84,11 @@ def main(argv=None) -> int:
             print(f"{shape} {args.dtype} {name:15} {mode:8} ours {row['ours_us']:10.1f} µs  torch "
                   f"{row['torch_us']:10.1f} µs  speedup {row['speedup']:.2f}x", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"results-{args.dtype}"
+    stem = f"results-{args.dtype}" + ("-no-mmap" if env["malloc"] == "no-mmap" else "")
     (args.out / f"{stem}.json").write_text(json.dumps({"env": env, "rows": results}, indent=1))
     lines = [f"# cpu norms vs torch, interleaved pairs: {env['device']}", "",
              f"{env['date']}, fusedlayers ({env.get('commit')}), torch {env['torch']}, {env['threads']} threads, "
-             f"allocator: {env['allocator']}", "",
+             f"allocator: {env['allocator']}, glibc {env['malloc']}", "",
              "| shape | op | mode | fusedlayers µs | torch µs | speedup (torch / ours) |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['shape']} {r['dtype']} | {r['op']} | {r['mode']} | {r['ours_us']:.0f} | {r['torch_us']:.0f} | "
               f"{r['speedup']:.2f}x |" for r in results]

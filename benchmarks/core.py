@@ -19,6 +19,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -94,6 +95,22 @@ def interleaved_pair(ours: Callable[[], object], theirs: Callable[[], object], p
             ta, tb = per_call(ours), per_call(theirs)
         a.append(ta), b.append(tb), ratio.append(ta / tb)
     return {"ours_us": statistics.median(a), "torch_us": statistics.median(b), "ratio": statistics.median(ratio)}
+
+
+# glibc settings under which large blocks come from its heap and freed pages are kept, so a fresh output does not
+# page-fault (glibc reads them at start-up only)
+NO_MMAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+
+
+def rerun_without_mmap() -> None:
+    """Replaces this process by the same command under ``NO_MMAP_ENV``, unless it already runs under it."""
+    if os.environ.get("MALLOC_MMAP_MAX_") != "0":
+        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, **NO_MMAP_ENV))
+
+
+def malloc_name() -> str:
+    """``no-mmap`` under ``NO_MMAP_ENV``, else ``glibc-default``: the allocator condition of a result."""
+    return "no-mmap" if os.environ.get("MALLOC_MMAP_MAX_") == "0" else "glibc-default"
 
 
 def environment(device: torch.device) -> dict:

@@ -34,14 +34,15 @@ ARCHS = ("sm_80", "sm_90a")
 CANDIDATES = {
     "fwd": [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 8, 3),
             (64, 32, 8, 3), (64, 32, 4, 2), (64, 64, 4, 2), (32, 64, 8, 2), (32, 64, 8, 1), (32, 32, 8, 1),
-            (32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
+            (32, 32, 4, 1), (32, 16, 8, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
     "decode": [(16, 64, 4, 3), (16, 64, 4, 2), (16, 32, 4, 2), (16, 32, 4, 1), (16, 64, 8, 2), (16, 32, 8, 2),
-               (16, 16, 4, 1)],
+               (16, 32, 8, 1), (16, 16, 4, 1)],
     "dkdv": [(32, 64, 8, 3), (32, 64, 8, 2), (32, 64, 8, 1), (16, 64, 8, 2), (32, 32, 8, 2), (32, 32, 8, 1),
              (32, 32, 4, 1), (16, 64, 8, 1), (16, 32, 8, 2), (16, 32, 8, 1), (16, 32, 4, 1), (32, 16, 8, 1),
              (16, 16, 8, 1), (16, 16, 4, 1)],
     "dq": [(128, 32, 4, 3), (128, 32, 8, 2), (64, 32, 4, 3), (64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 8, 1),
-           (32, 32, 4, 1), (16, 32, 8, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
+           (32, 32, 4, 1), (16, 32, 8, 1), (16, 32, 4, 1), (32, 16, 8, 1), (16, 16, 8, 2), (16, 16, 8, 1),
+           (16, 16, 4, 1)],
 }
 # Tiles whose q/k/v/accumulator tiles would need more than this many bytes per thread are not tried:
 # they spill anyway, and an fp32 one at head dim 256 takes minutes to compile (FMA dots, fully unrolled).
@@ -76,7 +77,7 @@ def spilling_entries(pool) -> set:
 
 
 def retune(entry: tuple, pool):
-    """A clean tile for every user of ``entry`` on both archs, else {8: tile, 9: tile}, else None."""
+    """A clean tile for every user of ``entry`` on both archs, else {8: tile or None, 9: tile or None}, else None."""
     kind, dropout, masked, fp32, bucket = entry
     users = [(v, tdt) for tdt in (("fp32",) if fp32 else ("bf16", "fp16"))
              for v in A._variants(kind, tdt, bucket) if A._VARIANT_ENTRY[v] == (dropout, masked)]
@@ -94,7 +95,8 @@ def retune(entry: tuple, pool):
         for arch in ARCHS:
             if arch_ok[arch]:
                 per_arch.setdefault(arch, tile)
-    return {8: per_arch["sm_80"], 9: per_arch["sm_90a"]} if len(per_arch) == 2 else None
+    # clean on one architecture only: _ARCH with None for the other (its calls are refused)
+    return {8: per_arch.get("sm_80"), 9: per_arch.get("sm_90a")} if per_arch else None
 
 
 def _cell(entry) -> str:

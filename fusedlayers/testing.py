@@ -503,6 +503,7 @@ def norm_grid(level: str = "default") -> list[NormCase]:
         NormCase(weight_fp32=True, residual=True),
         NormCase(residual_in_fp32=True, prenorm=True),
         NormCase(rows=3, hidden=20000, residual=True),
+        NormCase(rows=97, hidden=533),  # cpu: two threads' dweight / dbias partials; an odd vector and a tail
     ]
     if level == "default":
         return default

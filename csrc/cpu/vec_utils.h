@@ -165,32 +165,44 @@ inline float row_max(const float* a, int64_t n) {
   return m;
 }
 
+// sum_j term(j) over whole vectors j = 0, kVec, ... while j + kVec <= n, in four independent chains (an add has a
+// latency of four cycles: one chain would leave the adder idle three cycles in four); `j` ends at the first element
+// not summed. The chains add in a fixed order, so the result does not depend on timing.
+template <typename F>
+inline Vec sum_vecs(int64_t n, int64_t& j, F term) {
+  Vec a0(0.0f), a1(0.0f), a2(0.0f), a3(0.0f);
+  for (; j + 4 * kVec <= n; j += 4 * kVec) {
+    a0 = a0 + term(j);
+    a1 = a1 + term(j + kVec);
+    a2 = a2 + term(j + 2 * kVec);
+    a3 = a3 + term(j + 3 * kVec);
+  }
+  for (; j + kVec <= n; j += kVec) a0 = a0 + term(j);
+  return (a0 + a1) + (a2 + a3);
+}
+
+inline float reduce_sum(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, v);
+}
+
 // sum_j (a[j] - shift): the shifted sum of a mean (with shift = a[0], a constant row sums to exactly 0).
 inline float row_sum_shifted(const float* a, int64_t n, float shift) {
   int64_t j = 0;
   const Vec vs(shift);
-  Vec acc(0.0f);
-  for (; j + kVec <= n; j += kVec) acc = acc + (Vec::loadu(a + j) - vs);
-  float s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+  float s = reduce_sum(sum_vecs(n, j, [&](int64_t i) { return Vec::loadu(a + i) - vs; }));
   for (; j < n; ++j) s += a[j] - shift;
   return s;
 }
 
-inline float row_sum(const float* a, int64_t n) {
+// sum_j (a[j] - m)^2
+inline float row_sq_dev(const float* a, int64_t n, float m) {
   int64_t j = 0;
-  Vec acc(0.0f);
-  for (; j + kVec <= n; j += kVec) acc = acc + Vec::loadu(a + j);
-  float s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
-  for (; j < n; ++j) s += a[j];
-  return s;
-}
-
-inline float row_dot(const float* a, const float* b, int64_t n) {
-  int64_t j = 0;
-  Vec acc(0.0f);
-  for (; j + kVec <= n; j += kVec) acc = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), acc);
-  float s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
-  for (; j < n; ++j) s += a[j] * b[j];
+  const Vec vm(m);
+  float s = reduce_sum(sum_vecs(n, j, [&](int64_t i) {
+    const Vec d = Vec::loadu(a + i) - vm;
+    return d * d;
+  }));
+  for (; j < n; ++j) s += (a[j] - m) * (a[j] - m);
   return s;
 }
 

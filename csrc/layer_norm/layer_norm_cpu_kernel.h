@@ -130,15 +130,7 @@ inline void forward(const NormParams& p) {
       // and M2 = 0 (y = bias, as torch gives); a plain sum / N is off by a rounding error d and,
       // with a small eps, d / sqrt(d^2 + eps) is far from 0.
       const float mean = p.rms ? 0.0f : zr[0] + row_sum_shifted(zr, n, zr[0]) / static_cast<float>(n);
-      const Vec vm(mean);
-      Vec acc(0.0f);
-      int64_t j = 0;
-      for (; j + kVec <= n; j += kVec) {
-        const Vec d = Vec::loadu(zr + j) - vm;
-        acc = at::vec::fmadd(d, d, acc);
-      }
-      float m2 = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
-      for (; j < n; ++j) m2 += (zr[j] - mean) * (zr[j] - mean);
+      const float m2 = row_sq_dev(zr, n, mean);
       const float rstd = mean_var_rstd(mean_var_of(static_cast<float>(n), mean, m2), p.eps);
       if (p.mean != nullptr) p.mean[row] = mean;
       p.rstd[row] = rstd;
@@ -167,12 +159,15 @@ inline void backward(const NormParams& p) {
   const float inv_n = 1.0f / static_cast<float>(n);
   const bool want_dw = p.dweight != nullptr, want_db = p.dbias != nullptr;
   const bool stream = p.rows * n * dtype_size(p.x_dtype) > kStreamBytes;  // dx, dresidual past the caches
+  // dx = dz in float32, in cache: written in place of the row buffer
+  const bool direct = p.x_dtype == DType::f32 && p.dz == nullptr && p.dresidual == nullptr && p.dropout_p == 0 &&
+                      !stream;
   const int threads = omp_in_parallel() || p.rows * n < kParallelGrain
                           ? 1
                           : std::max<int>(1, std::min<int64_t>(at::get_num_threads(), p.rows));
-  // per-thread partial sums of dweight and dbias, (threads, n) each; one thread sums into them directly
-  std::vector<float> dw_part(want_dw && threads > 1 ? threads * n : 0, 0.0f),
-      db_part(want_db && threads > 1 ? threads * n : 0, 0.0f);
+  // per-thread partial sums of dweight and dbias, in each thread's own scratch (never a cache line shared between
+  // threads); one thread sums into the outputs directly
+  std::vector<float*> dw_part(threads), db_part(threads);
   if (threads == 1) {
     if (want_dw) std::fill(p.dweight, p.dweight + n, 0.0f);
     if (want_db) std::fill(p.dbias, p.dbias + n, 0.0f);
@@ -181,11 +176,16 @@ inline void backward(const NormParams& p) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    float* const rows_buf = row_scratch(4 * n);
+    float* const rows_buf = row_scratch(6 * n);
     float *const xhat = rows_buf, *const wdy = rows_buf + n, *const g = rows_buf + 2 * n, *const w = rows_buf + 3 * n;
     load_affine(p, w, nullptr);
-    float* dwp = !want_dw ? nullptr : threads > 1 ? dw_part.data() + t * n : p.dweight;
-    float* dbp = !want_db ? nullptr : threads > 1 ? db_part.data() + t * n : p.dbias;
+    float* dwp = !want_dw ? nullptr : threads > 1 ? rows_buf + 4 * n : p.dweight;
+    float* dbp = !want_db ? nullptr : threads > 1 ? rows_buf + 5 * n : p.dbias;
+    if (threads > 1) {
+      if (dwp) std::fill(dwp, dwp + n, 0.0f);
+      if (dbp) std::fill(dbp, dbp + n, 0.0f);
+      dw_part[t] = dwp, db_part[t] = dbp;
+    }
     // a fixed contiguous range of rows per thread: the partial sums do not depend on timing
     const int64_t lo = p.rows * t / nt, hi = p.rows * (t + 1) / nt;
     for (int64_t row = lo; row < hi; ++row) {
@@ -198,21 +198,26 @@ inline void backward(const NormParams& p) {
       if (p.zin_dtype != DType::f32) load_row_any(zrow, p.zin_dtype, n, xhat), zs = xhat;
       if (p.x_dtype != DType::f32) load_row_any(dyrow, p.x_dtype, n, g), gs = g;
       const Vec vm(mean), vr(rstd);
-      Vec c1v(0.0f), c2v(0.0f);
-      int64_t j = 0;
-      for (; j + kVec <= n; j += kVec) {
-        const Vec xh = (Vec::loadu(zs + j) - vm) * vr;
-        const Vec gy = Vec::loadu(gs + j);
-        const Vec wd = gy * Vec::loadu(w + j);
-        xh.store(xhat + j);
-        wd.store(wdy + j);
+      // two chains of c1 and c2 (see sum_vecs)
+      Vec c1a(0.0f), c2a(0.0f), c1b(0.0f), c2b(0.0f);
+      auto step = [&](int64_t i, Vec& c1v, Vec& c2v) {
+        const Vec xh = (Vec::loadu(zs + i) - vm) * vr;
+        const Vec gy = Vec::loadu(gs + i);
+        const Vec wd = gy * Vec::loadu(w + i);
+        xh.store(xhat + i);
+        wd.store(wdy + i);
         c1v = at::vec::fmadd(xh, wd, c1v);
         c2v = c2v + wd;
-        if (dwp) at::vec::fmadd(gy, xh, Vec::loadu(dwp + j)).store(dwp + j);
-        if (dbp) (Vec::loadu(dbp + j) + gy).store(dbp + j);
+        if (dwp) at::vec::fmadd(gy, xh, Vec::loadu(dwp + i)).store(dwp + i);
+        if (dbp) (Vec::loadu(dbp + i) + gy).store(dbp + i);
+      };
+      int64_t j = 0;
+      for (; j + 2 * kVec <= n; j += 2 * kVec) {
+        step(j, c1a, c2a);
+        step(j + kVec, c1b, c2b);
       }
-      auto sum = [](Vec& a, Vec& b) { return a + b; };
-      float c1 = at::vec::vec_reduce_all<float>(sum, c1v), c2 = at::vec::vec_reduce_all<float>(sum, c2v);
+      if (j + kVec <= n) step(j, c1a, c2a), j += kVec;
+      float c1 = reduce_sum(c1a + c1b), c2 = reduce_sum(c2a + c2b);
       for (; j < n; ++j) {
         const float xh = (zs[j] - mean) * rstd, gy = gs[j], wd = gy * w[j];
         xhat[j] = xh;
@@ -224,13 +229,15 @@ inline void backward(const NormParams& p) {
       }
       c1 *= inv_n;
       c2 = p.rms ? 0.0f : c2 * inv_n;
-      // dz = (wdy - xhat * c1 - c2) * rstd, into g
+      // dz = (wdy - xhat * c1 - c2) * rstd, into g, or straight into dx when that is all dx is
+      float* const dz = direct ? reinterpret_cast<float*>(row_ptr(p.dx, p.x_dtype, row, n)) : g;
       const Vec vc1(c1), vc2(c2);
       j = 0;
       for (; j + kVec <= n; j += kVec) {
-        ((Vec::loadu(wdy + j) - Vec::loadu(xhat + j) * vc1 - vc2) * vr).store(g + j);
+        ((Vec::loadu(wdy + j) - Vec::loadu(xhat + j) * vc1 - vc2) * vr).store(dz + j);
       }
-      for (; j < n; ++j) g[j] = (wdy[j] - xhat[j] * c1 - c2) * rstd;
+      for (; j < n; ++j) dz[j] = (wdy[j] - xhat[j] * c1 - c2) * rstd;
+      if (direct) continue;
       if (p.dz != nullptr) {
         load_row_any(row_ptr(p.dz, p.dz_dtype, row, n), p.dz_dtype, n, wdy);
         add_row(g, wdy, n);
@@ -249,8 +256,8 @@ inline void backward(const NormParams& p) {
     for (int64_t j = 0; j < n; ++j) {
       float dw = 0.0f, db = 0.0f;
       for (int t = 0; t < threads; ++t) {
-        if (want_dw) dw += dw_part[t * n + j];
-        if (want_db) db += db_part[t * n + j];
+        if (want_dw) dw += dw_part[t][j];
+        if (want_db) db += db_part[t][j];
       }
       if (want_dw) p.dweight[j] = dw;
       if (want_db) p.dbias[j] = db;
