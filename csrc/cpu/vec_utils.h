@@ -97,17 +97,25 @@ inline void load_row(const T* in, int64_t n, float* out) {
   for (; j < n; ++j) out[j] = static_cast<float>(in[j]);
 }
 
+// out[j] = T(f(j)) for j < n, where vec(j) gives elements j .. j + kVec - 1 as floats and one(j) element j;
+// `stream`: with streaming stores from the first element aligned for them. vec and one capture by value: a
+// reference capture would be reloaded after every store to out, which may alias it.
+template <typename T, typename V, typename S>
+inline void store_row_fn(T* out, int64_t n, bool stream, V vec, S one) {
+  int64_t j = 0;
+  if (stream) {
+    for (const int64_t head = stream_head(out, n); j < head; ++j) out[j] = static_cast<T>(one(j));
+    for (; j + 2 * kVec <= n; j += 2 * kVec) stream_vec2(out + j, vec(j), vec(j + kVec));
+  }
+  for (; j + 2 * kVec <= n; j += 2 * kVec) store_vec2(out + j, vec(j), vec(j + kVec));
+  for (; j < n; ++j) out[j] = static_cast<T>(one(j));
+}
+
 // out[j] = T(in[j] * s); `stream`: with streaming stores
 template <typename T>
 inline void store_row(const float* in, int64_t n, T* out, float s = 1.0f, bool stream = false) {
-  int64_t j = 0;
   const Vec vs(s);
-  if (stream) {
-    for (const int64_t head = stream_head(out, n); j < head; ++j) out[j] = static_cast<T>(in[j] * s);
-    for (; j + 2 * kVec <= n; j += 2 * kVec) stream_vec2(out + j, Vec::loadu(in + j) * vs, Vec::loadu(in + j + kVec) * vs);
-  }
-  for (; j + 2 * kVec <= n; j += 2 * kVec) store_vec2(out + j, Vec::loadu(in + j) * vs, Vec::loadu(in + j + kVec) * vs);
-  for (; j < n; ++j) out[j] = static_cast<T>(in[j] * s);
+  store_row_fn(out, n, stream, [=](int64_t j) { return Vec::loadu(in + j) * vs; }, [=](int64_t j) { return in[j] * s; });
 }
 
 inline void load_row_any(const void* in, DType t, int64_t n, float* out) {

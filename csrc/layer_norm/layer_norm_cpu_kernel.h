@@ -73,15 +73,10 @@ template <typename T>
 inline void store_affine(const float* z, int64_t n, float mean, float rstd, const float* w, const float* bias, T* y,
                          bool stream) {
   const Vec vm(mean), vr(rstd);
-  auto at = [&](int64_t j) { return at::vec::fmadd((Vec::loadu(z + j) - vm) * vr, Vec::loadu(w + j), Vec::loadu(bias + j)); };
-  auto one = [&](int64_t j) { y[j] = static_cast<T>((z[j] - mean) * rstd * w[j] + bias[j]); };
-  int64_t j = 0;
-  if (stream) {
-    for (const int64_t head = stream_head(y, n); j < head; ++j) one(j);
-    for (; j + 2 * kVec <= n; j += 2 * kVec) stream_vec2(y + j, at(j), at(j + kVec));
-  }
-  for (; j + 2 * kVec <= n; j += 2 * kVec) store_vec2(y + j, at(j), at(j + kVec));
-  for (; j < n; ++j) one(j);
+  store_row_fn(
+      y, n, stream,
+      [=](int64_t j) { return at::vec::fmadd((Vec::loadu(z + j) - vm) * vr, Vec::loadu(w + j), Vec::loadu(bias + j)); },
+      [=](int64_t j) { return (z[j] - mean) * rstd * w[j] + bias[j]; });
 }
 
 inline void forward(const NormParams& p) {
@@ -159,9 +154,8 @@ inline void backward(const NormParams& p) {
   const float inv_n = 1.0f / static_cast<float>(n);
   const bool want_dw = p.dweight != nullptr, want_db = p.dbias != nullptr;
   const bool stream = p.rows * n * dtype_size(p.x_dtype) > kStreamBytes;  // dx, dresidual past the caches
-  // dx = dz in float32, in cache: written in place of the row buffer
-  const bool direct = p.x_dtype == DType::f32 && p.dz == nullptr && p.dresidual == nullptr && p.dropout_p == 0 &&
-                      !stream;
+  // dx = dz in float32: written directly, not through a row buffer
+  const bool direct = p.x_dtype == DType::f32 && p.dz == nullptr && p.dresidual == nullptr && p.dropout_p == 0;
   const int threads = omp_in_parallel() || p.rows * n < kParallelGrain
                           ? 1
                           : std::max<int>(1, std::min<int64_t>(at::get_num_threads(), p.rows));
@@ -177,7 +171,8 @@ inline void backward(const NormParams& p) {
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     float* const rows_buf = row_scratch(6 * n);
-    float *const xhat = rows_buf, *const wdy = rows_buf + n, *const g = rows_buf + 2 * n, *const w = rows_buf + 3 * n;
+    // xhat and wdy of the row; gbuf: dy of a 16-bit row in float32, then dz on its way to dresidual, dropout, dx
+    float *const xhat = rows_buf, *const wdy = rows_buf + n, *const gbuf = rows_buf + 2 * n, *const w = rows_buf + 3 * n;
     load_affine(p, w, nullptr);
     float* dwp = !want_dw ? nullptr : threads > 1 ? rows_buf + 4 * n : p.dweight;
     float* dbp = !want_db ? nullptr : threads > 1 ? rows_buf + 5 * n : p.dbias;
@@ -196,9 +191,9 @@ inline void backward(const NormParams& p) {
       const float* zs = reinterpret_cast<const float*>(zrow);
       const float* gs = reinterpret_cast<const float*>(dyrow);
       if (p.zin_dtype != DType::f32) load_row_any(zrow, p.zin_dtype, n, xhat), zs = xhat;
-      if (p.x_dtype != DType::f32) load_row_any(dyrow, p.x_dtype, n, g), gs = g;
+      if (p.x_dtype != DType::f32) load_row_any(dyrow, p.x_dtype, n, gbuf), gs = gbuf;
       const Vec vm(mean), vr(rstd);
-      // two chains of c1 and c2 (see sum_vecs)
+      // c1, c2 in two chains each (see sum_vecs), and the rows' terms of dweight and dbias
       Vec c1a(0.0f), c2a(0.0f), c1b(0.0f), c2b(0.0f);
       auto step = [&](int64_t i, Vec& c1v, Vec& c2v) {
         const Vec xh = (Vec::loadu(zs + i) - vm) * vr;
@@ -229,24 +224,24 @@ inline void backward(const NormParams& p) {
       }
       c1 *= inv_n;
       c2 = p.rms ? 0.0f : c2 * inv_n;
-      // dz = (wdy - xhat * c1 - c2) * rstd, into g, or straight into dx when that is all dx is
-      float* const dz = direct ? reinterpret_cast<float*>(row_ptr(p.dx, p.x_dtype, row, n)) : g;
+      // dz = (wdy - xhat * c1 - c2) * rstd, into dx when that is all dx is, else into gbuf
       const Vec vc1(c1), vc2(c2);
-      j = 0;
-      for (; j + kVec <= n; j += kVec) {
-        ((Vec::loadu(wdy + j) - Vec::loadu(xhat + j) * vc1 - vc2) * vr).store(dz + j);
+      auto dz_vec = [=](int64_t i) { return (Vec::loadu(wdy + i) - Vec::loadu(xhat + i) * vc1 - vc2) * vr; };
+      auto dz_one = [=](int64_t i) { return (wdy[i] - xhat[i] * c1 - c2) * rstd; };
+      if (direct) {
+        store_row_fn(reinterpret_cast<float*>(row_ptr(p.dx, p.x_dtype, row, n)), n, stream, dz_vec, dz_one);
+        continue;
       }
-      for (; j < n; ++j) dz[j] = (wdy[j] - xhat[j] * c1 - c2) * rstd;
-      if (direct) continue;
+      store_row_fn(gbuf, n, false, dz_vec, dz_one);
       if (p.dz != nullptr) {
         load_row_any(row_ptr(p.dz, p.dz_dtype, row, n), p.dz_dtype, n, wdy);
-        add_row(g, wdy, n);
+        add_row(gbuf, wdy, n);
       }
       if (p.dresidual != nullptr) {
-        store_row_any(g, n, row_ptr(p.dresidual, p.residual_dtype, row, n), p.residual_dtype, 1.0f, stream);
+        store_row_any(gbuf, n, row_ptr(p.dresidual, p.residual_dtype, row, n), p.residual_dtype, 1.0f, stream);
       }
-      if (p.dropout_p > 0) dropout_row(g, n, p.seed, static_cast<uint64_t>(row * n), p.dropout_p, inv_keep);
-      store_row_any(g, n, row_ptr(p.dx, p.x_dtype, row, n), p.x_dtype, 1.0f, stream);
+      if (p.dropout_p > 0) dropout_row(gbuf, n, p.seed, static_cast<uint64_t>(row * n), p.dropout_p, inv_keep);
+      store_row_any(gbuf, n, row_ptr(p.dx, p.x_dtype, row, n), p.x_dtype, 1.0f, stream);
     }
     if (stream) stream_fence();
   }
