@@ -83,8 +83,10 @@ inline void forward(const NormParams& p) {
   const int64_t n = p.hidden;
   const float inv_keep = p.dropout_p > 0 ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
   const bool plain_f32 = p.x_dtype == DType::f32 && p.dropout_p == 0 && p.residual == nullptr;  // z = x
-  // y (and a float32 z, which is not read back here) streamed past the caches when large
+  // y streamed past the caches when large; a float32 z (not read back here) already when it outgrows a core's L2:
+  // the backward or a later layer reads it, after the layers in between have evicted it
   const bool stream = p.rows * n * dtype_size(p.x_dtype) > kStreamBytes;
+  const bool stream_z = p.z_dtype == DType::f32 && p.rows * n * 4 > kStreamStashBytes;
   // one thread below kParallelGrain elements
 #pragma omp parallel num_threads(at::get_num_threads()) \
     if (p.rows > 1 && p.rows * n >= kParallelGrain && !omp_in_parallel())
@@ -114,7 +116,7 @@ inline void forward(const NormParams& p) {
       }
       if (p.z != nullptr) {
         char* zrow = row_ptr(p.z, p.z_dtype, row, n);
-        store_row_any(zr, n, zrow, p.z_dtype, 1.0f, stream && p.z_dtype == DType::f32);
+        store_row_any(zr, n, zrow, p.z_dtype, 1.0f, stream_z);
         // statistics of the stored (rounded) z, which backward reads back: with the unrounded
         // ones, zin - mean of a constant fp16 row would be a rounding error times rstd (1e6 at eps 1e-12)
         if (p.z_dtype != DType::f32) load_row_any(zrow, p.z_dtype, n, z), zr = z;
@@ -144,7 +146,7 @@ inline void forward(const NormParams& p) {
           break;
       }
     }
-    if (stream) stream_fence();
+    if (stream || stream_z) stream_fence();
   }
 }
 
