@@ -73,6 +73,25 @@ def measure(fn: Callable[[], object], device: torch.device, *, quick: bool = Fal
     return statistics.median(times)
 
 
+def measure_all(fns: dict, device: torch.device, *, quick: bool = False) -> dict:
+    """Median milliseconds of each ``fns[name]()``. On the CPU the calls are interleaved, one call of each per
+    round with the order rotating, so that the machine's drift over the run weighs on every competitor alike;
+    each function has been called once before (a warm-up). On a GPU, ``measure`` one after another."""
+    if device.type == "cuda":
+        return {name: measure(fn, device, quick=quick) for name, fn in fns.items()}
+    names = list(fns)
+    times = {name: [] for name in names}
+    budget, start, rounds = (0.5 if quick else 2.0) * len(names), time.perf_counter(), 0
+    while rounds < 3 or (time.perf_counter() - start < budget and rounds < 50):
+        shift = rounds % len(names)
+        for name in names[shift:] + names[:shift]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def interleaved_pair(ours: Callable[[], object], theirs: Callable[[], object], pairs: int, calls: int) -> dict:
     """Host time per call of two functions on the CPU clock: ``pairs`` rounds of a batch of
     ``calls`` calls of each, back to back, alternating which goes first; the medians of each

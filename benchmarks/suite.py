@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import fusedlayers
 from fusedlayers import dispatch, reference
 
-from .core import Report, Result, attention_flops, environment, interleaved_pair, measure, norm_bytes
+from .core import Report, Result, attention_flops, environment, interleaved_pair, measure_all, norm_bytes
 
 
 @dataclass
@@ -180,36 +180,47 @@ def _check(out: torch.Tensor, expected: torch.Tensor, dtype) -> str:
 
 def _time_modes(report, op, case, dtype, impls, make_inputs, expected_fn, work, unit, device, quick, modes,
                 progress):
-    """Checks then times every implementation on one case, in every mode."""
+    """Checks every implementation on one case, then times those that pass, in every mode, interleaved
+    (``measure_all``)."""
     inputs, grads = make_inputs()
     expected = expected_fn(*inputs)
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    notes = {}
     for impl in impls:
         if impl.fn is None:
             report.not_run.setdefault(impl.name, impl.note)
             continue
         try:
-            out = impl.fn(*inputs)
-            note = _check(out, expected, dtype)
+            notes[impl.name] = _check(impl.fn(*inputs), expected, dtype)
         except Exception as e:  # an implementation that cannot run this case
-            out, note = None, f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
-        for mode in modes:
-            ms = rate = None
-            if not note:
-                if mode == "fwd":
-                    fn = lambda: impl.fn(*inputs)  # noqa: E731
-                elif mode == "bwd":
-                    out = impl.fn(*inputs)
-                    fn = lambda: torch.autograd.grad(out, leaves, grads, retain_graph=True, allow_unused=True)  # noqa: E731
-                else:
-                    fn = lambda: torch.autograd.grad(impl.fn(*inputs), leaves, grads, allow_unused=True)  # noqa: E731
-                try:
-                    ms = measure(fn, device, quick=quick)
-                    rate = work(mode) / (ms * 1e-3) / (1e12 if unit == "TFLOP/s" else 1e9)
-                except Exception as e:
-                    note = f"error: {type(e).__name__}"
-            report.results.append(Result(op, mode, case, impl.name, ms, rate, unit, impl.ours, note))
-        if progress:
+            notes[impl.name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    ran = [impl for impl in impls if impl.name in notes]
+    for mode in modes:
+        fns, mode_notes = {}, dict(notes)
+        for impl in ran:
+            if mode_notes[impl.name]:
+                continue
+            if mode == "fwd":
+                fn = lambda impl=impl: impl.fn(*inputs)  # noqa: E731
+            elif mode == "bwd":
+                out = impl.fn(*inputs)
+                fn = lambda out=out: torch.autograd.grad(out, leaves, grads, retain_graph=True,  # noqa: E731
+                                                         allow_unused=True)
+            else:
+                fn = lambda impl=impl: torch.autograd.grad(impl.fn(*inputs), leaves, grads,  # noqa: E731
+                                                           allow_unused=True)
+            try:
+                fn()  # the warm-up, and whether this mode runs
+                fns[impl.name] = fn
+            except Exception as e:
+                mode_notes[impl.name] = f"error: {type(e).__name__}"
+        times = measure_all(fns, device, quick=quick) if fns else {}
+        for impl in ran:
+            ms = times.get(impl.name)
+            rate = None if ms is None else work(mode) / (ms * 1e-3) / (1e12 if unit == "TFLOP/s" else 1e9)
+            report.results.append(Result(op, mode, case, impl.name, ms, rate, unit, impl.ours, mode_notes[impl.name]))
+    if progress:
+        for _ in ran:
             progress()
 
 

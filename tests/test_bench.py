@@ -42,6 +42,18 @@ def test_quick_run_checks_times_and_writes_files(tmp_path):
         assert any(p.suffix == ".png" for p in paths)
 
 
+def test_measure_all_interleaves_the_competitors():
+    """One call of each per round, the first of a round rotating, and a median per name."""
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = core.measure_all(fns, torch.device("cpu"), quick=True)
+    assert set(times) == set("abc") and all(t >= 0 for t in times.values())
+    rounds = [calls[i:i + 3] for i in range(0, len(calls), 3)]
+    assert len(calls) % 3 == 0 and len(rounds) >= 3
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    assert [r[0] for r in rounds[:3]] == ["a", "b", "c"]
+
+
 def test_a_wrong_implementation_is_reported_not_timed():
     impl = suite.Impl("broken", True, lambda x, r, w, b: torch.nn.functional.layer_norm(x, (x.shape[-1],)) + 0.1)
     report = core.Report({})
