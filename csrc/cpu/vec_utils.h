@@ -121,6 +121,30 @@ inline void store_row(const float* in, int64_t n, T* out, float s = 1.0f, bool s
   store_row_fn(out, n, stream, [=](int64_t j) { return Vec::loadu(in + j) * vs; }, [=](int64_t j) { return in[j] * s; });
 }
 
+// v as a value the compiler cannot see into: the operation producing it is not contracted with one consuming it
+// (GCC fuses a * b - c into one FMA where it can, which rounds once instead of twice).
+template <typename T>
+inline T opaque(T v) {
+#if defined(__GNUC__) && defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    asm("" : "+v"(v));
+  } else {
+    __m512 r = v;
+    asm("" : "+v"(r));
+    v = r;
+  }
+#elif defined(__GNUC__) && defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    asm("" : "+x"(v));
+  } else {
+    __m256 r = v;
+    asm("" : "+x"(r));
+    v = r;
+  }
+#endif
+  return v;
+}
+
 inline void load_row_any(const void* in, DType t, int64_t n, float* out) {
   switch (t) {
     case DType::f32: return load_row(static_cast<const float*>(in), n, out);

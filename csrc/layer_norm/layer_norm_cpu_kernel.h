@@ -172,12 +172,12 @@ inline void backward(const NormParams& p) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    float* const rows_buf = row_scratch(6 * n);
-    // xhat and wdy of the row; gbuf: dy of a 16-bit row in float32, then dz on its way to dresidual, dropout, dx
-    float *const xhat = rows_buf, *const wdy = rows_buf + n, *const gbuf = rows_buf + 2 * n, *const w = rows_buf + 3 * n;
+    float* const rows_buf = row_scratch(5 * n);
+    // zbuf, gbuf: z and dy of a 16-bit row in float32; gbuf then holds dz on its way to dresidual, dropout and dx
+    float *const zbuf = rows_buf, *const gbuf = rows_buf + n, *const w = rows_buf + 2 * n;
     load_affine(p, w, nullptr);
-    float* dwp = !want_dw ? nullptr : threads > 1 ? rows_buf + 4 * n : p.dweight;
-    float* dbp = !want_db ? nullptr : threads > 1 ? rows_buf + 5 * n : p.dbias;
+    float* dwp = !want_dw ? nullptr : threads > 1 ? rows_buf + 3 * n : p.dweight;
+    float* dbp = !want_db ? nullptr : threads > 1 ? rows_buf + 4 * n : p.dbias;
     if (threads > 1) {
       if (dwp) std::fill(dwp, dwp + n, 0.0f);
       if (dbp) std::fill(dbp, dbp + n, 0.0f);
@@ -192,7 +192,7 @@ inline void backward(const NormParams& p) {
       const char* dyrow = row_ptr(p.dy, p.x_dtype, row, n);
       const float* zs = reinterpret_cast<const float*>(zrow);
       const float* gs = reinterpret_cast<const float*>(dyrow);
-      if (p.zin_dtype != DType::f32) load_row_any(zrow, p.zin_dtype, n, xhat), zs = xhat;
+      if (p.zin_dtype != DType::f32) load_row_any(zrow, p.zin_dtype, n, zbuf), zs = zbuf;
       if (p.x_dtype != DType::f32) load_row_any(dyrow, p.x_dtype, n, gbuf), gs = gbuf;
       const Vec vm(mean), vr(rstd);
       // c1, c2 in two chains each (see sum_vecs), and the rows' terms of dweight and dbias
@@ -201,8 +201,6 @@ inline void backward(const NormParams& p) {
         const Vec xh = (Vec::loadu(zs + i) - vm) * vr;
         const Vec gy = Vec::loadu(gs + i);
         const Vec wd = gy * Vec::loadu(w + i);
-        xh.store(xhat + i);
-        wd.store(wdy + i);
         c1v = at::vec::fmadd(xh, wd, c1v);
         c2v = c2v + wd;
         if (dwp) at::vec::fmadd(gy, xh, Vec::loadu(dwp + i)).store(dwp + i);
@@ -217,8 +215,6 @@ inline void backward(const NormParams& p) {
       float c1 = reduce_sum(c1a + c1b), c2 = reduce_sum(c2a + c2b);
       for (; j < n; ++j) {
         const float xh = (zs[j] - mean) * rstd, gy = gs[j], wd = gy * w[j];
-        xhat[j] = xh;
-        wdy[j] = wd;
         c1 += xh * wd;
         c2 += wd;
         if (dwp) dwp[j] += gy * xh;
@@ -226,18 +222,23 @@ inline void backward(const NormParams& p) {
       }
       c1 *= inv_n;
       c2 = p.rms ? 0.0f : c2 * inv_n;
-      // dz = (wdy - xhat * c1 - c2) * rstd, into dx when that is all dx is, else into gbuf
+      // dz = (wdy - xhat * c1 - c2) * rstd, with xhat and wdy computed again as in the first pass (storing and
+      // reloading them costs more when z and dy come from memory), wdy rounded on its own as there; into dx when
+      // that is all dx is, else into gbuf
       const Vec vc1(c1), vc2(c2);
-      auto dz_vec = [=](int64_t i) { return (Vec::loadu(wdy + i) - Vec::loadu(xhat + i) * vc1 - vc2) * vr; };
-      auto dz_one = [=](int64_t i) { return (wdy[i] - xhat[i] * c1 - c2) * rstd; };
+      auto dz_vec = [=](int64_t i) {
+        const Vec xh = (Vec::loadu(zs + i) - vm) * vr;
+        return (opaque(Vec::loadu(gs + i) * Vec::loadu(w + i)) - xh * vc1 - vc2) * vr;
+      };
+      auto dz_one = [=](int64_t i) { return (opaque(gs[i] * w[i]) - (zs[i] - mean) * rstd * c1 - c2) * rstd; };
       if (direct) {
         store_row_fn(reinterpret_cast<float*>(row_ptr(p.dx, p.x_dtype, row, n)), n, stream, dz_vec, dz_one);
         continue;
       }
       store_row_fn(gbuf, n, false, dz_vec, dz_one);
       if (p.dz != nullptr) {
-        load_row_any(row_ptr(p.dz, p.dz_dtype, row, n), p.dz_dtype, n, wdy);
-        add_row(gbuf, wdy, n);
+        load_row_any(row_ptr(p.dz, p.dz_dtype, row, n), p.dz_dtype, n, zbuf);  // z is read no more
+        add_row(gbuf, zbuf, n);
       }
       if (p.dresidual != nullptr) {
         store_row_any(gbuf, n, row_ptr(p.dresidual, p.residual_dtype, row, n), p.residual_dtype, 1.0f, stream);
