@@ -249,6 +249,26 @@ def test_large_norm_within_the_rule(case):
     testing.assert_all_ok(testing.check_norm(case, torch.bfloat16, "cpu", "cpu"), f"cpu {case}")
 
 
+_SMALL_TEAM_SCRIPT = r"""
+import torch, fusedlayers
+from fusedlayers import testing
+from fusedlayers.testing import NormCase
+torch.set_num_threads(2)
+for case in (NormCase(rows=300, hidden=520), NormCase(rows=97, hidden=533, residual=True, prenorm=True)):
+    testing.assert_all_ok(testing.check_norm(case, torch.float32, "cpu", "cpu"), str(case))
+print("ok")
+"""
+
+
+def test_norm_backward_when_openmp_gives_fewer_threads():
+    """OMP_THREAD_LIMIT=1 under torch.set_num_threads(2): the kernels ask for two threads and get one; the
+    dweight / dbias partial of the thread that never ran is not read."""
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    run = subprocess.run([sys.executable, "-c", _SMALL_TEAM_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
+
+
 # ------------------------------------------------------------------ every SIMD level
 
 _LEVEL_SCRIPT = r"""

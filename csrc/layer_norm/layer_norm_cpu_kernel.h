@@ -150,6 +150,9 @@ inline void forward(const NormParams& p) {
   }
 }
 
+// rows whose dweight / dbias terms are summed before they join a thread's total
+constexpr int64_t kRowBlock = 32;
+
 inline void backward(const NormParams& p) {
   const int64_t n = p.hidden;
   const float inv_keep = p.dropout_p > 0 ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
@@ -162,8 +165,8 @@ inline void backward(const NormParams& p) {
                           ? 1
                           : std::max<int>(1, std::min<int64_t>(at::get_num_threads(), p.rows));
   // per-thread partial sums of dweight and dbias, in each thread's own scratch (never a cache line shared between
-  // threads); one thread sums into the outputs directly
-  std::vector<float*> dw_part(threads), db_part(threads);
+  // threads); one thread sums into the outputs directly. An entry stays null when OpenMP gives fewer threads.
+  std::vector<float*> dw_part(threads, nullptr), db_part(threads, nullptr);
   if (threads == 1) {
     if (want_dw) std::fill(p.dweight, p.dweight + n, 0.0f);
     if (want_db) std::fill(p.dbias, p.dbias + n, 0.0f);
@@ -172,20 +175,28 @@ inline void backward(const NormParams& p) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    float* const rows_buf = row_scratch(5 * n);
+    float* const rows_buf = row_scratch(7 * n);
     // zbuf, gbuf: z and dy of a 16-bit row in float32; gbuf then holds dz on its way to dresidual, dropout and dx
     float *const zbuf = rows_buf, *const gbuf = rows_buf + n, *const w = rows_buf + 2 * n;
     load_affine(p, w, nullptr);
-    float* dwp = !want_dw ? nullptr : threads > 1 ? rows_buf + 3 * n : p.dweight;
-    float* dbp = !want_db ? nullptr : threads > 1 ? rows_buf + 4 * n : p.dbias;
+    // dweight / dbias: the rows of a block of kRowBlock summed in dwp / dbp, each block's sum added to this
+    // thread's total (a sum over many rows in one chain would drift with their count)
+    float* const dw_tot = !want_dw ? nullptr : threads > 1 ? rows_buf + 3 * n : p.dweight;
+    float* const db_tot = !want_db ? nullptr : threads > 1 ? rows_buf + 4 * n : p.dbias;
+    float* const dwp = want_dw ? rows_buf + 5 * n : nullptr;
+    float* const dbp = want_db ? rows_buf + 6 * n : nullptr;
     if (threads > 1) {
-      if (dwp) std::fill(dwp, dwp + n, 0.0f);
-      if (dbp) std::fill(dbp, dbp + n, 0.0f);
-      dw_part[t] = dwp, db_part[t] = dbp;
+      if (dw_tot) std::fill(dw_tot, dw_tot + n, 0.0f);
+      if (db_tot) std::fill(db_tot, db_tot + n, 0.0f);
+      dw_part[t] = dw_tot, db_part[t] = db_tot;
     }
     // a fixed contiguous range of rows per thread: the partial sums do not depend on timing
     const int64_t lo = p.rows * t / nt, hi = p.rows * (t + 1) / nt;
     for (int64_t row = lo; row < hi; ++row) {
+      if ((row - lo) % kRowBlock == 0) {
+        if (dwp) std::fill(dwp, dwp + n, 0.0f);
+        if (dbp) std::fill(dbp, dbp + n, 0.0f);
+      }
       const float mean = p.rms ? 0.0f : p.mean[row], rstd = p.rstd[row];
       // float32 rows are read where they are; others converted into the row buffers first
       const char* zrow = row_ptr(p.zin, p.zin_dtype, row, p.zin_rs);
@@ -219,6 +230,10 @@ inline void backward(const NormParams& p) {
         c2 += wd;
         if (dwp) dwp[j] += gy * xh;
         if (dbp) dbp[j] += gy;
+      }
+      if ((row - lo) % kRowBlock == kRowBlock - 1 || row == hi - 1) {
+        if (dwp) add_row(dw_tot, dwp, n);
+        if (dbp) add_row(db_tot, dbp, n);
       }
       c1 *= inv_n;
       c2 = p.rms ? 0.0f : c2 * inv_n;
@@ -254,8 +269,8 @@ inline void backward(const NormParams& p) {
     for (int64_t j = 0; j < n; ++j) {
       float dw = 0.0f, db = 0.0f;
       for (int t = 0; t < threads; ++t) {
-        if (want_dw) dw += dw_part[t][j];
-        if (want_db) db += db_part[t][j];
+        if (dw_part[t] != nullptr) dw += dw_part[t][j];
+        if (db_part[t] != nullptr) db += db_part[t][j];
       }
       if (want_dw) p.dweight[j] = dw;
       if (want_db) p.dbias[j] = db;
