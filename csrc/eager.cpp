@@ -271,8 +271,12 @@ py::object norm(py::handle x_h, py::handle residual_h, py::handle weight_h, py::
       y = outs[0];
       if (prenorm) z = outs[1];
     } else {
+      // without a backward, z is wanted as the prenorm output, or stored to round it to a 16-bit stream dtype
+      // (y is taken from the rounded z); a float32 z that is neither is not written
+      NormArgs b = a;
+      b.keep_stream = a.keep_stream && (prenorm || a.stream_dtype != at::kFloat);
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(y, z, std::ignore, std::ignore) = norm_forward(x, *residual, *weight, *bias, a);
+      std::tie(y, z, std::ignore, std::ignore) = norm_forward(x, *residual, *weight, *bias, b);
     }
   }
   return prenorm ? py::object(py::make_tuple(y, z)) : py::cast(y);

@@ -56,6 +56,10 @@ def test_norm_matches_op_path_bitwise(dtype, rms, residual, prenorm, fp32, affin
     for a, e in zip(outs + list(grads), ref_outs + list(ref_grads)):
         assert a.dtype == e.dtype and a.shape == e.shape
         assert torch.equal(a, e)
+    with torch.no_grad():  # no backward: the fast path stores z only for prenorm or a 16-bit stream
+        plain, ref = fast(), _norm_via_ops(x, r, w, b, 1e-5, rms, prenorm, fp32)
+    for a, e in zip(plain if prenorm else (plain,), ref if prenorm else (ref,)):
+        assert torch.equal(a, e)
 
 
 def test_public_norms_and_modules_take_the_fast_path(monkeypatch):
