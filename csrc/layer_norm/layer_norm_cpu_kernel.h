@@ -12,10 +12,14 @@
 //     c1 = mean(xhat * wdy);  c2 = mean(wdy) (0 for RMS)
 //     dz = (wdy - xhat * c1 - c2) * rstd (+ dz of the stream, prenorm)
 //     dx = dropout(dz);  dresidual = dz;  dweight = sum_rows dy * xhat;  dbias = sum_rows dy
-// dweight / dbias: each thread sums a fixed, contiguous range of rows into its own
-// partial row, and the partials are added in thread order (deterministic, no atomics).
+// The backward reads each row of z and dy twice, the second time from L1: xhat and wdy are
+// computed again rather than stored and reloaded.
+// dweight / dbias: each thread sums a fixed, contiguous range of rows, in blocks of kRowBlock
+// rows, into its own partial row, and the partials are added in thread order (deterministic,
+// no atomics).
 //
-// Checked by tests/test_norm.py (backend "cpu"), benchmarked by benchmarks/bench_cpu.py.
+// Checked by tests/test_norm.py (backend "cpu"), benchmarked by
+// benchmarks/bench_cpu_norm_pairs.py and benchmarks/bench_cpu.py.
 #pragma once
 
 #include <omp.h>
