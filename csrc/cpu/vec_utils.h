@@ -123,22 +123,19 @@ inline void store_row(const float* in, int64_t n, T* out, float s = 1.0f, bool s
 
 // v as a value the compiler cannot see into: the operation producing it is not contracted with one consuming it
 // (GCC fuses a * b - c into one FMA where it can, which rounds once instead of twice).
+#if defined(__GNUC__) && defined(CPU_CAPABILITY_AVX512)
+using NativeVec = __m512;
+#elif defined(__GNUC__) && defined(CPU_CAPABILITY_AVX2)
+using NativeVec = __m256;
+#endif
 template <typename T>
 inline T opaque(T v) {
-#if defined(__GNUC__) && defined(CPU_CAPABILITY_AVX512)
+#if defined(__GNUC__) && (defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2))
   if constexpr (std::is_same_v<T, float>) {
-    asm("" : "+v"(v));
+    asm("" : "+v"(v));  // "v": any SSE / AVX register the target has
   } else {
-    __m512 r = v;
+    NativeVec r = v;
     asm("" : "+v"(r));
-    v = r;
-  }
-#elif defined(__GNUC__) && defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<T, float>) {
-    asm("" : "+x"(v));
-  } else {
-    __m256 r = v;
-    asm("" : "+x"(r));
     v = r;
   }
 #endif
