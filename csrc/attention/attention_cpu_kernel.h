@@ -131,40 +131,35 @@ inline KeySpan key_span(const AttentionParams& p, const Seq& s, int64_t i0, int6
   return {row_lo(p, s, i0), row_hi(p, s, i0 + mq - 1), row_lo(p, s, i0 + mq - 1), row_hi(p, s, i0)};
 }
 
-// tanh(x) into t and its derivative 1 - tanh(x)^2 into d, both within a few ulp of their own size. Where
-// |x| < 0.625: a rational function of x (odd degree 13 over even degree 6; Eigen's generic_fast_tanh_float
-// coefficients), x itself below 4e-4, and d = 1 - t^2. Elsewhere r = 2 / (exp(2|x|) + 1) = 1 - |tanh(x)|,
-// t = sign(x) (1 - r) and d = r (2 - r), which keeps d's relative accuracy where t rounds to +-1 and
-// 1 - t^2 would cancel; a vector whose lanes all lie below 0.625 skips the exp. NaN gives NaN. Without
-// kSlope, d is left alone (the forward needs only t).
-template <bool kSlope>
-inline void tanh_slope(Vec x, Vec& t, Vec& d) {
-  const Vec one(1.0f), two(2.0f), ax = x.abs();
-  const Vec x2 = x * x;
-  Vec p = at::vec::fmadd(x2, Vec(-2.76076847742355e-16f), Vec(2.00018790482477e-13f));
-  p = at::vec::fmadd(p, x2, Vec(-8.60467152213735e-11f));
-  p = at::vec::fmadd(p, x2, Vec(5.12229709037114e-08f));
-  p = at::vec::fmadd(p, x2, Vec(1.48572235717979e-05f));
-  p = at::vec::fmadd(p, x2, Vec(6.37261928875436e-04f));
-  p = at::vec::fmadd(p, x2, Vec(4.89352455891786e-03f));
-  Vec q = at::vec::fmadd(x2, Vec(1.19825839466702e-06f), Vec(1.18534705686654e-04f));
-  q = at::vec::fmadd(q, x2, Vec(2.26843463243900e-03f));
-  q = at::vec::fmadd(q, x2, Vec(4.89352518554385e-03f));
+// tanh(x) / x for |x| < kTanhNear as P(x^2): P of degree 5 with P(0) = 1, a minimax fit in relative error (4e-9);
+// x P(x^2) in float32 is within 1.2 ulp of tanh(x).
+inline Vec tanh_over_x(const Vec& x2) {
+  Vec p = at::vec::fmadd(x2, Vec(-5.70499618e-3f), Vec(2.06390955e-2f));
+  p = at::vec::fmadd(p, x2, Vec(-5.37397191e-2f));
+  p = at::vec::fmadd(p, x2, Vec(1.33314416e-1f));
+  p = at::vec::fmadd(p, x2, Vec(-3.33332807e-1f));
+  return at::vec::fmadd(p, x2, Vec(1.0f));
+}
+
+constexpr float kTanhNear = 0.625f;
+
+// Whether every lane of a lies below b (false where one is NaN).
+inline bool all_below(const Vec& a, float b) {
 #if defined(CPU_CAPABILITY_AVX512)
-  // p x / q as p x times 1 / q from the 14-bit reciprocal and one Newton step (relative error ~2^-27): a
-  // division costs more than the rest of the rational function
-  const Vec r0(_mm512_rcp14_ps(q));
-  const Vec inv_q = r0 * at::vec::fnmadd(q, r0, two);
-  const Vec small = Vec::blendv(p * x * inv_q, x, ax < Vec(4e-4f));
+  return _mm512_cmp_ps_mask(a, _mm512_set1_ps(b), _CMP_LT_OQ) == 0xFFFF;
 #else
-  const Vec small = Vec::blendv(p * x / q, x, ax < Vec(4e-4f));
+  return (a < Vec(b)).zero_mask() == 0;
 #endif
-  const Vec near = ax < Vec(0.625f);
-  if (near.zero_mask() == 0) {  // every lane below 0.625 (scores well inside the cap): no exp
-    t = small;
-    if constexpr (kSlope) d = one - small * small;
-    return;
-  }
+}
+
+// tanh(x) into t and its derivative 1 - tanh(x)^2 into d, both within a few ulp of their own size. Where
+// |x| < kTanhNear: x tanh_over_x(x^2) and d = 1 - t^2. Elsewhere r = 2 / (exp(2|x|) + 1) = 1 - |tanh(x)|,
+// t = sign(x) (1 - r) and d = r (2 - r), which keeps d's relative accuracy where t rounds to +-1 and 1 - t^2
+// would cancel. NaN gives NaN. Without kSlope, d is left alone (the forward needs only t).
+template <bool kSlope>
+inline void tanh_slope(const Vec& x, Vec& t, Vec& d) {
+  const Vec one(1.0f), two(2.0f), ax = x.abs();
+  const Vec small = x * tanh_over_x(x * x), near = ax < Vec(kTanhNear);
   const Vec r = two / ((ax + ax).exp() + one);
   const Vec big = Vec::blendv(one - r, r - one, x < Vec(0.0f));
   t = Vec::blendv(big, small, near);
@@ -172,16 +167,37 @@ inline void tanh_slope(Vec x, Vec& t, Vec& d) {
 }
 
 // s[j] = c * tanh(s[j] / c), and the derivative 1 - tanh^2(s[j] / c) in d[j] when d is not null; the
-// row's tail through a partial vector, so every score takes the same arithmetic.
+// row's tail through a partial vector, and s tanh_over_x((s / c)^2) wherever |s / c| < kTanhNear, so every score
+// takes the same arithmetic. The vectors with every lane below kTanhNear go first, in a loop without the exp (whose call would make the loop keep
+// its values on the stack); the others are left as they are and found again after it: a capped score has
+// |c tanh(x) / c| < tanh(kTanhNear) = 0.555.
 template <bool kSlope>
 inline void softcap_row_impl(float* s, int64_t n, float c, float* d) {
   const Vec vc(c), inv(1.0f / c);
-  for (int64_t j = 0; j < n; j += kVec) {
+  auto near = [&](int64_t j, int64_t m) {  // false where a lane lies past kTanhNear
+    const Vec raw = m == kVec ? Vec::loadu(s + j) : Vec::loadu(s + j, m), x = raw * inv;
+    if (!all_below(x.abs(), kTanhNear)) return false;
+    const Vec p = tanh_over_x(x * x);
+    if constexpr (kSlope) {
+      const Vec t = x * p;
+      (Vec(1.0f) - t * t).store(d + j, m);
+    }
+    (raw * p).store(s + j, m);
+    return true;
+  };
+  bool far = false;
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) far |= !near(j, kVec);
+  if (j < n) far |= !near(j, n - j);
+  if (!far) return;
+  for (j = 0; j < n; j += kVec) {
     const int64_t m = std::min<int64_t>(kVec, n - j);
+    const Vec raw = Vec::loadu(s + j, m), x = raw * inv;
+    if (all_below(x.abs(), kTanhNear)) continue;
     Vec t, slope;
-    tanh_slope<kSlope>(Vec::loadu(s + j, m) * inv, t, slope);
+    tanh_slope<kSlope>(x, t, slope);
     if constexpr (kSlope) slope.store(d + j, m);
-    (t * vc).store(s + j, m);
+    Vec::blendv(t * vc, raw * tanh_over_x(x * x), x.abs() < Vec(kTanhNear)).store(s + j, m);
   }
 }
 
@@ -291,6 +307,12 @@ struct PackedKV {
   bool serves(int64_t kb, int64_t nk) const { return k != nullptr && packed_keys<T>(kb, nk, len_k); }
 };
 
+// The Philox index of the score of query row r and key j (positions in their sequence) of query head h.
+inline uint64_t drop_index(const AttentionParams& p, const Seq& sq, int64_t b, int64_t h, int64_t r, int64_t j) {
+  return static_cast<uint64_t>(p.drop_offset + b * p.drop_bs + h * p.drop_hs + (sq.q_start + r) * p.drop_rs +
+                               sq.k_start + j);
+}
+
 // One key block [kb, kb + nk) of a task: S = scale Q K^T, each row's scores (score_row), the online softmax
 // (state), dropout, and O += P V (P in T for fp16 / bf16). Q: the task's rows, lda apart.
 template <typename T>
@@ -326,9 +348,7 @@ void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows
       const float alpha = softmax_update(st, m_new, sum);
       if (alpha != 1.0f) scale_row(o_acc + i * Dv, Dv, alpha);
       if (p.dropout_p > 0) {
-        const int64_t index0 =
-            p.drop_offset + rows.b * p.drop_bs + h * p.drop_hs + (sq.q_start + r) * p.drop_rs + sq.k_start + kb;
-        dropout_row(s, nk, p.seed, static_cast<uint64_t>(index0), p.dropout_p, 1.0f / (1.0f - p.dropout_p));
+        dropout_row(s, nk, p.seed, drop_index(p, sq, rows.b, h, r, kb), p.dropout_p, 1.0f / (1.0f - p.dropout_p));
       }
     }
     if constexpr (lowp) {
@@ -627,11 +647,7 @@ void backward(const AttentionParams& p) {
               } else {
                 exp_sub_sum<lowp>(s, nk, lse[i]);  // P = exp(S - lse)
               }
-              if (p.dropout_p > 0) {
-                const int64_t index0 =
-                    p.drop_offset + b * p.drop_bs + h * p.drop_hs + (sq.q_start + r) * p.drop_rs + sq.k_start + kb;
-                dropout_row(dp, nk, p.seed, static_cast<uint64_t>(index0), p.dropout_p, inv_keep);
-              }
+              if (p.dropout_p > 0) dropout_row(dp, nk, p.seed, drop_index(p, sq, b, h, r, kb), p.dropout_p, inv_keep);
               // dS = P * (dP - Delta + dlse), into dp
               const Vec c(dlse[i] - delta[i]);
               int64_t j = 0;
@@ -648,10 +664,7 @@ void backward(const AttentionParams& p) {
                 load_row(V + (kb + jj) * p.v_rs, Dv, row_b.get());
                 double dpd = dot_double(row_a.get(), row_b.get(), Dv);
                 if (p.dropout_p > 0) {
-                  const int64_t index =
-                      p.drop_offset + b * p.drop_bs + h * p.drop_hs + (sq.q_start + r) * p.drop_rs + sq.k_start + kb +
-                      jj;
-                  dpd = dropout_keep(p.seed, static_cast<uint64_t>(index), p.dropout_p) ? dpd * inv_keep : 0.0;
+                  dpd = dropout_keep(p.seed, drop_index(p, sq, b, h, r, kb + jj), p.dropout_p) ? dpd * inv_keep : 0.0;
                 }
                 dp[jj] = s[jj] * static_cast<float>(dpd - delta_d[i] + dlse[i]);
               });
@@ -665,9 +678,7 @@ void backward(const AttentionParams& p) {
                 for (; jj < nk; ++jj) dp[jj] *= slope[jj];
               }
               if (p.dropout_p > 0) {  // dV uses the dropped P
-                const int64_t index0 =
-                    p.drop_offset + b * p.drop_bs + h * p.drop_hs + (sq.q_start + r) * p.drop_rs + sq.k_start + kb;
-                dropout_row(s, nk, p.seed, static_cast<uint64_t>(index0), p.dropout_p, inv_keep);
+                dropout_row(s, nk, p.seed, drop_index(p, sq, b, h, r, kb), p.dropout_p, inv_keep);
               }
             }
             // dV += dropout(P)^T dO, dQ += dS K, dK += dS^T Q (P and dS rounded to T for fp16 / bf16)
