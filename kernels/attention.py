@@ -43,7 +43,8 @@ are never visited. The variants are constexprs (WINDOW, SOFTCAP, ALIBI): a call 
 code of it. Softcap backward: dS (the bias gradient) times 1 - tanh^2 gives dQ and dK. Layouts: the
 head-dim stride is 1 everywhere; q and dout share one stride set, k and v another (the launchers copy
 only a pair whose strides differ); the outputs (out, dq, dk, dv) are allocated contiguous, one stride
-set per side.
+set per side. Arguments that belong together travel as one named tuple (the argument groups below: a
+tensor's strides, the dropout stream, the variants' scalars; inside the kernels a program's sequence, Seq).
 
 Dtypes fp16/bf16 (native MMA, fp32 accumulation) and fp32 (``input_precision="ieee"``, no TF32).
 Under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors, tests only) dot operands are
@@ -57,12 +58,10 @@ Resources:  python benchmarks/resource_check.py --module fusedlayers.kernels.att
 Measured:   no speed figure on a GPU yet; registers and spills per configuration: the resource check.
 """
 
-from __future__ import annotations
-
 import contextlib
 import math
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -82,6 +81,70 @@ MASK_NONE, MASK_BOOL, MASK_BIAS = tl.constexpr(0), tl.constexpr(1), tl.constexpr
 # |lse| from which the backward recomputes a row's max and sum (_bwd_row_stats): past 4096 the float32 lse
 # = m + log(l) keeps log(l) to at most ~2**-11 absolutely, and under a huge bias (finfo.min) not at all
 LSE_EXACT = tl.constexpr(4096.0)
+
+
+# ----------------------------------------------------------------------------- argument groups
+# The kernels take these as tuples (Triton passes a named tuple as its fields; a kernel reads x.field). The
+# launchers lay each side out alike, so that one stride set serves every tensor of a side: q and dout, k and v,
+# dk and dv.
+
+
+class Strides(NamedTuple):
+    """Element strides of a (B, H, N, D) tensor's batch, head and row; the head-dim stride is 1. Packed
+    (total, H, D) varlen tensors: batch stride 0 (a sequence starts at its cu_seqlens row)."""
+    b: int
+    h: int
+    n: int
+
+
+class SplitStrides(NamedTuple):
+    """Strides of the forward's output or lse: batch, head, row, and split (split-KV partials; 0 otherwise)."""
+    b: int
+    h: int
+    n: int
+    split: int
+
+
+class MaskStrides(NamedTuple):
+    """Strides of a 4-D mask or bias (batch, head, query, key), 0 on its broadcast dims: never expanded."""
+    b: int
+    h: int
+    q: int
+    k: int
+
+
+class Dropout(NamedTuple):
+    """The dropout stream: score (b, h, i, j) is kept when rand(seed, b * b_stride + h * h_stride + i * n_stride + j)
+    >= p (the linear index of a contiguous (B, Hq, Nq, Nk) score tensor; varlen (Hq, total_q, total_k)), and a kept
+    value is scaled by inv_keep = 1 / (1 - p). The bias gradient's dS buffer has the same layout."""
+    seed: int
+    p: float
+    inv_keep: float
+    b_stride: int
+    h_stride: int
+    n_stride: int
+
+
+class Mods(NamedTuple):
+    """The score variants' scalars: ALiBi slope of (b, h) at b * alibi_b + h * alibi_h; the sliding window, keys
+    p(i) - win_left .. p(i) + win_right (an unbounded side as Nq + Nk); softcap. Constexprs WINDOW, SOFTCAP and
+    ALIBI say which are used."""
+    alibi_b: int
+    alibi_h: int
+    win_left: int
+    win_right: int
+    softcap: float
+
+
+class Seq(NamedTuple):
+    """A program's sequence (built in the kernels by _sequence): its first query and key rows in the packed
+    tensors (0 unless varlen), lengths, and shift = len_k - len_q under the bottom-right causal alignment, else 0
+    (query row i sits at key position i + shift)."""
+    q_start: int
+    len_q: int
+    k_start: int
+    len_k: int
+    shift: int
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -105,18 +168,17 @@ def _lt(a, b):
 
 
 @triton.jit
-def _keep(seed, drop_base, offs_m, offs_n, stride_sm, dropout_p):
-    """Dropout keep-mask of a (BLOCK_M, BLOCK_N) tile: rand(seed, linear score index) >= p."""
-    offs = drop_base + offs_m[:, None].to(tl.int64) * stride_sm + offs_n[None, :].to(tl.int64)
-    return tl.rand(seed, offs) >= dropout_p
+def _keep(drop, drop_base, offs_m, offs_n):
+    """Dropout keep-mask of a (BLOCK_M, BLOCK_N) tile, rows offs_m and keys offs_n of the sequence whose score
+    (0, 0) has the linear index drop_base (see Dropout)."""
+    offs = drop_base + offs_m[:, None].to(tl.int64) * drop.n_stride + offs_n[None, :].to(tl.int64)
+    return tl.rand(drop.seed, offs) >= drop.p
 
 
 @triton.jit
 def _sequence(CuQ, CuK, Nq, Nk, bottom_right, VARLEN: tl.constexpr):
-    """(h, b, q_start, seqlen_q, k_start, seqlen_k, shift) of this program: its head h and sequence b (grid axes
-    1 and 2: each <= 65535, so B * H is not bounded by one axis' limit); the packed offsets of sequence b for
-    varlen, else (0, Nq, 0, Nk); shift = seqlen_k - seqlen_q for the bottom-right causal alignment, 0 for
-    top-left."""
+    """(h, b, Seq) of this program: its head h and sequence b (grid axes 1 and 2: each <= 65535, so B * H is not
+    bounded by one axis' limit); the packed offsets of sequence b for varlen, else (0, Nq, 0, Nk)."""
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     if VARLEN:
@@ -129,7 +191,7 @@ def _sequence(CuQ, CuK, Nq, Nk, bottom_right, VARLEN: tl.constexpr):
         seqlen_q = Nq
         k_start = 0
         seqlen_k = Nk
-    return h, b, q_start, seqlen_q, k_start, seqlen_k, (seqlen_k - seqlen_q) * bottom_right
+    return h, b, Seq(q_start, seqlen_q, k_start, seqlen_k, (seqlen_k - seqlen_q) * bottom_right)
 
 
 @triton.jit
@@ -183,27 +245,27 @@ def _block_start(first, i, n_lo, jump, BLOCK: tl.constexpr, STAGE: tl.constexpr,
 
 
 @triton.jit
-def _key_range(start_m, lo, hi, seqlen_k, shift, win_left, win_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+def _key_range(start_m, lo, hi, seq, mods, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+               WINDOW: tl.constexpr):
     """_stages of the keys of the query block at start_m within the keys [lo, hi) given (a split; block aligned).
 
     Query row i sits at key position p(i) = i + shift and sees keys p(i) - win_left <= j <= p(i) + win_right
-    (j <= p(i) when causal, j < seqlen_k); the launchers pass an unbounded window side as Nq + Nk, which no
+    (j <= p(i) when causal, j < len_k); the launchers pass an unbounded window side as Nq + Nk, which no
     position difference reaches. The block's rows see keys from p(first row) - win_left to p(last row) +
     win_right (or p(last row) when causal); every row sees those from p(last row) - win_left to p(first row)
     + win_right (or p(first row)). So a window of W keys visits O(W) key blocks per query block. Without
     WINDOW (a constexpr: no window code in the kernels of calls without one) the window bounds are ignored."""
-    p_first = start_m + shift
-    p_last = start_m + BLOCK_M - 1 + shift
+    p_first = start_m + seq.shift
+    p_last = start_m + BLOCK_M - 1 + seq.shift
     v_lo = lo
     f_lo = lo
-    v_hi = tl.minimum(hi, seqlen_k)
+    v_hi = tl.minimum(hi, seq.len_k)
     f_hi = v_hi
     if WINDOW:
-        v_lo = tl.maximum(lo, p_first - win_left)
-        f_lo = tl.maximum(lo, p_last - win_left)
-        v_hi = tl.minimum(v_hi, p_last + win_right + 1)
-        f_hi = tl.minimum(f_hi, p_first + win_right + 1)
+        v_lo = tl.maximum(lo, p_first - mods.win_left)
+        f_lo = tl.maximum(lo, p_last - mods.win_left)
+        v_hi = tl.minimum(v_hi, p_last + mods.win_right + 1)
+        f_hi = tl.minimum(f_hi, p_first + mods.win_right + 1)
     if CAUSAL:
         v_hi = tl.minimum(v_hi, p_last + 1)
         f_hi = tl.minimum(f_hi, p_first + 1)
@@ -211,22 +273,22 @@ def _key_range(start_m, lo, hi, seqlen_k, shift, win_left, win_right, BLOCK_M: t
 
 
 @triton.jit
-def _query_range(start_n, seqlen_q, shift, win_left, win_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+def _query_range(start_n, seq, mods, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                 WINDOW: tl.constexpr):
     """_stages of the queries that see the key block at start_n, the mirror of _key_range: query i sees key j
     iff j - win_right <= i + shift <= j + win_left (and j <= i + shift when causal); STAGE 1 the query
     blocks whose every row sees every key of the block, STAGE 2 the rest of those that see one."""
-    n_first = start_n - shift
-    n_last = start_n + BLOCK_N - 1 - shift
+    n_first = start_n - seq.shift
+    n_last = start_n + BLOCK_N - 1 - seq.shift
     v_lo = 0
     f_lo = 0
-    v_hi = seqlen_q
-    f_hi = seqlen_q
+    v_hi = seq.len_q
+    f_hi = seq.len_q
     if WINDOW:
-        v_lo = n_first - win_right
-        f_lo = n_last - win_right
-        v_hi = tl.minimum(seqlen_q, n_last + win_left + 1)
-        f_hi = tl.minimum(seqlen_q, n_first + win_left + 1)
+        v_lo = n_first - mods.win_right
+        f_lo = n_last - mods.win_right
+        v_hi = tl.minimum(seq.len_q, n_last + mods.win_left + 1)
+        f_hi = tl.minimum(seq.len_q, n_first + mods.win_left + 1)
     if CAUSAL:
         v_lo = tl.maximum(v_lo, n_first)
         f_lo = tl.maximum(f_lo, n_last)
@@ -246,45 +308,44 @@ def _tanh(x):
 
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale, win_left, win_right,
-            softcap, slope, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, CHECK_POS: tl.constexpr,
-            CHECK_KEYS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-            IEEE: tl.constexpr):
+def _scores(q, k, offs_m, offs_n, seq, Mb, m_str, qk_scale, mods, slope, MASK_KIND: tl.constexpr,
+            CAUSAL: tl.constexpr, CHECK_POS: tl.constexpr, CHECK_KEYS: tl.constexpr, WINDOW: tl.constexpr,
+            SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, IEEE: tl.constexpr):
     """(S, cap_grad) of a (BLOCK_M, BLOCK_N) tile: S = q k^T * scale, soft-capped (softcap * tanh(S / softcap),
     SOFTCAP), minus slope * |p(i) - j| (ALIBI), plus the bias, -inf where not allowed (rows offs_m, keys offs_n
-    of the sequence; Mb the mask of this (sequence, head)); cap_grad = d(capped)/d(S) = 1 - tanh^2 (1.0 without
-    SOFTCAP). CHECK_POS: the tile may cross the causal diagonal or a window edge (WINDOW; see _key_range);
-    CHECK_KEYS: it may hold keys past the sequence end.
+    of the sequence seq; Mb the mask of this (sequence, head), read through m_str); cap_grad = d(capped)/d(S)
+    = 1 - tanh^2 (1.0 without SOFTCAP). CHECK_POS: the tile may cross the causal diagonal or a window edge
+    (WINDOW; see _key_range); CHECK_KEYS: it may hold keys past the sequence end.
 
     Natural units: the callers subtract the row max (or lse) before scaling by LOG2E for exp2, so an
     extreme finite bias (finfo.min, Hugging Face's padding) never overflows to -inf."""
     s = _dot(q, tl.trans(k), IEEE) * qk_scale
     if SOFTCAP:
-        t = _tanh(s * (1.0 / softcap))
-        s = softcap * t
+        t = _tanh(s * (1.0 / mods.softcap))
+        s = mods.softcap * t
         cap_grad = 1.0 - t * t
     else:
         cap_grad = 1.0
     if ALIBI or (CHECK_POS and WINDOW):
-        dist = offs_n[None, :] - (offs_m[:, None] + shift)  # j - p(i)
+        dist = offs_n[None, :] - (offs_m[:, None] + seq.shift)  # j - p(i)
     if ALIBI:
         s -= slope * tl.abs(dist).to(tl.float32)
     if MASK_KIND != MASK_NONE:
-        in_bounds = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
-        mvals = tl.load(Mb + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn, mask=in_bounds, other=0)
+        in_bounds = (offs_m[:, None] < seq.len_q) & (offs_n[None, :] < seq.len_k)
+        mvals = tl.load(Mb + offs_m[:, None] * m_str.q + offs_n[None, :] * m_str.k, mask=in_bounds, other=0)
         if MASK_KIND == MASK_BOOL:
             s = tl.where(mvals != 0, s, float("-inf"))
         else:
             s += mvals.to(tl.float32)
     if CHECK_KEYS:
-        s = tl.where(offs_n[None, :] < seqlen_k, s, float("-inf"))
+        s = tl.where(offs_n[None, :] < seq.len_k, s, float("-inf"))
     if CHECK_POS and WINDOW:
-        ok = (dist >= -win_left) & (dist <= win_right)
+        ok = (dist >= -mods.win_left) & (dist <= mods.win_right)
         if CAUSAL:
             ok = ok & (dist <= 0)
         s = tl.where(ok, s, float("-inf"))
     elif CHECK_POS and CAUSAL:
-        s = tl.where(offs_n[None, :] <= offs_m[:, None] + shift, s, float("-inf"))
+        s = tl.where(offs_n[None, :] <= offs_m[:, None] + seq.shift, s, float("-inf"))
     return s, cap_grad
 
 
@@ -312,12 +373,12 @@ def _load_rows(Xb, offs, offs_d, stride_n, seqlen, D, CHECK: tl.constexpr, UPCAS
 
 
 @triton.jit
-def _key_block(Kb, Vb, first, i, n_lo, jump, offs_d, stride_kn, seqlen_k, D, BLOCK_N: tl.constexpr,
-               STAGE: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr):
-    """(offs_n, k, v) of key block i of STAGE (see _stage_blocks); keys past seqlen_k read 0 in STAGE 2."""
+def _key_block(Kb, Vb, kv_str, first, i, n_lo, jump, offs_d, seq, D, BLOCK_N: tl.constexpr, STAGE: tl.constexpr,
+               WINDOW: tl.constexpr, UPCAST: tl.constexpr):
+    """(offs_n, k, v) of key block i of STAGE (see _stage_blocks); keys past len_k read 0 in STAGE 2."""
     offs_n = _block_start(first, i, n_lo, jump, BLOCK_N, STAGE, WINDOW) + tl.arange(0, BLOCK_N)
-    k = _load_rows(Kb, offs_n, offs_d, stride_kn, seqlen_k, D, STAGE == 2, UPCAST)
-    v = _load_rows(Vb, offs_n, offs_d, stride_kn, seqlen_k, D, STAGE == 2, UPCAST)
+    k = _load_rows(Kb, offs_n, offs_d, kv_str.n, seq.len_k, D, STAGE == 2, UPCAST)
+    v = _load_rows(Vb, offs_n, offs_d, kv_str.n, seq.len_k, D, STAGE == 2, UPCAST)
     return offs_n, k, v
 
 
@@ -325,25 +386,21 @@ def _key_block(Kb, Vb, first, i, n_lo, jump, offs_d, stride_kn, seqlen_k, D, BLO
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, Kb, Vb, Mb, stride_kn, stride_mm, stride_mn, stride_sm, drop_base, seed,
-                    dropout_p, qk_scale, win_left, win_right, softcap, slope, start_m, offs_m, offs_d, lo, hi,
-                    seqlen_q, seqlen_k, shift, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGE: tl.constexpr,
+def _attn_fwd_inner(acc, l_i, m_i, q, Kb, Vb, Mb, kv_str, m_str, drop, drop_base, mods, slope, qk_scale, start_m,
+                    offs_m, offs_d, lo, hi, seq, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGE: tl.constexpr,
                     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WINDOW: tl.constexpr,
                     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """Online softmax of one query block over its key blocks of STAGE (see _key_range) within keys [lo, hi)."""
-    lo, s1_lo, s1_hi, hi = _key_range(start_m, lo, hi, seqlen_k, shift, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL,
-                                      WINDOW)
+    lo, s1_lo, s1_hi, hi = _key_range(start_m, lo, hi, seq, mods, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     first, count, n_lo, jump = _stage_blocks(lo, s1_lo, s1_hi, hi, BLOCK_N, STAGE, WINDOW, True)
     for i in range(0, count):
-        offs_n, k, v = _key_block(Kb, Vb, first, i, n_lo, jump, offs_d, stride_kn, seqlen_k, D, BLOCK_N, STAGE, WINDOW,
-                                  UPCAST)
-        s, _ = _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale, win_left,
-                       win_right, softcap, slope, MASK_KIND, CAUSAL, STAGE == 2, STAGE == 2, WINDOW, SOFTCAP, ALIBI,
-                       IEEE)
+        offs_n, k, v = _key_block(Kb, Vb, kv_str, first, i, n_lo, jump, offs_d, seq, D, BLOCK_N, STAGE, WINDOW, UPCAST)
+        s, _ = _scores(q, k, offs_m, offs_n, seq, Mb, m_str, qk_scale, mods, slope, MASK_KIND, CAUSAL, STAGE == 2,
+                       STAGE == 2, WINDOW, SOFTCAP, ALIBI, IEEE)
         m_i, p, alpha = _softmax_step(m_i, s)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         if DROPOUT:
-            p = tl.where(_keep(seed, drop_base, offs_m, offs_n, stride_sm, dropout_p), p, 0.0)
+            p = tl.where(_keep(drop, drop_base, offs_m, offs_n), p, 0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
     return acc, l_i, m_i
 
@@ -355,73 +412,66 @@ def _attn_fwd(
     Out,  # output (B, Hq, Nq, D) in q's dtype, or the fp32 partial outputs (splits, B, Hq, Nq, D) of split-KV
     Lse,  # lse (B, Hq, Nq) fp32 natural log (varlen (Hq, total_q)), or per-split partial lse
     CuQ, CuK,  # int32 cu_seqlens (B + 1) of varlen; unused otherwise
-    Alibi,  # fp32 ALiBi slopes, slope of (b, h) at b * stride_ab + h * stride_ah (stride_ab 0 for (Hq,)); if ALIBI
-    stride_qb, stride_qh, stride_qn,  # strides of Q in elements (varlen: stride_qb = 0); head-dim stride 1 here
-    stride_kb, stride_kh, stride_kn,  # strides of K and V (the same for both)
-    stride_ob, stride_oh, stride_on, stride_os,  # strides of Out; os: per split
-    stride_mb, stride_mh, stride_mm, stride_mn,  # strides of Mask, 0 on broadcast dims
-    stride_lb, stride_lh, stride_ln, stride_ls,  # strides of Lse; ls: per split
-    stride_sb, stride_sh, stride_sm,  # dropout offset = b*sb + h*sh + (q_start+i)*sm + (k_start+j)
+    Alibi,  # fp32 ALiBi slopes (Hq,) or (B, Hq), read through mods; if ALIBI
+    q_str: Strides, kv_str: Strides,  # of Q; of K and V (one layout for both)
+    o_str: SplitStrides, m_str: MaskStrides, l_str: SplitStrides,  # of Out, Mask, Lse
+    drop: Dropout, mods: Mods,
     GROUP,  # query heads per KV head (Hq // Hkv)
     Nq, Nk, D,  # sequence lengths (varlen: unused, read from cu_seqlens), head dim (<= BLOCK_D)
     qk_scale,  # the score scale (scores stay in natural units until the max is subtracted)
     bottom_right,  # 1: causal diagonal aligned to the bottom-right corner (shift Nk - Nq), 0: top-left
-    seed, dropout_p, inv_keep,  # Philox seed, dropout probability, 1 / (1 - dropout_p)
-    stride_ab, stride_ah,  # strides of Alibi
-    win_left, win_right,  # sliding window: keys p(i) - win_left .. p(i) + win_right (Nq + Nk: unbounded)
-    softcap,  # S -> softcap * tanh(S / softcap) when SOFTCAP
     split_lo,  # first key of split 0 (a multiple of BLOCK_N): the window's first key block; 0 when not split
     keys_per_split,  # keys per split-KV program (a multiple of BLOCK_N); >= Nk when not split
     num_m_blocks,  # query blocks per (sequence, head): grid axis 0 runs over (split, query block)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes; BLOCK_D = pow2 >= D
     MASK_KIND: tl.constexpr,  # MASK_NONE, MASK_BOOL or MASK_BIAS
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
-    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,  # window (win_left, win_right), softcap, ALiBi
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,  # the variants in mods
     UPCAST: tl.constexpr,  # interpreter only: fp32 dot operands (its bf16 arithmetic is broken)
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 dots, no TF32
 ):
     # grid (splits * query blocks, Hq, B)
     start_m = (tl.program_id(0) % num_m_blocks) * BLOCK_M
     split = tl.program_id(0) // num_m_blocks
-    h, b, q_start, seqlen_q, k_start, seqlen_k, shift = _sequence(CuQ, CuK, Nq, Nk, bottom_right, VARLEN)
-    if start_m >= seqlen_q:  # varlen: past this sequence's end
+    h, b, seq = _sequence(CuQ, CuK, Nq, Nk, bottom_right, VARLEN)
+    if start_m >= seq.len_q:  # varlen: past this sequence's end
         return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qn, offs_m, offs_d, stride_qn,
-                   seqlen_q, D, True, UPCAST)
-    kv_off = b * stride_kb + (h // GROUP) * stride_kh + k_start.to(tl.int64) * stride_kn
-    Mb = Mask + b * stride_mb + h * stride_mh
-    drop_base = b * stride_sb + h * stride_sh + q_start.to(tl.int64) * stride_sm + k_start
+    q_start = seq.q_start.to(tl.int64)
+    q = _load_rows(Q + b * q_str.b + h * q_str.h + q_start * q_str.n, offs_m, offs_d, q_str.n, seq.len_q, D, True,
+                   UPCAST)
+    kv_off = b * kv_str.b + (h // GROUP) * kv_str.h + seq.k_start.to(tl.int64) * kv_str.n
+    Mb = Mask + b * m_str.b + h * m_str.h
+    drop_base = b * drop.b_stride + h * drop.h_stride + q_start * drop.n_stride + seq.k_start
     lo = split_lo + split * keys_per_split  # this program's keys: its split
     hi = lo + keys_per_split
-    slope = tl.load(Alibi + b * stride_ab + h * stride_ah) if ALIBI else 0.0
+    slope = tl.load(Alibi + b * mods.alibi_b + h * mods.alibi_h) if ALIBI else 0.0
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for stage in tl.static_range(1, 3):  # the key blocks every row sees whole, then the diagonal / window edges
-        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K + kv_off, V + kv_off, Mb, stride_kn, stride_mm,
-                                        stride_mn, stride_sm, drop_base, seed, dropout_p, qk_scale, win_left,
-                                        win_right, softcap, slope, start_m, offs_m, offs_d, lo, hi, seqlen_q,
-                                        seqlen_k, shift, D, BLOCK_M, BLOCK_N, stage, MASK_KIND, CAUSAL, DROPOUT,
-                                        WINDOW, SOFTCAP, ALIBI, UPCAST, IEEE)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K + kv_off, V + kv_off, Mb, kv_str, m_str, drop, drop_base,
+                                        mods, slope, qk_scale, start_m, offs_m, offs_d, lo, hi, seq, D, BLOCK_M,
+                                        BLOCK_N, stage, MASK_KIND, CAUSAL, DROPOUT, WINDOW, SOFTCAP, ALIBI, UPCAST,
+                                        IEEE)
 
     seen = l_i != 0.0  # a row that saw no key: output exactly 0 (even past a NaN of v), lse -inf; l NaN: NaN
     l_safe = tl.where(seen, l_i, 1.0)
     out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
     if DROPOUT:
-        out = out * inv_keep
+        out = out * drop.inv_keep
     # m + log(l) in fp64 (per row, cheap); a +inf score gives lse +inf (and a NaN output)
     lse = tl.where(seen, (m_i.to(tl.float64) + tl.math.log2(l_safe).to(tl.float64) * LN2).to(tl.float32),
                    float("-inf"))
     lse = tl.where(m_i == float("inf"), float("inf"), lse)
-    rows = (q_start + offs_m).to(tl.int64)
-    Ob = Out + split * stride_os + b * stride_ob + h * stride_oh
-    st_row = _lt(offs_m, seqlen_q)  # the load mask of q, recomputed (see _lt)
-    tl.store(Ob + rows[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty),
+    rows = (seq.q_start + offs_m).to(tl.int64)
+    Ob = Out + split * o_str.split + b * o_str.b + h * o_str.h
+    st_row = _lt(offs_m, seq.len_q)  # the load mask of q, recomputed (see _lt)
+    tl.store(Ob + rows[:, None] * o_str.n + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=st_row[:, None] & _lt(offs_d[None, :], D))
-    tl.store(Lse + split * stride_ls + b * stride_lb + h * stride_lh + rows * stride_ln, lse, mask=st_row)
+    tl.store(Lse + split * l_str.split + b * l_str.b + h * l_str.h + rows * l_str.n, lse, mask=st_row)
 
 
 @triton.jit
@@ -474,10 +524,7 @@ def _bwd_preprocess(
     O, DO,  # output and its gradient, (B, H, N, D) by strides, head-dim stride 1 (varlen: B = 1, N = total_q)
     DLse,  # gradient of lse (B, H, N) by strides
     Delta_out,  # output laid out like lse (fp64 for fp32 inputs, else fp32): Delta = rowsum(dO * O) - dlse
-    stride_ob, stride_oh, stride_on,  # strides of O
-    stride_db, stride_dh, stride_dn,  # strides of DO
-    stride_gb, stride_gh, stride_gn,  # strides of DLse
-    stride_lb, stride_lh, stride_ln,  # strides of Delta (those of lse)
+    o_str: Strides, do_str: Strides, g_str: Strides, l_str: Strides,  # of O, DO, DLse, Delta (those of lse)
     N, D,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -487,12 +534,12 @@ def _bwd_preprocess(
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
-    o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_on, N, D, True, True)
-    do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, offs_d, stride_dn, N, D, True, True)
-    dlse = tl.load(DLse + b * stride_gb + h * stride_gh + offs_m * stride_gn, mask=row_ok, other=0.0)
+    o = _load_rows(O + b * o_str.b + h * o_str.h, offs_m, offs_d, o_str.n, N, D, True, True)
+    do = _load_rows(DO + b * do_str.b + h * do_str.h, offs_m, offs_d, do_str.n, N, D, True, True)
+    dlse = tl.load(DLse + b * g_str.b + h * g_str.h + offs_m * g_str.n, mask=row_ok, other=0.0)
     # fp64 row sums (O(N*D) work, negligible): the dP - Delta of dS cancels as well as dP's own rounding allows
     Delta = tl.sum(o.to(tl.float64) * do.to(tl.float64), 1) - dlse.to(tl.float64)
-    tl.store(Delta_out + b * stride_lb + h * stride_lh + offs_m * stride_ln, Delta.to(Delta_out.dtype.element_ty),
+    tl.store(Delta_out + b * l_str.b + h * l_str.h + offs_m * l_str.n, Delta.to(Delta_out.dtype.element_ty),
              mask=row_ok)
 
 
@@ -502,12 +549,10 @@ def _bwd_row_stats(
     Lse,  # (B, Hq, Nq) fp32 natural lse of the forward
     RowM, RowC,  # outputs laid out like Lse: the backward's P = exp((S - row_m) - row_c)
     CuQ, CuK, Alibi,
-    stride_qb, stride_qh, stride_qn,  # strides of Q
-    stride_kb, stride_kh, stride_kn,  # strides of K
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_lb, stride_lh, stride_ln,  # strides of Lse, RowM and RowC
+    q_str: Strides, kv_str: Strides, m_str: MaskStrides,  # of Q, K, Mask
+    l_str: Strides,  # of Lse, RowM and RowC
+    mods: Mods,
     GROUP, Nq, Nk, D, qk_scale, bottom_right,
-    stride_ab, stride_ah, win_left, win_right, softcap,  # the variants, as in _attn_fwd
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
@@ -518,13 +563,13 @@ def _bwd_row_stats(
     recomputed from the scores (keys as in _attn_fwd, no dropout: l counts dropped entries too). Only a block
     holding such a row reads Q and K."""
     start_m = tl.program_id(0) * BLOCK_M  # grid (query blocks, Hq, B)
-    h, b, q_start, seqlen_q, k_start, seqlen_k, shift = _sequence(CuQ, CuK, Nq, Nk, bottom_right, VARLEN)
-    if start_m >= seqlen_q:
+    h, b, seq = _sequence(CuQ, CuK, Nq, Nk, bottom_right, VARLEN)
+    if start_m >= seq.len_q:
         return
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < seqlen_q
-    rows = (q_start + offs_m).to(tl.int64)
-    lse_off = b * stride_lb + h * stride_lh + rows * stride_ln
+    row_ok = offs_m < seq.len_q
+    rows = (seq.q_start + offs_m).to(tl.int64)
+    lse_off = b * l_str.b + h * l_str.h + rows * l_str.n
     lse = tl.load(Lse + lse_off, mask=row_ok, other=0.0)
     # an lse of -inf (no key), +inf (a +inf score) or NaN stays row_m (_bwd_tile handles it)
     exact = (tl.abs(lse) >= LSE_EXACT) & (tl.abs(lse) < float("inf"))
@@ -532,21 +577,19 @@ def _bwd_row_stats(
     row_c = tl.zeros([BLOCK_M], tl.float32)
     if tl.max(exact.to(tl.int32), 0) > 0:
         offs_d = tl.arange(0, BLOCK_D)
-        q = _load_rows(Q + b * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qn, offs_m, offs_d,
-                       stride_qn, seqlen_q, D, True, UPCAST)
-        Kb = K + b * stride_kb + (h // GROUP) * stride_kh + k_start.to(tl.int64) * stride_kn
-        Mb = Mask + b * stride_mb + h * stride_mh
-        lo, _, _, hi = _key_range(start_m, 0, seqlen_k, seqlen_k, shift, win_left, win_right, BLOCK_M, BLOCK_N,
-                                  CAUSAL, WINDOW)
-        slope = tl.load(Alibi + b * stride_ab + h * stride_ah) if ALIBI else 0.0
+        q = _load_rows(Q + b * q_str.b + h * q_str.h + seq.q_start.to(tl.int64) * q_str.n, offs_m, offs_d, q_str.n,
+                       seq.len_q, D, True, UPCAST)
+        Kb = K + b * kv_str.b + (h // GROUP) * kv_str.h + seq.k_start.to(tl.int64) * kv_str.n
+        Mb = Mask + b * m_str.b + h * m_str.h
+        lo, _, _, hi = _key_range(start_m, 0, seq.len_k, seq, mods, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+        slope = tl.load(Alibi + b * mods.alibi_b + h * mods.alibi_h) if ALIBI else 0.0
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         for start_n in range(lo, hi, BLOCK_N):  # both stages, every tile tested
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = _load_rows(Kb, offs_n, offs_d, stride_kn, seqlen_k, D, True, UPCAST)
-            s, _cap_grad = _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn,
-                                   qk_scale, win_left, win_right, softcap, slope, MASK_KIND, CAUSAL, True, True, WINDOW,
-                                   SOFTCAP, ALIBI, IEEE)
+            k = _load_rows(Kb, offs_n, offs_d, kv_str.n, seq.len_k, D, True, UPCAST)
+            s, _cap_grad = _scores(q, k, offs_m, offs_n, seq, Mb, m_str, qk_scale, mods, slope, MASK_KIND, CAUSAL, True,
+                                   True, WINDOW, SOFTCAP, ALIBI, IEEE)
             m_i, p, alpha = _softmax_step(m_i, s)
             l_i = l_i * alpha + tl.sum(p, 1)
         row_m = tl.where(exact, m_i, lse)
@@ -578,11 +621,9 @@ def _bwd_dp(do, v, do_rows, v_rows, do_ok, v_ok, D, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _bwd_tile(q, k, v, do, DOb, Vb, stride_qn, stride_kn, D, row_m, row_c, Delta_i, offs_m, offs_n, seqlen_q,
-              seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale, win_left, win_right, softcap, slope, seed,
-              drop_base, stride_sm, dropout_p, inv_keep, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
-              DROPOUT: tl.constexpr, STAGE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-              ALIBI: tl.constexpr,
+def _bwd_tile(q, k, v, do, DOb, Vb, q_str, kv_str, D, row_m, row_c, Delta_i, offs_m, offs_n, seq, Mb, m_str, qk_scale,
+              mods, slope, drop, drop_base, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+              STAGE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
               IEEE: tl.constexpr):
     """P (dropped and rescaled, for dV), dS (the bias gradient) and dS_qk (dS times the softcap's derivative,
     for dQ and dK) of one (BLOCK_M, BLOCK_N) tile, rows offs_m and keys offs_n of the tiles q, do (at DOb) and
@@ -591,20 +632,18 @@ def _bwd_tile(q, k, v, do, DOb, Vb, stride_qn, stride_kn, D, row_m, row_c, Delta
 
     Keys past the sequence end need no mask here: their K and V rows load as 0 (so they add nothing
     to dQ), their dK/dV/dbias are never stored, and P = exp2(min(S - row_m - row_c, 0)) stays finite."""
-    s, cap_grad = _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale,
-                          win_left, win_right, softcap, slope, MASK_KIND, CAUSAL, STAGE == 2, False, WINDOW, SOFTCAP,
-                          ALIBI,
-                          IEEE)
+    s, cap_grad = _scores(q, k, offs_m, offs_n, seq, Mb, m_str, qk_scale, mods, slope, MASK_KIND, CAUSAL, STAGE == 2,
+                          False, WINDOW, SOFTCAP, ALIBI, IEEE)
     m_safe = tl.where(row_m == float("-inf"), float("inf"), row_m)  # a row that saw no key: P = 0
     # S - row_m before the LOG2E scaling (no overflow for an extreme finite bias); NaN propagates
     P = tl.math.exp2(tl.minimum(((s - m_safe[:, None]) - row_c[:, None]) * LOG2E, 0.0,
                                 propagate_nan=tl.PropagateNan.ALL))
-    dP = _bwd_dp(do, v, DOb + offs_m * stride_qn, Vb + offs_n * stride_kn, offs_m < seqlen_q, offs_n < seqlen_k, D,
+    dP = _bwd_dp(do, v, DOb + offs_m * q_str.n, Vb + offs_n * kv_str.n, offs_m < seq.len_q, offs_n < seq.len_k, D,
                  IEEE)
     if DROPOUT:
-        keep = _keep(seed, drop_base, offs_m, offs_n, stride_sm, dropout_p)
-        P_drop = tl.where(keep, P * inv_keep, 0.0)
-        dP = tl.where(keep, dP * inv_keep, 0.0)
+        keep = _keep(drop, drop_base, offs_m, offs_n)
+        P_drop = tl.where(keep, P * drop.inv_keep, 0.0)
+        dP = tl.where(keep, dP * drop.inv_keep, 0.0)
     else:
         P_drop = P
     dS = (P * (dP - Delta_i[:, None])).to(tl.float32)
@@ -616,72 +655,62 @@ def _bwd_tile(q, k, v, do, DOb, Vb, stride_qn, stride_kn, D, row_m, row_c, Delta
 
 
 @triton.jit
-def _load_q_side(Qb, DOb, RowMb, RowCb, Deltab, offs_m, offs_d, stride_qn, stride_ln, seqlen_q, D,
-                 UPCAST: tl.constexpr):
+def _load_q_side(Qb, DOb, RowMb, RowCb, Deltab, offs_m, offs_d, q_str, l_str, seq, D, UPCAST: tl.constexpr):
     """The tiles of query rows offs_m the backward needs: q, do, row_m, row_c, Delta."""
-    row_ok = offs_m < seqlen_q
-    q = _load_rows(Qb, offs_m, offs_d, stride_qn, seqlen_q, D, True, UPCAST)
-    do = _load_rows(DOb, offs_m, offs_d, stride_qn, seqlen_q, D, True, UPCAST)
-    row_m = tl.load(RowMb + offs_m * stride_ln, mask=row_ok, other=float("-inf"))
-    row_c = tl.load(RowCb + offs_m * stride_ln, mask=row_ok, other=0.0)
-    Delta_i = tl.load(Deltab + offs_m * stride_ln, mask=row_ok, other=0.0)
+    row_ok = offs_m < seq.len_q
+    q = _load_rows(Qb, offs_m, offs_d, q_str.n, seq.len_q, D, True, UPCAST)
+    do = _load_rows(DOb, offs_m, offs_d, q_str.n, seq.len_q, D, True, UPCAST)
+    row_m = tl.load(RowMb + offs_m * l_str.n, mask=row_ok, other=float("-inf"))
+    row_c = tl.load(RowCb + offs_m * l_str.n, mask=row_ok, other=0.0)
+    Delta_i = tl.load(Deltab + offs_m * l_str.n, mask=row_ok, other=0.0)
     return q, do, row_m, row_c, Delta_i
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, Qb, DOb, RowMb, RowCb, Deltab, DQb, DBb, Vb, Mb, stride_qn, stride_kn, stride_dqn,
-                    stride_ln, stride_mm, stride_mn, stride_sm, drop_base, seed, dropout_p, inv_keep, qk_scale,
-                    win_left, win_right, softcap, slope, start_n, offs_n, offs_d, seqlen_q, seqlen_k, shift, D,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGE: tl.constexpr, MASK_KIND: tl.constexpr,
-                    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, DBIAS: tl.constexpr,
-                    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, UPCAST: tl.constexpr,
-                    IEEE: tl.constexpr):
+def _bwd_dkdv_inner(dk, dv, k, v, Qb, DOb, RowMb, RowCb, Deltab, DQb, DBb, Vb, Mb, q_str, kv_str, dq_str, l_str, m_str,
+                    drop, drop_base, mods, slope, qk_scale, start_n, offs_n, offs_d, seq, D, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, STAGE: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+                    DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, DBIAS: tl.constexpr, WINDOW: tl.constexpr,
+                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """dK, dV of the key block at start_n accumulated over the query blocks of one query head that see it in
     STAGE (see _query_range); base pointers offset to this (sequence, head)."""
-    lo, s1_lo, s1_hi, hi = _query_range(start_n, seqlen_q, shift, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL,
-                                        WINDOW)
+    lo, s1_lo, s1_hi, hi = _query_range(start_n, seq, mods, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     first, count, n_lo, jump = _stage_blocks(lo, s1_lo, s1_hi, hi, BLOCK_M, STAGE, WINDOW, False)
     for i in range(0, count):
         start_m = _block_start(first, i, n_lo, jump, BLOCK_M, STAGE, WINDOW)
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q, do, row_m, row_c, Delta_i = _load_q_side(Qb, DOb, RowMb, RowCb, Deltab, offs_m, offs_d, stride_qn,
-                                                    stride_ln, seqlen_q, D, UPCAST)
-        P_drop, dS, dS_qk = _bwd_tile(q, k, v, do, DOb, Vb, stride_qn, stride_kn, D, row_m, row_c, Delta_i, offs_m,
-                                      offs_n, seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale, win_left,
-                                      win_right, softcap, slope, seed, drop_base, stride_sm, dropout_p, inv_keep,
-                                      MASK_KIND, CAUSAL, DROPOUT, STAGE, WINDOW, SOFTCAP, ALIBI, IEEE)
+        q, do, row_m, row_c, Delta_i = _load_q_side(Qb, DOb, RowMb, RowCb, Deltab, offs_m, offs_d, q_str, l_str, seq,
+                                                    D, UPCAST)
+        P_drop, dS, dS_qk = _bwd_tile(q, k, v, do, DOb, Vb, q_str, kv_str, D, row_m, row_c, Delta_i, offs_m, offs_n,
+                                      seq, Mb, m_str, qk_scale, mods, slope, drop, drop_base, MASK_KIND, CAUSAL,
+                                      DROPOUT, STAGE, WINDOW, SOFTCAP, ALIBI, IEEE)
         dv += _dot(tl.trans(P_drop.to(do.dtype)), do, IEEE)  # dV += P_drop^T dO
         dk += _dot(tl.trans(dS_qk.to(q.dtype)), q, IEEE)  # dK += dS'^T Q (times scale at the end)
         if DBIAS:  # DB is laid out as the dropout offsets: (B, Hq, Nq, Nk) contiguous
-            tl.store(DBb + offs_m[:, None] * stride_sm + offs_n[None, :], dS,
-                     mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
+            tl.store(DBb + offs_m[:, None] * drop.n_stride + offs_n[None, :], dS,
+                     mask=(offs_m[:, None] < seq.len_q) & (offs_n[None, :] < seq.len_k))
         if ATOMIC_DQ:
             dq = _dot(dS_qk.to(k.dtype), k, IEEE) * qk_scale  # dQ += dS' K * scale
-            tl.atomic_add(DQb + offs_m[:, None] * stride_dqn + offs_d[None, :], dq,
-                          mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < D))
+            tl.atomic_add(DQb + offs_m[:, None] * dq_str.n + offs_d[None, :], dq,
+                          mask=(offs_m[:, None] < seq.len_q) & (offs_d[None, :] < D))
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv(
-    Q, K, V, Mask, DO,  # as in _attn_fwd; DO: gradient of the output, with Q's strides
+    Q, K, V, Mask, DO,  # as in _attn_fwd; DO: gradient of the output, laid out as Q
     RowM, RowC, Delta,  # (B, Hq, Nq) fp32 row_m, row_c (_bwd_row_stats), Delta (fp64 for fp32 inputs), same strides
     DQ,  # fp32 dQ accumulator (zeros) when ATOMIC_DQ; unused otherwise
     DK, DV,  # outputs, k's / v's dtype
     DB,  # fp32 (B, Hq, Nq, Nk) contiguous dS: the bias gradient before its broadcast reduction, when DBIAS
     CuQ, CuK,  # varlen cu_seqlens
     Alibi,  # ALiBi slopes, as in _attn_fwd
-    stride_qb, stride_qh, stride_qn,  # strides of Q and DO
-    stride_kb, stride_kh, stride_kn,  # strides of K and V
-    stride_mb, stride_mh, stride_mm, stride_mn,  # strides of Mask
-    stride_lb, stride_lh, stride_ln,  # strides of RowM, RowC and Delta
-    stride_dqb, stride_dqh, stride_dqn,  # strides of DQ
-    stride_dkb, stride_dkh, stride_dkn,  # strides of DK and DV
-    stride_sb, stride_sh, stride_sm,  # of a (B, Hq, Nq, Nk) contiguous score tensor: dropout offsets and DB
+    q_str: Strides, kv_str: Strides, m_str: MaskStrides,  # of Q and DO; of K and V; of Mask
+    l_str: Strides, dq_str: Strides, dk_str: Strides,  # of RowM, RowC and Delta; of DQ; of DK and DV
+    drop: Dropout, mods: Mods,  # the dropout stream (its strides also DB's), the variants
     GROUP, Nq, Nk, D,
     qk_scale,  # the score scale, also the factor of dK and dQ (scores in natural units, see _scores)
-    bottom_right, seed, dropout_p, inv_keep,
-    stride_ab, stride_ah, win_left, win_right, softcap,  # the variants, as in _attn_fwd
+    bottom_right,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_N keys per program
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,  # also accumulate dQ with fp32 atomics (the non-deterministic path)
@@ -690,58 +719,52 @@ def _bwd_dkdv(
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N  # grid (key blocks, Hkv, B)
-    hk, b, q_start, seqlen_q, k_start, seqlen_k, shift = _sequence(CuQ, CuK, Nq, Nk, bottom_right, VARLEN)
-    if start_n >= seqlen_k:
+    hk, b, seq = _sequence(CuQ, CuK, Nq, Nk, bottom_right, VARLEN)
+    if start_n >= seq.len_k:
         return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_off = b * stride_kb + hk * stride_kh + k_start.to(tl.int64) * stride_kn
-    k = _load_rows(K + kv_off, offs_n, offs_d, stride_kn, seqlen_k, D, True, UPCAST)
-    v = _load_rows(V + kv_off, offs_n, offs_d, stride_kn, seqlen_k, D, True, UPCAST)
+    kv_off = b * kv_str.b + hk * kv_str.h + seq.k_start.to(tl.int64) * kv_str.n
+    k = _load_rows(K + kv_off, offs_n, offs_d, kv_str.n, seq.len_k, D, True, UPCAST)
+    v = _load_rows(V + kv_off, offs_n, offs_d, kv_str.n, seq.len_k, D, True, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    q_off = q_start.to(tl.int64)
+    q_start = seq.q_start.to(tl.int64)
     for g in range(GROUP):
         h = hk * GROUP + g
-        q_side = b * stride_qb + h * stride_qh + q_off * stride_qn
-        l_side = b * stride_lb + h * stride_lh + q_off * stride_ln
-        DQb = DQ + b * stride_dqb + h * stride_dqh + q_off * stride_dqn
-        Mb = Mask + b * stride_mb + h * stride_mh
-        drop_base = b * stride_sb + h * stride_sh + q_off * stride_sm + k_start
-        slope = tl.load(Alibi + b * stride_ab + h * stride_ah) if ALIBI else 0.0
+        q_side = b * q_str.b + h * q_str.h + q_start * q_str.n
+        l_side = b * l_str.b + h * l_str.h + q_start * l_str.n
+        DQb = DQ + b * dq_str.b + h * dq_str.h + q_start * dq_str.n
+        Mb = Mask + b * m_str.b + h * m_str.h
+        drop_base = b * drop.b_stride + h * drop.h_stride + q_start * drop.n_stride + seq.k_start
+        slope = tl.load(Alibi + b * mods.alibi_b + h * mods.alibi_h) if ALIBI else 0.0
         # the diagonal and window-edge blocks first, then those every row of which sees the whole key block
         for stage in tl.static_range(2, 0, -1):
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q + q_side, DO + q_side, RowM + l_side, RowC + l_side,
-                                     Delta + l_side, DQb, DB + drop_base, V + kv_off, Mb, stride_qn, stride_kn,
-                                     stride_dqn, stride_ln, stride_mm, stride_mn, stride_sm, drop_base, seed,
-                                     dropout_p, inv_keep, qk_scale, win_left, win_right, softcap, slope, start_n,
-                                     offs_n, offs_d, seqlen_q, seqlen_k, shift, D, BLOCK_M, BLOCK_N, stage,
-                                     MASK_KIND, CAUSAL, DROPOUT, ATOMIC_DQ, DBIAS, WINDOW, SOFTCAP, ALIBI, UPCAST,
-                                     IEEE)
-    out_off = b * stride_dkb + hk * stride_dkh + (k_start + offs_n).to(tl.int64)[:, None] * stride_dkn + offs_d[None, :]
-    st_ok = _lt(offs_n[:, None], seqlen_k) & _lt(offs_d[None, :], D)  # the load mask of k, recomputed (see _lt)
+                                     Delta + l_side, DQb, DB + drop_base, V + kv_off, Mb, q_str, kv_str, dq_str, l_str,
+                                     m_str, drop, drop_base, mods, slope, qk_scale, start_n, offs_n, offs_d, seq, D,
+                                     BLOCK_M, BLOCK_N, stage, MASK_KIND, CAUSAL, DROPOUT, ATOMIC_DQ, DBIAS, WINDOW,
+                                     SOFTCAP, ALIBI, UPCAST, IEEE)
+    out_off = b * dk_str.b + hk * dk_str.h + (seq.k_start + offs_n).to(tl.int64)[:, None] * dk_str.n + offs_d[None, :]
+    st_ok = _lt(offs_n[:, None], seq.len_k) & _lt(offs_d[None, :], D)  # the load mask of k, recomputed (see _lt)
     tl.store(DK + out_off, (dk * qk_scale).to(DK.dtype.element_ty), mask=st_ok)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=st_ok)
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, row_m, row_c, Delta_i, DOb, Kb, Vb, Mb, stride_qn, stride_kn, stride_mm, stride_mn,
-                  stride_sm, drop_base, seed, dropout_p, inv_keep, qk_scale, win_left, win_right, softcap, slope,
-                  start_m, offs_m, offs_d, seqlen_q, seqlen_k, shift, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _bwd_dq_inner(dq, q, do, row_m, row_c, Delta_i, DOb, Kb, Vb, Mb, q_str, kv_str, m_str, drop, drop_base, mods, slope,
+                  qk_scale, start_m, offs_m, offs_d, seq, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   STAGE: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                   WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, UPCAST: tl.constexpr,
                   IEEE: tl.constexpr):
     """dQ of one query block accumulated over its key blocks of STAGE (see _key_range)."""
-    lo, s1_lo, s1_hi, hi = _key_range(start_m, 0, seqlen_k, seqlen_k, shift, win_left, win_right, BLOCK_M, BLOCK_N,
-                                      CAUSAL, WINDOW)
+    lo, s1_lo, s1_hi, hi = _key_range(start_m, 0, seq.len_k, seq, mods, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     first, count, n_lo, jump = _stage_blocks(lo, s1_lo, s1_hi, hi, BLOCK_N, STAGE, WINDOW, True)
     for i in range(0, count):
-        offs_n, k, v = _key_block(Kb, Vb, first, i, n_lo, jump, offs_d, stride_kn, seqlen_k, D, BLOCK_N, STAGE, WINDOW,
-                                  UPCAST)
-        _, _, dS_qk = _bwd_tile(q, k, v, do, DOb, Vb, stride_qn, stride_kn, D, row_m, row_c, Delta_i, offs_m, offs_n,
-                                seqlen_q, seqlen_k, shift, Mb, stride_mm, stride_mn, qk_scale, win_left, win_right,
-                                softcap, slope, seed, drop_base, stride_sm, dropout_p, inv_keep, MASK_KIND, CAUSAL,
-                                DROPOUT, STAGE, WINDOW, SOFTCAP, ALIBI, IEEE)
+        offs_n, k, v = _key_block(Kb, Vb, kv_str, first, i, n_lo, jump, offs_d, seq, D, BLOCK_N, STAGE, WINDOW, UPCAST)
+        _, _, dS_qk = _bwd_tile(q, k, v, do, DOb, Vb, q_str, kv_str, D, row_m, row_c, Delta_i, offs_m, offs_n, seq, Mb,
+                                m_str, qk_scale, mods, slope, drop, drop_base, MASK_KIND, CAUSAL, DROPOUT, STAGE,
+                                WINDOW, SOFTCAP, ALIBI, IEEE)
         dq += _dot(dS_qk.to(k.dtype), k, IEEE)  # dQ += dS' K
     return dq
 
@@ -751,44 +774,36 @@ def _bwd_dq(
     Q, K, V, Mask, DO, RowM, RowC, Delta,  # as in _bwd_dkdv
     DQ,  # output in q's dtype
     CuQ, CuK, Alibi,
-    stride_qb, stride_qh, stride_qn,  # strides of Q and DO
-    stride_kb, stride_kh, stride_kn,  # strides of K and V
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_lb, stride_lh, stride_ln,  # strides of RowM, RowC and Delta
-    stride_dqb, stride_dqh, stride_dqn,  # strides of DQ
-    stride_sb, stride_sh, stride_sm,  # dropout offsets, as in _attn_fwd
-    GROUP, Nq, Nk, D,
-    qk_scale, bottom_right, seed, dropout_p, inv_keep,
-    stride_ab, stride_ah, win_left, win_right, softcap,  # the variants, as in _attn_fwd
+    q_str: Strides, kv_str: Strides, m_str: MaskStrides, l_str: Strides, dq_str: Strides,  # as in _bwd_dkdv
+    drop: Dropout, mods: Mods,
+    GROUP, Nq, Nk, D, qk_scale, bottom_right,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_M queries per program
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M  # grid (query blocks, Hq, B)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    h, b, q_start, seqlen_q, k_start, seqlen_k, shift = _sequence(CuQ, CuK, Nq, Nk, bottom_right, VARLEN)
-    if start_m >= seqlen_q:
+    h, b, seq = _sequence(CuQ, CuK, Nq, Nk, bottom_right, VARLEN)
+    if start_m >= seq.len_q:
         return
     offs_d = tl.arange(0, BLOCK_D)
-    q_off = q_start.to(tl.int64)
-    q_side = b * stride_qb + h * stride_qh + q_off * stride_qn
-    l_side = b * stride_lb + h * stride_lh + q_off * stride_ln
+    q_start = seq.q_start.to(tl.int64)
+    q_side = b * q_str.b + h * q_str.h + q_start * q_str.n
+    l_side = b * l_str.b + h * l_str.h + q_start * l_str.n
     q, do, row_m, row_c, Delta_i = _load_q_side(Q + q_side, DO + q_side, RowM + l_side, RowC + l_side,
-                                                Delta + l_side, offs_m, offs_d, stride_qn, stride_ln, seqlen_q, D,
-                                                UPCAST)
-    kv_off = b * stride_kb + (h // GROUP) * stride_kh + k_start.to(tl.int64) * stride_kn
-    Mb = Mask + b * stride_mb + h * stride_mh
-    drop_base = b * stride_sb + h * stride_sh + q_off * stride_sm + k_start
-    slope = tl.load(Alibi + b * stride_ab + h * stride_ah) if ALIBI else 0.0
+                                                Delta + l_side, offs_m, offs_d, q_str, l_str, seq, D, UPCAST)
+    kv_off = b * kv_str.b + (h // GROUP) * kv_str.h + seq.k_start.to(tl.int64) * kv_str.n
+    Mb = Mask + b * m_str.b + h * m_str.h
+    drop_base = b * drop.b_stride + h * drop.h_stride + q_start * drop.n_stride + seq.k_start
+    slope = tl.load(Alibi + b * mods.alibi_b + h * mods.alibi_h) if ALIBI else 0.0
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for stage in tl.static_range(1, 3):
-        dq = _bwd_dq_inner(dq, q, do, row_m, row_c, Delta_i, DO + q_side, K + kv_off, V + kv_off, Mb, stride_qn,
-                           stride_kn, stride_mm, stride_mn, stride_sm, drop_base, seed, dropout_p, inv_keep, qk_scale,
-                           win_left, win_right, softcap, slope, start_m, offs_m, offs_d, seqlen_q, seqlen_k, shift, D,
-                           BLOCK_M, BLOCK_N, stage, MASK_KIND, CAUSAL, DROPOUT, WINDOW, SOFTCAP, ALIBI, UPCAST, IEEE)
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + (q_start + offs_m).to(tl.int64)[:, None] * stride_dqn
-             + offs_d[None, :], (dq * qk_scale).to(DQ.dtype.element_ty),
-             mask=_lt(offs_m[:, None], seqlen_q) & _lt(offs_d[None, :], D))
+        dq = _bwd_dq_inner(dq, q, do, row_m, row_c, Delta_i, DO + q_side, K + kv_off, V + kv_off, Mb, q_str, kv_str,
+                           m_str, drop, drop_base, mods, slope, qk_scale, start_m, offs_m, offs_d, seq, D, BLOCK_M,
+                           BLOCK_N, stage, MASK_KIND, CAUSAL, DROPOUT, WINDOW, SOFTCAP, ALIBI, UPCAST, IEEE)
+    rows = (seq.q_start + offs_m).to(tl.int64)
+    tl.store(DQ + b * dq_str.b + h * dq_str.h + rows[:, None] * dq_str.n + offs_d[None, :],
+             (dq * qk_scale).to(DQ.dtype.element_ty), mask=_lt(offs_m[:, None], seq.len_q) & _lt(offs_d[None, :], D))
 
 
 # ----------------------------------------------------------------------------- configurations
@@ -859,19 +874,19 @@ def why_not(call) -> Optional[str]:
 
 
 def _mask_args(attn_mask: Optional[torch.Tensor], like: torch.Tensor):
-    """(tensor, 4 strides with 0 on broadcast dims, kind) of a 4-D mask; never expanded or copied."""
+    """(tensor, MaskStrides with 0 on broadcast dims, kind) of a 4-D mask; never expanded or copied."""
     if attn_mask is None:
-        return like, (0, 0, 0, 0), MASK_NONE.value
-    strides = tuple(0 if attn_mask.shape[i] == 1 else attn_mask.stride(i) for i in range(4))
+        return like, MaskStrides(0, 0, 0, 0), MASK_NONE.value
+    strides = MaskStrides(*(0 if attn_mask.shape[i] == 1 else attn_mask.stride(i) for i in range(4)))
     if attn_mask.dtype == torch.bool:
         return attn_mask.view(torch.uint8), strides, MASK_BOOL.value
     return attn_mask, strides, MASK_BIAS.value
 
 
-def _strides(t: torch.Tensor, varlen: bool) -> tuple:
-    """(batch, head, row) strides: (B, H, N, D) as is; packed (total, H, D) as batch stride 0 (cu_seqlens)."""
+def _strides(t: torch.Tensor, varlen: bool) -> Strides:
+    """Strides of (B, H, N, D) as is; of packed (total, H, D) with batch stride 0 (cu_seqlens)."""
     s = t.stride()
-    return (0, s[1], s[0]) if varlen else s[:3]
+    return Strides(0, s[1], s[0]) if varlen else Strides(*s[:3])
 
 
 def _one_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -883,30 +898,31 @@ def _one_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 class _Mods:
-    """The kernels' arguments of the score variants (``registration.ScoreMods`` or None): ``args`` = (alibi
-    slopes, stride_ab, stride_ah) before the strides and (win_left, win_right, softcap) after them (an unbounded
-    window side as ``unbounded`` = Nq + Nk, which no |p(i) - j| reaches), ``flags`` the constexprs."""
+    """The kernels' arguments of the score variants (``registration.ScoreMods`` or None): ``alibi`` the slopes
+    tensor (or any tensor, unused), ``args`` the kernels' ``Mods`` (an unbounded window side as ``unbounded`` =
+    Nq + Nk, which no |p(i) - j| reaches), ``flags`` the constexprs."""
 
     def __init__(self, mods, b: int, hq: int, unbounded: int, like: torch.Tensor):
         left, right = (mods.window_left, mods.window_right) if mods is not None else (-1, -1)
         self.left = unbounded if left < 0 else min(left, unbounded)
         self.right = unbounded if right < 0 else min(right, unbounded)
-        self.softcap = float(mods.softcap) if mods is not None else 0.0
+        softcap = float(mods.softcap) if mods is not None else 0.0
         slopes = mods.alibi_slopes if mods is not None else None
         if slopes is None:
-            self.alibi, self.alibi_strides = like, (0, 0)
+            self.alibi, alibi_strides = like, (0, 0)
         else:
             if slopes.dtype != torch.float32 or slopes.device != like.device or slopes.shape not in ((hq,), (b, hq)):
                 raise ValueError(f"alibi_slopes: expected float32 ({hq},) or ({b}, {hq}) on {like.device}, got "
                                  f"{str(slopes.dtype).replace('torch.', '')} {tuple(slopes.shape)} on {slopes.device}")
             self.alibi = slopes
-            self.alibi_strides = (0, slopes.stride(0)) if slopes.dim() == 1 else tuple(slopes.stride())
-        self.flags = dict(WINDOW=left >= 0 or right >= 0, SOFTCAP=self.softcap > 0, ALIBI=slopes is not None)
+            alibi_strides = (0, slopes.stride(0)) if slopes.dim() == 1 else tuple(slopes.stride())
+        self.args = Mods(*alibi_strides, self.left, self.right, softcap)
+        self.flags = dict(WINDOW=left >= 0 or right >= 0, SOFTCAP=softcap > 0, ALIBI=slopes is not None)
 
-    @property
-    def tail(self) -> tuple:
-        """(stride_ab, stride_ah, win_left, win_right, softcap): the kernels' variant scalars."""
-        return (*self.alibi_strides, self.left, self.right, self.softcap)
+
+def _dropout(seed: int, p: float, b: int, h: int, n: int) -> Dropout:
+    """The kernels' Dropout: the stream of (seed, p) over scores laid out with strides (b, h, n)."""
+    return Dropout(seed, p, 1.0 / (1.0 - p), b, h, n)
 
 
 def _key_span(nq: int, nk: int, causal: bool, bottom_right: bool, left: int, right: int) -> tuple[int, int]:
@@ -959,16 +975,16 @@ def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_
         hkv = k.shape[1]
         b, nq, nk = cu_q.numel() - 1, max_q, max_k
         lse = q.new_empty((hq, tq), dtype=torch.float32)
-        ls = (0, lse.stride(0), lse.stride(1), 0)
-        drop = (0, tq * k.shape[0], k.shape[0])
+        ls = SplitStrides(0, lse.stride(0), lse.stride(1), 0)
+        drop = _dropout(seed, dropout_p, 0, tq * k.shape[0], k.shape[0])
     else:
         b, hq, nq, d = q.shape
         hkv, nk = k.shape[1], k.shape[2]
         lse = q.new_empty((b, hq, nq), dtype=torch.float32)
-        ls = (*lse.stride(), 0)
-        drop = (hq * nq * nk, nq * nk, nk)
+        ls = SplitStrides(*lse.stride(), 0)
+        drop = _dropout(seed, dropout_p, hq * nq * nk, nq * nk, nk)
         cu_q = cu_k = q  # unused
-    os_ = (*_strides(out, varlen), 0)
+    os_ = SplitStrides(*_strides(out, varlen), 0)
     kind = "decode" if (nq <= 16 and not INTERPRET) else "fwd"
     bm, bn, warps, stages = _config(kind, d, q.dtype, q.device, dropout_p > 0, attn_mask is not None)
     vm = _Mods(mods, b, hq, nq + nk, q)
@@ -985,14 +1001,13 @@ def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_
         assert not varlen, "split-KV serves dense calls"
         o_dst = q.new_empty((num_splits, b, hq, nq, d), dtype=torch.float32)
         l_dst = q.new_empty((num_splits, b, hq, nq), dtype=torch.float32)
-        os_ = tuple(o_dst.stride()[1:4]) + (o_dst.stride(0),)
-        ls = tuple(l_dst.stride()[1:4]) + (l_dst.stride(0),)
+        os_ = SplitStrides(*o_dst.stride()[1:4], o_dst.stride(0))
+        ls = SplitStrides(*l_dst.stride()[1:4], l_dst.stride(0))
     mask, ms, mask_kind = _mask_args(attn_mask, q)
     num_m_blocks = triton.cdiv(nq, bm)
     _attn_fwd[(num_m_blocks * num_splits, hq, b)](
-        q, k, v, mask, o_dst, l_dst, cu_q, cu_k, vm.alibi, *_strides(q, varlen), *_strides(k, varlen), *os_, *ms, *ls,
-        *drop, hq // hkv, nq, nk, d, scale, int(bottom_right), seed, dropout_p, 1.0 / (1.0 - dropout_p), *vm.tail,
-        split_lo, keys_per_split, num_m_blocks,
+        q, k, v, mask, o_dst, l_dst, cu_q, cu_k, vm.alibi, _strides(q, varlen), _strides(k, varlen), os_, ms, ls, drop,
+        vm.args, hq // hkv, nq, nk, d, scale, int(bottom_right), split_lo, keys_per_split, num_m_blocks,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d), MASK_KIND=mask_kind, CAUSAL=bool(causal),
         DROPOUT=dropout_p > 0, VARLEN=varlen, **vm.flags, UPCAST=INTERPRET, IEEE=q.dtype == torch.float32,
         **_launch_options(warps, stages))
@@ -1050,16 +1065,16 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
         tq, hq, d = q.shape
         hkv = k.shape[1]
         b, nq, nk = cu_q.numel() - 1, max_q, max_k
-        ls = (0, lse.stride(0), lse.stride(1))
-        gs = (0, dlse.stride(0), dlse.stride(1))
-        drop = (0, tq * k.shape[0], k.shape[0])
+        ls = Strides(0, lse.stride(0), lse.stride(1))
+        gs = Strides(0, dlse.stride(0), dlse.stride(1))
+        drop = _dropout(seed, dropout_p, 0, tq * k.shape[0], k.shape[0])
         pre_b, pre_n = 1, tq  # Delta's rows are independent: one (H, total_q) problem
     else:
         b, hq, nq, d = q.shape
         hkv, nk = k.shape[1], k.shape[2]
-        ls = tuple(lse.stride())
-        gs = tuple(dlse.stride())
-        drop = (hq * nq * nk, nq * nk, nk)  # also the strides of the contiguous dS buffer of the bias gradient
+        ls = Strides(*lse.stride())
+        gs = Strides(*dlse.stride())
+        drop = _dropout(seed, dropout_p, hq * nq * nk, nq * nk, nk)  # its strides: also the bias gradient's dS
         pre_b, pre_n = b, nq
         cu_q = cu_k = q
     qs, ks = _strides(q, varlen), _strides(k, varlen)
@@ -1068,15 +1083,15 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
     # Delta = rowsum(dO * O) - dlse, laid out like lse; fp64 for fp32 inputs (see _bwd_tile)
     Delta = torch.empty_like(lse, dtype=torch.float64 if q.dtype == torch.float32 else torch.float32)
     _bwd_preprocess[(triton.cdiv(pre_n, _rows(d)), hq, pre_b)](
-        out, dout, dlse, Delta, *_strides(out, varlen), *qs, *gs, *ls, pre_n, d, BLOCK_M=_rows(d), BLOCK_D=_bucket(d))
+        out, dout, dlse, Delta, _strides(out, varlen), qs, gs, ls, pre_n, d, BLOCK_M=_rows(d), BLOCK_D=_bucket(d))
     # P = exp((S - row_m) - row_c), laid out like lse: (lse, 0), or the exact (max, log(sum)) of a row whose
     # float32 lse is too coarse (|lse| >= LSE_EXACT; see _bwd_row_stats)
     mask, ms, mask_kind = _mask_args(attn_mask, q)
     row_m, row_c = torch.empty_like(lse), torch.empty_like(lse)
     bm, bn, warps = _row_stats_config(d)
     _bwd_row_stats[(triton.cdiv(nq, bm), hq, b)](
-        q, k, mask, lse, row_m, row_c, cu_q, cu_k, vm.alibi, *qs, *ks, *ms, *ls, group, nq, nk, d, scale,
-        int(bottom_right), *vm.tail, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d), MASK_KIND=mask_kind,
+        q, k, mask, lse, row_m, row_c, cu_q, cu_k, vm.alibi, qs, ks, ms, ls, vm.args, group, nq, nk, d, scale,
+        int(bottom_right), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d), MASK_KIND=mask_kind,
         CAUSAL=bool(causal), VARLEN=varlen, **vm.flags, UPCAST=INTERPRET, IEEE=q.dtype == torch.float32,
         **_launch_options(warps, 1))
 
@@ -1093,13 +1108,12 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else q.new_empty(q.shape)
     common = dict(MASK_KIND=mask_kind, CAUSAL=bool(causal), DROPOUT=dropout_p > 0, VARLEN=varlen, **vm.flags,
                   UPCAST=INTERPRET, IEEE=q.dtype == torch.float32)
-    tail = (group, nq, nk, d, scale, int(bottom_right), seed, dropout_p, 1.0 / (1.0 - dropout_p), *vm.tail)
+    tail = (drop, vm.args, group, nq, nk, d, scale, int(bottom_right))
 
     bm, bn, warps, stages = _config("dkdv", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None)
     _bwd_dkdv[(triton.cdiv(nk, bn), hkv, b)](
         q, k, v, mask, dout, row_m, row_c, Delta, dq_acc, dk, dv, db_buf if db_buf is not None else dq_acc, cu_q, cu_k,
-        vm.alibi, *qs, *ks, *ms, *ls, *_strides(dq_acc, varlen), *_strides(dk, varlen), *drop, *tail, BLOCK_M=bm,
-        BLOCK_N=bn,
+        vm.alibi, qs, ks, ms, ls, _strides(dq_acc, varlen), _strides(dk, varlen), *tail, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_D=_bucket(d), ATOMIC_DQ=atomic, DBIAS=bias_grad, **common, **_launch_options(warps, stages))
     if atomic:
         dq = dq_acc.to(q.dtype)
@@ -1107,10 +1121,8 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
         dq = dq_acc
         bm, bn, warps, stages = _config("dq", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None)
         _bwd_dq[(triton.cdiv(nq, bm), hq, b)](
-            q, k, v, mask, dout, row_m, row_c, Delta, dq, cu_q, cu_k, vm.alibi, *qs, *ks, *ms, *ls,
-            *_strides(dq, varlen),
-            *drop, *tail, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d),
-            **common, **_launch_options(warps, stages))
+            q, k, v, mask, dout, row_m, row_c, Delta, dq, cu_q, cu_k, vm.alibi, qs, ks, ms, ls, _strides(dq, varlen),
+            *tail, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d), **common, **_launch_options(warps, stages))
     if bias_grad and dbias is None:
         dims = [i for i in range(4) if attn_mask.shape[i] == 1]
         dbias = (db_buf.sum(dim=dims, keepdim=True) if dims else db_buf).to(attn_mask.dtype)

@@ -46,13 +46,13 @@ _CONFIGS = {  # fp16 and bf16
     ("fwd", True, True):      ((128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 8, 3),  (32, 32, 8, 1),  (32, 16, 8, 1)),
     ("decode", False, False): ((16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 8, 1)),
     ("decode", False, True):  ((16, 64, 4, 2),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 8, 1)),
-    ("decode", True, False):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 8, 2),  (16, 32, 8, 1)),
+    ("decode", True, False):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 64, 4, 3),  (16, 32, 8, 2),  (16, 32, 8, 2),  (16, 32, 8, 1)),
     ("decode", True, True):   ((16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 8, 1)),
     ("dkdv", False, False):   ((32, 64, 8, 3),  (32, 64, 8, 3),  (32, 64, 8, 3),  (32, 64, 8, 2),  (32, 64, 8, 1),  (32, 16, 8, 1)),
     ("dkdv", False, True):    ((32, 64, 8, 1),  (32, 64, 8, 1),  (32, 64, 8, 1),  (16, 64, 8, 2),  (32, 32, 8, 2),  (16, 16, 8, 1)),
     ("dkdv", True, False):    ((32, 64, 8, 1),  (16, 64, 4, 2),  (32, 64, 8, 3),  (16, 32, 8, 2),  (32, 32, 8, 1),  (16, 16, 8, 1)),
     ("dkdv", True, True):     ((32, 32, 8, 2),  (16, 32, 8, 1),  (32, 32, 8, 2),  (16, 32, 8, 2),  (16, 32, 8, 2),  (16, 16, 8, 1)),
-    ("dq", False, False):     ((128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 2), (32, 32, 8, 1),  (32, 16, 8, 1)),
+    ("dq", False, False):     ((128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 2), (32, 16, 8, 1),  (32, 16, 8, 1)),
     ("dq", False, True):      ((128, 32, 8, 2), (128, 32, 4, 3), (64, 32, 4, 3),  (64, 32, 4, 3),  (32, 32, 8, 1),  (32, 16, 8, 1)),
     ("dq", True, False):      ((64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 8, 2),  (32, 32, 8, 1),  (32, 16, 8, 1)),
     ("dq", True, True):       ((64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 4, 3),
@@ -201,9 +201,17 @@ def _variants(kind: str, tdt: str, bucket: int) -> tuple:
 
 def _aligned(fn, signature: dict) -> dict:
     """Triton's runtime specialisation of 16-aligned pointers and strides divisible by 16 (the common
-    case: power-of-two head dims, fresh allocations), as ASTSource attrs."""
-    return {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
-            if signature[arg].startswith("*") or (arg.startswith("stride") and signature[arg] != "constexpr")}
+    case: power-of-two head dims, fresh allocations), as ASTSource attrs: keyed (argument,) or, for a field
+    of an argument group, (argument, field)."""
+    attrs = {}
+    for i, arg in enumerate(fn.arg_names):
+        ty = signature[arg]
+        if isinstance(ty, tuple):
+            attrs.update({(i, j): [["tt.divisibility", 16]] for j, (field, t) in enumerate(zip(ty._fields, ty))
+                          if t != "constexpr" and field not in _NOT_STRIDES})
+        elif ty.startswith("*"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
 
 
 def _gpu_config(kind: str, bucket: int, dtype: torch.dtype, major: int, dropout: bool,
@@ -228,29 +236,43 @@ def _target(kind: str, variant: str, tdt: str, bucket: int, bm: int, bn: int):
     dropout = variant != "mask" and (on or varlen)
     types = {"Mask": "*fp32" if on else "*" + tdt,
              "Out": "*fp32" if kind == "decode" and on else "*" + tdt,  # split-KV partials are fp32
-             "DQ": "*fp32" if kind == "dkdv" or tdt == "fp32" else "*" + tdt,
-             "stride_mn": "constexpr"}  # a mask's key stride is 1 unless broadcast over keys
+             "DQ": "*fp32" if kind == "dkdv" or tdt == "fp32" else "*" + tdt}
     types.update({arg: "*" + tdt for arg in ("Q", "K", "V", "DO", "DK", "DV")})
     types.update({arg: "*i32" if varlen else "*" + tdt for arg in ("CuQ", "CuK")})
-    types.update({arg: "fp32" for arg in ("qk_scale", "sm_scale", "dropout_p", "inv_keep", "softcap")})
-    types.update({arg: "i64" for arg in ("seed", "stride_sb", "stride_sh", "stride_sm")})
-    signature, constexprs = _signature(fn, tdt, types), {"stride_mn": 1}
+    types["qk_scale"] = "fp32"
+    signature = _signature(fn, tdt, types)
+    constexprs = {(fn.arg_names.index("m_str"), 3): 1}  # a mask's key stride is 1 unless broadcast over keys
     mask_kind = A.MASK_BIAS if on and not varlen else A.MASK_NONE
     constexprs.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bucket, MASK_KIND=mask_kind.value,
                       CAUSAL=on or varlen, DROPOUT=dropout, VARLEN=varlen, WINDOW=mods, SOFTCAP=mods, ALIBI=mods,
                       UPCAST=False, IEEE=tdt == "fp32")
     if kind == "dkdv":
         constexprs.update(ATOMIC_DQ=variant != "deterministic" and _atomic_dq(bucket, _DTYPES[tdt], mods), DBIAS=on)
-    return fn, signature, {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    return fn, signature, {k: v for k, v in constexprs.items() if not isinstance(k, str) or k in fn.arg_names}
+
+
+# The fields of the kernels' argument groups (kernels/attention.py) that are not i32 strides; a mask's key
+# stride is a constexpr in the targets (1, as Triton specialises it at run time unless the mask broadcasts keys).
+_FIELD_TYPES = {"Dropout": {"seed": "i64", "p": "fp32", "inv_keep": "fp32", "b_stride": "i64", "h_stride": "i64",
+                            "n_stride": "i64"},
+                "Mods": {"softcap": "fp32"}, "MaskStrides": {"k": "constexpr"}}
+# Fields that are not strides (no divisibility hint).
+_NOT_STRIDES = {"seed", "p", "inv_keep", "win_left", "win_right", "softcap"}
 
 
 def _signature(fn, tdt: str, types: dict) -> dict:
     """Triton signature of ``fn`` in dtype ``tdt``: ``types`` for the arguments it names; the fp32 row tensors;
-    Delta fp64 for fp32 inputs, else fp32; ``tl.constexpr`` parameters; i32 for the rest (sizes, strides)."""
+    Delta fp64 for fp32 inputs, else fp32; ``tl.constexpr`` parameters; an argument group (a NamedTuple
+    annotation) as that tuple of its fields' types (_FIELD_TYPES, else i32); i32 for the rest (sizes)."""
     signature = {}
+    params = inspect.signature(fn.fn).parameters
     for arg in fn.arg_names:
+        group = params[arg].annotation
         if arg in types:
             signature[arg] = types[arg]
+        elif hasattr(group, "_fields"):
+            field_types = _FIELD_TYPES.get(group.__name__, {})
+            signature[arg] = group(*(field_types.get(f, "i32") for f in group._fields))
         elif arg in ("Delta", "Delta_out"):
             signature[arg] = "*fp64" if tdt == "fp32" else "*fp32"
         elif arg in ("Lse", "RowM", "RowC", "DB", "Alibi", "DLse", "OPart", "LPart"):

@@ -309,7 +309,8 @@ def test_compile_targets_cover_the_launch_configurations():
     for name, fn, signature, constexprs, options, attrs, archs in targets:
         assert archs is None or archs in (["sm_80"], ["sm_90a"]), name
         assert list(signature) == list(fn.arg_names), name
-        assert all(signature[k] == "constexpr" for k in constexprs), name
+        assert all((signature[k] if isinstance(k, str) else signature[fn.arg_names[k[0]]][k[1]]) == "constexpr"
+                   for k in constexprs), name
         assert C._constexpr_args(fn) <= set(constexprs), name
         assert options["num_warps"] in (4, 8), name
     for kind in ("fwd", "decode", "dkdv", "dq"):
@@ -404,11 +405,12 @@ if A is not None:
         shift = tl.load(Params + p * 5 + 2)
         left = tl.load(Params + p * 5 + 3)
         right = tl.load(Params + p * 5 + 4)
+        seq = A.Seq(0, seqlen, 0, seqlen, shift)  # the side that is not fixed: seqlen (the other is not read)
+        mods = A.Mods(0, 0, left, right, 0.0)
         if KEYS:
-            lo, s1_lo, s1_hi, hi = A._key_range(start, 0, seqlen, seqlen, shift, left, right, BLOCK_M, BLOCK_N, CAUSAL,
-                                                WINDOW)
+            lo, s1_lo, s1_hi, hi = A._key_range(start, 0, seqlen, seq, mods, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
         else:
-            lo, s1_lo, s1_hi, hi = A._query_range(start, seqlen, shift, left, right, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+            lo, s1_lo, s1_hi, hi = A._query_range(start, seq, mods, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
         tl.store(Out + p * 4, lo)
         tl.store(Out + p * 4 + 1, s1_lo)
         tl.store(Out + p * 4 + 2, s1_hi)
