@@ -4,9 +4,10 @@ report registers, spills and shared memory.
 Each module in ``MODULES`` exposes ``compile_targets()``: a list of
 ``(name, jit_function, signature, constexprs[, options[, attrs[, archs]]])`` tuples, one
 per configuration its launcher may pick: ``signature`` and ``constexprs`` as
-``triton.compiler.ASTSource`` takes them (keyed by argument name); ``options`` such as
-``{"num_warps": 8, "num_stages": 3}``; ``attrs`` the runtime specialisation by argument
-name, e.g. ``{"N": [["tt.divisibility", 16]]}``; ``archs`` the architectures whose
+``triton.compiler.ASTSource`` takes them (keyed by argument name, or by a path (argument
+index, field index) into a tuple argument); ``options`` such as ``{"num_warps": 8,
+"num_stages": 3}``; ``attrs`` the runtime specialisation by argument name or path, e.g.
+``{"N": [["tt.divisibility", 16]]}``; ``archs`` the architectures whose
 launcher picks it (default: all). Every target is compiled with ``triton.compile`` for each
 of its architectures; Triton's bundled ``ptxas -v`` on the PTX, with the flags Triton
 itself passes, gives registers and spill bytes, ``compiled.metadata.shared`` the shared

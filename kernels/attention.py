@@ -90,8 +90,9 @@ LSE_EXACT = tl.constexpr(4096.0)
 
 
 class Strides(NamedTuple):
-    """Element strides of a (B, H, N, D) tensor's batch, head and row; the head-dim stride is 1. Packed
-    (total, H, D) varlen tensors: batch stride 0 (a sequence starts at its cu_seqlens row)."""
+    """Element strides of a (B, H, N[, D]) tensor's batch, head and row; the head-dim stride is 1. Packed
+    (total, H, D) varlen tensors (and (H, total) row tensors): batch stride 0 (a sequence starts at its
+    cu_seqlens row)."""
     b: int
     h: int
     n: int
@@ -178,7 +179,8 @@ def _keep(drop, drop_base, offs_m, offs_n):
 @triton.jit
 def _sequence(CuQ, CuK, Nq, Nk, bottom_right, VARLEN: tl.constexpr):
     """(h, b, Seq) of this program: its head h and sequence b (grid axes 1 and 2: each <= 65535, so B * H is not
-    bounded by one axis' limit); the packed offsets of sequence b for varlen, else (0, Nq, 0, Nk)."""
+    bounded by one axis' limit); Seq holds the packed offsets of sequence b for varlen, else Seq(0, Nq, 0, Nk,
+    shift)."""
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     if VARLEN:
@@ -249,12 +251,13 @@ def _key_range(start_m, lo, hi, seq, mods, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
                WINDOW: tl.constexpr):
     """_stages of the keys of the query block at start_m within the keys [lo, hi) given (a split; block aligned).
 
-    Query row i sits at key position p(i) = i + shift and sees keys p(i) - win_left <= j <= p(i) + win_right
-    (j <= p(i) when causal, j < len_k); the launchers pass an unbounded window side as Nq + Nk, which no
-    position difference reaches. The block's rows see keys from p(first row) - win_left to p(last row) +
-    win_right (or p(last row) when causal); every row sees those from p(last row) - win_left to p(first row)
-    + win_right (or p(first row)). So a window of W keys visits O(W) key blocks per query block. Without
-    WINDOW (a constexpr: no window code in the kernels of calls without one) the window bounds are ignored."""
+    Query row i sits at key position p(i) = i + seq.shift and sees keys p(i) - win_left <= j <= p(i) +
+    win_right (mods.win_left, mods.win_right; j <= p(i) when causal, j < seq.len_k); the launchers pass an
+    unbounded window side as Nq + Nk, which no position difference reaches. The block's rows see keys from
+    p(first row) - win_left to p(last row) + win_right (or p(last row) when causal); every row sees those from
+    p(last row) - win_left to p(first row) + win_right (or p(first row)). So a window of W keys visits O(W) key
+    blocks per query block. Without WINDOW (a constexpr: no window code in the kernels of calls without one)
+    the window bounds are ignored."""
     p_first = start_m + seq.shift
     p_last = start_m + BLOCK_M - 1 + seq.shift
     v_lo = lo
@@ -276,7 +279,7 @@ def _key_range(start_m, lo, hi, seq, mods, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
 def _query_range(start_n, seq, mods, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                  WINDOW: tl.constexpr):
     """_stages of the queries that see the key block at start_n, the mirror of _key_range: query i sees key j
-    iff j - win_right <= i + shift <= j + win_left (and j <= i + shift when causal); STAGE 1 the query
+    iff j - win_right <= i + seq.shift <= j + win_left (and j <= i + seq.shift when causal); STAGE 1 the query
     blocks whose every row sees every key of the block, STAGE 2 the rest of those that see one."""
     n_first = start_n - seq.shift
     n_last = start_n + BLOCK_N - 1 - seq.shift

@@ -251,7 +251,7 @@ def _target(kind: str, variant: str, tdt: str, bucket: int, bm: int, bn: int):
     return fn, signature, {k: v for k, v in constexprs.items() if not isinstance(k, str) or k in fn.arg_names}
 
 
-# The fields of the kernels' argument groups (kernels/attention.py) that are not i32 strides; a mask's key
+# The fields of the kernels' argument groups (kernels/attention.py) that are not i32; a mask's key
 # stride is a constexpr in the targets (1, as Triton specialises it at run time unless the mask broadcasts keys).
 _FIELD_TYPES = {"Dropout": {"seed": "i64", "p": "fp32", "inv_keep": "fp32", "b_stride": "i64", "h_stride": "i64",
                             "n_stride": "i64"},
