@@ -228,6 +228,18 @@ def test_softcap_on_saturated_scores(softcap, backend):
                         backend=backend)
 
 
+def test_softcap_rows_mixing_scores_inside_and_past_the_polynomial_range():
+    # The cpu softcap takes the 16-score vectors whose every |s / c| < 0.625 in a first loop (a polynomial) and
+    # the rest in a second (with exp), found again by the same test: rows of keys alternating, 16 at a time,
+    # between small and large scores, with a partial last vector (77 keys), must land every score once, with its
+    # derivative, in both loops.
+    case = AttentionCase(b=1, hq=2, hkv=2, nq=40, nk=77, d=32, softcap=4.0)
+    q, k, v, _, dout, dlse = testing.make_attention_inputs(case, torch.float32, "cpu")
+    big = (torch.arange(case.nk) // 16) % 2 == 1  # keys 16-31 and 48-63: |s / c| mostly past 0.625
+    k = (k.detach() * torch.where(big, 8.0, 0.05)[:, None]).requires_grad_()
+    _assert_within_rule((q, k, v), dout, dlse, dict(softcap=4.0), str(case))
+
+
 # ------------------------------------------------------------------ native-speed sizes
 
 
