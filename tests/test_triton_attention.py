@@ -332,6 +332,22 @@ def test_compile_targets_cover_the_launch_configurations():
                                 kind, bucket, major, tag, dropout, masked)
 
 
+def test_compile_targets_type_the_argument_groups_as_the_launchers_pass_them():
+    # A field typed unlike its runtime value (the dropout seed and strides as i64, p / inv_keep / softcap fp32, the
+    # mask's key stride a constexpr 1) compiles a kernel the launchers never run; the divisibility hints go to
+    # stride fields only.
+    fn, signature, constexprs = C._target("fwd", "all_mods", "bf16", 64, 64, 64)
+    assert signature["drop"] == A.Dropout("i64", "fp32", "fp32", "i64", "i64", "i64")
+    assert signature["mods"] == A.Mods("i32", "i32", "i32", "i32", "fp32")
+    assert signature["m_str"] == A.MaskStrides("i32", "i32", "i32", "constexpr")
+    assert signature["q_str"] == A.Strides("i32", "i32", "i32") and signature["qk_scale"] == "fp32"
+    assert constexprs[(fn.arg_names.index("m_str"), 3)] == 1
+    hinted = {(fn.arg_names[k[0]], getattr(signature[fn.arg_names[k[0]]], "_fields", (None,))[k[1]] if len(k) > 1
+               else None) for k in C._aligned(fn, signature)}
+    assert ("drop", "n_stride") in hinted and ("mods", "alibi_h") in hinted and ("Q", None) in hinted
+    assert not {f for _, f in hinted} & {"seed", "p", "inv_keep", "win_left", "win_right", "softcap", "k"}
+
+
 def test_every_launched_kernel_is_a_compile_target():
     # benchmarks/resource_check.py compiles what compile_targets() lists: a kernel the launchers can
     # launch and the list forgets is never checked for spills
