@@ -282,8 +282,8 @@ void pack_into(bool tb, int64_t n, int64_t k, const T* b, int64_t ldb, T* out) {
 }
 template <typename T>
 void mm_packed(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const T* a, int64_t lda, const T* bp,
-               int64_t panel, float beta, float* c, int64_t ldc) {
-  if constexpr (kPackable<T>) gemm_packed<T>(ta, m, n, k, alpha, a, lda, bp, panel, beta, c, ldc);
+               int64_t panel, float beta, float* c, int64_t ldc, float* row_max = nullptr) {
+  if constexpr (kPackable<T>) gemm_packed<T>(ta, m, n, k, alpha, a, lda, bp, panel, beta, c, ldc, row_max);
 }
 
 // Whether a product over the keys [kb, kb + nk) of a packing of len_k keys reads it (packed_offset: whole
@@ -313,27 +313,47 @@ inline uint64_t drop_index(const AttentionParams& p, const Seq& sq, int64_t b, i
                                sq.k_start + j);
 }
 
+// A forward thread's scratch for one key block of task_rows rows: S (block_k floats per row), then P; P in T for
+// fp16 / bf16 (block_k per row); each row's lane-wise maximum of S (kVec16 floats per row).
+template <typename T>
+struct ForwardScratch {
+  float* S;
+  T* p_lowp;
+  float* lane_max;
+};
+constexpr int64_t kVec16 = 16;
+
 // One key block [kb, kb + nk) of a task: S = scale Q K^T, each row's scores (score_row), the online softmax
-// (state), dropout, and O += P V (P in T for fp16 / bf16). Q: the task's rows, lda apart.
+// (state), dropout, and O += P V (P in T for fp16 / bf16). Q: the task's rows, lda apart. Where score_row leaves
+// the product as it is (no softcap, ALiBi or mask, a block inside every row's range) and the product is packed,
+// the product's epilogue gives each row's max.
 template <typename T>
 void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows, const T* Q, int64_t lda,
-                   const T* K, const T* V, const PackedKV<T>& kv, int64_t kb, int64_t nk, bool edge, float* S,
-                   T* p_lowp, float* o_acc, SoftmaxState* state) {
+                   const T* K, const T* V, const PackedKV<T>& kv, int64_t kb, int64_t nk, bool edge,
+                   const ForwardScratch<T>& scratch, float* o_acc, SoftmaxState* state) {
   const int64_t kBlockK = p.block_k, D = p.head_dim, Dv = p.head_dim_v, m = rows.count();
   constexpr bool lowp = !std::is_same_v<T, float>;
+  float* const S = scratch.S;
+  T* const p_lowp = scratch.p_lowp;
   const bool packed = kv.serves(kb, nk);
+  const bool raw = !edge && p.softcap <= 0.0f && p.alibi == nullptr && p.mask_kind == 0;
+  float* const lane_max = packed && raw ? scratch.lane_max : nullptr;
   if (packed) {
+    if (lane_max != nullptr) std::fill(lane_max, lane_max + m * kVec16, -INFINITY);
     mm_packed<T>(false, m, nk, D, p.scale, Q, lda, kv.k + packed_offset(kb, 0, kv.k_panel), kv.k_panel, 0.0f, S,
-                 kBlockK);
+                 kBlockK, lane_max);
   } else {
     mm<T>(false, true, m, nk, D, p.scale, Q, lda, K + kb * p.k_rs, p.k_rs, 0.0f, S, kBlockK);
   }
   for (int64_t i = 0; i < m; ++i) {
     float* s = S + i * kBlockK;
     const int64_t h = rows.head(i), r = rows.row(i);
-    score_row<T>(p, sq, rows.b, h, r, kb, nk, edge, s, nullptr);
+    float block_max = lane_max != nullptr ? row_max(lane_max + i * kVec16, kVec16) : 0.0f;
+    if (lane_max == nullptr) score_row<T>(p, sq, rows.b, h, r, kb, nk, edge, s, nullptr);
+    // (-inf from the epilogue: the row is -inf but for NaN it may have dropped, so read the row itself)
+    if (lane_max == nullptr || block_max == -INFINITY) block_max = row_max(s, nk);
     SoftmaxState& st = state[i];
-    const float m_new = softmax_new_max(st, row_max(s, nk));
+    const float m_new = softmax_new_max(st, block_max);
     // fp16 / bf16 without dropout: the exponentials go straight to P in T, no float32 copy
     const bool direct = lowp && p.dropout_p == 0 && m_new != -INFINITY;
     if (m_new == -INFINITY) {  // nothing visible yet: P = 0
@@ -418,6 +438,8 @@ void forward(const AttentionParams& p) {
     std::unique_ptr<float[]> s_buf(new float[task_rows * kBlockK]);  // S, then P
     std::unique_ptr<float[]> o_buf(new float[task_rows * Dv]);       // O accumulator
     std::unique_ptr<T[]> p_lowp(new T[std::is_same_v<T, float> ? 1 : task_rows * kBlockK]);  // P in T
+    std::unique_ptr<float[]> lane_max(new float[task_rows * kVec16]);
+    const ForwardScratch<T> scratch{s_buf.get(), p_lowp.get(), lane_max.get()};
     std::unique_ptr<T[]> q_stack(new T[decode && group > 1 ? task_rows * D : 1]);  // decode: the group's rows
     std::vector<SoftmaxState> state(task_rows);
 
@@ -472,8 +494,7 @@ void forward(const AttentionParams& p) {
       for (int64_t kb = first; kb < end; kb += kBlockK) {
         const int64_t nk = std::min(kBlockK, end - kb);
         if (!span.edge(kb, nk) || rows.heads > 1 || rows.mq <= kEdgeRows) {
-          forward_block<T>(p, sq, rows, Q, lda, K, V, kv, kb, nk, span.edge(kb, nk), s_buf.get(), p_lowp.get(),
-                           o_acc, st);
+          forward_block<T>(p, sq, rows, Q, lda, K, V, kv, kb, nk, span.edge(kb, nk), scratch, o_acc, st);
           continue;
         }
         // A block on a causal / window edge: its rows in runs of kEdgeRows, each over the keys of [kb, kb + nk)
@@ -483,8 +504,8 @@ void forward(const AttentionParams& p) {
           const KeySpan rs = key_span(p, sq, run.i0, run.mq);
           const int64_t lo = std::max(kb, rs.first), hi = std::min(kb + nk, rs.end);
           if (lo >= hi) continue;  // no key of this block for these rows: their state stays
-          forward_block<T>(p, sq, run, Q + r0 * lda, lda, K, V, kv, lo, hi - lo, rs.edge(lo, hi - lo), s_buf.get(),
-                           p_lowp.get(), o_acc + r0 * Dv, st + r0);
+          forward_block<T>(p, sq, run, Q + r0 * lda, lda, K, V, kv, lo, hi - lo, rs.edge(lo, hi - lo), scratch,
+                           o_acc + r0 * Dv, st + r0);
         }
       }
       if (splits == 1) forward_store<T>(p, sq, rows, o_acc, st);

@@ -122,27 +122,35 @@ inline void for_each_tile(int64_t m, int64_t n, Tile tile) {
   }
 }
 
-// C[r][16 v + j] = alpha * acc[r][v][j] + beta * C[...] for the first ncols columns (beta 0: C is not read).
+// C[r][16 v + j] = alpha * acc[r][v][j] + beta * C[...] for the first ncols columns (beta 0: C is not read);
+// with row_max (16 floats per row), row_max[16 r + l] = max(itself, the stored C[r][16 v + l]) (_mm512_max_ps: a
+// NaN may be dropped).
 template <int MR, int NV>
 FL_F32_TARGET inline void store_tile(const __m512 (&acc)[MR][NV], float alpha, float beta, float* c, int64_t ldc,
-                                     int ncols) {
+                                     int ncols, float* row_max) {
   const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+  __mmask16 cols[NV];
   for (int v = 0; v < NV; ++v) {
     const int left = ncols - 16 * v;
-    const __mmask16 cols = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
-    for (int r = 0; r < MR; ++r) {
+    cols[v] = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
+  }
+  for (int r = 0; r < MR; ++r) {
+    __m512 mx = row_max != nullptr ? _mm512_loadu_ps(row_max + 16 * r) : _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) {
       float* out = c + r * ldc + 16 * v;
       __m512 x = _mm512_mul_ps(acc[r][v], va);
-      if (beta != 0.0f) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(cols, out), vb, x);
-      _mm512_mask_storeu_ps(out, cols, x);
+      if (beta != 0.0f) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(cols[v], out), vb, x);
+      _mm512_mask_storeu_ps(out, cols[v], x);
+      if (row_max != nullptr) mx = _mm512_mask_max_ps(mx, cols[v], mx, x);
     }
+    if (row_max != nullptr) _mm512_storeu_ps(row_max + 16 * r, mx);
   }
 }
 
 // The float32 tile: C (MR x 16 NV) from op(A) (element (r, p) at a[r * a_rs + p * a_ks]) and panels [k][16].
 template <int MR, int NV>
 FL_F32_TARGET void f32_tile(int64_t k, const float* a, int64_t a_rs, int64_t a_ks, const float* bp, int64_t panel,
-                            float alpha, float beta, float* c, int64_t ldc, int ncols) {
+                            float alpha, float beta, float* c, int64_t ldc, int ncols, float* row_max) {
   __m512 acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
@@ -154,7 +162,7 @@ FL_F32_TARGET void f32_tile(int64_t k, const float* a, int64_t a_rs, int64_t a_k
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
     }
   }
-  store_tile<MR, NV>(acc, alpha, beta, c, ldc, ncols);
+  store_tile<MR, NV>(acc, alpha, beta, c, ldc, ncols, row_max);
 }
 
 // B (k x n after op) into float32 panels [k][16].
@@ -184,24 +192,26 @@ FL_F32_TARGET void pack_b_f32(bool tb, int64_t n, int64_t k, const float* b, int
 constexpr int64_t kKc = 128;
 
 FL_F32_TARGET void f32_product(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-                               const float* bp, int64_t panel, float beta, float* c, int64_t ldc) {
+                               const float* bp, int64_t panel, float beta, float* c, int64_t ldc, float* row_max) {
   const int64_t a_rs = ta ? 1 : lda, a_ks = ta ? lda : 1;
-  if (k > kKc) {  // C = alpha * (first kKc) + beta * C, then C += alpha * (each next kKc)
+  if (k > kKc) {  // C = alpha * (first kKc) + beta * C, then C += alpha * (each next kKc); row_max on the last
     for (int64_t p0 = 0; p0 < k; p0 += kKc) {
       f32_product(ta, m, n, std::min(kKc, k - p0), alpha, a + p0 * a_ks, lda, bp + p0 * 16, panel,
-                  p0 == 0 ? beta : 1.0f, c, ldc);
+                  p0 == 0 ? beta : 1.0f, c, ldc, p0 + kKc >= k ? row_max : nullptr);
     }
     return;
   }
   for_each_tile(m, n, [&](auto mr, auto nv, int64_t i, int64_t j0, int ncols) {
     f32_tile<decltype(mr)::value, decltype(nv)::value>(k, a + i * a_rs, a_rs, a_ks, bp + (j0 / 16) * panel, panel,
-                                                       alpha, beta, c + i * ldc + j0, ldc, ncols);
+                                                       alpha, beta, c + i * ldc + j0, ldc, ncols,
+                                                       row_max != nullptr ? row_max + 16 * i : nullptr);
   });
 }
 
 template <int MR, int NV>
 FL_BF16_TARGET void bf16_tile(int64_t k, const char* a, int64_t a_rs, int64_t a_ps, const uint16_t* bp,
-                              int64_t panel, float alpha, float beta, float* c, int64_t ldc, int ncols) {
+                              int64_t panel, float alpha, float beta, float* c, int64_t ldc, int ncols,
+                              float* row_max) {
   __m512 acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
@@ -226,7 +236,7 @@ FL_BF16_TARGET void bf16_tile(int64_t k, const char* a, int64_t a_rs, int64_t a_
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
     }
   }
-  store_tile<MR, NV>(acc, alpha, beta, c, ldc, ncols);
+  store_tile<MR, NV>(acc, alpha, beta, c, ldc, ncols, row_max);
 }
 
 // out[2i], out[2i + 1] = r0[i], r1[i] for i < n (r1 null: 0), 16 pairs at a time; pad: the last group is
@@ -282,7 +292,8 @@ FL_BF16_TARGET void pack_a_t(int64_t m, int64_t k, const uint16_t* a, int64_t ld
 
 // C = alpha * op(A) bp + beta * C, bp packed by pack_b_bf16 (panels `panel` apart).
 FL_BF16_TARGET void bf16_product(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
-                                 int64_t lda, const uint16_t* bp, int64_t panel, float beta, float* c, int64_t ldc) {
+                                 int64_t lda, const uint16_t* bp, int64_t panel, float beta, float* c, int64_t ldc,
+                                 float* row_max) {
   thread_local std::vector<uint16_t> a_pack;  // grown once per thread, reused by every call
   const int64_t kp = (k + 1) / 2;
   const char* ap = reinterpret_cast<const char*>(a);
@@ -296,7 +307,8 @@ FL_BF16_TARGET void bf16_product(bool ta, int64_t m, int64_t n, int64_t k, float
   }
   for_each_tile(m, n, [&](auto mr, auto nv, int64_t i, int64_t j0, int ncols) {
     bf16_tile<decltype(mr)::value, decltype(nv)::value>(k, ap + i * a_rs, a_rs, a_ps, bp + (j0 / 16) * panel, panel,
-                                                        alpha, beta, c + i * ldc + j0, ldc, ncols);
+                                                        alpha, beta, c + i * ldc + j0, ldc, ncols,
+                                                        row_max != nullptr ? row_max + 16 * i : nullptr);
   });
 }
 
@@ -306,7 +318,7 @@ void gemm_bf16_dp(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha
   const int64_t panel = (k + 1) / 2 * 32;
   b_pack.resize(static_cast<size_t>((n + 15) / 16 * panel));
   pack_b_bf16(tb, n, k, b, ldb, b_pack.data());
-  bf16_product(ta, m, n, k, alpha, a, lda, b_pack.data(), panel, beta, c, ldc);
+  bf16_product(ta, m, n, k, alpha, a, lda, b_pack.data(), panel, beta, c, ldc, nullptr);
 }
 
 FL_BF16_TARGET void cvt_bf16(const float* in, int64_t n, uint16_t* out) {
@@ -351,7 +363,7 @@ void gemm_f32_tiles(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alp
   thread_local std::vector<float> b_pack;  // grown once per thread, reused by every call
   b_pack.resize(static_cast<size_t>((n + 15) / 16 * k * 16));
   pack_b_f32(tb, n, k, b, ldb, b_pack.data());
-  f32_product(ta, m, n, k, alpha, a, lda, b_pack.data(), k * 16, beta, c, ldc);
+  f32_product(ta, m, n, k, alpha, a, lda, b_pack.data(), k * 16, beta, c, ldc, nullptr);
 }
 
 }  // namespace
@@ -416,16 +428,16 @@ void pack_b<c10::BFloat16>(bool tb, int64_t n, int64_t k, const c10::BFloat16* b
 }
 template <>
 void gemm_packed<float>(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-                        const float* bp, int64_t panel, float beta, float* c, int64_t ldc) {
-  if (m > 0 && n > 0) f32_product(ta, m, n, k, alpha, a, lda, bp, panel, beta, c, ldc);
+                        const float* bp, int64_t panel, float beta, float* c, int64_t ldc, float* row_max) {
+  if (m > 0 && n > 0) f32_product(ta, m, n, k, alpha, a, lda, bp, panel, beta, c, ldc, row_max);
 }
 template <>
 void gemm_packed<c10::BFloat16>(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* a,
                                 int64_t lda, const c10::BFloat16* bp, int64_t panel, float beta, float* c,
-                                int64_t ldc) {
+                                int64_t ldc, float* row_max) {
   if (m > 0 && n > 0) {
     bf16_product(ta, m, n, k, alpha, reinterpret_cast<const uint16_t*>(a), lda, reinterpret_cast<const uint16_t*>(bp),
-                 panel, beta, c, ldc);
+                 panel, beta, c, ldc, row_max);
   }
 }
 #else  // no AVX-512 kernels in this build: packs<T>() is false and the rest is never called
@@ -439,10 +451,10 @@ template <>
 void pack_b<c10::BFloat16>(bool, int64_t, int64_t, const c10::BFloat16*, int64_t, c10::BFloat16*) { std::abort(); }
 template <>
 void gemm_packed<float>(bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t, float,
-                        float*, int64_t) { std::abort(); }
+                        float*, int64_t, float*) { std::abort(); }
 template <>
 void gemm_packed<c10::BFloat16>(bool, int64_t, int64_t, int64_t, float, const c10::BFloat16*, int64_t,
-                                const c10::BFloat16*, int64_t, float, float*, int64_t) { std::abort(); }
+                                const c10::BFloat16*, int64_t, float, float*, int64_t, float*) { std::abort(); }
 #endif
 
 const char* gemm_backend() {

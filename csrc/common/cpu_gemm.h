@@ -49,10 +49,13 @@ inline int64_t packed_size(int64_t n, int64_t k, int64_t panel) { return (n + 15
 inline int64_t packed_offset(int64_t j0, int64_t p0, int64_t panel) { return j0 / 16 * panel + p0 * 16; }
 template <typename T>
 void pack_b(bool trans_b, int64_t n, int64_t k, const T* b, int64_t ldb, T* out);
-// C (m x n) = alpha * op(A) bp + beta * C, bp a packed B from packed_offset (beta 0: C is not read).
+// C (m x n) = alpha * op(A) bp + beta * C, bp a packed B from packed_offset (beta 0: C is not read). With row_max
+// (m x 16 floats), each row's maximum of the C it stores is folded in lane-wise: row_max[16 i + l] = max(itself,
+// C[i][16 v + l] for every v), so that the max of row i's 16 lanes and its old maximum is the max of the row; a NaN
+// of C may be dropped from it.
 template <typename T>
 void gemm_packed(bool trans_a, int64_t m, int64_t n, int64_t k, float alpha, const T* a, int64_t lda, const T* bp,
-                 int64_t panel, float beta, float* c, int64_t ldc);
+                 int64_t panel, float beta, float* c, int64_t ldc, float* row_max = nullptr);
 
 // Which BLAS serves gemm / gemm_lowp (for benchmarks and error messages).
 const char* gemm_backend();
