@@ -384,18 +384,18 @@ def test_gemms_through_torchs_blas():
     assert "vdpbf16ps" not in res.stdout and "tiles" not in res.stdout, res.stdout
 
 
-def test_fp32_tiles():
-    """float32 attention on our AVX-512 tiles (FUSEDLAYERS_CPU_GEMM=tiles), packed K and V included."""
+@pytest.mark.parametrize("case", [
+    # a GEMM depth past one pass of 128 (d = 300), a causal diagonal, packed K and V; odd head dims, a bias
+    AttentionCase(b=1, hq=2, hkv=1, nq=600, nk=700, d=300, causal="bottom_right"),
+    AttentionCase(b=2, hq=2, hkv=2, nq=300, nk=45, d=20, dv=37, mask="bias", strided=True),
+], ids=str)
+def test_fp32_tiles(case):
+    """float32 attention on our AVX-512 tiles (the default where the CPU has AVX-512)."""
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         pytest.skip("no AVX-512 here")
-    script = _LEVEL_SCRIPT + (
-        "for case in (AttentionCase(b=1, hq=2, hkv=1, nq=600, nk=700, d=300, causal='bottom_right'),\n"
-        "             AttentionCase(b=2, hq=2, hkv=2, nq=300, nk=45, d=20, dv=37, mask='bias', strided=True)):\n"
-        "    testing.assert_all_ok(testing.check_attention(case, torch.float32, 'cpu', 'cpu'), str(case))\n")
-    env = dict(os.environ, FUSEDLAYERS_CPU_GEMM="tiles")
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "fp32: AVX-512 tiles" in res.stdout, res.stdout
+    if os.environ.get("FUSEDLAYERS_CPU_GEMM") != "blas":
+        assert "fp32: AVX-512 tiles" in ops._cpu_kernels_info()
+    testing.assert_all_ok(testing.check_attention(case, torch.float32, "cpu", "cpu"), str(case))
 
 
 @pytest.mark.parametrize("case", [

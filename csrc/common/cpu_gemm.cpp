@@ -28,6 +28,9 @@ namespace fusedlayers::cpu {
 namespace {
 
 #ifdef FUSEDLAYERS_BF16_GEMM
+// Rows of an output tile (the tiles are kMr x 32; fewer rows run one at a time).
+constexpr int kMr = 8;
+
 bool use_f32_tiles();
 void gemm_f32_tiles(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                     const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
@@ -58,7 +61,10 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
 #ifdef FUSEDLAYERS_BF16_GEMM
-  if (use_f32_tiles()) return gemm_f32_tiles(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  // (a product of fewer rows than a tile, as in decoding, would run row by row over B packed for it: the BLAS)
+  if (use_f32_tiles() && (m >= kMr || sgemm_ == nullptr)) {
+    return gemm_f32_tiles(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
 #endif
   if (sgemm_ == nullptr) return gemm_loop(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
@@ -100,7 +106,6 @@ namespace {
 #define FL_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 #define FL_F32_TARGET __attribute__((target("avx512f")))
 
-constexpr int kMr = 8;
 
 // tile(mr, nv, i, j0, ncols) over C (m x n): rows in tiles of kMr (the rest one at a time), columns in tiles of
 // 32 (nv = 2; a remainder of 16 or fewer: nv = 1); mr and nv as std::integral_constant.
@@ -165,24 +170,53 @@ FL_F32_TARGET void f32_tile(int64_t k, const float* a, int64_t a_rs, int64_t a_k
   store_tile<MR, NV>(acc, alpha, beta, c, ldc, ncols, row_max);
 }
 
+// words[16 p + j] = the 32-bit word p of row j (row j at b0 + j * row_bytes) for p < np, j < nj (0 for j >= nj):
+// 16 words of 16 rows at a time, transposed in registers (in-lane unpacks of 32 and 64 bits, then two 128-bit lane
+// shuffles).
+FL_F32_TARGET void transpose_words(const char* b0, int64_t row_bytes, int64_t nj, int64_t np, uint32_t* words) {
+  for (int64_t p0 = 0; p0 < np; p0 += 16) {
+    const int64_t left = std::min<int64_t>(16, np - p0);
+    const __mmask16 live = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
+    __m512i r[16], t[16];
+    for (int j = 0; j < 16; ++j) {
+      r[j] = j < nj ? _mm512_maskz_loadu_epi32(live, b0 + j * row_bytes + 4 * p0) : _mm512_setzero_si512();
+    }
+    // t[2i], t[2i + 1]: per 128-bit lane, words (0, 1) and (2, 3) of rows 2i and 2i + 1, interleaved
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    // r[4g + c]: per 128-bit lane L, word 4L + c of rows 4g .. 4g + 3
+    for (int g = 0; g < 4; ++g) {
+      r[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+      r[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+      r[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+      r[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+    }
+    // word 4L + c of all 16 rows: lane L of r[c], r[4 + c], r[8 + c], r[12 + c]
+    for (int c = 0; c < 4; ++c) {
+      const __m512i v0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), v1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xee);
+      const __m512i v2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
+      const __m512i v3 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xee);
+      t[c] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+      t[4 + c] = _mm512_shuffle_i32x4(v0, v2, 0xdd);
+      t[8 + c] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+      t[12 + c] = _mm512_shuffle_i32x4(v1, v3, 0xdd);
+    }
+    for (int64_t p = 0; p < left; ++p) _mm512_storeu_si512(words + (p0 + p) * 16, t[p]);
+  }
+}
+
 // B (k x n after op) into float32 panels [k][16].
 FL_F32_TARGET void pack_b_f32(bool tb, int64_t n, int64_t k, const float* b, int64_t ldb, float* out) {
-  const bool gather = ldb < (int64_t{1} << 31) / 16;  // 32-bit gather offsets
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     float* panel = out + (j0 / 16) * k * 16;
     const int64_t nj = std::min<int64_t>(16, n - j0);
     const __mmask16 live = nj >= 16 ? __mmask16(0xffff) : __mmask16((1u << nj) - 1u);
     if (!tb) {  // B stored k x n: row p's 16 columns
       for (int64_t p = 0; p < k; ++p) _mm512_storeu_ps(panel + p * 16, _mm512_maskz_loadu_ps(live, b + p * ldb + j0));
-    } else if (gather) {  // B^T stored n x k: element p of 16 rows
-      const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                              _mm512_set1_epi32(static_cast<int32_t>(ldb)));
-      for (int64_t p = 0; p < k; ++p) {
-        _mm512_storeu_ps(panel + p * 16, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, rows, b + j0 * ldb + p, 4));
-      }
-    } else {
-      for (int64_t p = 0; p < k; ++p)
-        for (int64_t j = 0; j < 16; ++j) panel[p * 16 + j] = j < nj ? b[(j0 + j) * ldb + p] : 0.0f;
+    } else {  // B^T stored n x k: element p of 16 rows
+      transpose_words(reinterpret_cast<const char*>(b + j0 * ldb), 4 * ldb, nj, k, reinterpret_cast<uint32_t*>(panel));
     }
   }
 }
@@ -261,16 +295,10 @@ FL_BF16_TARGET void pack_b_bf16(bool tb, int64_t n, int64_t k, const uint16_t* b
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     uint16_t* panel = out + (j0 / 16) * kp * 32;
     const int64_t nj = std::min<int64_t>(16, n - j0);
-    if (tb) {  // B^T stored n x k: pair p of column j is the 32-bit word p of row j, gathered over 16 rows
+    if (tb) {  // B^T stored n x k: pair p of column j is the 32-bit word p of row j
       uint32_t* words = reinterpret_cast<uint32_t*>(panel);
-      const __mmask16 live = nj >= 16 ? __mmask16(0xffff) : __mmask16((1u << nj) - 1u);
-      const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                              _mm512_set1_epi32(static_cast<int32_t>(ldb)));
       const uint16_t* b0 = b + j0 * ldb;
-      for (int64_t p = 0; p < k / 2; ++p) {
-        const __m512i w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, rows, b0 + 2 * p, 2);
-        _mm512_storeu_si512(words + p * 16, w);
-      }
+      transpose_words(reinterpret_cast<const char*>(b0), 2 * ldb, nj, k / 2, words);
       if (k & 1) {  // the last element alone: no read past the row
         for (int64_t jj = 0; jj < 16; ++jj) words[(kp - 1) * 16 + jj] = jj < nj ? b0[jj * ldb + k - 1] : 0u;
       }
@@ -335,8 +363,8 @@ FL_BF16_TARGET void cvt_bf16(const float* in, int64_t n, uint16_t* out) {
   }
 }
 
-// FUSEDLAYERS_CPU_GEMM, read once: "blas" sends every product to torch's BLAS (for tests and comparisons);
-// "tiles" also runs float32 on our AVX-512 tiles (bf16 runs on its tiles unless "blas").
+// FUSEDLAYERS_CPU_GEMM, read once: "blas" sends every product to torch's BLAS (for tests and comparisons); any
+// other value, or none, runs float32 and bf16 on our tiles where the CPU has AVX-512 / AVX512-BF16.
 const char* gemm_choice() {
   static const char* const choice = [] {
     const char* env = std::getenv("FUSEDLAYERS_CPU_GEMM");
@@ -351,9 +379,9 @@ bool use_bf16_dp() {
   return yes;
 }
 
-// This CPU runs AVX-512, and FUSEDLAYERS_CPU_GEMM=tiles.
+// This CPU runs AVX-512, and no BLAS is forced.
 bool use_f32_tiles() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && std::strcmp(gemm_choice(), "tiles") == 0;
+  static const bool yes = __builtin_cpu_supports("avx512f") && std::strcmp(gemm_choice(), "blas") != 0;
   return yes;
 }
 
@@ -372,8 +400,7 @@ void gemm_f32_tiles(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alp
 bool gemm_lowp(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* a, int64_t lda,
                const c10::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
 #ifdef FUSEDLAYERS_BF16_GEMM
-  // (the packing of B^T gathers rows by 32-bit element offsets: 15 * ldb must fit)
-  if (use_bf16_dp() && (!tb || ldb < (int64_t{1} << 31) / 16)) {
+  if (use_bf16_dp()) {
     if (m > 0 && n > 0) {
       gemm_bf16_dp(ta, tb, m, n, k, alpha, reinterpret_cast<const uint16_t*>(a), lda,
                    reinterpret_cast<const uint16_t*>(b), ldb, beta, c, ldc);
@@ -414,16 +441,6 @@ void pack_b<float>(bool tb, int64_t n, int64_t k, const float* b, int64_t ldb, f
 }
 template <>
 void pack_b<c10::BFloat16>(bool tb, int64_t n, int64_t k, const c10::BFloat16* b, int64_t ldb, c10::BFloat16* out) {
-  if (tb && ldb >= (int64_t{1} << 31) / 16) {  // past the 32-bit gather offsets: one 16-row group at a time
-    std::vector<uint16_t> rows(static_cast<size_t>(16 * k));
-    const int64_t panel = (k + 1) / 2 * 32;
-    for (int64_t j0 = 0; j0 < n; j0 += 16) {
-      const int64_t nj = std::min<int64_t>(16, n - j0);
-      for (int64_t j = 0; j < nj; ++j) std::memcpy(rows.data() + j * k, b + (j0 + j) * ldb, k * 2);
-      pack_b_bf16(true, nj, k, rows.data(), k, reinterpret_cast<uint16_t*>(out) + j0 / 16 * panel);
-    }
-    return;
-  }
   pack_b_bf16(tb, n, k, reinterpret_cast<const uint16_t*>(b), ldb, reinterpret_cast<uint16_t*>(out));
 }
 template <>

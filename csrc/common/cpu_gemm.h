@@ -2,7 +2,7 @@
 // op(X) = X or X^T, every matrix row-major with its leading dimension.
 //
 // bf16 runs on our AVX512-BF16 tiles (vdpbf16ps) where the CPU has them; float32 runs on our AVX-512 tiles (8 x
-// 32, FMA) under FUSEDLAYERS_CPU_GEMM=tiles. Otherwise, and for fp16, the BLAS that torch itself links serves
+// 32, FMA) where it has AVX-512. Otherwise, and for fp16, the BLAS that torch itself links serves
 // (MKL on x86-64 wheels: sgemm_, cblas_gemm_bf16bf16f32, cblas_gemm_f16f16f32, found as weak symbols of
 // libtorch_cpu at load time), and where torch links none of them a plain loop (correct, slow).
 // FUSEDLAYERS_CPU_GEMM=blas sends every product to the BLAS (for tests and comparisons). Called from inside our
@@ -37,8 +37,8 @@ bool to_bf16_row(const float* in, int64_t n, c10::BFloat16* out);
 // packing's panel_stride), so the columns from j0 and the k indices from p0 of a packing start
 // packed_offset(j0, p0, panel) elements in (j0 a multiple of 16; for bf16, p0 even, and the product's k even
 // unless it runs to the end of the packed k, where the padding is 0).
-// packs<T>(): whether gemm_packed<T> serves (float32: AVX-512 and FUSEDLAYERS_CPU_GEMM=tiles; bf16: AVX512-BF16,
-// not FUSEDLAYERS_CPU_GEMM=blas). T: float or c10::BFloat16.
+// packs<T>(): whether gemm_packed<T> serves (float32: AVX-512; bf16: AVX512-BF16; neither under
+// FUSEDLAYERS_CPU_GEMM=blas). T: float or c10::BFloat16.
 template <typename T>
 bool packs();
 template <typename T>
