@@ -240,9 +240,10 @@ def test_softcap_rows_mixing_scores_inside_and_past_the_polynomial_range():
     _assert_within_rule((q, k, v), dout, dlse, dict(softcap=4.0), str(case))
 
 
-def test_bf16_forward_non_finite_scores_where_the_product_gives_the_row_max():
-    # bf16 with K and V packed (two query blocks of 32) and no mask: the product's epilogue gives each row's max
-    # (a lane-wise max that may drop a NaN) and the exponentials take the polynomial exp. Rows as the float64
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_forward_non_finite_scores_where_the_product_gives_the_row_max(dtype):
+    # K and V packed (two query blocks of 32) and no mask: the product's epilogue gives each row's max (a
+    # lane-wise max that may drop a NaN) and the exponentials take the polynomial exp. Rows as the float64
     # reference has them: a NaN query element (NaN row); a row whose scores are -inf but one NaN (+inf times k's
     # negative first column, and times 0 at key 550 of the second key block); a row with +inf scores (lse +inf,
     # NaN out); a NaN key element (head 2: every row NaN, though its max is finite); every other row within the
@@ -255,7 +256,7 @@ def test_bf16_forward_non_finite_scores_where_the_product_gives_the_row_max():
     q[0, 0, 40, 0] = float("inf")
     q[0, 1, 10, 0] = float("inf")
     k[0, 2, 100, 7] = float("nan")
-    q, k, v = (t.bfloat16() for t in (q, k, v))
+    q, k, v = (t.to(dtype) for t in (q, k, v))
     out, lse = fusedlayers.attention(q, k, v, return_lse=True, backend="cpu")
     ref_out, ref_lse = fusedlayers.reference.attention(q.double(), k.double(), v.double())
     same_out, same_lse = fusedlayers.reference.attention(q, k, v)
@@ -268,7 +269,7 @@ def test_bf16_forward_non_finite_scores_where_the_product_gives_the_row_max():
     testing.assert_all_ok([testing.compare("out", out[0][finite], ref_out[0][finite], same_out[0][finite],
                                            testing.OUT_FACTOR),
                            testing.compare("lse", lse[0][finite], ref_lse[0][finite], same_lse[0][finite],
-                                           testing.OUT_FACTOR)], "bf16 non-finite scores")
+                                           testing.OUT_FACTOR)], f"{dtype} non-finite scores")
 
 
 # ------------------------------------------------------------------ native-speed sizes

@@ -324,9 +324,9 @@ struct ForwardScratch {
 constexpr int64_t kVec16 = 16;
 
 // One key block [kb, kb + nk) of a task: S = scale Q K^T, each row's scores (score_row), the online softmax
-// (state), dropout, and O += P V (P in T for fp16 / bf16). Q: the task's rows, lda apart. Where score_row leaves
-// the product as it is (no softcap, ALiBi or mask, a block inside every row's range) and the product is packed,
-// the product's epilogue gives each row's max.
+// (state), dropout, and O += P V (P in T for fp16 / bf16). Q: the task's rows, lda apart. Where score_row at most
+// caps the product (no ALiBi or mask, a block inside every row's range) and the product is packed, the product's
+// epilogue gives each row's max (capped by the same arithmetic: tanh is increasing).
 template <typename T>
 void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows, const T* Q, int64_t lda,
                    const T* K, const T* V, const PackedKV<T>& kv, int64_t kb, int64_t nk, bool edge,
@@ -336,7 +336,7 @@ void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows
   float* const S = scratch.S;
   T* const p_lowp = scratch.p_lowp;
   const bool packed = kv.serves(kb, nk);
-  const bool raw = !edge && p.softcap <= 0.0f && p.alibi == nullptr && p.mask_kind == 0;
+  const bool raw = !edge && p.alibi == nullptr && p.mask_kind == 0;
   float* const lane_max = packed && raw ? scratch.lane_max : nullptr;
   if (packed) {
     if (lane_max != nullptr) std::fill(lane_max, lane_max + m * kVec16, -INFINITY);
@@ -349,7 +349,8 @@ void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows
     float* s = S + i * kBlockK;
     const int64_t h = rows.head(i), r = rows.row(i);
     float block_max = lane_max != nullptr ? row_max(lane_max + i * kVec16, kVec16) : 0.0f;
-    if (lane_max == nullptr) score_row<T>(p, sq, rows.b, h, r, kb, nk, edge, s, nullptr);
+    score_row<T>(p, sq, rows.b, h, r, kb, nk, edge, s, nullptr);
+    if (lane_max != nullptr && p.softcap > 0.0f) softcap_row(&block_max, 1, p.softcap, nullptr);
     // (-inf from the epilogue: the row is -inf but for NaN it may have dropped, so read the row itself)
     if (lane_max == nullptr || block_max == -INFINITY) block_max = row_max(s, nk);
     SoftmaxState& st = state[i];
