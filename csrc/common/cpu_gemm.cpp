@@ -28,7 +28,8 @@ namespace fusedlayers::cpu {
 namespace {
 
 #ifdef FUSEDLAYERS_BF16_GEMM
-// Rows of an output tile (the tiles are kMr x 32; fewer rows run one at a time).
+// Rows of an output tile (the tiles are kMr x 32; a remainder of 4 rows or more takes a 4-row tile, fewer rows run
+// one at a time).
 constexpr int kMr = 8;
 
 bool use_f32_tiles();
@@ -61,8 +62,9 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
 #ifdef FUSEDLAYERS_BF16_GEMM
-  // (a product of fewer rows than a tile, as in decoding, would run row by row over B packed for it: the BLAS)
-  if (use_f32_tiles() && (m >= kMr || sgemm_ == nullptr)) {
+  // (a product of fewer than 4 rows, as in decoding one query per head, would run row by row over B packed for
+  // it: the BLAS)
+  if (use_f32_tiles() && (m >= 4 || sgemm_ == nullptr)) {
     return gemm_f32_tiles(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   }
 #endif
@@ -101,17 +103,19 @@ namespace {
 // B is packed into panels of 16 columns, pairs along k interleaved: panel[p][j][2] = (B[2p][j],
 // B[2p+1][j]) (0 past k), so that one 64-byte load holds pair p of 16 columns. A is read in place as
 // 32-bit pairs (row-major, op(A) = A) or packed to [p][i][2] likewise (op(A) = A^T). Tiles of kMr rows x
-// 32 columns (16 accumulator registers); a row and 16-column remainder use the 1-row / 1-panel kernels.
+// 32 columns (16 accumulator registers); a remainder of 4 rows or more takes a 4-row tile, fewer rows and a 16-column
+// remainder the 1-row / 1-panel kernels.
 // DAZ/FTZ: vdpbf16ps reads bf16 subnormals as 0 and writes float32 subnormals as 0.
 #define FL_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 #define FL_F32_TARGET __attribute__((target("avx512f")))
 
-
-// tile(mr, nv, i, j0, ncols) over C (m x n): rows in tiles of kMr (the rest one at a time), columns in tiles of
-// 32 (nv = 2; a remainder of 16 or fewer: nv = 1); mr and nv as std::integral_constant.
+// tile(mr, nv, i, j0, ncols) over C (m x n): rows in tiles of kMr (then one of 4 rows where 4 or more are left, the
+// rest one at a time), columns in tiles of 32 (nv = 2; a remainder of 16 or fewer: nv = 1); mr and nv as
+// std::integral_constant.
 template <typename Tile>
 inline void for_each_tile(int64_t m, int64_t n, Tile tile) {
   using One = std::integral_constant<int, 1>;
+  using Four = std::integral_constant<int, 4>;
   using Mr = std::integral_constant<int, kMr>;
   using Two = std::integral_constant<int, 2>;
   for (int64_t j0 = 0; j0 < n; j0 += 32) {
@@ -119,9 +123,11 @@ inline void for_each_tile(int64_t m, int64_t n, Tile tile) {
     int64_t i = 0;
     if (ncols > 16) {
       for (; i + kMr <= m; i += kMr) tile(Mr(), Two(), i, j0, ncols);
+      if (i + 4 <= m) tile(Four(), Two(), i, j0, ncols), i += 4;
       for (; i < m; ++i) tile(One(), Two(), i, j0, ncols);
     } else {
       for (; i + kMr <= m; i += kMr) tile(Mr(), One(), i, j0, ncols);
+      if (i + 4 <= m) tile(Four(), One(), i, j0, ncols), i += 4;
       for (; i < m; ++i) tile(One(), One(), i, j0, ncols);
     }
   }
