@@ -272,6 +272,29 @@ def test_forward_non_finite_scores_where_the_product_gives_the_row_max(dtype):
                                            testing.OUT_FACTOR)], f"{dtype} non-finite scores")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_rows_of_huge_scores_in_every_dtype(dtype):
+    # Rows biased by finfo.min on every key (Hugging Face's padding: the scores, and the row max, near finfo.min), by
+    # +1e6 and by -3.3e5 (3e4 and -1e4 in fp16): the softmax's exp works on s - m, so such a row attends as in
+    # float64, forward and backward (|lse| >= 4096: the backward recomputes the row's max and sum); near float32's
+    # finfo.min (fp32, bf16) that is uniformly.
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, n, 32, generator=gen) for n in (64, 600, 600))
+    bias = torch.randn(1, 1, 64, 600, generator=gen)
+    big = 3e4 if dtype == torch.float16 else 1e6  # (fp16 ends at 65504)
+    bias[..., 3, :] = torch.finfo(dtype).min
+    bias[..., 7, :] += big
+    bias[..., 9, :] -= big / 3
+    q, k, v, bias = (t.to(dtype).requires_grad_() for t in (q, k, v, bias))
+    gen_out = torch.Generator().manual_seed(7)
+    dout, dlse = torch.randn(1, 2, 64, 32, generator=gen_out).to(dtype), torch.randn(1, 2, 64, generator=gen_out)
+    if dtype != torch.float16:  # near float32's finfo.min the bias absorbs the scores: the row attends uniformly
+        out = fusedlayers.attention(q, k, v, bias, backend="cpu")
+        torch.testing.assert_close(out[0, :, 3].double(), v[0].double().mean(dim=1), rtol=0,
+                                   atol=4 * torch.finfo(dtype).eps)
+    _assert_within_rule((q, k, v, bias), dout, dlse, {}, f"{dtype} huge scores")
+
+
 # ------------------------------------------------------------------ native-speed sizes
 
 
