@@ -314,14 +314,13 @@ inline uint64_t drop_index(const AttentionParams& p, const Seq& sq, int64_t b, i
 }
 
 // A forward thread's scratch for one key block of task_rows rows: S (block_k floats per row), then P; P in T for
-// fp16 / bf16 (block_k per row); each row's lane-wise maximum of S (kVec16 floats per row).
+// fp16 / bf16 (block_k per row); each row's lane-wise maximum of S (kRowMaxLanes floats per row).
 template <typename T>
 struct ForwardScratch {
   float* S;
   T* p_lowp;
   float* lane_max;
 };
-constexpr int64_t kVec16 = 16;
 
 // One key block [kb, kb + nk) of a task: S = scale Q K^T, each row's scores (score_row), the online softmax
 // (state), dropout, and O += P V (P in T for fp16 / bf16). Q: the task's rows, lda apart. Where score_row at most
@@ -339,7 +338,7 @@ void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows
   const bool raw = !edge && p.alibi == nullptr && p.mask_kind == 0;
   float* const lane_max = packed && raw ? scratch.lane_max : nullptr;
   if (packed) {
-    if (lane_max != nullptr) std::fill(lane_max, lane_max + m * kVec16, -INFINITY);
+    if (lane_max != nullptr) std::fill(lane_max, lane_max + m * kRowMaxLanes, -INFINITY);
     mm_packed<T>(false, m, nk, D, p.scale, Q, lda, kv.k + packed_offset(kb, 0, kv.k_panel), kv.k_panel, 0.0f, S,
                  kBlockK, lane_max);
   } else {
@@ -348,7 +347,7 @@ void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows
   for (int64_t i = 0; i < m; ++i) {
     float* s = S + i * kBlockK;
     const int64_t h = rows.head(i), r = rows.row(i);
-    float block_max = lane_max != nullptr ? row_max(lane_max + i * kVec16, kVec16) : 0.0f;
+    float block_max = lane_max != nullptr ? row_max(lane_max + i * kRowMaxLanes, kRowMaxLanes) : 0.0f;
     score_row<T>(p, sq, rows.b, h, r, kb, nk, edge, s, nullptr);
     if (lane_max != nullptr && p.softcap > 0.0f) softcap_row(&block_max, 1, p.softcap, nullptr);
     // (-inf from the epilogue: the row is -inf but for NaN it may have dropped, so read the row itself)
@@ -439,7 +438,7 @@ void forward(const AttentionParams& p) {
     std::unique_ptr<float[]> s_buf(new float[task_rows * kBlockK]);  // S, then P
     std::unique_ptr<float[]> o_buf(new float[task_rows * Dv]);       // O accumulator
     std::unique_ptr<T[]> p_lowp(new T[std::is_same_v<T, float> ? 1 : task_rows * kBlockK]);  // P in T
-    std::unique_ptr<float[]> lane_max(new float[task_rows * kVec16]);
+    std::unique_ptr<float[]> lane_max(new float[task_rows * kRowMaxLanes]);
     const ForwardScratch<T> scratch{s_buf.get(), p_lowp.get(), lane_max.get()};
     std::unique_ptr<T[]> q_stack(new T[decode && group > 1 ? task_rows * D : 1]);  // decode: the group's rows
     std::vector<SoftmaxState> state(task_rows);

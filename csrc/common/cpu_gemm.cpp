@@ -146,7 +146,7 @@ FL_F32_TARGET inline void store_tile(const __m512 (&acc)[MR][NV], float alpha, f
     cols[v] = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
   }
   for (int r = 0; r < MR; ++r) {
-    __m512 mx = row_max != nullptr ? _mm512_loadu_ps(row_max + 16 * r) : _mm512_setzero_ps();
+    __m512 mx = row_max != nullptr ? _mm512_loadu_ps(row_max + kRowMaxLanes * r) : _mm512_setzero_ps();
     for (int v = 0; v < NV; ++v) {
       float* out = c + r * ldc + 16 * v;
       __m512 x = _mm512_mul_ps(acc[r][v], va);
@@ -154,7 +154,7 @@ FL_F32_TARGET inline void store_tile(const __m512 (&acc)[MR][NV], float alpha, f
       _mm512_mask_storeu_ps(out, cols[v], x);
       if (row_max != nullptr) mx = _mm512_mask_max_ps(mx, cols[v], mx, x);
     }
-    if (row_max != nullptr) _mm512_storeu_ps(row_max + 16 * r, mx);
+    if (row_max != nullptr) _mm512_storeu_ps(row_max + kRowMaxLanes * r, mx);
   }
 }
 
@@ -244,7 +244,7 @@ FL_F32_TARGET void f32_product(bool ta, int64_t m, int64_t n, int64_t k, float a
   for_each_tile(m, n, [&](auto mr, auto nv, int64_t i, int64_t j0, int ncols) {
     f32_tile<decltype(mr)::value, decltype(nv)::value>(k, a + i * a_rs, a_rs, a_ks, bp + (j0 / 16) * panel, panel,
                                                        alpha, beta, c + i * ldc + j0, ldc, ncols,
-                                                       row_max != nullptr ? row_max + 16 * i : nullptr);
+                                                       row_max != nullptr ? row_max + kRowMaxLanes * i : nullptr);
   });
 }
 
@@ -342,7 +342,7 @@ FL_BF16_TARGET void bf16_product(bool ta, int64_t m, int64_t n, int64_t k, float
   for_each_tile(m, n, [&](auto mr, auto nv, int64_t i, int64_t j0, int ncols) {
     bf16_tile<decltype(mr)::value, decltype(nv)::value>(k, ap + i * a_rs, a_rs, a_ps, bp + (j0 / 16) * panel, panel,
                                                         alpha, beta, c + i * ldc + j0, ldc, ncols,
-                                                        row_max != nullptr ? row_max + 16 * i : nullptr);
+                                                        row_max != nullptr ? row_max + kRowMaxLanes * i : nullptr);
   });
 }
 

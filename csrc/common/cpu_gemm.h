@@ -53,6 +53,7 @@ void pack_b(bool trans_b, int64_t n, int64_t k, const T* b, int64_t ldb, T* out)
 // (m x 16 floats), each row's maximum of the C it stores is folded in lane-wise: row_max[16 i + l] = max(itself,
 // C[i][16 v + l] for every v), so that the max of row i's 16 lanes and its old maximum is the max of the row; a NaN
 // of C may be dropped from it.
+constexpr int64_t kRowMaxLanes = 16;  // row_max floats per row
 template <typename T>
 void gemm_packed(bool trans_a, int64_t m, int64_t n, int64_t k, float alpha, const T* a, int64_t lda, const T* bp,
                  int64_t panel, float beta, float* c, int64_t ldc, float* row_max = nullptr);

@@ -243,13 +243,13 @@ inline float row_sq_dev(const float* a, int64_t n, float m) {
 inline Vec exp_u20_nan(const Vec& x) { return Vec::blendv(x.exp_u20(), x, x.isnan()); }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// exp(s - m) for a row's scores s against a finite m >= max s: with y = (s - m) log2(e) = n + f, n an integer and
-// |f| <= 1/2, exp(s - m) = 2^n P(f), P of degree 5 fitted to 2^f in relative error (9.2e-8; in float32 Horner with
-// FMA within 1.4 ulp of 2^f), P(0) = 1 so that the max scores 1 exactly. A result below 2^-126 is 0 (no subnormal
-// arithmetic); s = -inf gives 0, a NaN s NaN. (s - m first: m log2(e) rounded on its own would shift y by its
-// rounding error, up to the whole range of exp where |m| is near finfo.max, as on a row biased by finfo.min.)
-inline Vec exp_below_max(const Vec& s, const Vec& m) {
-  const __m512 y = _mm512_mul_ps(s - m, _mm512_set1_ps(1.44269504088896341f));
+// exp(x) for rows that go on in bf16 / fp16 (8 or 11 bits): with y = x log2(e) = n + f, n an integer and
+// |f| <= 1/2, exp(x) = 2^n P(f), P of degree 5 fitted to 2^f in relative error (9.2e-8; in float32 Horner with FMA
+// within 1.4 ulp of 2^f), P(0) = 1 so that exp(0) = 1 exactly. A result below 2^-126 is 0 (no subnormal
+// arithmetic); -inf gives 0, NaN NaN. Callers pass x = s - m (scaling s and m apart would shift y by the rounding
+// of m log2(e): on a row biased by finfo.min, the whole range of exp).
+inline Vec exp_lowp(const Vec& x) {
+  const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
   const __mmask16 normal = _mm512_cmp_ps_mask(y, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);  // y >= -126 or NaN
   const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(y, n);
@@ -283,7 +283,7 @@ inline Vec exp_reduced(const Vec& x) {
 #endif
 
 // a[j] = exp(a[j] - m), returns sum_j a[j]. exp(-inf) = 0. Sleef's 1-ulp exp, or with kLowp (rows that go on in
-// bf16 / fp16) a faster one: exp_below_max on AVX-512 where m is finite, else exp_u20_nan. In float32 exp_u20 put
+// bf16 / fp16) a faster one: exp_lowp on AVX-512 where m is finite, else exp_u20_nan. In float32 exp_u20 put
 // dq / dbias just past the test rule's bound (2-3x torch's error).
 template <bool kLowp = false>
 inline float exp_sub_sum(float* a, int64_t n, float m) {
@@ -291,7 +291,7 @@ inline float exp_sub_sum(float* a, int64_t n, float m) {
 #if defined(CPU_CAPABILITY_AVX512)
   if (std::isfinite(m)) {  // (a NaN score gives a NaN sum)
     const Vec vm(m);
-    auto ex = [&](const Vec& s) { return kLowp ? exp_below_max(s, vm) : exp_reduced(s - vm); };
+    auto ex = [&](const Vec& s) { return kLowp ? exp_lowp(s - vm) : exp_reduced(s - vm); };
     Vec acc0(0.0f), acc1(0.0f);
     for (; j + 2 * kVec <= n; j += 2 * kVec) {
       const Vec e0 = ex(Vec::loadu(a + j)), e1 = ex(Vec::loadu(a + j + kVec));
