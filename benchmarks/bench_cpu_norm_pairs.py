@@ -12,7 +12,9 @@ cancels out of. Competitors: ``F.layer_norm``, ``F.rms_norm`` and the unfused
 as training does. Outputs are fresh tensors on both sides, as a model gets them (glibc
 malloc: blocks above its mmap threshold are new pages, which fault on first touch; the
 ``cpu`` kernels advise transparent huge pages on large outputs, see README); ``--no-mmap``
-measures under glibc settings where they do not. Each
+measures under glibc settings where they do not. The ``cpu`` kernels keep freed outputs for
+their next ones (``fusedlayers.cpu_output_cache``; ``FUSEDLAYERS_CPU_CACHE_MB=0`` turns that
+off); page faults per call of each side are counted after the timing. Each
 output is checked against torch's before timing. Results: benchmarks/results/cpu/norm-pairs/.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -52,6 +55,19 @@ def rows(m: int, n: int, dtype: torch.dtype):
             (lambda f=theirs: f(xg, rg, wg, bg).backward(dy)), ok
 
 
+def faults_per_call(ours, theirs, calls: int) -> tuple[float, float]:
+    """Minor page faults per call of each side, in batches of ``calls`` calls, ours then
+    theirs twice over (the mean of the two batches of each)."""
+    counts = [0, 0]
+    for _ in range(2):
+        for side, fn in enumerate((ours, theirs)):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(calls):
+                fn()
+            counts[side] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    return counts[0] / (2 * calls), counts[1] / (2 * calls)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -78,20 +94,26 @@ def main(argv=None) -> int:
                 print(f"{shape} {name} {mode}: WRONG (differs from torch), not timed")
                 continue
             res = interleaved_pair(ours, theirs, args.pairs, calls)
+            faults = faults_per_call(ours, theirs, calls)
             row = {"shape": shape, "dtype": args.dtype, "op": name, "mode": mode, "ours_us": res["ours_us"],
-                   "torch_us": res["torch_us"], "speedup": 1.0 / res["ratio"]}
+                   "torch_us": res["torch_us"], "speedup": 1.0 / res["ratio"], "ours_faults": faults[0],
+                   "torch_faults": faults[1]}
             results.append(row)
             print(f"{shape} {args.dtype} {name:15} {mode:8} ours {row['ours_us']:10.1f} µs  torch "
-                  f"{row['torch_us']:10.1f} µs  speedup {row['speedup']:.2f}x", flush=True)
+                  f"{row['torch_us']:10.1f} µs  speedup {row['speedup']:.2f}x  page faults per call "
+                  f"{faults[0]:.0f} / {faults[1]:.0f}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"results-{args.dtype}" + ("-no-mmap" if env["malloc"] == "no-mmap" else "")
+    stem = (f"results-{args.dtype}" + ("-no-mmap" if env["malloc"] == "no-mmap" else "")
+            + ("-no-cache" if env.get("cpu_output_cache_mb") == 0 else ""))
     (args.out / f"{stem}.json").write_text(json.dumps({"env": env, "rows": results}, indent=1))
     lines = [f"# cpu norms vs torch, interleaved pairs: {env['device']}", "",
              f"{env['date']}, fusedlayers ({env.get('commit')}), torch {env['torch']}, {env['threads']} threads, "
-             f"allocator: {env['allocator']}, glibc {env['malloc']}", "",
-             "| shape | op | mode | fusedlayers µs | torch µs | speedup (torch / ours) |", "|---|---|---|---|---|---|"]
+             f"allocator: {env['allocator']}, glibc {env['malloc']}, cpu output cache "
+             f"{env.get('cpu_output_cache_mb')} MB", "",
+             "| shape | op | mode | fusedlayers µs | torch µs | speedup (torch / ours) | page faults per call (ours / torch) |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['shape']} {r['dtype']} | {r['op']} | {r['mode']} | {r['ours_us']:.0f} | {r['torch_us']:.0f} | "
-              f"{r['speedup']:.2f}x |" for r in results]
+              f"{r['speedup']:.2f}x | {r['ours_faults']:.0f} / {r['torch_faults']:.0f} |" for r in results]
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}/{stem}.json and .md")
     return 0

@@ -161,6 +161,8 @@ def environment(device: torch.device) -> dict:
     if device.type == "cpu":
         env["threads"] = torch.get_num_threads()
         env["allocator"] = os.environ.get("LD_PRELOAD") or "default (c10 CPU allocator over glibc malloc)"
+        if fusedlayers._ext.available():  # the cpu kernels' own cache of their large outputs
+            env["cpu_output_cache_mb"] = fusedlayers.cpu_output_cache()["limit_bytes"] >> 20
     return env
 
 

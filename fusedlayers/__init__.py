@@ -6,7 +6,8 @@ Public ops (``torch.library`` ops with autograd, usable under ``torch.compile``)
 :func:`swap` / :func:`unswap` to put them into an existing model, :mod:`fusedlayers.hf`
 (loaded on first use) for Hugging Face transformers, :mod:`fusedlayers.sdpa` to serve every
 ``scaled_dot_product_attention`` call once activated, and :mod:`fusedlayers.hub` (loaded on
-first use) for the ``kernels`` package's ``kernelize``. The naive reference of each lives in
+first use) for the ``kernels`` package's ``kernelize``; :func:`cpu_output_cache` reports (and
+bounds) the memory the ``cpu`` kernels keep for their next outputs. The naive reference of each lives in
 :mod:`fusedlayers.reference`; which backend serves a call is decided in
 :mod:`fusedlayers.dispatch`.
 """
@@ -16,6 +17,7 @@ from .dispatch import BACKENDS, BackendError
 from .ops import add_layer_norm, add_rms_norm, attention, attention_varlen, layer_norm, rms_norm
 from . import nn  # drop-in modules (fusedlayers.nn.LayerNorm, ...)
 from .swap import swap, unswap
+from .csrc_backend import output_cache as cpu_output_cache
 from . import sdpa
 
 sdpa.register()  # the name "fusedlayers" for torch.nn.attention.activate_flash_attention_impl; activates nothing
@@ -32,6 +34,7 @@ __all__ = [
     "reference",
     "BackendError",
     "BACKENDS",
+    "cpu_output_cache",
     "nn",
     "swap",
     "unswap",

@@ -59,6 +59,29 @@ def _ops():
     return torch.ops.fusedlayers
 
 
+def output_cache(limit_mb: Optional[int] = None) -> dict:
+    """The cache of the ``cpu`` kernels' large outputs (``csrc/cpu/output_cache.cpp``).
+
+    A freed output of 128 KB or more is kept for the next output of about its size (at most
+    1/8 larger), whose pages are then already mapped and do not page-fault on first touch;
+    the bytes kept are bounded by a limit: 256 MB, or ``FUSEDLAYERS_CPU_CACHE_MB`` at the
+    first output; 0 turns the cache off. ``limit_mb`` (>= 0) sets the limit now and returns
+    kept blocks beyond it to the system (0 returns them all and turns the cache off).
+
+    Returns ``{"held_bytes", "limit_bytes", "hits", "misses", "held_blocks", "live_bytes"}``:
+    bytes kept for reuse, the limit, outputs served from kept blocks and from new ones, and
+    bytes of outputs alive now. Raises ``RuntimeError`` when the extension is not loaded and
+    ``ValueError`` for a negative ``limit_mb``.
+    """
+    if not _ext.available():
+        raise RuntimeError(f"fusedlayers: the cpu output cache needs the C++ extension: {_ext.ERROR}")
+    if limit_mb is not None and (isinstance(limit_mb, bool) or not isinstance(limit_mb, int) or limit_mb < 0):
+        raise ValueError(f"fusedlayers.cpu_output_cache: limit_mb must be a whole number of MB >= 0 or None, "
+                         f"got {limit_mb!r}")
+    values = _ops()._cpu_output_cache(-1 if limit_mb is None else limit_mb << 20)
+    return dict(zip(("held_bytes", "limit_bytes", "hits", "misses", "held_blocks", "live_bytes"), values))
+
+
 def _keep_mask(seed: int, shape, dropout_p: float, device) -> Tensor:
     """Bool keep-mask (True = keep) of the kernels' Philox stream: element i of the
     flattened shape is mask element index i (the index the kernels use)."""

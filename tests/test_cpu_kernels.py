@@ -432,3 +432,110 @@ def test_fp32_tiles(case):
 def test_bf16_gemm_edges(case):
     """The bf16 GEMMs (AVX512-BF16 where the CPU has it) on every remainder of their tiles."""
     testing.assert_all_ok(testing.check_attention(case, torch.bfloat16, "cpu", "cpu"), str(case))
+
+
+# ------------------------------------------------------------------ the outputs' cache (csrc/cpu/output_cache.cpp)
+
+
+@pytest.fixture
+def cache_limit():
+    """Sets the cpu output cache's limit (MB) for the test and restores the former one."""
+    before = fusedlayers.cpu_output_cache()["limit_bytes"] >> 20
+    yield lambda mb: fusedlayers.cpu_output_cache(mb)
+    fusedlayers.cpu_output_cache(before)
+
+
+def _ln(x, w, b):
+    return fusedlayers.layer_norm(x, w, b, backend="cpu")
+
+
+def test_output_cache_reuses_a_freed_output_and_never_a_live_one(cache_limit):
+    cache_limit(0)  # empties it
+    cache_limit(64)
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(512, 768, generator=gen), torch.randn(768, generator=gen), torch.randn(768, generator=gen)
+    want = torch.nn.functional.layer_norm(x, (768,), w, b)
+    y1, y2 = _ln(x, w, b), _ln(x, w, b)  # 1.5 MB each, both alive
+    lo1, lo2 = y1.data_ptr(), y2.data_ptr()
+    assert lo1 + y1.nbytes <= lo2 or lo2 + y2.nbytes <= lo1, "two live outputs share memory"
+    stats = fusedlayers.cpu_output_cache()
+    assert stats["live_bytes"] >= 2 * y1.nbytes and stats["held_blocks"] == 0
+    del y1
+    assert fusedlayers.cpu_output_cache()["held_bytes"] >= 512 * 768 * 4
+    hits = fusedlayers.cpu_output_cache()["hits"]
+    y3 = _ln(x * 2, w, b)
+    assert y3.data_ptr() == lo1, "the freed output's block was not reused"
+    assert fusedlayers.cpu_output_cache()["hits"] == hits + 1
+    torch.testing.assert_close(y2, want)
+    torch.testing.assert_close(y3, torch.nn.functional.layer_norm(x * 2, (768,), w, b))
+    # a block much larger than the request is not handed out (at most 1/8 more bytes)
+    del y2, y3
+    small = _ln(x[:256], w, b)
+    assert small.data_ptr() not in (lo1, lo2)
+    torch.testing.assert_close(small, want[:256])
+
+
+def test_output_cache_holds_at_most_its_limit_and_zero_turns_it_off(cache_limit):
+    cache_limit(0)
+    cache_limit(2)
+    x, w = torch.randn(512, 768), torch.randn(768)
+    outs = [_ln(x, w, None) for _ in range(3)]  # 1.5 MB each
+    del outs
+    stats = fusedlayers.cpu_output_cache()
+    assert stats["held_bytes"] <= 2 << 20 and stats["held_blocks"] == 1
+    cache_limit(0)
+    stats = fusedlayers.cpu_output_cache()
+    assert stats["held_bytes"] == 0 and stats["held_blocks"] == 0 and stats["limit_bytes"] == 0
+    y = _ln(x, w, None)
+    after = fusedlayers.cpu_output_cache()
+    assert (after["hits"], after["misses"]) == (stats["hits"], stats["misses"]), "served by the cache while off"
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (768,), w))
+    with pytest.raises(ValueError, match="limit_mb"):
+        fusedlayers.cpu_output_cache(-1)
+
+
+def test_output_cache_blocks_resize_and_free_from_any_thread(cache_limit):
+    import threading
+
+    cache_limit(0)
+    cache_limit(64)
+    x, w = torch.randn(512, 768), torch.randn(768)
+    y = _ln(x, w, None)
+    want = y.clone()
+    y.resize_(1024, 768)  # the storage grows through the cache's allocator and keeps its contents
+    torch.testing.assert_close(y[:512], want)
+    box = [y]
+    del y
+    thread = threading.Thread(target=box.clear)  # the last reference dies on another thread
+    thread.start()
+    thread.join()
+    assert fusedlayers.cpu_output_cache()["held_bytes"] >= 1024 * 768 * 4
+    # the reused memory is written in full: nothing of the old contents leaks into a new output
+    z = _ln(torch.zeros(1024, 768) + torch.arange(768.0), w, None)
+    torch.testing.assert_close(z, torch.nn.functional.layer_norm(torch.zeros(1024, 768) + torch.arange(768.0), (768,), w))
+
+
+_CACHE_ENV_SCRIPT = """
+import torch, fusedlayers
+x, w = torch.randn(512, 768), torch.randn(768)
+try:
+    y = fusedlayers.layer_norm(x, w, backend="cpu")
+except RuntimeError as e:
+    print("error:", e)
+else:
+    del y
+    s = fusedlayers.cpu_output_cache()
+    print(s["limit_bytes"], s["held_bytes"], s["misses"])
+"""
+
+
+@pytest.mark.parametrize("value, expected", [("0", "0 0 0"), ("3", f"{3 << 20} {512 * 768 * 4} 1"),
+                                             ("lots", "error:")])
+def test_output_cache_limit_from_the_environment(value, expected):
+    env = dict(os.environ, FUSEDLAYERS_CPU_CACHE_MB=value)
+    run = subprocess.run([sys.executable, "-c", _CACHE_ENV_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().startswith(expected), run.stdout
+    if expected == "error:":
+        assert "FUSEDLAYERS_CPU_CACHE_MB" in run.stdout

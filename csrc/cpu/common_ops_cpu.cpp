@@ -4,7 +4,8 @@
 //                             so tests check dropout against the kernels' own stream;
 //   _philox4x32, _online_softmax_test, _mean_var_test: host unit tests of the tile math
 //   in csrc/common/ (tests/test_cpu_kernels.py);
-//   _cpu_kernels_info: the SIMD level and GEMM the kernels use.
+//   _cpu_kernels_info: the SIMD level and GEMM the kernels use;
+//   _cpu_output_cache: the counters of the cpu outputs' cache (output_cache.cpp), and its limit.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -129,6 +130,7 @@ std::string cpu_kernels_info() {
 // No tensor argument, so no backend key: CompositeExplicitAutograd serves every call.
 TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) {
   m.impl("_cpu_kernels_info", &fusedlayers::cpu::cpu_kernels_info);
+  m.impl("_cpu_output_cache", &fusedlayers::cpu::output_cache_stats);
 }
 
 TORCH_LIBRARY_IMPL(fusedlayers, CPU, m) {

@@ -1,0 +1,202 @@
+// Storage of the cpu kernels' large outputs (empty_output in ops_common.h).
+//
+// A training loop asks for outputs of the same few sizes on every step and frees them a
+// moment later. Under glibc's defaults a block of 128 KB or more is mmap-ed, or taken from
+// the top of the heap, and handed back to the system when freed, so each new output
+// page-faults on first touch, 4 KB at a time: at 1024 x 768 float32 (3 MB) a layer norm's
+// forward and backward took 265 faults per step, which cost as much as the kernels. Here a
+// freed output of 128 KB or more is kept, up to a limit on the bytes held (256 MB, or
+// FUSEDLAYERS_CPU_CACHE_MB; 0 turns the cache off), and the next output of about its size
+// (at most 1/8 larger) reuses it, its pages already mapped. The blocks kept longest are
+// returned to the system first when the limit is reached. Blocks of 4 MB or more are
+// 2 MB-aligned with transparent huge pages advised (Linux, THP "madvise" or "always"), so
+// their first touch faults 2 MB at a time.
+#include <ATen/EmptyTensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/Allocator.h>
+#include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
+
+#if defined(__linux__)
+#include <pthread.h>
+#include <sys/mman.h>
+#endif
+
+#include <cstdint>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "cpu/ops_common.h"
+
+namespace fusedlayers::cpu {
+namespace {
+
+constexpr size_t kMinBytes = size_t{128} << 10;  // glibc's default mmap threshold
+constexpr size_t kPage = 4096;
+constexpr size_t kHuge = size_t{2} << 20;
+constexpr size_t kMaxBlocks = 64;                 // blocks held at once (a linear scan finds a fit)
+constexpr size_t kDefaultLimit = size_t{256} << 20;
+
+void advise_huge(void* p, size_t n) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const auto begin = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = (begin + n) & ~(kHuge - 1);
+  if (n >= 2 * kHuge && hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)n;
+#endif
+}
+
+size_t limit_from_env() {
+  const char* s = std::getenv("FUSEDLAYERS_CPU_CACHE_MB");
+  if (s == nullptr || *s == '\0') return kDefaultLimit;
+  char* end = nullptr;
+  const long long mb = std::strtoll(s, &end, 10);
+  TORCH_CHECK(*end == '\0' && mb >= 0 && mb < (1LL << 40),
+              "fusedlayers: FUSEDLAYERS_CPU_CACHE_MB must be a whole number of megabytes >= 0, got '", s, "'");
+  return static_cast<size_t>(mb) << 20;
+}
+
+void release(void* p);
+
+struct OutputCache final : c10::Allocator {
+  std::mutex mu;
+  std::vector<std::pair<size_t, void*>> kept;  // freed blocks (bytes, pointer), oldest first
+  std::unordered_map<void*, size_t> live;      // blocks in use -> bytes
+  size_t held = 0;                             // bytes in `kept`
+  size_t limit = limit_from_env();
+  int64_t hits = 0, misses = 0;
+
+  c10::DataPtr allocate(size_t n) override {
+    void* p = n == 0 ? nullptr : take(n);
+    return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  // A kept block of n to n + n/8 bytes (the smallest), else a new one.
+  void* take(size_t n) {
+    const size_t bytes = (n + kPage - 1) / kPage * kPage;
+    {
+      std::lock_guard<std::mutex> g(mu);
+      size_t best = kept.size();
+      for (size_t i = 0; i < kept.size(); ++i) {
+        const size_t b = kept[i].first;
+        if (b >= bytes && b - bytes <= bytes / 8 && (best == kept.size() || b < kept[best].first)) best = i;
+      }
+      if (best != kept.size()) {
+        const auto [b, p] = kept[best];
+        kept.erase(kept.begin() + static_cast<std::ptrdiff_t>(best));
+        held -= b;
+        live.emplace(p, b);
+        ++hits;
+        return p;
+      }
+      ++misses;
+    }
+    void* p = nullptr;
+    const size_t align = bytes >= 2 * kHuge ? kHuge : 64;
+    if (posix_memalign(&p, align, bytes) != 0 || p == nullptr) {
+      TORCH_CHECK_WITH(OutOfMemoryError, false, "fusedlayers: cannot allocate ", bytes, " bytes for a cpu output");
+    }
+    advise_huge(p, bytes);
+    std::lock_guard<std::mutex> g(mu);
+    live.emplace(p, bytes);
+    return p;
+  }
+
+  void give_back(void* p) {
+    std::vector<void*> to_free;
+    {
+      std::lock_guard<std::mutex> g(mu);
+      const auto it = live.find(p);
+      TORCH_INTERNAL_ASSERT(it != live.end(), "fusedlayers: a cpu output freed twice or not ours");
+      const size_t bytes = it->second;
+      live.erase(it);
+      if (bytes < kMinBytes || bytes > limit) {
+        to_free.push_back(p);
+      } else {
+        size_t drop = 0;
+        while (drop < kept.size() && (held + bytes > limit || kept.size() - drop >= kMaxBlocks)) {
+          held -= kept[drop].first;
+          to_free.push_back(kept[drop].second);
+          ++drop;
+        }
+        kept.erase(kept.begin(), kept.begin() + static_cast<std::ptrdiff_t>(drop));
+        kept.emplace_back(bytes, p);
+        held += bytes;
+      }
+    }
+    for (void* q : to_free) std::free(q);
+  }
+
+  size_t current_limit() {
+    std::lock_guard<std::mutex> g(mu);
+    return limit;
+  }
+
+  std::vector<int64_t> stats(int64_t new_limit) {
+    std::vector<void*> to_free;
+    std::vector<int64_t> out;
+    {
+      std::lock_guard<std::mutex> g(mu);
+      if (new_limit >= 0) {
+        limit = static_cast<size_t>(new_limit);
+        size_t drop = 0;
+        while (drop < kept.size() && held > limit) {
+          held -= kept[drop].first;
+          to_free.push_back(kept[drop].second);
+          ++drop;
+        }
+        kept.erase(kept.begin(), kept.begin() + static_cast<std::ptrdiff_t>(drop));
+      }
+      size_t in_use = 0;
+      for (const auto& [p, b] : live) in_use += b;
+      out = {static_cast<int64_t>(held), static_cast<int64_t>(limit), hits, misses,
+             static_cast<int64_t>(kept.size()), static_cast<int64_t>(in_use)};
+    }
+    for (void* q : to_free) std::free(q);
+    return out;
+  }
+};
+
+// Never destroyed: tensors may outlive static destruction at interpreter exit.
+OutputCache& cache() {
+  static OutputCache* c = [] {
+    auto* made = new OutputCache();
+#if defined(__linux__)
+    // fork() while another thread holds the lock would leave it held in the child.
+    pthread_atfork([] { cache().mu.lock(); }, [] { cache().mu.unlock(); }, [] { cache().mu.unlock(); });
+#endif
+    return made;
+  }();
+  return *c;
+}
+
+void release(void* p) {
+  if (p != nullptr) cache().give_back(p);
+}
+
+}  // namespace
+
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const size_t n = c10::multiply_integers(sizes) * options.dtype().itemsize();
+  if (n >= kMinBytes && cache().current_limit() > 0) {
+    return at::detail::empty_generic(sizes, &cache(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                     options.dtype().toScalarType(), options.memory_format_opt());
+  }
+  at::Tensor t = at::empty(sizes, options);
+  advise_huge(t.data_ptr(), t.nbytes());
+  return t;
+}
+
+std::vector<int64_t> output_cache_stats(int64_t new_limit) { return cache().stats(new_limit); }
+
+}  // namespace fusedlayers::cpu
