@@ -412,6 +412,11 @@ def test_gemms_through_torchs_blas():
     # a GEMM depth past one pass of 128 (d = 300), a causal diagonal, packed K and V; odd head dims, a bias
     AttentionCase(b=1, hq=2, hkv=1, nq=600, nk=700, d=300, causal="bottom_right"),
     AttentionCase(b=2, hq=2, hkv=2, nq=300, nk=45, d=20, dv=37, mask="bias", strided=True),
+    # decoding: products of 4 to 8 rows (a GQA group) read V in place (Dv whole panels of 16, strided rows, a
+    # depth past 128 keys); Dv = 48 mixes a 32- and a 16-column tile
+    AttentionCase(b=2, hq=8, hkv=2, nq=1, nk=300, d=64, dv=48, strided=True),
+    AttentionCase(b=1, hq=6, hkv=1, nq=1, nk=200, d=32, dv=64, causal="bottom_right"),
+    AttentionCase(b=1, hq=4, hkv=1, nq=2, nk=150, d=40, dv=32, mask="key_padding"),
 ], ids=str)
 def test_fp32_tiles(case):
     """float32 attention on our AVX-512 tiles (the default where the CPU has AVX-512)."""

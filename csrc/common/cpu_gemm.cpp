@@ -158,16 +158,17 @@ FL_F32_TARGET inline void store_tile(const __m512 (&acc)[MR][NV], float alpha, f
   }
 }
 
-// The float32 tile: C (MR x 16 NV) from op(A) (element (r, p) at a[r * a_rs + p * a_ks]) and panels [k][16].
+// The float32 tile: C (MR x 16 NV) from op(A) (element (r, p) at a[r * a_rs + p * a_ks]) and B's panels of 16
+// columns, `panel` apart, row p of a panel at p * b_ks (packed: panels [k][16], b_ks 16; B in place: b_ks ldb).
 template <int MR, int NV>
 FL_F32_TARGET void f32_tile(int64_t k, const float* a, int64_t a_rs, int64_t a_ks, const float* bp, int64_t panel,
-                            float alpha, float beta, float* c, int64_t ldc, int ncols, float* row_max) {
+                            int64_t b_ks, float alpha, float beta, float* c, int64_t ldc, int ncols, float* row_max) {
   __m512 acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t p = 0; p < k; ++p) {
     __m512 bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(bp + v * panel + p * 16);
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(bp + v * panel + p * b_ks);
     for (int r = 0; r < MR; ++r) {
       const __m512 av = _mm512_set1_ps(a[r * a_rs + p * a_ks]);
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
@@ -231,19 +232,21 @@ FL_F32_TARGET void pack_b_f32(bool tb, int64_t n, int64_t k, const float* b, int
 // k's rounding error near a BLAS's (one chain of 512 FMAs drifts about twice as far).
 constexpr int64_t kKc = 128;
 
+// C = alpha * op(A) B + beta * C, B in panels as f32_tile reads them (b_ks: the row stride within a panel).
 FL_F32_TARGET void f32_product(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-                               const float* bp, int64_t panel, float beta, float* c, int64_t ldc, float* row_max) {
+                               const float* bp, int64_t panel, int64_t b_ks, float beta, float* c, int64_t ldc,
+                               float* row_max) {
   const int64_t a_rs = ta ? 1 : lda, a_ks = ta ? lda : 1;
   if (k > kKc) {  // C = alpha * (first kKc) + beta * C, then C += alpha * (each next kKc); row_max on the last
     for (int64_t p0 = 0; p0 < k; p0 += kKc) {
-      f32_product(ta, m, n, std::min(kKc, k - p0), alpha, a + p0 * a_ks, lda, bp + p0 * 16, panel,
+      f32_product(ta, m, n, std::min(kKc, k - p0), alpha, a + p0 * a_ks, lda, bp + p0 * b_ks, panel, b_ks,
                   p0 == 0 ? beta : 1.0f, c, ldc, p0 + kKc >= k ? row_max : nullptr);
     }
     return;
   }
   for_each_tile(m, n, [&](auto mr, auto nv, int64_t i, int64_t j0, int ncols) {
     f32_tile<decltype(mr)::value, decltype(nv)::value>(k, a + i * a_rs, a_rs, a_ks, bp + (j0 / 16) * panel, panel,
-                                                       alpha, beta, c + i * ldc + j0, ldc, ncols,
+                                                       b_ks, alpha, beta, c + i * ldc + j0, ldc, ncols,
                                                        row_max != nullptr ? row_max + kRowMaxLanes * i : nullptr);
   });
 }
@@ -391,13 +394,20 @@ bool use_f32_tiles() {
   return yes;
 }
 
-// C = alpha * op(A) op(B) + beta * C in float32 on the AVX-512 tiles, B packed per call.
+// Rows up to which a product reads a B of whole panels (k x n stored, n a multiple of 16) in place: each tile
+// then reads its rows of B once or twice, where packing would read and write them all first.
+constexpr int64_t kInPlaceRows = 8;
+
+// C = alpha * op(A) op(B) + beta * C in float32 on the AVX-512 tiles, B packed per call or read in place.
 void gemm_f32_tiles(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                     const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (!tb && n % 16 == 0 && m <= kInPlaceRows) {
+    return f32_product(ta, m, n, k, alpha, a, lda, b, 16, ldb, beta, c, ldc, nullptr);
+  }
   thread_local std::vector<float> b_pack;  // grown once per thread, reused by every call
   b_pack.resize(static_cast<size_t>((n + 15) / 16 * k * 16));
   pack_b_f32(tb, n, k, b, ldb, b_pack.data());
-  f32_product(ta, m, n, k, alpha, a, lda, b_pack.data(), k * 16, beta, c, ldc, nullptr);
+  f32_product(ta, m, n, k, alpha, a, lda, b_pack.data(), k * 16, 16, beta, c, ldc, nullptr);
 }
 
 }  // namespace
@@ -452,7 +462,7 @@ void pack_b<c10::BFloat16>(bool tb, int64_t n, int64_t k, const c10::BFloat16* b
 template <>
 void gemm_packed<float>(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                         const float* bp, int64_t panel, float beta, float* c, int64_t ldc, float* row_max) {
-  if (m > 0 && n > 0) f32_product(ta, m, n, k, alpha, a, lda, bp, panel, beta, c, ldc, row_max);
+  if (m > 0 && n > 0) f32_product(ta, m, n, k, alpha, a, lda, bp, panel, 16, beta, c, ldc, row_max);
 }
 template <>
 void gemm_packed<c10::BFloat16>(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* a,
