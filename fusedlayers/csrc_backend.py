@@ -60,24 +60,28 @@ def _ops():
 
 
 def output_cache(limit_mb: Optional[int] = None) -> dict:
-    """The cache of the ``cpu`` kernels' large outputs (``csrc/cpu/output_cache.cpp``).
+    """The cache of the ``cpu`` norm kernels' large outputs (``csrc/cpu/output_cache.cpp``).
 
     A freed output of 128 KB or more is kept for the next output of about its size (at most
-    1/8 larger), whose pages are then already mapped and do not page-fault on first touch;
-    the bytes kept are bounded by a limit: 256 MB, or ``FUSEDLAYERS_CPU_CACHE_MB`` at the
-    first output; 0 turns the cache off. ``limit_mb`` (>= 0) sets the limit now and returns
-    kept blocks beyond it to the system (0 returns them all and turns the cache off).
+    1/8 larger), whose pages its former owner wrote are then mapped and do not page-fault
+    again; the bytes kept are bounded by a limit: 256 MB, or ``FUSEDLAYERS_CPU_CACHE_MB`` read
+    when the extension loads (0 turns the cache off; a value that is not a whole number of MB
+    >= 0 warns and keeps 256). ``limit_mb`` (>= 0) sets the limit now and returns kept blocks
+    beyond it to the system (0 returns them all and turns the cache off).
 
     Returns ``{"held_bytes", "limit_bytes", "hits", "misses", "held_blocks", "live_bytes"}``:
-    bytes kept for reuse, the limit, outputs served from kept blocks and from new ones, and
-    bytes of outputs alive now. Raises ``RuntimeError`` when the extension is not loaded and
-    ``ValueError`` for a negative ``limit_mb``.
+    bytes kept for reuse, the limit, blocks served from kept ones and new ones, and bytes of
+    the blocks in use now (page-rounded; ``resize_`` and copy-on-write copies of an output
+    count too). Builds the extension first where it is built on first use. Raises
+    ``RuntimeError`` when the extension is not available and ``ValueError`` for a
+    ``limit_mb`` that is not a whole number of MB in [0, 2**40).
     """
-    if not _ext.available():
+    if limit_mb is not None and (isinstance(limit_mb, bool) or not isinstance(limit_mb, int)
+                                 or not 0 <= limit_mb < 2**40):
+        raise ValueError(f"fusedlayers.cpu_output_cache: limit_mb must be a whole number of MB in [0, 2**40) "
+                         f"or None, got {limit_mb!r}")
+    if not _ext.ensure():
         raise RuntimeError(f"fusedlayers: the cpu output cache needs the C++ extension: {_ext.ERROR}")
-    if limit_mb is not None and (isinstance(limit_mb, bool) or not isinstance(limit_mb, int) or limit_mb < 0):
-        raise ValueError(f"fusedlayers.cpu_output_cache: limit_mb must be a whole number of MB >= 0 or None, "
-                         f"got {limit_mb!r}")
     values = _ops()._cpu_output_cache(-1 if limit_mb is None else limit_mb << 20)
     return dict(zip(("held_bytes", "limit_bytes", "hits", "misses", "held_blocks", "live_bytes"), values))
 

@@ -1,4 +1,4 @@
-// Storage of the cpu kernels' large outputs (empty_output in ops_common.h).
+// Storage of the cpu norm kernels' large outputs (empty_output in ops_common.h).
 //
 // A training loop asks for outputs of the same few sizes on every step and frees them a
 // moment later. Under glibc's defaults a block of 128 KB or more is mmap-ed, or taken from
@@ -7,7 +7,7 @@
 // forward and backward took 265 faults per step, which cost as much as the kernels. Here a
 // freed output of 128 KB or more is kept, up to a limit on the bytes held (256 MB, or
 // FUSEDLAYERS_CPU_CACHE_MB; 0 turns the cache off), and the next output of about its size
-// (at most 1/8 larger) reuses it, its pages already mapped. The blocks kept longest are
+// (at most 1/8 larger) reuses it, the pages its former owner touched already mapped. The blocks kept longest are
 // returned to the system first when the limit is reached. Blocks of 4 MB or more are
 // 2 MB-aligned with transparent huge pages advised (Linux, THP "madvise" or "always"), so
 // their first touch faults 2 MB at a time.
@@ -22,7 +22,10 @@
 #include <sys/mman.h>
 #endif
 
+#include <array>
+#include <cerrno>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <mutex>
 #include <string>
@@ -52,13 +55,18 @@ void advise_huge(void* p, size_t n) {
 #endif
 }
 
+// FUSEDLAYERS_CPU_CACHE_MB, or the default limit (with a warning) when it is not a whole number of MB >= 0.
 size_t limit_from_env() {
   const char* s = std::getenv("FUSEDLAYERS_CPU_CACHE_MB");
   if (s == nullptr || *s == '\0') return kDefaultLimit;
   char* end = nullptr;
+  errno = 0;
   const long long mb = std::strtoll(s, &end, 10);
-  TORCH_CHECK(*end == '\0' && mb >= 0 && mb < (1LL << 40),
-              "fusedlayers: FUSEDLAYERS_CPU_CACHE_MB must be a whole number of megabytes >= 0, got '", s, "'");
+  if (*end != '\0' || errno != 0 || mb < 0 || mb >= (1LL << 40)) {
+    TORCH_WARN("fusedlayers: FUSEDLAYERS_CPU_CACHE_MB must be a whole number of megabytes >= 0, got '", s,
+               "'; the cpu output cache keeps its default limit of ", kDefaultLimit >> 20, " MB");
+    return kDefaultLimit;
+  }
   return static_cast<size_t>(mb) << 20;
 }
 
@@ -71,6 +79,8 @@ struct OutputCache final : c10::Allocator {
   size_t held = 0;                             // bytes in `kept`
   size_t limit = limit_from_env();
   int64_t hits = 0, misses = 0;
+
+  OutputCache() { kept.reserve(kMaxBlocks); }
 
   c10::DataPtr allocate(size_t n) override {
     void* p = n == 0 ? nullptr : take(n);
@@ -107,26 +117,37 @@ struct OutputCache final : c10::Allocator {
       TORCH_CHECK_WITH(OutOfMemoryError, false, "fusedlayers: cannot allocate ", bytes, " bytes for a cpu output");
     }
     advise_huge(p, bytes);
-    std::lock_guard<std::mutex> g(mu);
-    live.emplace(p, bytes);
+    try {
+      std::lock_guard<std::mutex> g(mu);
+      live.emplace(p, bytes);
+    } catch (...) {
+      std::free(p);
+      throw;
+    }
     return p;
   }
 
-  void give_back(void* p) {
-    std::vector<void*> to_free;
+  // The deleter of every block (it runs in noexcept destructors, so nothing here allocates or throws: `kept` has
+  // room for kMaxBlocks, and at most kMaxBlocks + 1 blocks are freed).
+  void give_back(void* p) noexcept {
+    std::array<void*, kMaxBlocks + 1> to_free;
+    size_t n_free = 0;
     {
       std::lock_guard<std::mutex> g(mu);
       const auto it = live.find(p);
-      TORCH_INTERNAL_ASSERT(it != live.end(), "fusedlayers: a cpu output freed twice or not ours");
+      if (it == live.end()) {
+        std::fprintf(stderr, "fusedlayers: a cpu output's memory was freed twice or is not the cache's\n");
+        std::abort();
+      }
       const size_t bytes = it->second;
       live.erase(it);
       if (bytes < kMinBytes || bytes > limit) {
-        to_free.push_back(p);
+        to_free[n_free++] = p;
       } else {
         size_t drop = 0;
         while (drop < kept.size() && (held + bytes > limit || kept.size() - drop >= kMaxBlocks)) {
           held -= kept[drop].first;
-          to_free.push_back(kept[drop].second);
+          to_free[n_free++] = kept[drop].second;
           ++drop;
         }
         kept.erase(kept.begin(), kept.begin() + static_cast<std::ptrdiff_t>(drop));
@@ -134,7 +155,7 @@ struct OutputCache final : c10::Allocator {
         held += bytes;
       }
     }
-    for (void* q : to_free) std::free(q);
+    for (size_t i = 0; i < n_free; ++i) std::free(to_free[i]);
   }
 
   size_t current_limit() {
@@ -144,6 +165,7 @@ struct OutputCache final : c10::Allocator {
 
   std::vector<int64_t> stats(int64_t new_limit) {
     std::vector<void*> to_free;
+    to_free.reserve(kMaxBlocks);
     std::vector<int64_t> out;
     {
       std::lock_guard<std::mutex> g(mu);
@@ -167,7 +189,8 @@ struct OutputCache final : c10::Allocator {
   }
 };
 
-// Never destroyed: tensors may outlive static destruction at interpreter exit.
+// Made when the library loads (a fork() during its first use could otherwise leave the child waiting on an
+// initialisation that never ends); never destroyed, since tensors may outlive static destruction at exit.
 OutputCache& cache() {
   static OutputCache* c = [] {
     auto* made = new OutputCache();
@@ -183,6 +206,8 @@ OutputCache& cache() {
 void release(void* p) {
   if (p != nullptr) cache().give_back(p);
 }
+
+[[maybe_unused]] const OutputCache& kMadeAtLoad = cache();
 
 }  // namespace
 
