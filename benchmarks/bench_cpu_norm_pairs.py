@@ -14,7 +14,9 @@ malloc: blocks above its mmap threshold are new pages, which fault on first touc
 ``cpu`` kernels advise transparent huge pages on large outputs, see README); ``--no-mmap``
 measures under glibc settings where they do not. The ``cpu`` kernels keep freed outputs for
 their next ones (``fusedlayers.cpu_output_cache``; ``FUSEDLAYERS_CPU_CACHE_MB=0`` turns that
-off); page faults per call of each side are counted after the timing. Each
+off); page faults per call of each side are counted after the timing, and each forward's
+share of the machine's copy bandwidth (its input and output tensors against ``dst.copy_(src)``
+of one tensor, timed in interleaved pairs with it). Each
 output is checked against torch's before timing. Results: benchmarks/results/cpu/norm-pairs/.
 """
 
@@ -50,9 +52,10 @@ def rows(m: int, n: int, dtype: torch.dtype):
     }
     for name, (ours, theirs) in ops.items():
         ok = torch.allclose(ours(x, r, w, b).float(), theirs(x, r, w, b).float(), rtol=2e-2, atol=2e-2)
-        yield name, "fwd", (lambda f=ours: f(x, r, w, b)), (lambda f=theirs: f(x, r, w, b)), ok
+        tensors = 3 if name == "add_layer_norm" else 2  # tensors a fused forward reads and writes (no grad)
+        yield name, "fwd", (lambda f=ours: f(x, r, w, b)), (lambda f=theirs: f(x, r, w, b)), ok, tensors
         yield name, "fwd+bwd", (lambda f=ours: f(xg, rg, wg, bg).backward(dy)), \
-            (lambda f=theirs: f(xg, rg, wg, bg).backward(dy)), ok
+            (lambda f=theirs: f(xg, rg, wg, bg).backward(dy)), ok, None
 
 
 def faults_per_call(ours, theirs, calls: int) -> tuple[float, float]:
@@ -89,19 +92,27 @@ def main(argv=None) -> int:
     for shape in args.shapes:
         m, n = (int(v) for v in shape.split("x"))
         calls = max(2, int(2e7 // (m * n)))
-        for name, mode, ours, theirs, ok in rows(m, n, dtype):
+        src = torch.randn(m, n).to(dtype)
+        dst = torch.empty_like(src)
+        for name, mode, ours, theirs, ok, tensors in rows(m, n, dtype):
             if not ok:
                 print(f"{shape} {name} {mode}: WRONG (differs from torch), not timed")
                 continue
             res = interleaved_pair(ours, theirs, args.pairs, calls)
             faults = faults_per_call(ours, theirs, calls)
+            # the forward's share of this machine's copy bandwidth: its tensors against dst.copy_(src)'s two,
+            # timed in interleaved pairs with the copy
+            of_copy = None
+            if tensors is not None:
+                of_copy = tensors / 2 / interleaved_pair(ours, lambda: dst.copy_(src), args.pairs, calls)["ratio"]
             row = {"shape": shape, "dtype": args.dtype, "op": name, "mode": mode, "ours_us": res["ours_us"],
                    "torch_us": res["torch_us"], "speedup": 1.0 / res["ratio"], "ours_faults": faults[0],
-                   "torch_faults": faults[1]}
+                   "torch_faults": faults[1], "of_copy_bandwidth": of_copy}
             results.append(row)
             print(f"{shape} {args.dtype} {name:15} {mode:8} ours {row['ours_us']:10.1f} µs  torch "
                   f"{row['torch_us']:10.1f} µs  speedup {row['speedup']:.2f}x  page faults per call "
-                  f"{faults[0]:.0f} / {faults[1]:.0f}", flush=True)
+                  f"{faults[0]:.0f} / {faults[1]:.0f}" + (f"  {of_copy:.0%} of copy bandwidth" if of_copy else ""),
+                  flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = (f"results-{args.dtype}" + ("-no-mmap" if env["malloc"] == "no-mmap" else "")
             + ("-no-cache" if env.get("cpu_output_cache_mb") == 0 else ""))
@@ -110,10 +121,12 @@ def main(argv=None) -> int:
              f"{env['date']}, fusedlayers ({env.get('commit')}), torch {env['torch']}, {env['threads']} threads, "
              f"allocator: {env['allocator']}, glibc {env['malloc']}, cpu output cache "
              f"{env.get('cpu_output_cache_mb')} MB", "",
-             "| shape | op | mode | fusedlayers µs | torch µs | speedup (torch / ours) | page faults per call (ours / torch) |",
-             "|---|---|---|---|---|---|---|"]
+             "| shape | op | mode | fusedlayers µs | torch µs | speedup (torch / ours) | page faults per call (ours / torch) "
+             "| ours, of copy bandwidth |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['shape']} {r['dtype']} | {r['op']} | {r['mode']} | {r['ours_us']:.0f} | {r['torch_us']:.0f} | "
-              f"{r['speedup']:.2f}x | {r['ours_faults']:.0f} / {r['torch_faults']:.0f} |" for r in results]
+              f"{r['speedup']:.2f}x | {r['ours_faults']:.0f} / {r['torch_faults']:.0f} | "
+              + (f"{r['of_copy_bandwidth']:.0%} |" if r["of_copy_bandwidth"] else "|") for r in results]
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}/{stem}.json and .md")
     return 0
