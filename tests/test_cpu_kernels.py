@@ -240,10 +240,11 @@ def test_softcap_rows_mixing_scores_inside_and_past_the_polynomial_range():
     _assert_within_rule((q, k, v), dout, dlse, dict(softcap=4.0), str(case))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_forward_non_finite_scores_where_the_product_gives_the_row_max(dtype):
     # K and V packed (two query blocks of 32) and no mask: the product's epilogue gives each row's max (a
-    # lane-wise max that may drop a NaN) and the exponentials take the polynomial exp. Rows as the float64
+    # lane-wise max that may drop a NaN) and the exponentials take the polynomial exp (fp16: MKL's products, the
+    # row max read from the row, the polynomial exp straight to fp16). Rows as the float64
     # reference has them: a NaN query element (NaN row); a row whose scores are -inf but one NaN (+inf times k's
     # negative first column, and times 0 at key 550 of the second key block); a row with +inf scores (lse +inf,
     # NaN out); a NaN key element (head 2: every row NaN, though its max is finite); every other row within the

@@ -282,8 +282,9 @@ inline Vec exp_reduced(const Vec& x) {
 }
 #endif
 
-// a[j] = exp(a[j] - m), returns sum_j a[j]. exp(-inf) = 0. Sleef's 1-ulp exp, or with kLowp (rows that go on in
-// bf16 / fp16) a faster one: exp_lowp on AVX-512 where m is finite, else exp_u20_nan. In float32 exp_u20 put
+// a[j] = exp(a[j] - m), returns sum_j a[j]. exp(-inf) = 0. Within 1 ulp (exp_reduced on AVX-512 where m is
+// finite, else Sleef's exp), or with kLowp (rows that go on in bf16 / fp16) a faster one: exp_lowp on AVX-512
+// where m is finite, else exp_u20_nan. In float32 exp_u20 put
 // dq / dbias just past the test rule's bound (2-3x torch's error).
 template <bool kLowp = false>
 inline float exp_sub_sum(float* a, int64_t n, float m) {
@@ -346,8 +347,8 @@ inline void for_each_above(const float* a, int64_t n, float t, F f) {
 }
 
 // exp_sub_sum for a row whose exponentials go on in T (bf16 / fp16) alone: out[j] = exp(a[j] - m) rounded to T
-// (exp_u20_nan), returns the float32 sum. bf16 where to_bf16_row serves: the exponentials go to a, then to out in
-// one conversion pass (vcvtne2ps2bf16); else straight to out.
+// (exp_sub_sum<true>'s exp), returns the float32 sum. bf16 where to_bf16_row serves: the exponentials go to a,
+// then to out in one conversion pass (vcvtne2ps2bf16); else straight to out.
 template <typename T>
 inline float exp_sub_sum_to(float* a, int64_t n, float m, T* out) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
@@ -359,9 +360,15 @@ inline float exp_sub_sum_to(float* a, int64_t n, float m, T* out) {
   }
   int64_t j = 0;
   const Vec vm(m);
+#if defined(CPU_CAPABILITY_AVX512)
+  const bool finite = std::isfinite(m);
+  auto ex = [&](const Vec& x) { return finite ? exp_lowp(x) : exp_u20_nan(x); };
+#else
+  auto ex = [](const Vec& x) { return exp_u20_nan(x); };
+#endif
   Vec acc(0.0f);
   for (; j + 2 * kVec <= n; j += 2 * kVec) {
-    const Vec e0 = exp_u20_nan(Vec::loadu(a + j) - vm), e1 = exp_u20_nan(Vec::loadu(a + j + kVec) - vm);
+    const Vec e0 = ex(Vec::loadu(a + j) - vm), e1 = ex(Vec::loadu(a + j + kVec) - vm);
     store_vec2(out + j, e0, e1);
     acc = acc + e0 + e1;
   }
