@@ -516,6 +516,18 @@ def test_output_cache_holds_at_most_its_limit_and_zero_turns_it_off(cache_limit)
             fusedlayers.cpu_output_cache(bad)
 
 
+def test_output_cache_hands_out_the_block_freed_last_of_equal_ones(cache_limit):
+    # the warmest in cache (the oldest may be one that streaming stores evicted from it)
+    cache_limit(0)
+    cache_limit(64)
+    x, w = torch.randn(512, 768), torch.randn(768)
+    a, b = _ln(x, w), _ln(x, w)
+    pb = b.data_ptr()
+    del a
+    del b
+    assert _ln(x, w).data_ptr() == pb
+
+
 def test_output_cache_keeps_at_most_64_blocks(cache_limit):
     cache_limit(0)
     cache_limit(256)

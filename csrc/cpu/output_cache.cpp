@@ -91,7 +91,10 @@ struct OutputCache final : c10::Allocator {
     default_copy_data(dest, src, count);
   }
 
-  // A kept block of n to n + n/8 bytes (the smallest), else a new one.
+  // A kept block of n to n + n/8 bytes (the smallest; of equal ones the one freed last, the warmest in cache:
+  // taking the oldest handed the block of an output written with streaming stores, whose lines those stores had
+  // evicted, to an output written through the cache, and add + layer norm's forward under autograd took 1.4x as
+  // long), else a new one.
   void* take(size_t n) {
     const size_t bytes = (n + kPage - 1) / kPage * kPage;
     {
@@ -99,7 +102,7 @@ struct OutputCache final : c10::Allocator {
       size_t best = kept.size();
       for (size_t i = 0; i < kept.size(); ++i) {
         const size_t b = kept[i].first;
-        if (b >= bytes && b - bytes <= bytes / 8 && (best == kept.size() || b < kept[best].first)) best = i;
+        if (b >= bytes && b - bytes <= bytes / 8 && (best == kept.size() || b <= kept[best].first)) best = i;
       }
       if (best != kept.size()) {
         const auto [b, p] = kept[best];
