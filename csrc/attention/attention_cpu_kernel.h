@@ -354,26 +354,17 @@ void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows
     if (lane_max == nullptr || block_max == -INFINITY) block_max = row_max(s, nk);
     SoftmaxState& st = state[i];
     const float m_new = softmax_new_max(st, block_max);
-    // fp16 / bf16 without dropout: the exponentials go straight to P in T, no float32 copy
-    const bool direct = lowp && p.dropout_p == 0 && m_new != -INFINITY;
     if (m_new == -INFINITY) {  // nothing visible yet: P = 0
       std::fill(s, s + nk, 0.0f);
     } else {
-      float sum;
-      if constexpr (lowp) {
-        sum = direct ? exp_sub_sum_to(s, nk, m_new, p_lowp + i * kBlockK) : exp_sub_sum(s, nk, m_new);
-      } else {
-        sum = exp_sub_sum(s, nk, m_new);
-      }
-      const float alpha = softmax_update(st, m_new, sum);
+      // (fp16 / bf16: the exp for rows that go on in 8 or 11 bits, as the backward recomputes P)
+      const float alpha = softmax_update(st, m_new, exp_sub_sum<lowp>(s, nk, m_new));
       if (alpha != 1.0f) scale_row(o_acc + i * Dv, Dv, alpha);
       if (p.dropout_p > 0) {
         dropout_row(s, nk, p.seed, drop_index(p, sq, rows.b, h, r, kb), p.dropout_p, 1.0f / (1.0f - p.dropout_p));
       }
     }
-    if constexpr (lowp) {
-      if (!direct) lowp_row(s, nk, p_lowp + i * kBlockK);
-    }
+    if constexpr (lowp) lowp_row(s, nk, p_lowp + i * kBlockK);  // P in T for the P V product
   }
   const T* P = lowp ? p_lowp : reinterpret_cast<const T*>(S);
   if (packed) {

@@ -23,8 +23,9 @@ inline DType dtype_of(const at::Tensor& t, const char* op, const char* name) {
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // The output cache's counters: {bytes held, limit in bytes, hits, misses, blocks held, bytes
-// of live blocks} (blocks: page-rounded; resize_ and copy-on-write copies of an output count too). new_limit >= 0 sets the limit first (0 turns the cache off) and returns
-// kept blocks beyond it to the system.
+// of live blocks} (blocks: page-rounded; resize_ and copy-on-write copies of an output count
+// too). new_limit >= 0 sets the limit first (0 turns the cache off) and returns kept blocks
+// beyond it to the system.
 std::vector<int64_t> output_cache_stats(int64_t new_limit);
 
 inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {

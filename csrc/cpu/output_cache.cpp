@@ -131,6 +131,19 @@ struct OutputCache final : c10::Allocator {
     return p;
   }
 
+  // Under mu: takes the oldest kept blocks out until `incoming` more bytes fit under the limit and fewer than
+  // max_blocks stay kept; their pointers go to out (room for kMaxBlocks), their count is returned.
+  size_t drop_oldest(size_t incoming, size_t max_blocks, void** out) noexcept {
+    size_t drop = 0;
+    while (drop < kept.size() && (held + incoming > limit || kept.size() - drop >= max_blocks)) {
+      held -= kept[drop].first;
+      out[drop] = kept[drop].second;
+      ++drop;
+    }
+    kept.erase(kept.begin(), kept.begin() + static_cast<std::ptrdiff_t>(drop));
+    return drop;
+  }
+
   // The deleter of every block (it runs in noexcept destructors, so nothing here allocates or throws: `kept` has
   // room for kMaxBlocks, and at most kMaxBlocks + 1 blocks are freed).
   void give_back(void* p) noexcept {
@@ -148,13 +161,7 @@ struct OutputCache final : c10::Allocator {
       if (bytes < kMinBytes || bytes > limit) {
         to_free[n_free++] = p;
       } else {
-        size_t drop = 0;
-        while (drop < kept.size() && (held + bytes > limit || kept.size() - drop >= kMaxBlocks)) {
-          held -= kept[drop].first;
-          to_free[n_free++] = kept[drop].second;
-          ++drop;
-        }
-        kept.erase(kept.begin(), kept.begin() + static_cast<std::ptrdiff_t>(drop));
+        n_free = drop_oldest(bytes, kMaxBlocks, to_free.data());
         kept.emplace_back(bytes, p);
         held += bytes;
       }
@@ -168,27 +175,21 @@ struct OutputCache final : c10::Allocator {
   }
 
   std::vector<int64_t> stats(int64_t new_limit) {
-    std::vector<void*> to_free;
-    to_free.reserve(kMaxBlocks);
+    std::array<void*, kMaxBlocks> to_free;
+    size_t n_free = 0;
     std::vector<int64_t> out;
     {
       std::lock_guard<std::mutex> g(mu);
       if (new_limit >= 0) {
         limit = static_cast<size_t>(new_limit);
-        size_t drop = 0;
-        while (drop < kept.size() && held > limit) {
-          held -= kept[drop].first;
-          to_free.push_back(kept[drop].second);
-          ++drop;
-        }
-        kept.erase(kept.begin(), kept.begin() + static_cast<std::ptrdiff_t>(drop));
+        n_free = drop_oldest(0, kMaxBlocks + 1, to_free.data());
       }
       size_t in_use = 0;
       for (const auto& [p, b] : live) in_use += b;
       out = {static_cast<int64_t>(held), static_cast<int64_t>(limit), hits, misses,
              static_cast<int64_t>(kept.size()), static_cast<int64_t>(in_use)};
     }
-    for (void* q : to_free) std::free(q);
+    for (size_t i = 0; i < n_free; ++i) std::free(to_free[i]);
     return out;
   }
 };

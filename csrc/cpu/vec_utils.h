@@ -346,41 +346,6 @@ inline void for_each_above(const float* a, int64_t n, float t, F f) {
   }
 }
 
-// exp_sub_sum for a row whose exponentials go on in T (bf16 / fp16) alone: out[j] = exp(a[j] - m) rounded to T
-// (exp_sub_sum<true>'s exp), returns the float32 sum. bf16 where to_bf16_row serves: the exponentials go to a,
-// then to out in one conversion pass (vcvtne2ps2bf16); else straight to out.
-template <typename T>
-inline float exp_sub_sum_to(float* a, int64_t n, float m, T* out) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (packs<c10::BFloat16>()) {
-      const float s = exp_sub_sum<true>(a, n, m);
-      to_bf16_row(a, n, out);
-      return s;
-    }
-  }
-  int64_t j = 0;
-  const Vec vm(m);
-#if defined(CPU_CAPABILITY_AVX512)
-  const bool finite = std::isfinite(m);
-  auto ex = [&](const Vec& x) { return finite ? exp_lowp(x) : exp_u20_nan(x); };
-#else
-  auto ex = [](const Vec& x) { return exp_u20_nan(x); };
-#endif
-  Vec acc(0.0f);
-  for (; j + 2 * kVec <= n; j += 2 * kVec) {
-    const Vec e0 = ex(Vec::loadu(a + j) - vm), e1 = ex(Vec::loadu(a + j + kVec) - vm);
-    store_vec2(out + j, e0, e1);
-    acc = acc + e0 + e1;
-  }
-  float s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
-  for (; j < n; ++j) {
-    const float e = std::exp(a[j] - m);
-    out[j] = static_cast<T>(e);
-    s += e;
-  }
-  return s;
-}
-
 // out[j] = T(in[j]): a row for gemm_lowp (to_bf16_row where it serves, else store_row).
 template <typename T>
 inline void lowp_row(const float* in, int64_t n, T* out) {
