@@ -362,6 +362,8 @@ for dtype in (torch.float32, torch.bfloat16):
     AttentionCase(b=1, hq=8, hkv=2, nq=5, nk=1100, d=40, causal="bottom_right", mask="key_padding"),
     AttentionCase(b=2, hq=4, hkv=2, nq=16, nk=600, d=64, mask="bias", dropout_p=0.1),
     AttentionCase(b=1, hq=2, hkv=2, nq=3, nk=1500, d=32, mask="bool"),  # no GQA: one head per task, split
+    # rows of K and V apart (B, N, H, D) and not on cache lines (48 floats): the next block's prefetch
+    AttentionCase(b=1, hq=4, hkv=2, nq=9, nk=1700, d=48, strided=True),
     replace(AttentionCase(b=1, hq=6, hkv=2, nq=7, nk=1300, d=64, causal="bottom_right"), window=(700, 0),
             softcap=30.0, alibi=True, sinks=True),
 ], ids=str)
@@ -486,6 +488,31 @@ def test_output_cache_reuses_a_freed_output_and_never_a_live_one(cache_limit):
     small = _ln(x[:256], w, b)
     assert small.data_ptr() not in (lo1, lo2)
     torch.testing.assert_close(small, want[:256])
+
+
+def test_attention_outputs_and_gradients_come_from_the_cache(cache_limit):
+    """The cpu attention's out and its dq, dk, dv are the cache's blocks, reused once freed, and hold what
+    the same kernels write into plain tensors (the cache off)."""
+    q, k, v = (torch.randn(1, 4, 256, 64, requires_grad=True) for _ in range(3))  # 256 KB each
+    dout = torch.randn(1, 4, 256, 64)
+
+    def run():
+        out = fusedlayers.attention(q, k, v, backend="cpu")
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    cache_limit(0)
+    plain = run()
+    cache_limit(64)
+    cached = run()
+    stats = fusedlayers.cpu_output_cache()
+    assert stats["live_bytes"] >= 4 * q.nbytes
+    assert all(torch.equal(a, b) for a, b in zip(plain, cached))
+    del cached
+    before = fusedlayers.cpu_output_cache()
+    assert before["held_blocks"] >= 4
+    again = run()
+    assert fusedlayers.cpu_output_cache()["hits"] >= before["hits"] + 4
+    assert all(torch.equal(a, b) for a, b in zip(plain, again))
 
 
 def test_output_cache_holds_at_most_its_limit_and_zero_turns_it_off(cache_limit):

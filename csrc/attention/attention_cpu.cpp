@@ -91,7 +91,7 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const AttentionArgs& a) {
   const at::Tensor q = qkv_rows(a.q), k = qkv_rows(a.k), v = qkv_rows(a.v);
   AttentionParams p = make_params(kFwd, q, k, v, a);
-  auto [out, lse] = alloc_out(p, q);
+  auto [out, lse] = alloc_out(p, q, &empty_output);
   kernels().attention_fwd(p);
   return {out, lse};
 }
@@ -103,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(con
   AttentionParams p = make_params(kBwd, q, k, v, a);
   const auto [out, dout, lse, dlse] = bwd_inputs(p, kBwd, q, g.out, g.dout, g.lse, g.dlse);
   p.dlse = dlse.const_data_ptr<float>();
-  auto [dq, dk, dv] = alloc_grads(p, q, k, v);
+  auto [dq, dk, dv] = alloc_grads(p, q, k, v, &empty_output);
   // dbias: each task owns a (b, h) slice of the buffer and adds a broadcast q / k dim of the
   // mask up in place
   const at::Tensor dbias_acc = alloc_bias_grad(p, kBwd, g.bias_grad, a.mask, q, /*mask_qk=*/true);

@@ -60,12 +60,12 @@ namespace attn {
 
 
 // C (m x n, float32) = alpha * op(A) op(B) + beta * C for A, B in the inputs' dtype (common/cpu_gemm.h):
-// low-precision operands where a GEMM takes them, else a float32 copy.
+// low-precision operands where a GEMM takes them, else a float32 copy. `ahead`: gemm's Prefetch (float32).
 template <typename T>
 void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const T* a, int64_t lda, const T* b,
-        int64_t ldb, float beta, float* c, int64_t ldc) {
+        int64_t ldb, float beta, float* c, int64_t ldc, const Prefetch& ahead = {}) {
   if constexpr (std::is_same_v<T, float>) {
-    gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ahead);
   } else {
     if (gemm_lowp(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) return;
     const int64_t ra = ta ? k : m, ca = ta ? m : k, rb = tb ? n : k, cb = tb ? k : n;
@@ -325,10 +325,12 @@ struct ForwardScratch {
 // One key block [kb, kb + nk) of a task: S = scale Q K^T, each row's scores (score_row), the online softmax
 // (state), dropout, and O += P V (P in T for fp16 / bf16). Q: the task's rows, lda apart. Where score_row at most
 // caps the product (no ALiBi or mask, a block inside every row's range) and the product is packed, the product's
-// epilogue gives each row's max (capped by the same arithmetic: tanh is increasing).
+// epilogue gives each row's max (capped by the same arithmetic: tanh is increasing). Unpacked, the Q K^T product
+// brings this block's V into the L2 cache and the P V product the K of the task's next next_nk keys (from
+// kb + nk), so that the products that pack them read the cache rather than DRAM.
 template <typename T>
 void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows, const T* Q, int64_t lda,
-                   const T* K, const T* V, const PackedKV<T>& kv, int64_t kb, int64_t nk, bool edge,
+                   const T* K, const T* V, const PackedKV<T>& kv, int64_t kb, int64_t nk, int64_t next_nk, bool edge,
                    const ForwardScratch<T>& scratch, float* o_acc, SoftmaxState* state) {
   const int64_t kBlockK = p.block_k, D = p.head_dim, Dv = p.head_dim_v, m = rows.count();
   constexpr bool lowp = !std::is_same_v<T, float>;
@@ -342,7 +344,8 @@ void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows
     mm_packed<T>(false, m, nk, D, p.scale, Q, lda, kv.k + packed_offset(kb, 0, kv.k_panel), kv.k_panel, 0.0f, S,
                  kBlockK, lane_max);
   } else {
-    mm<T>(false, true, m, nk, D, p.scale, Q, lda, K + kb * p.k_rs, p.k_rs, 0.0f, S, kBlockK);
+    const Prefetch v_rows{V + kb * p.v_rs, nk, Dv * static_cast<int64_t>(sizeof(T)), p.v_rs * static_cast<int64_t>(sizeof(T))};
+    mm<T>(false, true, m, nk, D, p.scale, Q, lda, K + kb * p.k_rs, p.k_rs, 0.0f, S, kBlockK, v_rows);
   }
   for (int64_t i = 0; i < m; ++i) {
     float* s = S + i * kBlockK;
@@ -371,7 +374,9 @@ void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows
     mm_packed<T>(false, m, Dv, nk, 1.0f, P, kBlockK, kv.v + packed_offset(0, kb, kv.v_panel), kv.v_panel, 1.0f, o_acc,
                  Dv);
   } else {
-    mm<T>(false, false, m, Dv, nk, 1.0f, P, kBlockK, V + kb * p.v_rs, p.v_rs, 1.0f, o_acc, Dv);
+    const Prefetch k_rows{K + (kb + nk) * p.k_rs, next_nk, D * static_cast<int64_t>(sizeof(T)),
+                          p.k_rs * static_cast<int64_t>(sizeof(T))};
+    mm<T>(false, false, m, Dv, nk, 1.0f, P, kBlockK, V + kb * p.v_rs, p.v_rs, 1.0f, o_acc, Dv, k_rows);
   }
 }
 
@@ -485,7 +490,8 @@ void forward(const AttentionParams& p) {
       for (int64_t kb = first; kb < end; kb += kBlockK) {
         const int64_t nk = std::min(kBlockK, end - kb);
         if (!span.edge(kb, nk) || rows.heads > 1 || rows.mq <= kEdgeRows) {
-          forward_block<T>(p, sq, rows, Q, lda, K, V, kv, kb, nk, span.edge(kb, nk), scratch, o_acc, st);
+          const int64_t next_nk = std::min(kBlockK, std::max<int64_t>(end - kb - nk, 0));
+          forward_block<T>(p, sq, rows, Q, lda, K, V, kv, kb, nk, next_nk, span.edge(kb, nk), scratch, o_acc, st);
           continue;
         }
         // A block on a causal / window edge: its rows in runs of kEdgeRows, each over the keys of [kb, kb + nk)
@@ -495,7 +501,7 @@ void forward(const AttentionParams& p) {
           const KeySpan rs = key_span(p, sq, run.i0, run.mq);
           const int64_t lo = std::max(kb, rs.first), hi = std::min(kb + nk, rs.end);
           if (lo >= hi) continue;  // no key of this block for these rows: their state stays
-          forward_block<T>(p, sq, run, Q + r0 * lda, lda, K, V, kv, lo, hi - lo, rs.edge(lo, hi - lo), scratch,
+          forward_block<T>(p, sq, run, Q + r0 * lda, lda, K, V, kv, lo, hi - lo, 0, rs.edge(lo, hi - lo), scratch,
                            o_acc + r0 * Dv, st + r0);
         }
       }

@@ -252,17 +252,18 @@ void set_out_layout(Params& p, int64_t rows_q) {
   }
 }
 
-// The forward's out (q's dtype, Dv columns) and lse (float32), new and contiguous, set in p.
+// The forward's out (q's dtype, Dv columns) and lse (float32), new (from `empty`) and contiguous,
+// set in p.
 template <class Params>
-std::tuple<at::Tensor, at::Tensor> alloc_out(Params& p, const at::Tensor& q) {
+std::tuple<at::Tensor, at::Tensor> alloc_out(Params& p, const at::Tensor& q, EmptyFn empty) {
   std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
   out_shape.back() = p.head_dim_v;
-  at::Tensor out = at::empty(out_shape, q.options());
+  at::Tensor out = empty(out_shape, q.options());
   at::Tensor lse = p.cu_seqlens_q != nullptr
-                       ? at::empty({static_cast<int64_t>(p.heads_q), q.size(0)}, q.options().dtype(at::kFloat))
-                       : at::empty({static_cast<int64_t>(p.batch), static_cast<int64_t>(p.heads_q),
-                                    static_cast<int64_t>(p.seqlen_q)},
-                                   q.options().dtype(at::kFloat));
+                       ? empty({static_cast<int64_t>(p.heads_q), q.size(0)}, q.options().dtype(at::kFloat))
+                       : empty({static_cast<int64_t>(p.batch), static_cast<int64_t>(p.heads_q),
+                                static_cast<int64_t>(p.seqlen_q)},
+                               q.options().dtype(at::kFloat));
   set_out_layout(p, q.size(0));
   p.out = out.mutable_data_ptr();
   p.lse = lse.mutable_data_ptr<float>();
@@ -300,13 +301,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_inputs(Params& p,
   return {out, dout, lse, dlse};
 }
 
-// dq, dk, dv: new contiguous tensors shaped and typed as q, k, v, with their strides set in p.
+// dq, dk, dv: new (from `empty`) contiguous tensors shaped and typed as q, k, v, with their strides set in p.
 template <class Params>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> alloc_grads(Params& p, const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& v) {
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
+                                                          const at::Tensor& v, EmptyFn empty) {
+  at::Tensor dq = empty(q.sizes(), q.options());
+  at::Tensor dk = empty(k.sizes(), k.options());
+  at::Tensor dv = empty(v.sizes(), v.options());
   const bool varlen = p.cu_seqlens_q != nullptr;
   const int64_t r = varlen ? 0 : 2;  // the row dim
   p.dq = dq.mutable_data_ptr(), p.dk = dk.mutable_data_ptr(), p.dv = dv.mutable_data_ptr();

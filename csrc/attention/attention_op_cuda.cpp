@@ -111,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const AttentionArgs& a) {
   const at::Tensor q = rows_contiguous(a.q), k = rows_contiguous(a.k), v = rows_contiguous(a.v);
   std::vector<at::Tensor> keep;
   AttentionParams p = make_params(kFwd, q, k, v, a, keep);
-  auto [out, lse] = alloc_out(p, q);
+  auto [out, lse] = alloc_out(p, q, &plain_empty);
   if (out.numel() > 0) attention_fwd_launch(p, stream_of(q));
   return {out, lse};
 }
@@ -132,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(co
   if (a.cu_q.has_value()) delta = delta.t();
   delta = at::sub(delta, dlse).contiguous();
   p.delta = delta.const_data_ptr<float>();
-  auto [dq, dk, dv] = alloc_grads(p, q, k, v);
+  auto [dq, dk, dv] = alloc_grads(p, q, k, v, &plain_empty);
   // dbias: dS written once per (b, h, query, key) into a full-size buffer (zero where causal
   // skipping never visits), then summed over the mask's broadcast dims
   const at::Tensor dbias_full = alloc_bias_grad(p, kBwd, g.bias_grad, a.mask, q, /*mask_qk=*/false);

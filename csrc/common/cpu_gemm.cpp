@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -34,7 +35,7 @@ constexpr int kMr = 8;
 
 bool use_f32_tiles();
 void gemm_f32_tiles(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-                    const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+                    const float* b, int64_t ldb, float beta, float* c, int64_t ldc, const Prefetch& ahead);
 #endif
 
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CBLAS enum values
@@ -59,13 +60,13 @@ void gemm_loop(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, c
 }  // namespace
 
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc, const Prefetch& ahead) {
   if (m == 0 || n == 0) return;
 #ifdef FUSEDLAYERS_BF16_GEMM
   // (a product of fewer than 4 rows, as in decoding one query per head, would run row by row over B packed for
   // it: the BLAS)
   if (use_f32_tiles() && (m >= 4 || sgemm_ == nullptr)) {
-    return gemm_f32_tiles(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return gemm_f32_tiles(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ahead);
   }
 #endif
   if (sgemm_ == nullptr) return gemm_loop(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
@@ -158,15 +159,46 @@ FL_F32_TARGET inline void store_tile(const __m512 (&acc)[MR][NV], float alpha, f
   }
 }
 
+// The cache lines of a Prefetch, handed out one every `every` k-steps of the tiles of a product (prefetcht1).
+class LineCursor {
+ public:
+  LineCursor(const Prefetch& ahead, int64_t every)
+      : row_(static_cast<const char*>(ahead.base)), rows_left_(ahead.base != nullptr ? ahead.rows : 0),
+        row_bytes_(ahead.row_bytes), stride_(ahead.stride), every_(std::max<int64_t>(every, 1)), countdown_(every_) {
+    start_row();
+  }
+  bool done() const { return rows_left_ <= 0; }
+  FL_F32_TARGET void tick() {
+    if (--countdown_ > 0 || rows_left_ <= 0) return;
+    countdown_ = every_;
+    _mm_prefetch(line_, _MM_HINT_T1);
+    line_ += 64;
+    if (line_ >= row_ + row_bytes_) {
+      row_ += stride_;
+      --rows_left_;
+      start_row();
+    }
+  }
+
+ private:
+  void start_row() { line_ = row_ - (reinterpret_cast<uintptr_t>(row_) & 63); }  // the row's first line
+  const char* row_;
+  const char* line_ = nullptr;
+  int64_t rows_left_, row_bytes_, stride_, every_, countdown_;
+};
+
 // The float32 tile: C (MR x 16 NV) from op(A) (element (r, p) at a[r * a_rs + p * a_ks]) and B's panels of 16
 // columns, `panel` apart, row p of a panel at p * b_ks (packed: panels [k][16], b_ks 16; B in place: b_ks ldb).
+// With pf, one tick of it per k-step.
 template <int MR, int NV>
 FL_F32_TARGET void f32_tile(int64_t k, const float* a, int64_t a_rs, int64_t a_ks, const float* bp, int64_t panel,
-                            int64_t b_ks, float alpha, float beta, float* c, int64_t ldc, int ncols, float* row_max) {
+                            int64_t b_ks, float alpha, float beta, float* c, int64_t ldc, int ncols, float* row_max,
+                            LineCursor* pf) {
   __m512 acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t p = 0; p < k; ++p) {
+    if (pf != nullptr) pf->tick();
     __m512 bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(bp + v * panel + p * b_ks);
     for (int r = 0; r < MR; ++r) {
@@ -232,22 +264,24 @@ FL_F32_TARGET void pack_b_f32(bool tb, int64_t n, int64_t k, const float* b, int
 // k's rounding error near a BLAS's (one chain of 512 FMAs drifts about twice as far).
 constexpr int64_t kKc = 128;
 
-// C = alpha * op(A) B + beta * C, B in panels as f32_tile reads them (b_ks: the row stride within a panel).
+// C = alpha * op(A) B + beta * C, B in panels as f32_tile reads them (b_ks: the row stride within a panel); pf
+// (or null) ticks once per k-step of every tile.
 FL_F32_TARGET void f32_product(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                                const float* bp, int64_t panel, int64_t b_ks, float beta, float* c, int64_t ldc,
-                               float* row_max) {
+                               float* row_max, LineCursor* pf = nullptr) {
   const int64_t a_rs = ta ? 1 : lda, a_ks = ta ? lda : 1;
   if (k > kKc) {  // C = alpha * (first kKc) + beta * C, then C += alpha * (each next kKc); row_max on the last
     for (int64_t p0 = 0; p0 < k; p0 += kKc) {
       f32_product(ta, m, n, std::min(kKc, k - p0), alpha, a + p0 * a_ks, lda, bp + p0 * b_ks, panel, b_ks,
-                  p0 == 0 ? beta : 1.0f, c, ldc, p0 + kKc >= k ? row_max : nullptr);
+                  p0 == 0 ? beta : 1.0f, c, ldc, p0 + kKc >= k ? row_max : nullptr, pf);
     }
     return;
   }
+  if (pf != nullptr && pf->done()) pf = nullptr;
   for_each_tile(m, n, [&](auto mr, auto nv, int64_t i, int64_t j0, int ncols) {
     f32_tile<decltype(mr)::value, decltype(nv)::value>(k, a + i * a_rs, a_rs, a_ks, bp + (j0 / 16) * panel, panel,
                                                        b_ks, alpha, beta, c + i * ldc + j0, ldc, ncols,
-                                                       row_max != nullptr ? row_max + kRowMaxLanes * i : nullptr);
+                                                       row_max != nullptr ? row_max + kRowMaxLanes * i : nullptr, pf);
   });
 }
 
@@ -398,16 +432,24 @@ bool use_f32_tiles() {
 // then reads its rows of B once or twice, where packing would read and write them all first.
 constexpr int64_t kInPlaceRows = 8;
 
-// C = alpha * op(A) op(B) + beta * C in float32 on the AVX-512 tiles, B packed per call or read in place.
+// C = alpha * op(A) op(B) + beta * C in float32 on the AVX-512 tiles, B packed per call or read in place; the
+// lines of `ahead` spread evenly over the product's k-steps.
 void gemm_f32_tiles(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-                    const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+                    const float* b, int64_t ldb, float beta, float* c, int64_t ldc, const Prefetch& ahead) {
+  std::optional<LineCursor> pf;
+  if (ahead.base != nullptr && ahead.rows > 0 && ahead.row_bytes > 0) {
+    const int64_t steps = (m + kMr - 1) / kMr * ((n + 31) / 32) * k;  // about: every tile of kMr x 32
+    const int64_t lines = ahead.rows * ((ahead.row_bytes + 63) / 64 + 1);
+    pf.emplace(ahead, steps / lines / 2);
+  }
+  LineCursor* const cursor = pf.has_value() ? &*pf : nullptr;
   if (!tb && n % 16 == 0 && m <= kInPlaceRows) {
-    return f32_product(ta, m, n, k, alpha, a, lda, b, 16, ldb, beta, c, ldc, nullptr);
+    return f32_product(ta, m, n, k, alpha, a, lda, b, 16, ldb, beta, c, ldc, nullptr, cursor);
   }
   thread_local std::vector<float> b_pack;  // grown once per thread, reused by every call
   b_pack.resize(static_cast<size_t>((n + 15) / 16 * k * 16));
   pack_b_f32(tb, n, k, b, ldb, b_pack.data());
-  f32_product(ta, m, n, k, alpha, a, lda, b_pack.data(), k * 16, 16, beta, c, ldc, nullptr);
+  f32_product(ta, m, n, k, alpha, a, lda, b_pack.data(), k * 16, 16, beta, c, ldc, nullptr, cursor);
 }
 
 }  // namespace

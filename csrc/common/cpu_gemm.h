@@ -16,8 +16,16 @@
 
 namespace fusedlayers::cpu {
 
+// Memory a product brings into the L2 cache while it computes, one line every few steps of its tiles, so that
+// reading it next (a later block of K or V in a decode) does not wait on DRAM: `rows` rows of `row_bytes` bytes,
+// `stride` bytes apart. Only the float32 AVX-512 tiles act on it.
+struct Prefetch {
+  const void* base = nullptr;
+  int64_t rows = 0, row_bytes = 0, stride = 0;
+};
+
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc, const Prefetch& ahead = {});
 
 // Low-precision operands, float32 result (and accumulation). Returns false when torch's
 // BLAS has no such routine (the caller then converts to float32 itself).

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cstdint>
 
@@ -13,6 +14,13 @@ namespace fusedlayers {
 // t itself when its last dim is contiguous (rows may be strided), else a contiguous copy.
 inline at::Tensor rows_contiguous(const at::Tensor& t) {
   return (t.dim() == 0 || t.stride(-1) == 1 || t.size(-1) == 1) ? t : t.contiguous();
+}
+
+// A new tensor for an output the kernels write in full: at::empty (plain_empty) on CUDA, the cpu
+// backend's output cache on the CPU (empty_output, cpu/ops_common.h).
+using EmptyFn = at::Tensor (*)(at::IntArrayRef sizes, const at::TensorOptions& options);
+inline at::Tensor plain_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::empty(sizes, options);
 }
 
 // Whether p is 16-byte aligned. A null pointer counts as aligned: the kernels never read

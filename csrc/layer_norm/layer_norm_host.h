@@ -21,8 +21,7 @@ namespace fusedlayers::norm_host {
 struct Device {
   c10::DeviceType type;
   const char* backend;  // "cpu" / "cuda", for messages
-  // A new tensor for an output the kernels write in full.
-  at::Tensor (*empty)(at::IntArrayRef sizes, const at::TensorOptions& options);
+  EmptyFn empty;  // a new tensor for an output the kernels write in full
 };
 
 // t is a tensor of `dev`, on like's device.

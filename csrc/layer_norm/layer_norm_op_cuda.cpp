@@ -28,8 +28,7 @@ namespace {
 constexpr const char* kFwd = "norm_fwd_kernel";
 constexpr const char* kBwd = "norm_bwd_kernel";
 
-at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) { return at::empty(sizes, options); }
-const norm_host::Device kCuda{c10::DeviceType::CUDA, "cuda", &empty};
+const norm_host::Device kCuda{c10::DeviceType::CUDA, "cuda", &plain_empty};
 
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 
