@@ -76,13 +76,14 @@ def measure(fn: Callable[[], object], device: torch.device, *, quick: bool = Fal
 def measure_all(fns: dict, device: torch.device, *, quick: bool = False) -> dict:
     """Median milliseconds of each ``fns[name]()``. On the CPU the calls are interleaved, one call of each per
     round with the order rotating, so that the machine's drift over the run weighs on every competitor alike;
-    each function has been called once before (a warm-up). On a GPU, ``measure`` one after another."""
+    each function has been called once before (a warm-up). Rounds: at least 3, then up to 200 while the run is
+    within 0.5 s (quick) or 2 s per competitor. On a GPU, ``measure`` one after another."""
     if device.type == "cuda":
         return {name: measure(fn, device, quick=quick) for name, fn in fns.items()}
     names = list(fns)
     times = {name: [] for name in names}
     budget, start, rounds = (0.5 if quick else 2.0) * len(names), time.perf_counter(), 0
-    while rounds < 3 or (time.perf_counter() - start < budget and rounds < 50):
+    while rounds < 3 or (time.perf_counter() - start < budget and rounds < 200):
         shift = rounds % len(names)
         for name in names[shift:] + names[:shift]:
             t0 = time.perf_counter()

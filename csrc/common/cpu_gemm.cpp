@@ -189,8 +189,8 @@ class LineCursor {
 
 // The float32 tile: C (MR x 16 NV) from op(A) (element (r, p) at a[r * a_rs + p * a_ks]) and B's panels of 16
 // columns, `panel` apart, row p of a panel at p * b_ks (packed: panels [k][16], b_ks 16; B in place: b_ks ldb).
-// With pf, one tick of it per k-step.
-template <int MR, int NV>
+// With PF, one tick of pf per k-step.
+template <int MR, int NV, bool PF>
 FL_F32_TARGET void f32_tile(int64_t k, const float* a, int64_t a_rs, int64_t a_ks, const float* bp, int64_t panel,
                             int64_t b_ks, float alpha, float beta, float* c, int64_t ldc, int ncols, float* row_max,
                             LineCursor* pf) {
@@ -198,7 +198,7 @@ FL_F32_TARGET void f32_tile(int64_t k, const float* a, int64_t a_rs, int64_t a_k
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t p = 0; p < k; ++p) {
-    if (pf != nullptr) pf->tick();
+    if constexpr (PF) pf->tick();
     __m512 bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(bp + v * panel + p * b_ks);
     for (int r = 0; r < MR; ++r) {
@@ -277,11 +277,18 @@ FL_F32_TARGET void f32_product(bool ta, int64_t m, int64_t n, int64_t k, float a
     }
     return;
   }
-  if (pf != nullptr && pf->done()) pf = nullptr;
+  const bool prefetch = pf != nullptr && !pf->done();
   for_each_tile(m, n, [&](auto mr, auto nv, int64_t i, int64_t j0, int ncols) {
-    f32_tile<decltype(mr)::value, decltype(nv)::value>(k, a + i * a_rs, a_rs, a_ks, bp + (j0 / 16) * panel, panel,
-                                                       b_ks, alpha, beta, c + i * ldc + j0, ldc, ncols,
-                                                       row_max != nullptr ? row_max + kRowMaxLanes * i : nullptr, pf);
+    constexpr int MR = decltype(mr)::value, NV = decltype(nv)::value;
+    float* const rm = row_max != nullptr ? row_max + kRowMaxLanes * i : nullptr;
+    const float* const b = bp + (j0 / 16) * panel;
+    if (prefetch) {
+      f32_tile<MR, NV, true>(k, a + i * a_rs, a_rs, a_ks, b, panel, b_ks, alpha, beta, c + i * ldc + j0, ldc, ncols,
+                             rm, pf);
+    } else {
+      f32_tile<MR, NV, false>(k, a + i * a_rs, a_rs, a_ks, b, panel, b_ks, alpha, beta, c + i * ldc + j0, ldc,
+                              ncols, rm, nullptr);
+    }
   });
 }
 
