@@ -87,8 +87,9 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
   m.def("_mean_var_test(Tensor x, int block) -> Tensor");
   // What the CPU kernels run on: SIMD level and GEMM provider (benchmarks state it).
   m.def("_cpu_kernels_info() -> str");
-  // The cpu outputs' cache (csrc/cpu/output_cache.cpp): counters, and a new limit when >= 0.
-  m.def("_cpu_output_cache(int new_limit=-1) -> int[]");
+  // The cpu outputs' cache (csrc/cpu/output_cache.cpp): counters; a new limit (bytes) and reuse time (µs) when
+  // >= 0.
+  m.def("_cpu_output_cache(int new_limit=-1, int new_reuse_us=-1) -> int[]");
   // Bytes of shared memory per block the CUDA attention kernels of head dim `head_dim`
   // (max of D and Dv) need, forward or backward, whichever is more. Needs no GPU; its kernel is
   // registered only by a build with the CUDA part (csrc/attention/attention_op_cuda.cpp).

@@ -59,31 +59,44 @@ def _ops():
     return torch.ops.fusedlayers
 
 
-def output_cache(limit_mb: Optional[int] = None) -> dict:
-    """The cache of the ``cpu`` norm kernels' large outputs (``csrc/cpu/output_cache.cpp``).
+def output_cache(limit_mb: Optional[int] = None, reuse_ms: Optional[float] = None) -> dict:
+    """The cache of the ``cpu`` kernels' large outputs (``csrc/cpu/output_cache.cpp``): the
+    norms' and attention's.
 
     A freed output of 128 KB or more is kept for the next output of about its size (at most
     1/8 larger), whose pages its former owner wrote are then mapped and do not page-fault
     again; the bytes kept are bounded by a limit: 256 MB, or ``FUSEDLAYERS_CPU_CACHE_MB`` read
     when the extension loads (0 turns the cache off; a value that is not a whole number of MB
-    >= 0 warns and keeps 256). ``limit_mb`` (>= 0) sets the limit now and returns kept blocks
-    beyond it to the system (0 returns them all and turns the cache off).
+    >= 0 warns and keeps 256). A kept block under 32 MB is reused only within ``reuse_ms``
+    (2 ms) of its free; an older one has likely left the CPU's caches, and goes back to glibc,
+    whose recently freed memory is warmer and which, below 32 MB, serves it from its heap.
+    ``limit_mb`` (>= 0) sets the limit now and returns kept blocks beyond it to the system (0
+    returns them all and turns the cache off); ``reuse_ms`` (>= 0) sets the reuse time.
 
-    Returns ``{"held_bytes", "limit_bytes", "hits", "misses", "held_blocks", "live_bytes"}``:
-    bytes kept for reuse, the limit, blocks served from kept ones and new ones, and bytes of
-    the blocks in use now (page-rounded; ``resize_`` and copy-on-write copies of an output
-    count too). Builds the extension first where it is built on first use. Raises
-    ``RuntimeError`` when the extension is not available and ``ValueError`` for a
-    ``limit_mb`` that is not a whole number of MB in [0, 2**40).
+    Returns ``{"held_bytes", "limit_bytes", "hits", "misses", "held_blocks", "live_bytes",
+    "reuse_ms", "expired"}``: bytes kept for reuse, the limit, blocks served from kept ones and
+    new ones, bytes of the blocks in use now (page-rounded; ``resize_`` and copy-on-write copies
+    of an output count too), the reuse time, and kept blocks given back for their age. Builds
+    the extension first where it is built on first use. Raises ``RuntimeError`` when the
+    extension is not available and ``ValueError`` for a ``limit_mb`` that is not a whole number
+    of MB in [0, 2**40) or a ``reuse_ms`` that is not a number in [0, 1e9].
     """
     if limit_mb is not None and (isinstance(limit_mb, bool) or not isinstance(limit_mb, int)
                                  or not 0 <= limit_mb < 2**40):
         raise ValueError(f"fusedlayers.cpu_output_cache: limit_mb must be a whole number of MB in [0, 2**40) "
                          f"or None, got {limit_mb!r}")
+    if reuse_ms is not None and (isinstance(reuse_ms, bool) or not isinstance(reuse_ms, (int, float))
+                                 or not 0 <= reuse_ms <= 1e9):
+        raise ValueError(f"fusedlayers.cpu_output_cache: reuse_ms must be a number of milliseconds in [0, 1e9] "
+                         f"or None, got {reuse_ms!r}")
     if not _ext.ensure():
         raise RuntimeError(f"fusedlayers: the cpu output cache needs the C++ extension: {_ext.ERROR}")
-    values = _ops()._cpu_output_cache(-1 if limit_mb is None else limit_mb << 20)
-    return dict(zip(("held_bytes", "limit_bytes", "hits", "misses", "held_blocks", "live_bytes"), values))
+    values = _ops()._cpu_output_cache(-1 if limit_mb is None else limit_mb << 20,
+                                      -1 if reuse_ms is None else round(reuse_ms * 1000))
+    out = dict(zip(("held_bytes", "limit_bytes", "hits", "misses", "held_blocks", "live_bytes", "reuse_ms",
+                    "expired"), values))
+    out["reuse_ms"] = out["reuse_ms"] / 1000
+    return out
 
 
 def _keep_mask(seed: int, shape, dropout_p: float, device) -> Tensor:

@@ -362,8 +362,9 @@ for dtype in (torch.float32, torch.bfloat16):
     AttentionCase(b=1, hq=8, hkv=2, nq=5, nk=1100, d=40, causal="bottom_right", mask="key_padding"),
     AttentionCase(b=2, hq=4, hkv=2, nq=16, nk=600, d=64, mask="bias", dropout_p=0.1),
     AttentionCase(b=1, hq=2, hkv=2, nq=3, nk=1500, d=32, mask="bool"),  # no GQA: one head per task, split
-    # rows of K and V apart (B, N, H, D) and not on cache lines (48 floats): the next block's prefetch
-    AttentionCase(b=1, hq=4, hkv=2, nq=9, nk=1700, d=48, strided=True),
+    # rows of K and V apart (B, N, H, D), every other one starting off a cache line (40 floats, 160 bytes): the
+    # next block's prefetch (which cannot change a result: this checks it leaves them alone)
+    AttentionCase(b=1, hq=4, hkv=2, nq=9, nk=1700, d=40, strided=True),
     replace(AttentionCase(b=1, hq=6, hkv=2, nq=7, nk=1300, d=64, causal="bottom_right"), window=(700, 0),
             softcap=30.0, alibi=True, sinks=True),
 ], ids=str)
@@ -447,14 +448,16 @@ def test_bf16_gemm_edges(case):
 
 @pytest.fixture
 def cache_limit():
-    """Sets the cpu output cache's limit (MB) for the test and restores the former one; garbage
-    of earlier tests is collected first, so that no output of theirs is freed midway."""
+    """Sets the cpu output cache's limit (MB) for the test and restores the former one and its
+    reuse time; garbage of earlier tests is collected first, so that no output of theirs is
+    freed midway, and kept blocks are reused however long a step of the test takes."""
     import gc
 
     gc.collect()
-    before = fusedlayers.cpu_output_cache()["limit_bytes"] >> 20
+    before = fusedlayers.cpu_output_cache()
+    fusedlayers.cpu_output_cache(reuse_ms=1e6)
     yield lambda mb: fusedlayers.cpu_output_cache(mb)
-    fusedlayers.cpu_output_cache(before)
+    fusedlayers.cpu_output_cache(before["limit_bytes"] >> 20, reuse_ms=before["reuse_ms"])
 
 
 def _ln(x, w, b=None):
@@ -541,6 +544,54 @@ def test_output_cache_holds_at_most_its_limit_and_zero_turns_it_off(cache_limit)
     for bad in (-1, 2**40, 1.5, True):
         with pytest.raises(ValueError, match="limit_mb"):
             fusedlayers.cpu_output_cache(bad)
+    for bad in (-1, float("nan"), float("inf"), "2", True):
+        with pytest.raises(ValueError, match="reuse_ms"):
+            fusedlayers.cpu_output_cache(reuse_ms=bad)
+
+
+def test_output_cache_gives_blocks_kept_past_the_reuse_time_back_under_32_mb(cache_limit):
+    """A block under 32 MB kept longer than reuse_ms goes back to glibc (a new block serves, allocated
+    before the old one is freed); one of 32 MB or more is reused however old."""
+    import time
+
+    cache_limit(0)
+    cache_limit(256)
+    x, w = torch.randn(512, 768), torch.randn(768)
+    y = _ln(x, w)
+    old = y.data_ptr()
+    del y
+    assert fusedlayers.cpu_output_cache(reuse_ms=0.5)["reuse_ms"] == 0.5
+    time.sleep(0.01)
+    before = fusedlayers.cpu_output_cache()
+    y = _ln(x, w)
+    after = fusedlayers.cpu_output_cache()
+    assert y.data_ptr() != old
+    assert after["expired"] == before["expired"] + 1 and after["hits"] == before["hits"]
+    assert after["held_blocks"] == 0 and after["held_bytes"] == 0
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (768,), w))
+    fusedlayers.cpu_output_cache(reuse_ms=1e6)
+    del y
+    y = _ln(x, w)  # within the reuse time: reused
+    assert fusedlayers.cpu_output_cache()["hits"] == after["hits"] + 1
+    # of two fitting blocks, the one past the reuse time is passed over for the other, however smaller
+    a, b = _ln(x, w), _ln(torch.randn(512 + 32, 768), w)  # b: 1/16 larger
+    pa, pb = a.data_ptr(), b.data_ptr()
+    del y, a
+    time.sleep(0.05)
+    fusedlayers.cpu_output_cache(reuse_ms=20)  # a and y's blocks past it, b's freed just now within it
+    del b
+    mark = fusedlayers.cpu_output_cache()
+    y = _ln(x, w)
+    assert y.data_ptr() == pb and fusedlayers.cpu_output_cache()["hits"] == mark["hits"] + 1
+    assert pa != pb
+    big, w_big = torch.randn(8192, 1024), torch.randn(1024)  # 32 MB
+    y_big = _ln(big, w_big)
+    old_big = y_big.data_ptr()
+    del y_big
+    time.sleep(0.01)
+    y_big = _ln(big, w_big)
+    assert y_big.data_ptr() == old_big, "a block of 32 MB was not reused"
+    torch.testing.assert_close(y_big, torch.nn.functional.layer_norm(big, (1024,), w_big))
 
 
 def test_output_cache_hands_out_the_block_freed_last_of_equal_ones(cache_limit):

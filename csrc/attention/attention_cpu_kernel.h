@@ -325,9 +325,10 @@ struct ForwardScratch {
 // One key block [kb, kb + nk) of a task: S = scale Q K^T, each row's scores (score_row), the online softmax
 // (state), dropout, and O += P V (P in T for fp16 / bf16). Q: the task's rows, lda apart. Where score_row at most
 // caps the product (no ALiBi or mask, a block inside every row's range) and the product is packed, the product's
-// epilogue gives each row's max (capped by the same arithmetic: tanh is increasing). Unpacked, the Q K^T product
-// brings this block's V into the L2 cache and the P V product the K of the task's next next_nk keys (from
-// kb + nk), so that the products that pack them read the cache rather than DRAM.
+// epilogue gives each row's max (capped by the same arithmetic: tanh is increasing). Unpacked in float32 (the
+// AVX-512 tiles, 4 rows or more), the Q K^T product brings this block's V into the L2 cache and the P V product
+// the K of the task's next next_nk keys (from kb + nk), so that the products that pack them read the cache rather
+// than DRAM.
 template <typename T>
 void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows, const T* Q, int64_t lda,
                    const T* K, const T* V, const PackedKV<T>& kv, int64_t kb, int64_t nk, int64_t next_nk, bool edge,
@@ -374,7 +375,7 @@ void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows
     mm_packed<T>(false, m, Dv, nk, 1.0f, P, kBlockK, kv.v + packed_offset(0, kb, kv.v_panel), kv.v_panel, 1.0f, o_acc,
                  Dv);
   } else {
-    const Prefetch k_rows{K + (kb + nk) * p.k_rs, next_nk, D * static_cast<int64_t>(sizeof(T)),
+    const Prefetch k_rows{next_nk > 0 ? K + (kb + nk) * p.k_rs : nullptr, next_nk, D * static_cast<int64_t>(sizeof(T)),
                           p.k_rs * static_cast<int64_t>(sizeof(T))};
     mm<T>(false, false, m, Dv, nk, 1.0f, P, kBlockK, V + kb * p.v_rs, p.v_rs, 1.0f, o_acc, Dv, k_rows);
   }

@@ -160,31 +160,29 @@ FL_F32_TARGET inline void store_tile(const __m512 (&acc)[MR][NV], float alpha, f
 }
 
 // The cache lines of a Prefetch, handed out one every `every` k-steps of the tiles of a product (prefetcht1).
+// Addresses are integers: a row's first line may begin before the row, and no pointer is formed past the rows.
 class LineCursor {
  public:
   LineCursor(const Prefetch& ahead, int64_t every)
-      : row_(static_cast<const char*>(ahead.base)), rows_left_(ahead.base != nullptr ? ahead.rows : 0),
-        row_bytes_(ahead.row_bytes), stride_(ahead.stride), every_(std::max<int64_t>(every, 1)), countdown_(every_) {
-    start_row();
-  }
+      : row_(reinterpret_cast<uintptr_t>(ahead.base)), rows_left_(ahead.base != nullptr ? ahead.rows : 0),
+        row_bytes_(ahead.row_bytes), stride_(ahead.stride), every_(std::max<int64_t>(every, 1)), countdown_(every_),
+        line_(row_ & ~uintptr_t{63}) {}
   bool done() const { return rows_left_ <= 0; }
   FL_F32_TARGET void tick() {
     if (--countdown_ > 0 || rows_left_ <= 0) return;
     countdown_ = every_;
-    _mm_prefetch(line_, _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(line_), _MM_HINT_T1);
     line_ += 64;
-    if (line_ >= row_ + row_bytes_) {
-      row_ += stride_;
-      --rows_left_;
-      start_row();
+    if (line_ >= row_ + static_cast<uintptr_t>(row_bytes_) && --rows_left_ > 0) {
+      row_ += static_cast<uintptr_t>(stride_);
+      line_ = row_ & ~uintptr_t{63};
     }
   }
 
  private:
-  void start_row() { line_ = row_ - (reinterpret_cast<uintptr_t>(row_) & 63); }  // the row's first line
-  const char* row_;
-  const char* line_ = nullptr;
+  uintptr_t row_;
   int64_t rows_left_, row_bytes_, stride_, every_, countdown_;
+  uintptr_t line_;
 };
 
 // The float32 tile: C (MR x 16 NV) from op(A) (element (r, p) at a[r * a_rs + p * a_ks]) and B's panels of 16
@@ -440,12 +438,14 @@ bool use_f32_tiles() {
 constexpr int64_t kInPlaceRows = 8;
 
 // C = alpha * op(A) op(B) + beta * C in float32 on the AVX-512 tiles, B packed per call or read in place; the
-// lines of `ahead` spread evenly over the product's k-steps.
+// lines of `ahead` spread evenly over about the first half of the product's k-steps (so that the last have
+// arrived by its end; a product of fewer steps than lines issues one a step and leaves the rest).
 void gemm_f32_tiles(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                     const float* b, int64_t ldb, float beta, float* c, int64_t ldc, const Prefetch& ahead) {
   std::optional<LineCursor> pf;
   if (ahead.base != nullptr && ahead.rows > 0 && ahead.row_bytes > 0) {
-    const int64_t steps = (m + kMr - 1) / kMr * ((n + 31) / 32) * k;  // about: every tile of kMr x 32
+    // about: the k-steps of tiles of kMr x 32 (a remainder of rows takes more, smaller tiles)
+    const int64_t steps = (m + kMr - 1) / kMr * ((n + 31) / 32) * k;
     const int64_t lines = ahead.rows * ((ahead.row_bytes + 63) / 64 + 1);
     pf.emplace(ahead, steps / lines / 2);
   }

@@ -5,7 +5,7 @@
 //   _philox4x32, _online_softmax_test, _mean_var_test: host unit tests of the tile math
 //   in csrc/common/ (tests/test_cpu_kernels.py);
 //   _cpu_kernels_info: the SIMD level and GEMM the kernels use;
-//   _cpu_output_cache: the counters of the cpu outputs' cache (output_cache.cpp), and its limit.
+//   _cpu_output_cache: the counters of the cpu outputs' cache (output_cache.cpp), its limit and reuse time.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

@@ -1,4 +1,5 @@
-// Storage of the cpu norm kernels' large outputs (empty_output in ops_common.h).
+// Storage of the cpu kernels' large outputs (empty_output in ops_common.h): the norms' y, z, dx,
+// dresidual and attention's out, lse, dq, dk, dv.
 //
 // A training loop asks for outputs of the same few sizes on every step and frees them a
 // moment later. Under glibc's defaults a block of 128 KB or more is mmap-ed, or taken from
@@ -11,7 +12,11 @@
 // blocks kept longest are returned to the system first when the limit is reached. Blocks of
 // 4 MB or more are 2 MB-aligned with transparent huge pages advised (Linux, THP "madvise" or
 // "always"), so their first touch faults 2 MB at a time. The cost: a kept block may have left
-// the CPU's caches where glibc would have handed out memory another op had just touched.
+// the CPU's caches where glibc would have handed out memory another op had just touched. So a
+// block under 32 MB (glibc's largest mmap threshold: below it glibc serves and takes back such
+// blocks through its heap once one has been freed) is reused only within reuse_us of its free (2 ms,
+// in which memory at 16 GB/s moves 32 MB, the L3 cache of the 2-core machine measured); where only older ones
+// fit, one goes back to glibc, after the new block is taken, so that glibc does not hand the same one out again.
 #include <ATen/EmptyTensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/Allocator.h>
@@ -25,6 +30,7 @@
 
 #include <array>
 #include <cerrno>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -44,6 +50,13 @@ constexpr size_t kPage = 4096;
 constexpr size_t kHuge = size_t{2} << 20;
 constexpr size_t kMaxBlocks = 64;                 // blocks held at once (a linear scan finds a fit)
 constexpr size_t kDefaultLimit = size_t{256} << 20;
+constexpr size_t kGlibcMmapMax = size_t{32} << 20;  // glibc's largest dynamic mmap threshold (64-bit)
+constexpr int64_t kDefaultReuseUs = 2000;
+
+int64_t now_us() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 void advise_huge(void* p, size_t n) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
@@ -73,13 +86,20 @@ size_t limit_from_env() {
 
 void release(void* p);
 
+struct Kept {
+  size_t bytes;
+  void* p;
+  int64_t freed_us;  // now_us() at its free
+};
+
 struct OutputCache final : c10::Allocator {
   std::mutex mu;
-  std::vector<std::pair<size_t, void*>> kept;  // freed blocks (bytes, pointer), oldest first
-  std::unordered_map<void*, size_t> live;      // blocks in use -> bytes
-  size_t held = 0;                             // bytes in `kept`
+  std::vector<Kept> kept;                 // freed blocks, oldest first
+  std::unordered_map<void*, size_t> live;  // blocks in use -> bytes
+  size_t held = 0;                        // bytes in `kept`
   size_t limit = limit_from_env();
-  int64_t hits = 0, misses = 0;
+  int64_t reuse_us = kDefaultReuseUs;  // blocks under kGlibcMmapMax are reused within this long of their free
+  int64_t hits = 0, misses = 0, expired = 0;
 
   OutputCache() { kept.reserve(kMaxBlocks); }
 
@@ -95,26 +115,51 @@ struct OutputCache final : c10::Allocator {
   // A kept block of n to n + n/8 bytes (the smallest; of equal ones the one freed last, the warmest in cache:
   // taking the oldest handed the block of an output written with streaming stores, whose lines those stores had
   // evicted, to an output written through the cache, and add + layer norm's forward under autograd took 1.4x as
-  // long), else a new one.
+  // long) among the reusable ones (kGlibcMmapMax or more, or freed within reuse_us), else a new one. Where only
+  // blocks past their reuse time fit, the best of them is taken out and freed after the new one is allocated
+  // (other old blocks go back to the system as the limit or the block count evicts them).
   void* take(size_t n) {
     const size_t bytes = (n + kPage - 1) / kPage * kPage;
+    void* stale = nullptr;
     {
       std::lock_guard<std::mutex> g(mu);
-      size_t best = kept.size();
+      const int64_t now = now_us();
+      size_t best = kept.size(), best_stale = kept.size();
       for (size_t i = 0; i < kept.size(); ++i) {
-        const size_t b = kept[i].first;
-        if (b >= bytes && b - bytes <= bytes / 8 && (best == kept.size() || b <= kept[best].first)) best = i;
+        const size_t b = kept[i].bytes;
+        if (b < bytes || b - bytes > bytes / 8) continue;
+        size_t& pick = b >= kGlibcMmapMax || now - kept[i].freed_us <= reuse_us ? best : best_stale;
+        if (pick == kept.size() || b <= kept[pick].bytes) pick = i;
       }
       if (best != kept.size()) {
-        const auto [b, p] = kept[best];
+        const Kept k = kept[best];
+        live.emplace(k.p, k.bytes);  // (first: a throw leaves everything as it was)
         kept.erase(kept.begin() + static_cast<std::ptrdiff_t>(best));
-        held -= b;
-        live.emplace(p, b);
+        held -= k.bytes;
         ++hits;
-        return p;
+        return k.p;
+      }
+      if (best_stale != kept.size()) {
+        stale = kept[best_stale].p;
+        held -= kept[best_stale].bytes;
+        kept.erase(kept.begin() + static_cast<std::ptrdiff_t>(best_stale));
+        ++expired;
       }
       ++misses;
     }
+    void* p = nullptr;
+    try {
+      p = fresh(bytes);
+    } catch (...) {
+      std::free(stale);
+      throw;
+    }
+    std::free(stale);
+    return p;
+  }
+
+  // A new block of `bytes` (page-rounded), recorded as live.
+  void* fresh(size_t bytes) {
     void* p = nullptr;
     const size_t align = bytes >= 2 * kHuge ? kHuge : 64;
     if (posix_memalign(&p, align, bytes) != 0 || p == nullptr) {
@@ -136,8 +181,8 @@ struct OutputCache final : c10::Allocator {
   size_t drop_oldest(size_t incoming, size_t max_blocks, void** out) noexcept {
     size_t drop = 0;
     while (drop < kept.size() && (held + incoming > limit || kept.size() - drop >= max_blocks)) {
-      held -= kept[drop].first;
-      out[drop] = kept[drop].second;
+      held -= kept[drop].bytes;
+      out[drop] = kept[drop].p;
       ++drop;
     }
     kept.erase(kept.begin(), kept.begin() + static_cast<std::ptrdiff_t>(drop));
@@ -162,7 +207,7 @@ struct OutputCache final : c10::Allocator {
         to_free[n_free++] = p;
       } else {
         n_free = drop_oldest(bytes, kMaxBlocks, to_free.data());
-        kept.emplace_back(bytes, p);
+        kept.push_back({bytes, p, now_us()});
         held += bytes;
       }
     }
@@ -174,12 +219,13 @@ struct OutputCache final : c10::Allocator {
     return limit;
   }
 
-  std::vector<int64_t> stats(int64_t new_limit) {
+  std::vector<int64_t> stats(int64_t new_limit, int64_t new_reuse_us) {
     std::array<void*, kMaxBlocks> to_free;
     size_t n_free = 0;
     std::vector<int64_t> out;
     {
       std::lock_guard<std::mutex> g(mu);
+      if (new_reuse_us >= 0) reuse_us = new_reuse_us;
       if (new_limit >= 0) {
         limit = static_cast<size_t>(new_limit);
         n_free = drop_oldest(0, kMaxBlocks + 1, to_free.data());
@@ -187,7 +233,7 @@ struct OutputCache final : c10::Allocator {
       size_t in_use = 0;
       for (const auto& [p, b] : live) in_use += b;
       out = {static_cast<int64_t>(held), static_cast<int64_t>(limit), hits, misses,
-             static_cast<int64_t>(kept.size()), static_cast<int64_t>(in_use)};
+             static_cast<int64_t>(kept.size()), static_cast<int64_t>(in_use), reuse_us, expired};
     }
     for (size_t i = 0; i < n_free; ++i) std::free(to_free[i]);
     return out;
@@ -227,6 +273,8 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
   return t;
 }
 
-std::vector<int64_t> output_cache_stats(int64_t new_limit) { return cache().stats(new_limit); }
+std::vector<int64_t> output_cache_stats(int64_t new_limit, int64_t new_reuse_us) {
+  return cache().stats(new_limit, new_reuse_us);
+}
 
 }  // namespace fusedlayers::cpu
