@@ -7,7 +7,7 @@ Public ops (``torch.library`` ops with autograd, usable under ``torch.compile``)
 (loaded on first use) for Hugging Face transformers, :mod:`fusedlayers.sdpa` to serve every
 ``scaled_dot_product_attention`` call once activated, and :mod:`fusedlayers.hub` (loaded on
 first use) for the ``kernels`` package's ``kernelize``; :func:`cpu_output_cache` reports (and
-bounds) the memory the ``cpu`` norm kernels keep for their next outputs. The naive reference
+bounds) the memory the ``cpu`` kernels keep for their next outputs. The naive reference
 of each lives in :mod:`fusedlayers.reference`; which backend serves a call is decided in
 :mod:`fusedlayers.dispatch`.
 """
