@@ -223,10 +223,14 @@ struct NormFunction : public torch::autograd::Function<NormFunction> {
         residual.defined() && !share ? std::optional<at::ScalarType>(residual.scalar_type()) : std::nullopt;
     // bias only shapes y: the kernel needs it for dbias alone
     const bool bias_grad = bias.defined() && needs_grad(ctx, {x, residual, weight, bias}, 3);
-    auto [dx, dres, dw, db] =
-        norm_bwd_op().call(as_rows(dy, a.hidden), dz.defined() ? opt(as_rows(dz, a.hidden)) : std::nullopt, zin, opt(weight),
-                           bias_grad ? opt(bias) : std::nullopt, saved[5], saved[6], 0, 0.0, a.rms, x.scalar_type(),
-                           residual_dtype);
+    const Tensor dy2 = as_rows(dy, a.hidden);
+    const std::optional<Tensor> dz2 = dz.defined() ? opt(as_rows(dz, a.hidden)) : std::nullopt;
+    auto [dx, dres, dw, db] = [&] {
+      // (grad mode is off: straight to the kernel, not through the autograd fallback's boxed call)
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      return norm_bwd_op().call(dy2, dz2, zin, opt(weight), bias_grad ? opt(bias) : std::nullopt, saved[5], saved[6],
+                                0, 0.0, a.rms, x.scalar_type(), residual_dtype);
+    }();
     out[0] = as_shape(dx, x.sizes());
     if (residual.defined()) out[1] = share ? out[0] : as_shape(dres, residual.sizes());
     if (weight.defined()) out[2] = dw;
@@ -322,9 +326,12 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
       return result;
     }
     const bool bias_grad = mask.defined() && mask.is_floating_point() && needs_grad(ctx, saved, 3);
-    auto [dq, dk, dv, dbias] =
-        attn_bwd_op().call(dout, dlse, q, k, v, opt(mask), std::nullopt, std::nullopt, 0, 0, out, lse, 0,
-                           scale, causal, bottom_right, 0.0, bias_grad, -1, -1, 0.0, std::nullopt, std::nullopt);
+    auto [dq, dk, dv, dbias] = [&] {
+      // (grad mode is off: straight to the kernel, not through the autograd fallback's boxed call)
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      return attn_bwd_op().call(dout, dlse, q, k, v, opt(mask), std::nullopt, std::nullopt, 0, 0, out, lse, 0, scale,
+                                causal, bottom_right, 0.0, bias_grad, -1, -1, 0.0, std::nullopt, std::nullopt);
+    }();
     return {dq, dk, dv, bias_grad ? dbias : Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
