@@ -76,6 +76,13 @@ void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const T*
   }
 }
 
+// gemm's Prefetch of `rows` rows of `cols` elements, `rs` elements apart, from `first` (none when null).
+template <typename T>
+Prefetch prefetch_rows(const T* first, int64_t rows, int64_t cols, int64_t rs) {
+  const int64_t size = static_cast<int64_t>(sizeof(T));
+  return {first, first != nullptr ? rows : 0, cols * size, rs * size};
+}
+
 // sum_d a[d] * b[d] in double.
 inline double dot_double(const float* a, const float* b, int64_t n) {
   double acc = 0.0;
@@ -345,8 +352,8 @@ void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows
     mm_packed<T>(false, m, nk, D, p.scale, Q, lda, kv.k + packed_offset(kb, 0, kv.k_panel), kv.k_panel, 0.0f, S,
                  kBlockK, lane_max);
   } else {
-    const Prefetch v_rows{V + kb * p.v_rs, nk, Dv * static_cast<int64_t>(sizeof(T)), p.v_rs * static_cast<int64_t>(sizeof(T))};
-    mm<T>(false, true, m, nk, D, p.scale, Q, lda, K + kb * p.k_rs, p.k_rs, 0.0f, S, kBlockK, v_rows);
+    mm<T>(false, true, m, nk, D, p.scale, Q, lda, K + kb * p.k_rs, p.k_rs, 0.0f, S, kBlockK,
+          prefetch_rows(V + kb * p.v_rs, nk, Dv, p.v_rs));
   }
   for (int64_t i = 0; i < m; ++i) {
     float* s = S + i * kBlockK;
@@ -375,9 +382,8 @@ void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows
     mm_packed<T>(false, m, Dv, nk, 1.0f, P, kBlockK, kv.v + packed_offset(0, kb, kv.v_panel), kv.v_panel, 1.0f, o_acc,
                  Dv);
   } else {
-    const Prefetch k_rows{next_nk > 0 ? K + (kb + nk) * p.k_rs : nullptr, next_nk, D * static_cast<int64_t>(sizeof(T)),
-                          p.k_rs * static_cast<int64_t>(sizeof(T))};
-    mm<T>(false, false, m, Dv, nk, 1.0f, P, kBlockK, V + kb * p.v_rs, p.v_rs, 1.0f, o_acc, Dv, k_rows);
+    mm<T>(false, false, m, Dv, nk, 1.0f, P, kBlockK, V + kb * p.v_rs, p.v_rs, 1.0f, o_acc, Dv,
+          prefetch_rows(next_nk > 0 ? K + (kb + nk) * p.k_rs : nullptr, next_nk, D, p.k_rs));
   }
 }
 
