@@ -317,6 +317,47 @@ def test_large_norm_within_the_rule(case):
     testing.assert_all_ok(testing.check_norm(case, torch.bfloat16, "cpu", "cpu"), f"cpu {case}")
 
 
+def _rows_for_the_moments(n: int, reps: int) -> torch.Tensor:
+    """Rows for the one-pass mean / variance of the cpu norm forward: a first vector far from the rest (the shift
+    is then several standard deviations from the mean: the exact second pass must take over), a large offset with
+    unit spread (the shift within a deviation: one pass), constant rows, and normal rows."""
+    g = torch.Generator().manual_seed(5)
+    rows = []
+    for _ in range(reps):
+        far = torch.randn(n, generator=g, dtype=torch.float64)
+        far[:16] += 1e3
+        rows += [far, 1e4 + torch.randn(n, generator=g, dtype=torch.float64),
+                 torch.full((n,), 3.7, dtype=torch.float64), torch.full((n,), -1e5, dtype=torch.float64),
+                 torch.randn(n, generator=g, dtype=torch.float64) * 1e-3 + 0.5]
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("prenorm", [False, True], ids=["post", "pre"])
+@pytest.mark.parametrize("n,reps", [(7, 2), (768, 2), (773, 2), (773, 80)], ids=str)  # 80: z past 1 MB, streamed
+def test_norm_moments_of_rows_far_from_their_first_vector(n, reps, prenorm):
+    z64 = _rows_for_the_moments(n, reps)
+    r64 = torch.randn(z64.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    x64 = z64 - r64  # x + r is z64 up to rounding
+    w = torch.randn(n, generator=torch.Generator().manual_seed(7))
+    b = torch.randn(n, generator=torch.Generator().manual_seed(8))
+    x, r = x64.float(), r64.float()
+    zf = x + r  # the float32 sum the kernel normalises
+    for name, ours, z_ours in (
+            ("layer_norm", fusedlayers.layer_norm(zf, w, b), None),
+            ("add_layer_norm", *((lambda o: o if prenorm else (o, None))(
+                fusedlayers.add_layer_norm(x, r, w, b, prenorm=prenorm))))):
+        ref = torch.nn.functional.layer_norm(zf.double(), (n,), w.double(), b.double())
+        same = torch.nn.functional.layer_norm(zf, (n,), w, b)
+        # each kind of row on its own: the rows of large offset set torch's error far above the others'
+        testing.assert_all_ok([testing.compare(f"y, rows {kind}::5", ours[kind::5], ref[kind::5], same[kind::5],
+                                               testing.OUT_FACTOR) for kind in range(5)], f"{name} n={n}")
+        if z_ours is not None:
+            assert torch.equal(z_ours, zf)
+    # a constant row normalises to exactly 0: y is the bias (the constant rows of z64 are exact in float32)
+    for y in (fusedlayers.layer_norm(z64.float(), w, b), fusedlayers.add_layer_norm(z64.float(), 0 * r, w, b)):
+        assert torch.equal(y[2::5], b.expand_as(y[2::5])) and torch.equal(y[3::5], b.expand_as(y[3::5]))
+
+
 _SMALL_TEAM_SCRIPT = r"""
 import torch, fusedlayers
 from fusedlayers import testing

@@ -197,45 +197,57 @@ inline float row_max(const float* a, int64_t n) {
   return m;
 }
 
-// sum_j term(j) over whole vectors j = 0, kVec, ... while j + kVec <= n, in four independent chains (an add has a
-// latency of four cycles: one chain would leave the adder idle three cycles in four); `j` ends at the first element
-// not summed. The chains add in a fixed order, so the result does not depend on timing.
-template <typename F>
-inline Vec sum_vecs(int64_t n, int64_t& j, F term) {
-  Vec a0(0.0f), a1(0.0f), a2(0.0f), a3(0.0f);
-  for (; j + 4 * kVec <= n; j += 4 * kVec) {
-    a0 = a0 + term(j);
-    a1 = a1 + term(j + kVec);
-    a2 = a2 + term(j + 2 * kVec);
-    a3 = a3 + term(j + 3 * kVec);
-  }
-  for (; j + kVec <= n; j += kVec) a0 = a0 + term(j);
-  return (a0 + a1) + (a2 + a3);
-}
-
 inline float reduce_sum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, v);
 }
 
-// sum_j (a[j] - shift): the shifted sum of a mean (with shift = a[0], a constant row sums to exactly 0).
-inline float row_sum_shifted(const float* a, int64_t n, float shift) {
-  int64_t j = 0;
-  const Vec vs(shift);
-  float s = reduce_sum(sum_vecs(n, j, [&](int64_t i) { return Vec::loadu(a + i) - vs; }));
-  for (; j < n; ++j) s += a[j] - shift;
-  return s;
+// The shift of a row's moments (see shifted_moments): the mean of its first 4, 2 or 1 vectors (as many as the row
+// holds; vec(i) gives the vector at i), summed pairwise so that a constant row gives exactly its value; `a0`, the
+// row's first element, for a row shorter than a vector or when that sum overflows.
+template <typename V>
+inline float row_shift(int64_t n, V vec, float a0) {
+  Vec sum;
+  int64_t count;
+  if (n >= 4 * kVec) {
+    sum = (vec(0) + vec(kVec)) + (vec(2 * kVec) + vec(3 * kVec)), count = 4 * kVec;
+  } else if (n >= 2 * kVec) {
+    sum = vec(0) + vec(kVec), count = 2 * kVec;
+  } else if (n >= kVec) {
+    sum = vec(0), count = kVec;
+  } else {
+    return a0;
+  }
+  const float s = reduce_sum(sum) / static_cast<float>(count);
+  return std::isfinite(s) ? s : a0;
 }
 
-// sum_j (a[j] - m)^2
-inline float row_sq_dev(const float* a, int64_t n, float m) {
+// s1 = sum_j (z_j - shift) and s2 = sum_j (z_j - shift)^2 in one pass, with z_j = vec(j) over whole vectors (called
+// once per vector, in order: it may store what it returns) and one(j) over the tail. Two chains each: a loop step
+// issues four adds and two loads, more cycles than an add's latency. The chains add in a fixed order, so the result
+// does not depend on timing.
+struct Moments {
+  float s1, s2;
+};
+template <typename V, typename S>
+inline Moments shifted_moments(int64_t n, float shift, V vec, S one) {
+  const Vec vs(shift);
+  Vec a1(0.0f), a2(0.0f), b1(0.0f), b2(0.0f);
   int64_t j = 0;
-  const Vec vm(m);
-  float s = reduce_sum(sum_vecs(n, j, [&](int64_t i) {
-    const Vec d = Vec::loadu(a + i) - vm;
-    return d * d;
-  }));
-  for (; j < n; ++j) s += (a[j] - m) * (a[j] - m);
-  return s;
+  for (; j + 2 * kVec <= n; j += 2 * kVec) {
+    const Vec d0 = vec(j) - vs, d1 = vec(j + kVec) - vs;
+    a1 = a1 + d0, a2 = at::vec::fmadd(d0, d0, a2);
+    b1 = b1 + d1, b2 = at::vec::fmadd(d1, d1, b2);
+  }
+  if (j + kVec <= n) {
+    const Vec d = vec(j) - vs;
+    a1 = a1 + d, a2 = at::vec::fmadd(d, d, a2), j += kVec;
+  }
+  Moments m{reduce_sum(a1 + b1), reduce_sum(a2 + b2)};
+  for (; j < n; ++j) {
+    const float d = one(j) - shift;
+    m.s1 += d, m.s2 += d * d;
+  }
+  return m;
 }
 
 // exp(x) by ATen's exp_u20 (20 ulp, far below bf16's or fp16's 8 or 11 bits) with NaN passed through
