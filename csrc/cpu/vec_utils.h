@@ -50,9 +50,6 @@ inline void store_vec2(T* p, const Vec& a, const Vec& b) {
 // without being read first (no read-for-ownership), which saves a third of the memory traffic
 // of an output written once. A thread that streamed calls stream_fence() before others read.
 constexpr int64_t kStreamBytes = int64_t{8} << 20;  // outputs above this many bytes are streamed
-// the norms' float32 residual stream z, read again only by the backward or a later layer, is streamed above this
-// many bytes
-constexpr int64_t kStreamStashBytes = int64_t{1} << 20;
 
 // One streaming store of a float vector, and of a vector of 16-bit elements, at this SIMD level.
 #if defined(CPU_CAPABILITY_AVX512)
