@@ -275,10 +275,10 @@ py::object norm(py::handle x_h, py::handle residual_h, py::handle weight_h, py::
       y = outs[0];
       if (prenorm) z = outs[1];
     } else {
-      // without a backward, z is wanted as the prenorm output, or stored to round it to a 16-bit stream dtype
-      // (y is taken from the rounded z); a float32 z that is neither is not written
+      // without a backward, z is written only as the prenorm output (the cpu kernel takes y from z rounded to a
+      // 16-bit stream dtype without storing it)
       NormArgs b = a;
-      b.keep_stream = a.keep_stream && (prenorm || a.stream_dtype != at::kFloat);
+      b.keep_stream = a.keep_stream && prenorm;
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(y, z, std::ignore, std::ignore) = norm_forward(x, *residual, *weight, *bias, b);
     }

@@ -56,10 +56,30 @@ def test_norm_matches_op_path_bitwise(dtype, rms, residual, prenorm, fp32, affin
     for a, e in zip(outs + list(grads), ref_outs + list(ref_grads)):
         assert a.dtype == e.dtype and a.shape == e.shape
         assert torch.equal(a, e)
-    with torch.no_grad():  # no backward: the fast path stores z only for prenorm or a 16-bit stream
+    with torch.no_grad():  # no backward: the fast path stores z only for prenorm (a 16-bit z is rounded in place)
         plain, ref = fast(), _norm_via_ops(x, r, w, b, 1e-5, rms, prenorm, fp32)
     for a, e in zip(plain if prenorm else (plain,), ref if prenorm else (ref,)):
         assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("x_dtype,r_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                             (torch.bfloat16, torch.float16), (torch.float16, torch.float32)], ids=str)
+@pytest.mark.parametrize("rms", (False, True))
+def test_norm_without_backward_normalises_the_rounded_stream(x_dtype, r_dtype, rms):
+    # z = x + r in the residual's dtype: without a backward the fast path does not store it, and y must still be
+    # the norm of z rounded to that dtype, bitwise as the op path gives (which stores z and reads it back)
+    torch.manual_seed(1)
+    x, r = torch.randn(64, 300, dtype=x_dtype), torch.randn(64, 300, dtype=r_dtype) * 3
+    w, b = torch.randn(300), None if rms else torch.randn(300)
+    with torch.no_grad():
+        y = ops.fast_norm(x, r, w, b, 1e-5, 1, rms, False, False, "auto")
+        expected = _norm_via_ops(x, r, w, b, 1e-5, rms, False, False)
+        assert y is not None and torch.equal(y, expected)
+        z = (x.float() + r.float()).to(r_dtype).float()  # the rounded stream, normalised in float64
+        ref = (F.rms_norm(z.double(), (300,), w.double()) if rms
+               else F.layer_norm(z.double(), (300,), w.double(), b.double()))
+        torch.testing.assert_close(y.double(), ref.to(x_dtype).double(), rtol=2e-2 if x_dtype != torch.float32
+                                   else 1e-5, atol=1e-2 if x_dtype != torch.float32 else 1e-5)
 
 
 def test_public_norms_and_modules_take_the_fast_path(monkeypatch):

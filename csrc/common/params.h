@@ -112,7 +112,8 @@ struct NormParams {
   const void* bias = nullptr;  // (hidden,) contiguous, or null (0)
   DType bias_dtype = DType::f32;
 
-  // forward outputs: y (rows, hidden) contiguous in x_dtype; z the same in z_dtype or null
+  // forward outputs: y (rows, hidden) contiguous in x_dtype; z the same in z_dtype or null. z_dtype is the
+  // stream's dtype even where z is null: the cpu kernel normalises z rounded to it either way
   void* y = nullptr;
   void* z = nullptr;
   DType z_dtype = DType::f32;

@@ -117,7 +117,7 @@ inline void forward(const NormParams& p) {
         }
         if (p.x_dtype == DType::f32 && p.dropout_p == 0) {  // r is not null: plain_f32 otherwise
           const float* xf = reinterpret_cast<const float*>(x);
-          if (p.z == nullptr || p.z_dtype == DType::f32) {
+          if (p.z_dtype == DType::f32) {
             // z = x + r and its moments in one pass (the moments are those of the stored z: it is float32); z
             // written into the op's z where that is not streamed, and read back from there
             z_stored = p.z != nullptr && !stream_z;
@@ -144,12 +144,16 @@ inline void forward(const NormParams& p) {
         }
         if (!have_moments) zr = z;
       }
+      // y and the statistics of z rounded to its dtype, stored or not (the backward reads the stored z back: with
+      // the unrounded ones, zin - mean of a constant fp16 row would be a rounding error times rstd, 1e6 at eps 1e-12)
       if (p.z != nullptr && !z_stored) {
         char* zrow = row_ptr(p.z, p.z_dtype, row, n);
         store_row_any(zr, n, zrow, p.z_dtype, 1.0f, stream_z);
-        // statistics of the stored (rounded) z, which backward reads back: with the unrounded
-        // ones, zin - mean of a constant fp16 row would be a rounding error times rstd (1e6 at eps 1e-12)
         if (p.z_dtype != DType::f32) load_row_any(zrow, p.z_dtype, n, z), zr = z;
+      } else if (p.z == nullptr && p.z_dtype != DType::f32 &&
+                 (p.residual != nullptr || p.dropout_p > 0 || p.x_dtype != p.z_dtype)) {
+        store_row_any(z, n, tmp, p.z_dtype, 1.0f, false);  // z is in the row buffer here (not plain_f32)
+        load_row_any(tmp, p.z_dtype, n, z);
       }
 
       // statistics (common/mean_var.h) from the moments of the row shifted by about its mean, in one pass:

@@ -111,10 +111,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_setup(
   at::Tensor mean = at::empty({rms ? 0 : p.rows}, f32);
   at::Tensor rstd = at::empty({p.rows}, f32);
   p.y = y.mutable_data_ptr();
-  if (keep_stream) {
-    p.z = z.mutable_data_ptr();
-    p.z_dtype = code(dev, z.scalar_type(), op, "the residual stream");
-  }
+  p.z_dtype = code(dev, stream_dtype, op, "the residual stream");
+  if (keep_stream) p.z = z.mutable_data_ptr();
   p.mean = rms ? nullptr : mean.mutable_data_ptr<float>();
   p.rstd = rstd.mutable_data_ptr<float>();
   return {y, z, mean, rstd};
