@@ -162,11 +162,12 @@ inline bool all_below(const Vec& a, float b) {
 // tanh(x) into t and its derivative 1 - tanh(x)^2 into d, both within a few ulp of their own size. Where
 // |x| < kTanhNear: x tanh_over_x(x^2) and d = 1 - t^2. Elsewhere r = 2 / (exp(2|x|) + 1) = 1 - |tanh(x)|,
 // t = sign(x) (1 - r) and d = r (2 - r), which keeps d's relative accuracy where t rounds to +-1 and 1 - t^2
-// would cancel. NaN gives NaN. Without kSlope, d is left alone (the forward needs only t).
+// would cancel. NaN gives NaN. Without kSlope, d is left alone (the forward needs only t). p is tanh_over_x(x^2),
+// which the caller uses too.
 template <bool kSlope>
-inline void tanh_slope(const Vec& x, Vec& t, Vec& d) {
+inline void tanh_slope(const Vec& x, const Vec& p, Vec& t, Vec& d) {
   const Vec one(1.0f), two(2.0f), ax = x.abs();
-  const Vec small = x * tanh_over_x(x * x), near = ax < Vec(kTanhNear);
+  const Vec small = x * p, near = ax < Vec(kTanhNear);
   const Vec r = two / ((ax + ax).exp() + one);
   const Vec big = Vec::blendv(one - r, r - one, x < Vec(0.0f));
   t = Vec::blendv(big, small, near);
@@ -201,10 +202,11 @@ inline void softcap_row_impl(float* s, int64_t n, float c, float* d) {
     const int64_t m = std::min<int64_t>(kVec, n - j);
     const Vec raw = Vec::loadu(s + j, m), x = raw * inv;
     if (all_below(x.abs(), kTanhNear)) continue;
+    const Vec p = tanh_over_x(x * x);
     Vec t, slope;
-    tanh_slope<kSlope>(x, t, slope);
+    tanh_slope<kSlope>(x, p, t, slope);
     if constexpr (kSlope) slope.store(d + j, m);
-    Vec::blendv(t * vc, raw * tanh_over_x(x * x), x.abs() < Vec(kTanhNear)).store(s + j, m);
+    Vec::blendv(t * vc, raw * p, x.abs() < Vec(kTanhNear)).store(s + j, m);
   }
 }
 

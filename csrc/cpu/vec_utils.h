@@ -35,6 +35,18 @@ inline Vec load_vec(const T* p) {
   }
 }
 
+// v rounded to T (to nearest even, as a store of T gives), as floats
+template <typename T>
+inline Vec round_through(const Vec& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    T buf[2 * kVec];
+    at::vec::convert_from_float<T>(v, v).store(buf);
+    return load_vec(buf);
+  }
+}
+
 // Stores 2 * kVec elements a, b (one full vector of the 16-bit type).
 template <typename T>
 inline void store_vec2(T* p, const Vec& a, const Vec& b) {

@@ -51,13 +51,6 @@ inline void add_row(float* z, const float* a, int64_t n) {
   for (; j < n; ++j) z[j] += a[j];
 }
 
-// z[j] = a[j] + b[j]
-inline void add_rows(const float* a, const float* b, int64_t n, float* z) {
-  int64_t j = 0;
-  for (; j + kVec <= n; j += kVec) (Vec::loadu(a + j) + Vec::loadu(b + j)).store(z + j);
-  for (; j < n; ++j) z[j] = a[j] + b[j];
-}
-
 // Per-thread scratch of `count` floats, grown once per thread and reused by every call.
 inline float* row_scratch(int64_t count) {
   thread_local std::vector<float> buf;
@@ -115,15 +108,17 @@ inline void forward(const NormParams& p) {
           r = reinterpret_cast<const float*>(rrow);
           if (p.residual_dtype != DType::f32) load_row_any(rrow, p.residual_dtype, n, tmp), r = tmp;
         }
-        if (p.x_dtype == DType::f32 && p.dropout_p == 0) {  // r is not null: plain_f32 otherwise
+        if (r != nullptr && p.dropout_p == 0) {
+          // z = x + r rounded to its dtype, and its moments, in one pass (x converted into the row buffer first
+          // when 16-bit); z written into the op's z where that is float32 and not streamed, and read back from there
           const float* xf = reinterpret_cast<const float*>(x);
-          if (p.z_dtype == DType::f32) {
-            // z = x + r and its moments in one pass (the moments are those of the stored z: it is float32); z
-            // written into the op's z where that is not streamed, and read back from there
-            z_stored = p.z != nullptr && !stream_z;
-            float* const zt = z_stored ? reinterpret_cast<float*>(row_ptr(p.z, p.z_dtype, row, n)) : z;
-            auto sum_at = [=](int64_t i) { return Vec::loadu(xf + i) + Vec::loadu(r + i); };
-            if (!p.rms) shift = row_shift(n, sum_at, xf[0] + r[0]);
+          if (p.x_dtype != DType::f32) load_row_any(x, p.x_dtype, n, z), xf = z;
+          z_stored = p.z != nullptr && p.z_dtype == DType::f32 && !stream_z;
+          float* const zt = z_stored ? reinterpret_cast<float*>(row_ptr(p.z, p.z_dtype, row, n)) : z;
+          auto fused = [&](auto zero) {
+            using Z = decltype(zero);
+            auto sum_at = [=](int64_t i) { return round_through<Z>(Vec::loadu(xf + i) + Vec::loadu(r + i)); };
+            if (!p.rms) shift = row_shift(n, sum_at, static_cast<float>(static_cast<Z>(xf[0] + r[0])));
             mo = shifted_moments(
                 n, shift,
                 [=](int64_t i) {
@@ -131,12 +126,15 @@ inline void forward(const NormParams& p) {
                   v.store(zt + i);
                   return v;
                 },
-                [=](int64_t i) { return zt[i] = xf[i] + r[i]; });
-            have_moments = true;
-            zr = zt;
-          } else {
-            add_rows(xf, r, n, z);
+                [=](int64_t i) { return zt[i] = static_cast<float>(static_cast<Z>(xf[i] + r[i])); });
+          };
+          switch (p.z_dtype) {
+            case DType::f32: fused(0.0f); break;
+            case DType::f16: fused(c10::Half()); break;
+            case DType::bf16: fused(c10::BFloat16()); break;
           }
+          have_moments = true;
+          zr = zt;
         } else {
           load_row_any(x, p.x_dtype, n, z);
           if (p.dropout_p > 0) dropout_row(z, n, p.seed, static_cast<uint64_t>(row * n), p.dropout_p, inv_keep);
@@ -149,8 +147,8 @@ inline void forward(const NormParams& p) {
       if (p.z != nullptr && !z_stored) {
         char* zrow = row_ptr(p.z, p.z_dtype, row, n);
         store_row_any(zr, n, zrow, p.z_dtype, 1.0f, stream_z);
-        if (p.z_dtype != DType::f32) load_row_any(zrow, p.z_dtype, n, z), zr = z;
-      } else if (p.z == nullptr && p.z_dtype != DType::f32 &&
+        if (p.z_dtype != DType::f32 && !have_moments) load_row_any(zrow, p.z_dtype, n, z), zr = z;
+      } else if (p.z == nullptr && p.z_dtype != DType::f32 && !have_moments &&
                  (p.residual != nullptr || p.dropout_p > 0 || p.x_dtype != p.z_dtype)) {
         store_row_any(z, n, tmp, p.z_dtype, 1.0f, false);  // z is in the row buffer here (not plain_f32)
         load_row_any(tmp, p.z_dtype, n, z);
