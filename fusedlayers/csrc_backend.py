@@ -181,11 +181,11 @@ def _norm_why_not(call) -> Optional[str]:
     return reason
 
 
-def _norm_forward(x, residual, weight, bias, seed, eps, dropout_p, rms, prenorm, residual_in_fp32):
+def _norm_forward(x, residual, weight, bias, seed, eps, dropout_p, rms, prenorm, residual_in_fp32, needs_grad=True):
     from .registration import keeps_stream, stream_dtype
 
     return _ops().norm_fwd_kernel(x, residual, weight, bias, seed, eps, dropout_p, rms,
-                                  keeps_stream(x, residual, dropout_p, prenorm, residual_in_fp32),
+                                  keeps_stream(x, residual, dropout_p, prenorm, residual_in_fp32, needs_grad),
                                   stream_dtype(x, residual, residual_in_fp32))
 
 

@@ -170,7 +170,7 @@ def _normalize(z: Tensor, weight, bias, eps, rms):
     return reference.rms_norm(z, weight, eps) if rms else reference.layer_norm(z, weight, bias, eps)
 
 
-def _norm_forward(x, residual, weight, bias, seed, eps, dropout_p, rms, prenorm, residual_in_fp32):
+def _norm_forward(x, residual, weight, bias, seed, eps, dropout_p, rms, prenorm, residual_in_fp32, needs_grad=True):
     from .registration import keeps_stream, stream_dtype
 
     acc = _acc(x.dtype)  # float32 accumulation, as every backend promises
@@ -184,7 +184,7 @@ def _norm_forward(x, residual, weight, bias, seed, eps, dropout_p, rms, prenorm,
     rstd = torch.rsqrt((z * z if rms else (z - mean[:, None]) ** 2).mean(dim=-1) + eps)
     empty = x.new_empty(0, dtype=torch.float32)
     z_out = z.to(stream_dtype(x, residual, residual_in_fp32), copy=True) if keeps_stream(
-        x, residual, dropout_p, prenorm, residual_in_fp32) else x.new_empty(0)
+        x, residual, dropout_p, prenorm, residual_in_fp32, needs_grad) else x.new_empty(0)
     return y.to(x.dtype).contiguous(), z_out.contiguous(), empty if rms else mean.float(), rstd.float()
 
 

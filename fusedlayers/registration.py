@@ -14,7 +14,7 @@ Every public op runs through one of three op pairs in namespace ``fusedlayers``:
                       max_seqlen_q, max_seqlen_k, seed?, ...) -> (out (Tq,Hq,Dv), lse (Hq,Tq))
 ``varlen_bwd``        -> (dq, dk, dv, dsinks)
 ``norm_fwd``          (x (M,N), residual?, weight?, bias?, seed?, eps, dropout_p, rms, prenorm,
-                      residual_in_fp32, backend) -> (y (M,N), z, mean (M,), rstd (M,))
+                      residual_in_fp32, backend, needs_grad=True) -> (y (M,N), z, mean (M,), rstd (M,))
 ``norm_bwd``          (dy, dz?, zin, weight?, bias?, mean, rstd, seed?, eps, dropout_p, rms,
                       x_dtype, residual_dtype?, backend) -> (dx, dresidual, dweight, dbias)
 ====================  ======================================================================
@@ -34,7 +34,9 @@ Nq, col0:col0 + Nk]``: a block of a larger problem (``fusedlayers.distributed``)
 problem's mask. None: (0, 0, Nq, Nk). For the norms, ``z = dropout(x) + residual`` is the pre-norm
 residual stream: it is returned (dtype float32 if ``residual_in_fp32``, else residual's,
 else x's) when there is a residual, dropout or ``prenorm``, otherwise it is empty and
-``zin = x``; ``mean`` is empty for RMS norm. Unneeded outputs are empty tensors, since a
+``zin = x``; with ``needs_grad=False`` (no backward will run: the caller's inputs need no
+gradient or grad mode is off) a float32 z is returned only for ``prenorm``, since only y needs
+it (``keeps_stream``); ``mean`` is empty for RMS norm. Unneeded outputs are empty tensors, since a
 custom op cannot return None.
 
 Empty inputs never reach a kernel: an op body answers a call with no query, no key (or no
@@ -454,30 +456,37 @@ def stream_dtype(x: Tensor, residual: Optional[Tensor], residual_in_fp32: bool) 
 
 
 def keeps_stream(x: Tensor, residual: Optional[Tensor], dropout_p: float, prenorm: bool,
-                 residual_in_fp32: bool) -> bool:
-    """Whether norm_fwd materialises z (otherwise z is x itself and is not stored)."""
-    return (residual is not None or dropout_p > 0 or prenorm
-            or stream_dtype(x, residual, residual_in_fp32) != x.dtype)
+                 residual_in_fp32: bool, needs_grad: bool = True) -> bool:
+    """Whether norm_fwd materialises z: the prenorm output, and the backward's input unless z is x
+    itself. Without a backward (``needs_grad`` false) a float32 z, which y is computed from as it
+    is, is not stored; a 16-bit one still is (y is taken from z rounded to the stream's dtype)."""
+    if prenorm:
+        return True
+    dtype = stream_dtype(x, residual, residual_in_fp32)
+    if not needs_grad and dtype == torch.float32:
+        return False
+    return residual is not None or dropout_p > 0 or dtype != x.dtype
 
 
 @torch.library.custom_op("fusedlayers::norm_fwd", mutates_args=())
 def norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
              seed: Optional[Tensor], eps: float, dropout_p: float, rms: bool, prenorm: bool, residual_in_fp32: bool,
-             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             backend: str, needs_grad: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if x.numel() == 0:  # no row, or rows of 0 elements: nothing to normalise
         m = x.shape[0]
-        keep = keeps_stream(x, residual, dropout_p, prenorm, residual_in_fp32)
+        keep = keeps_stream(x, residual, dropout_p, prenorm, residual_in_fp32, needs_grad)
         z = x.new_empty(x.shape if keep else _EMPTY, dtype=stream_dtype(x, residual, residual_in_fp32))
         mean = x.new_zeros(_EMPTY if rms else (m,), dtype=torch.float32)
         return x.new_empty(x.shape), z, mean, x.new_zeros((m,), dtype=torch.float32)
     impl = dispatch.implementation("norm", backend)
-    return impl.forward(x, residual, weight, bias, _seed(seed), eps, dropout_p, rms, prenorm, residual_in_fp32)
+    return impl.forward(x, residual, weight, bias, _seed(seed), eps, dropout_p, rms, prenorm, residual_in_fp32,
+                        needs_grad)
 
 
 @norm_fwd.register_fake
-def _(x, residual, weight, bias, seed, eps, dropout_p, rms, prenorm, residual_in_fp32, backend):
+def _(x, residual, weight, bias, seed, eps, dropout_p, rms, prenorm, residual_in_fp32, backend, needs_grad=True):
     m = x.shape[0]
-    keep = keeps_stream(x, residual, dropout_p, prenorm, residual_in_fp32)
+    keep = keeps_stream(x, residual, dropout_p, prenorm, residual_in_fp32, needs_grad)
     z = x.new_empty(x.shape if keep else _EMPTY, dtype=stream_dtype(x, residual, residual_in_fp32))
     mean = x.new_empty(_EMPTY if rms else (m,), dtype=torch.float32)
     return x.new_empty(x.shape), z, mean, x.new_empty((m,), dtype=torch.float32)
@@ -509,8 +518,10 @@ def _(dy, dz, zin, weight, bias, mean, rstd, seed, eps, dropout_p, rms, x_dtype,
 
 
 def _norm_setup(ctx, inputs, output):
-    x, residual, weight, bias, seed, eps, dropout_p, rms, prenorm, residual_in_fp32, backend = inputs
+    x, residual, weight, bias, seed, eps, dropout_p, rms, prenorm, residual_in_fp32, backend = inputs[:11]
     y, z, mean, rstd = output
+    # a z left out by needs_grad=False that the backward would need (z is not x)
+    ctx.z_missing = z.shape != x.shape and keeps_stream(x, residual, dropout_p, prenorm, residual_in_fp32)
     ctx.save_for_backward(z if z.numel() else x, weight, bias, mean, rstd, seed)
     ctx.args = (eps, dropout_p, rms, x.dtype, residual.dtype if residual is not None else None)
     ctx.backend = backend
@@ -540,6 +551,9 @@ def norm_double_backward(dy: Tensor, dz: Optional[Tensor], zin: Tensor, weight: 
 
 
 def _norm_backward(ctx, dy, dz, dmean, drstd):
+    if ctx.z_missing:
+        raise RuntimeError("fusedlayers::norm_fwd ran with needs_grad=False, so it kept no z for its backward; "
+                           "call it with needs_grad=True when its inputs require grad")
     zin, weight, bias, mean, rstd, seed = ctx.saved_tensors
     eps, dropout_p, rms, x_dtype, residual_dtype = ctx.args
     if dy is None:  # only z was used
@@ -548,11 +562,11 @@ def _norm_backward(ctx, dy, dz, dmean, drstd):
         dz = None
     if _create_graph(dy, dz, zin, weight, bias):
         return norm_double_backward(dy, dz, zin, weight, bias, mean, rstd, seed, eps, dropout_p, rms, x_dtype,
-                                    residual_dtype, ctx.backend) + (None,) * 7
+                                    residual_dtype, ctx.backend) + (None,) * 8
     dx, dres, dw, db = norm_bwd(dy, dz, zin, weight, bias, mean, rstd, seed, eps, dropout_p, rms, x_dtype,
                                 residual_dtype, ctx.backend)
     return (dx, dres if residual_dtype is not None else None, dw if weight is not None else None,
-            db if bias is not None else None) + (None,) * 7
+            db if bias is not None else None) + (None,) * 8
 
 
 norm_fwd.register_autograd(_norm_backward, setup_context=_norm_setup)

@@ -430,10 +430,10 @@ def why_not(call) -> Optional[str]:
 
 
 def forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], seed: int,
-            eps: float, dropout_p: float, rms: bool, prenorm: bool, residual_in_fp32: bool):
+            eps: float, dropout_p: float, rms: bool, prenorm: bool, residual_in_fp32: bool, needs_grad: bool = True):
     """(y, z, mean, rstd) as ``fusedlayers.registration.norm_fwd`` defines them."""
     m, n = x.shape
-    store_z = keeps_stream(x, residual, dropout_p, prenorm, residual_in_fp32)
+    store_z = keeps_stream(x, residual, dropout_p, prenorm, residual_in_fp32, needs_grad)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     z = x.new_empty((m, n) if store_z else (0,), dtype=stream_dtype(x, residual, residual_in_fp32))
     mean = x.new_empty((0,) if rms else (m,), dtype=torch.float32)

@@ -70,6 +70,30 @@ def test_opcheck_norm(case, backend):
                                          residual.dtype if residual is not None else None, backend))
 
 
+@pytest.mark.parametrize("backend", dispatch.BACKENDS)
+def test_norm_without_backward_keeps_no_float32_stream(backend):
+    case = NormCase(rows=6, hidden=24, residual=True)
+    skip_unless_serves("norm", backend, testing.norm_call_for(case, torch.float32, DEVICE))
+    x, residual, weight, bias = (t.detach() for t in testing.make_norm_inputs(case, torch.float32, DEVICE)[:4])
+    args = (x, residual, weight, bias, None, 1e-5, 0.0, False, False, False, backend)
+    torch.library.opcheck(ops.norm_fwd, args + (False,))
+    with torch.no_grad():
+        y_kept, z_kept, _, _ = ops.norm_fwd(*args)
+        y, z, _, _ = ops.norm_fwd(*args, False)
+        assert z_kept.shape == x.shape and z.numel() == 0 and torch.equal(y, y_kept)
+        # a 16-bit stream is kept (y is the norm of z rounded to it), and prenorm's z always
+        assert ops.norm_fwd(x, residual.bfloat16(), *args[2:], False)[1].shape == x.shape
+        assert ops.norm_fwd(*args[:8], True, *args[9:], False)[1].shape == x.shape
+        # the public ops ask for no z without grad, and get the same y
+        torch.testing.assert_close(fusedlayers.add_layer_norm(x, residual, weight, bias, backend=backend), y,
+                                   rtol=0, atol=0)
+    # a caller that says no backward will run, then runs one, gets an error rather than a wrong gradient
+    xg = x.detach().requires_grad_()
+    y, _, _, _ = ops.norm_fwd(xg, *args[1:], False)
+    with pytest.raises(RuntimeError, match="needs_grad=False"):
+        y.sum().backward()
+
+
 def _compiled_matches_eager(fn, inputs):
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
