@@ -318,14 +318,15 @@ def test_large_norm_within_the_rule(case):
 
 
 def _rows_for_the_moments(n: int, reps: int) -> torch.Tensor:
-    """Rows for the one-pass mean / variance of the cpu norm forward: a first vector far from the rest (the shift
-    is then several standard deviations from the mean: the exact second pass must take over), a large offset with
-    unit spread (the shift within a deviation: one pass), constant rows, and normal rows."""
+    """Rows for the one-pass mean / variance of the cpu norm forward: first elements far from the rest (the shift,
+    the mean of the first 64 or 32, is then 3 to 11 standard deviations from the mean: the exact second pass must
+    take over), a large offset with unit spread (the shift within a deviation: one pass), constant rows, and
+    normal rows."""
     g = torch.Generator().manual_seed(5)
     rows = []
     for _ in range(reps):
         far = torch.randn(n, generator=g, dtype=torch.float64)
-        far[:16] += 1e3
+        far[:64] += 1e3
         rows += [far, 1e4 + torch.randn(n, generator=g, dtype=torch.float64),
                  torch.full((n,), 3.7, dtype=torch.float64), torch.full((n,), -1e5, dtype=torch.float64),
                  torch.randn(n, generator=g, dtype=torch.float64) * 1e-3 + 0.5]
@@ -333,7 +334,7 @@ def _rows_for_the_moments(n: int, reps: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("prenorm", [False, True], ids=["post", "pre"])
-@pytest.mark.parametrize("n,reps", [(7, 2), (768, 2), (773, 2), (773, 560)], ids=str)  # 560: z past 8 MB, streamed
+@pytest.mark.parametrize("n,reps", [(7, 2), (768, 2), (773, 2), (8192, 2), (773, 560)], ids=str)  # 560: z past 8 MB
 def test_norm_moments_of_rows_far_from_their_first_vector(n, reps, prenorm):
     z64 = _rows_for_the_moments(n, reps)
     r64 = torch.randn(z64.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
@@ -356,6 +357,31 @@ def test_norm_moments_of_rows_far_from_their_first_vector(n, reps, prenorm):
     # a constant row normalises to exactly 0: y is the bias (the constant rows of z64 are exact in float32)
     for y in (fusedlayers.layer_norm(z64.float(), w, b), fusedlayers.add_layer_norm(z64.float(), 0 * r, w, b)):
         assert torch.equal(y[2::5], b.expand_as(y[2::5])) and torch.equal(y[3::5], b.expand_as(y[3::5]))
+
+
+def test_norm_of_rows_whose_variance_overflows_float32():
+    # sum (z - shift)^2 overflows to inf (sigma 1e19 over 1024 elements): rstd is 0 and y the bias, as torch gives
+    torch.manual_seed(0)
+    x, r, w, b = torch.randn(4, 1024) * 1e19, torch.randn(4, 1024) * 1e19, torch.randn(1024), torch.randn(1024)
+    F = torch.nn.functional
+    assert torch.equal(fusedlayers.layer_norm(x, w, b), F.layer_norm(x, (1024,), w, b))
+    assert torch.equal(fusedlayers.add_layer_norm(x, r, w, b), F.layer_norm(x + r, (1024,), w, b))
+
+
+@pytest.mark.parametrize("x_dtype,stream", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                            (torch.float32, torch.bfloat16)], ids=str)
+def test_norm_kernel_rounds_an_unkept_16bit_stream(x_dtype, stream):
+    # dropout without a kept z (the kernel op called directly with keep_stream=False): y is still the norm of the
+    # stream rounded to its dtype, bitwise as with the stream kept (stored, then read back)
+    torch.manual_seed(2)
+    x, w, b = torch.randn(40, 300, dtype=x_dtype) * 3, torch.randn(300), torch.randn(300)
+    kernel = torch.ops.fusedlayers.norm_fwd_kernel
+    y_kept, z, _, _ = kernel(x, None, w, b, 11, 1e-5, 0.3, False, True, stream)
+    y, z_none, _, _ = kernel(x, None, w, b, 11, 1e-5, 0.3, False, False, stream)
+    assert z.shape == x.shape and z_none.numel() == 0 and torch.equal(y, y_kept)
+    ref = torch.nn.functional.layer_norm(z.double(), (300,), w.double(), b.double())
+    torch.testing.assert_close(y.double(), ref.to(x_dtype).double(), rtol=1e-5 if x_dtype == torch.float32 else 1e-2,
+                               atol=1e-5 if x_dtype == torch.float32 else 1e-2)
 
 
 _SMALL_TEAM_SCRIPT = r"""

@@ -211,8 +211,9 @@ inline float reduce_sum(const Vec& v) {
 }
 
 // The shift of a row's moments (see shifted_moments): the mean of its first 4, 2 or 1 vectors (as many as the row
-// holds; vec(i) gives the vector at i), summed pairwise so that a constant row gives exactly its value; `a0`, the
-// row's first element, for a row shorter than a vector or when that sum overflows.
+// holds; vec(i) gives the vector at i), summed pairwise so that a constant row gives exactly its value (the lanes'
+// reduce_sum is pairwise with AVX2 and AVX-512; at the scalar level it is not, and the norm's second pass makes
+// such a row exact); `a0`, the row's first element, for a row shorter than a vector or when that sum overflows.
 template <typename V>
 inline float row_shift(int64_t n, V vec, float a0) {
   Vec sum;

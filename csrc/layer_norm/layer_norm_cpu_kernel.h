@@ -5,7 +5,7 @@
 //
 // Forward, row z = dropout(x) + residual (float32):
 //     mean = s + sum(z - s) / N;  var = (sum((z - s)^2) - (sum(z - s))^2 / N) / N   (one pass, the row
-//     shifted by the mean s of its first 64 elements: a constant row normalises to exactly 0; a second pass
+//     shifted by the mean s of its first 4 vectors: a constant row normalises to exactly 0; a second pass
 //     over the cached row, shifted by that mean, where s is far from it; see forward)
 //     rstd = 1 / sqrt(var + eps)                         (RMS: mean = 0, var = mean(z^2))
 //     y = (z - mean) * rstd * weight + bias;  z stored when the op keeps the stream.
@@ -81,7 +81,7 @@ inline void forward(const NormParams& p) {
   const int64_t n = p.hidden;
   const float inv_keep = p.dropout_p > 0 ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
   const bool plain_f32 = p.x_dtype == DType::f32 && p.dropout_p == 0 && p.residual == nullptr;  // z = x
-  // y and a float32 z streamed past the caches when large (a 16-bit z is read back here to take its statistics).
+  // y and a float32 z streamed past the caches when large (a 16-bit z is not: the dropout path reads it back).
   // Below that a z written through the caches is as fast when the layers between evict it before the backward or
   // the next layer reads it, and faster when they do not (in-process A/B against streaming from 1 MB: forward +
   // backward of add + layer norm at 1024x768 and 2048x768 5-9% faster, at 1-2% when 48 MB are copied between)
@@ -156,19 +156,22 @@ inline void forward(const NormParams& p) {
 
       // statistics (common/mean_var.h) from the moments of the row shifted by about its mean, in one pass:
       //   mean = shift + s1 / N;  M2 = s2 - s1^2 / N
-      // The shift is the mean of the first 64 elements (row_shift): a constant row has exactly its value as mean
-      // and M2 = 0 (y = bias, as torch gives; a plain sum / N is off by a rounding error d and, with a small eps,
-      // d / sqrt(d^2 + eps) is far from 0). While s1^2 / N <= s2 / 16 (the shift within 0.26 standard deviations
-      // of the mean: 96% of rows of normal data) the subtraction scales the rounding error of s2 by at most 16/15,
-      // and M2 is as accurate as the two-pass sum (z - mean)^2. Past that, or when s2 is not finite, a second pass
-      // over the cached row takes the moments again about the mean found (the corrected two-pass algorithm: its
-      // s1 also corrects the mean, which a far shift leaves a rounding error of |mean - shift| off).
+      // The shift is the mean of the first 4 vectors (row_shift; 64 elements with AVX-512, 32 with AVX2): a
+      // constant row has exactly its value as mean and M2 = 0 (y = bias, as torch gives; a plain sum / N is off by
+      // a rounding error d and, with a small eps, d / sqrt(d^2 + eps) is far from 0). While s1^2 / N <= s2 / 16
+      // (the shift within 0.26 standard deviations of the mean: 96% of rows of normal data with AVX-512, 86% with
+      // AVX2) the subtraction scales the rounding error of s2 by at most 16/15, and M2 is as accurate as the
+      // two-pass sum (z - mean)^2. Past that, or when s2 is not finite (a NaN, or a variance past float32's range,
+      // where s2 - s1^2 / N would be inf - inf), a second pass over the cached row takes the moments again about
+      // the mean found (the corrected two-pass algorithm: its s1 also corrects the mean, which a far shift leaves a
+      // rounding error of |mean - shift| off; it also makes a constant row exact where the shift's sum is not
+      // pairwise, at the scalar level).
       const float nf = static_cast<float>(n);
       if (!have_moments) {
         if (!p.rms) shift = row_shift(n, [=](int64_t i) { return Vec::loadu(zr + i); }, zr[0]);
         mo = shifted_moments(n, shift, [=](int64_t i) { return Vec::loadu(zr + i); }, [=](int64_t i) { return zr[i]; });
       }
-      if (!p.rms && !(mo.s1 * (mo.s1 / nf) <= mo.s2 * (1.0f / 16))) {
+      if (!p.rms && !(std::isfinite(mo.s2) && mo.s1 * (mo.s1 / nf) <= mo.s2 * (1.0f / 16))) {
         shift += mo.s1 / nf;
         mo = shifted_moments(n, shift, [=](int64_t i) { return Vec::loadu(zr + i); }, [=](int64_t i) { return zr[i]; });
       }
