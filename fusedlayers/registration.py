@@ -75,9 +75,11 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _create_graph(*tensors: Optional[Tensor]) -> bool:
-    """Whether a backward formula runs under ``create_graph=True`` with an input that needs
-    a graph: then its result must itself be differentiable."""
+def records_grad(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd records a graph through these tensors: grad mode is on and one of them
+    requires grad. In a forward: whether a backward can run. In a backward formula: whether it
+    runs under ``create_graph=True`` with an input that needs a graph, so that its result must
+    itself be differentiable."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -322,7 +324,7 @@ def _attention_backward(ctx, dout, dlse):
     mods = ScoreMods(*ctx.mods, alibi_slopes, sinks)
     n = len(ctx.needs_input_grad)  # the caller's argument count (trailing defaults omitted)
     nones = (None,) * 11  # seed ... alibi_slopes
-    if _create_graph(dout, dlse, q, k, v, attn_mask, sinks):
+    if records_grad(dout, dlse, q, k, v, attn_mask, sinks):
         needs = ctx.needs_input_grad[:4] + (_needs(ctx, 15),)
         dq, dk, dv, dbias, dsinks = attention_double_backward(dout, dlse, q, k, v, attn_mask, seed, scale, causal,
                                                               bottom_right, dropout_p, ctx.backend, needs, mods,
@@ -432,7 +434,7 @@ def _varlen_double_backward(ctx, dout, dlse, q, k, v, cu_q, cu_k, mods):
 def _varlen_backward(ctx, dout, dlse):
     q, k, v, cu_q, cu_k, seed, alibi_slopes, sinks, out, lse = ctx.saved_tensors
     mods = ScoreMods(*ctx.mods, alibi_slopes, sinks)
-    if _create_graph(dout, dlse, q, k, v, sinks):
+    if records_grad(dout, dlse, q, k, v, sinks):
         return _varlen_double_backward(ctx, dout, dlse, q, k, v, cu_q, cu_k, mods)
     max_q, max_k, scale, causal, bottom_right, dropout_p, deterministic = ctx.args
     sinks_grad = sinks is not None and _needs(ctx, 18)
@@ -560,7 +562,7 @@ def _norm_backward(ctx, dy, dz, dmean, drstd):
         dy = zin.new_zeros(zin.shape, dtype=x_dtype)
     if dz is not None and dz.shape != zin.shape:  # z was not kept (an empty output): no gradient
         dz = None
-    if _create_graph(dy, dz, zin, weight, bias):
+    if records_grad(dy, dz, zin, weight, bias):
         return norm_double_backward(dy, dz, zin, weight, bias, mean, rstd, seed, eps, dropout_p, rms, x_dtype,
                                     residual_dtype, ctx.backend) + (None,) * 8
     dx, dres, dw, db = norm_bwd(dy, dz, zin, weight, bias, mean, rstd, seed, eps, dropout_p, rms, x_dtype,

@@ -167,13 +167,15 @@ inline void forward(const NormParams& p) {
       // rounding error of |mean - shift| off; it also makes a constant row exact where the shift's sum is not
       // pairwise, at the scalar level).
       const float nf = static_cast<float>(n);
+      auto zr_vec = [=](int64_t i) { return Vec::loadu(zr + i); };
+      auto zr_one = [=](int64_t i) { return zr[i]; };
       if (!have_moments) {
-        if (!p.rms) shift = row_shift(n, [=](int64_t i) { return Vec::loadu(zr + i); }, zr[0]);
-        mo = shifted_moments(n, shift, [=](int64_t i) { return Vec::loadu(zr + i); }, [=](int64_t i) { return zr[i]; });
+        if (!p.rms) shift = row_shift(n, zr_vec, zr[0]);
+        mo = shifted_moments(n, shift, zr_vec, zr_one);
       }
       if (!p.rms && !(std::isfinite(mo.s2) && mo.s1 * (mo.s1 / nf) <= mo.s2 * (1.0f / 16))) {
         shift += mo.s1 / nf;
-        mo = shifted_moments(n, shift, [=](int64_t i) { return Vec::loadu(zr + i); }, [=](int64_t i) { return zr[i]; });
+        mo = shifted_moments(n, shift, zr_vec, zr_one);
       }
       const float mean = p.rms ? 0.0f : shift + mo.s1 / nf;
       // M2 >= s2 * 15/16 after the first pass; after a second, below 0 only by rounding (NaN stays NaN)
