@@ -460,14 +460,14 @@ def stream_dtype(x: Tensor, residual: Optional[Tensor], residual_in_fp32: bool) 
 def keeps_stream(x: Tensor, residual: Optional[Tensor], dropout_p: float, prenorm: bool,
                  residual_in_fp32: bool, needs_grad: bool = True) -> bool:
     """Whether norm_fwd materialises z: the prenorm output, and the backward's input unless z is x
-    itself. Without a backward (``needs_grad`` false) a float32 z, which y is computed from as it
-    is, is not stored; a 16-bit one still is (y is taken from z rounded to the stream's dtype)."""
+    itself. Without a backward (``needs_grad`` false) z is only the prenorm output; y is the same
+    either way (the kernels that take y from z rounded to the stream's dtype round it whether or
+    not they store it)."""
     if prenorm:
         return True
-    dtype = stream_dtype(x, residual, residual_in_fp32)
-    if not needs_grad and dtype == torch.float32:
+    if not needs_grad:
         return False
-    return residual is not None or dropout_p > 0 or dtype != x.dtype
+    return residual is not None or dropout_p > 0 or stream_dtype(x, residual, residual_in_fp32) != x.dtype
 
 
 @torch.library.custom_op("fusedlayers::norm_fwd", mutates_args=())

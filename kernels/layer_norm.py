@@ -8,9 +8,10 @@ x (M, N)):
     rstd = 1 / sqrt(sum((z - mean)^2) / N + eps)    # biased variance, eps inside the sqrt
     y    = (z - mean) * rstd * weight + bias         # RMS: z * rstd * weight
 
-A stored z is rounded to its dtype before the statistics, so y, mean and rstd are those of
-the stream actually returned, which backward reads back (otherwise xhat in backward would
-disagree with the forward's by the rounding of z, amplified by rstd).
+z is rounded to its dtype before the statistics wherever the op with a backward stores it
+(ROUND_Z, whether or not this call writes it), so y, mean and rstd are those of the stream
+returned, which backward reads back (otherwise xhat in backward would disagree with the
+forward's by the rounding of z, amplified by rstd), and y does not depend on needs_grad.
 
 Backward (the reference backend's names; xhat from the saved mean and rstd):
 
@@ -85,6 +86,7 @@ INTERPRET_TILE = 1 << 17  # elements per tile under the interpreter: few, wide p
 INTERPRET_ROWS = 32  # but at most this many rows (numpy sums a tile's rows one after another)
 INTERPRET_GROUP_ROWS = 64  # backward row group under the interpreter
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -110,21 +112,22 @@ def _store(ptrs, v, mask):
 
 @triton.jit
 def _stream(X, R, Z, rows, row_ok, cols, stride_x, stride_r, N, dropout_p, keep_scale, seed,
-            HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_Z: tl.constexpr, WRITE_Z: tl.constexpr):
+            HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROUND_Z: tl.constexpr, Z_DTYPE: tl.constexpr,
+            WRITE_Z: tl.constexpr):
     """(z, mask): z = dropout(x) + residual of the (BLOCK_M, BLOCK_N) tile at rows x cols,
-    fp32, 0 outside ``mask``; WRITE_Z also stores it to Z. A stored z is rounded to its
-    dtype first, so that y, mean and rstd are those of the stream actually returned, and
-    backward (which reads that z) sees the same xhat."""
+    fp32, 0 outside ``mask``. ROUND_Z rounds it to the stream's dtype Z_DTYPE, so that y, mean
+    and rstd are those of the stream the op returns or backward reads, whether or not Z is
+    written; WRITE_Z also stores it to Z."""
     mask = row_ok[:, None] & (cols[None, :] < N)
     z = _load(X + rows[:, None] * stride_x + cols[None, :], mask)
     if HAS_DROPOUT:
         z = tl.where(_keep(seed, rows[:, None] * N + cols[None, :], dropout_p), z * keep_scale, 0.0)
     if HAS_RESIDUAL:
         z += _load(R + rows[:, None] * stride_r + cols[None, :], mask)
-    if STORE_Z:
-        z = to_f32(to_dtype(z, Z.dtype.element_ty))
-        if WRITE_Z:
-            _store(Z + rows[:, None] * N + cols[None, :], z, mask)
+    if ROUND_Z:
+        z = to_f32(to_dtype(z, Z_DTYPE))
+    if WRITE_Z:
+        _store(Z + rows[:, None] * N + cols[None, :], z, mask)
     return z, mask
 
 
@@ -145,7 +148,7 @@ def _norm_fwd_kernel(
     W,  # weight (N,) (HAS_WEIGHT), any float dtype
     B,  # bias (N,) (HAS_BIAS)
     Y,  # out: y (M, N) contiguous, x's dtype
-    Z,  # out: z = dropout(x) + residual (M, N) contiguous, the stream dtype (STORE_Z)
+    Z,  # out: z = dropout(x) + residual (M, N) contiguous, Z_DTYPE (STORE_Z)
     MEAN,  # out: mean (M,) fp32 (layer norm only)
     RSTD,  # out: rstd (M,) fp32
     stride_x, stride_r,  # row strides of x and residual, in elements
@@ -157,7 +160,10 @@ def _norm_fwd_kernel(
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # columns per block (a power of two)
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, STORE_Z: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    STORE_Z: tl.constexpr,  # write z to Z
+    ROUND_Z: tl.constexpr,  # take the statistics and y from z rounded to Z_DTYPE (the stream's dtype)
+    Z_DTYPE: tl.constexpr,
     RMS: tl.constexpr,  # RMS norm: no mean, no bias
     SINGLE_BLOCK: tl.constexpr,  # N <= BLOCK_N: one pass over the row, held in registers
 ):
@@ -167,7 +173,7 @@ def _norm_fwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     if SINGLE_BLOCK:
         z, mask = _stream(X, R, Z, rows, row_ok, cols, stride_x, stride_r, N, dropout_p, keep_scale, seed,
-                          HAS_RESIDUAL, HAS_DROPOUT, STORE_Z, STORE_Z)
+                          HAS_RESIDUAL, HAS_DROPOUT, ROUND_Z, Z_DTYPE, STORE_Z)
         if RMS:
             zc = z
         else:
@@ -185,7 +191,7 @@ def _norm_fwd_kernel(
         m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum of squared deviations (RMS: of squares)
         for start in range(0, N, BLOCK_N):
             z, mask = _stream(X, R, Z, rows, row_ok, start + cols, stride_x, stride_r, N, dropout_p, keep_scale,
-                              seed, HAS_RESIDUAL, HAS_DROPOUT, STORE_Z, STORE_Z)
+                              seed, HAS_RESIDUAL, HAS_DROPOUT, ROUND_Z, Z_DTYPE, STORE_Z)
             if RMS:
                 m2 += tl.sum(z * z, axis=1)
             else:
@@ -201,7 +207,7 @@ def _norm_fwd_kernel(
         # pass 2: normalise (z recomputed from the inputs, not read back)
         for start in range(0, N, BLOCK_N):
             z, mask = _stream(X, R, Z, rows, row_ok, start + cols, stride_x, stride_r, N, dropout_p, keep_scale,
-                              seed, HAS_RESIDUAL, HAS_DROPOUT, STORE_Z, False)
+                              seed, HAS_RESIDUAL, HAS_DROPOUT, ROUND_Z, Z_DTYPE, False)
             if RMS:
                 y = z * rstd[:, None]
             else:
@@ -434,8 +440,11 @@ def forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bia
     """(y, z, mean, rstd) as ``fusedlayers.registration.norm_fwd`` defines them."""
     m, n = x.shape
     store_z = keeps_stream(x, residual, dropout_p, prenorm, residual_in_fp32, needs_grad)
+    # y is taken from the stream rounded to its dtype wherever the op with a backward stores it
+    z_dtype = stream_dtype(x, residual, residual_in_fp32)
+    round_z = z_dtype != torch.float32 and keeps_stream(x, residual, dropout_p, prenorm, residual_in_fp32)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    z = x.new_empty((m, n) if store_z else (0,), dtype=stream_dtype(x, residual, residual_in_fp32))
+    z = x.new_empty((m, n) if store_z else (0,), dtype=z_dtype)
     mean = x.new_empty((0,) if rms else (m,), dtype=torch.float32)
     rstd = x.new_empty((m,), dtype=torch.float32)
     x, residual, weight, bias = (_rows(t) for t in (x, residual, weight, bias))
@@ -445,7 +454,8 @@ def forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bia
             x, residual, weight, bias, y, z if store_z else None, None if rms else mean, rstd,
             _row_stride(x), _row_stride(residual), m, n, eps, dropout_p, 1.0 / (1.0 - dropout_p), seed,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None and not rms, HAS_DROPOUT=dropout_p > 0, STORE_Z=store_z, RMS=rms,
+            HAS_BIAS=bias is not None and not rms, HAS_DROPOUT=dropout_p > 0, STORE_Z=store_z, ROUND_Z=round_z,
+            Z_DTYPE=_TL_DTYPES[z_dtype], RMS=rms,
             SINGLE_BLOCK=n <= block_n, num_warps=num_warps)
     return y, z, mean, rstd
 
@@ -547,6 +557,7 @@ def compile_targets() -> list[tuple]:
                 if not backward:
                     targets.append(target(f"norm_fwd_{tag}", _norm_fwd_kernel, dict(
                         flags, HAS_RESIDUAL=features, HAS_BIAS=features, HAS_DROPOUT=features, STORE_Z=features,
+                        ROUND_Z=features, Z_DTYPE=tl.float32,
                         SINGLE_BLOCK=single), features, num_warps))
                     continue
                 if not single:
