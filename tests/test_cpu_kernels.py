@@ -498,6 +498,27 @@ def test_fp32_tiles(case):
     testing.assert_all_ok(testing.check_attention(case, torch.float32, "cpu", "cpu"), str(case))
 
 
+@pytest.mark.parametrize("hq, nq, d", [(1, 1, 64), (2, 1, 40), (2, 1, 512), (3, 1, 128), (4, 1, 128), (2, 2, 96)])
+def test_backward_recomputes_the_forwards_scores(hq, nq, d):
+    """One key per query: P is exactly 1 only when the backward's S = Q K^T is the forward's bit for bit, whatever
+    the rows per product (decoding stacks a GQA group's 1-3 rows, the backward takes one head at a time). Then
+    out = v, and dV is the sum of dO over the group's rows: each head's rows (at most 2, one rounding), then the
+    heads in order, in float32."""
+    gen = torch.Generator().manual_seed(d)
+    q = (3 * torch.randn(1, hq, nq, d, generator=gen)).requires_grad_()
+    k = (3 * torch.randn(1, 1, 1, d, generator=gen)).requires_grad_()
+    v = torch.randn(1, 1, 1, d, generator=gen).requires_grad_()
+    with torch_threads(2):
+        out = fusedlayers.attention(q, k, v, backend="cpu")
+        assert torch.equal(out, v.detach().expand_as(out))
+        dout = torch.randn(out.shape, generator=gen)
+        dv = torch.autograd.grad(out, v, dout)[0]
+    expected = torch.zeros(d)
+    for h in range(hq):
+        expected = expected + dout[0, h].sum(0)
+    assert torch.equal(dv[0, 0, 0], expected)
+
+
 @pytest.mark.parametrize("case", [
     # odd head dims (an odd GEMM depth in S = Q K^T and dQ), odd key and query counts (P V, dK, dV), rows
     # and columns off the 8 x 32 tile, strided inputs, GQA, dropout, a float bias with its gradient

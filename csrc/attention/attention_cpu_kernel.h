@@ -270,7 +270,7 @@ struct TaskRows {
 };
 
 // Rows per run on a block that straddles a causal / window edge (the forward cuts such a block by rows).
-constexpr int64_t kEdgeRows = 64;
+constexpr int64_t kEdgeRows = 32;
 
 // Nq up to which the forward runs as decode: query heads stacked per KV head, keys split across threads.
 constexpr int64_t kDecodeRows = 16;

@@ -63,9 +63,10 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc, const Prefetch& ahead) {
   if (m == 0 || n == 0) return;
 #ifdef FUSEDLAYERS_BF16_GEMM
-  // (a product of fewer than 4 rows, as in decoding one query per head, would run row by row over B packed for
-  // it: the BLAS)
-  if (use_f32_tiles() && (m >= 4 || sgemm_ == nullptr)) {
+  // A product of fewer than 4 rows with B in place (P V in decoding one query per head) would run row by row over B
+  // packed for it: the BLAS. With B transposed (Q K^T) it stays on the tiles, so that the scores of every
+  // product with the same rows are the same bits (the attention backward recomputes the forward's P from them).
+  if (use_f32_tiles() && (m >= 4 || tb || sgemm_ == nullptr)) {
     return gemm_f32_tiles(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ahead);
   }
 #endif
@@ -185,6 +186,12 @@ class LineCursor {
   uintptr_t line_;
 };
 
+// k-steps per FMA chain of the float32 tile: a longer run of k (up to kKc) sums its chains in order, so that the
+// rounding error of a product of depth k grows with kChainSteps + k / kChainSteps rather than with k. Each element's
+// operations and their order are the same whatever the tile's shape and B's layout: products of the same rows give
+// the same bits.
+constexpr int64_t kChainSteps = 64;
+
 // The float32 tile: C (MR x 16 NV) from op(A) (element (r, p) at a[r * a_rs + p * a_ks]) and B's panels of 16
 // columns, `panel` apart, row p of a panel at p * b_ks (packed: panels [k][16], b_ks 16; B in place: b_ks ldb).
 // With PF, one tick of pf per k-step.
@@ -195,13 +202,25 @@ FL_F32_TARGET void f32_tile(int64_t k, const float* a, int64_t a_rs, int64_t a_k
   __m512 acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < k; ++p) {
-    if constexpr (PF) pf->tick();
-    __m512 bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(bp + v * panel + p * b_ks);
-    for (int r = 0; r < MR; ++r) {
-      const __m512 av = _mm512_set1_ps(a[r * a_rs + p * a_ks]);
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+  alignas(64) float folded[MR][NV][16];  // the sum of the chains before the current one
+  for (int64_t p0 = 0; p0 < k; p0 += kChainSteps) {
+    const int64_t p1 = std::min(k, p0 + kChainSteps);
+    for (int64_t p = p0; p < p1; ++p) {
+      if constexpr (PF) pf->tick();
+      __m512 bv[NV];
+      for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(bp + v * panel + p * b_ks);
+      for (int r = 0; r < MR; ++r) {
+        const __m512 av = _mm512_set1_ps(a[r * a_rs + p * a_ks]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+      }
+    }
+    if (p0 > 0) {  // the chains before this one, then this one
+      for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_add_ps(_mm512_load_ps(folded[r][v]), acc[r][v]);
+    }
+    if (p1 < k) {
+      for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v) _mm512_store_ps(folded[r][v], acc[r][v]), acc[r][v] = _mm512_setzero_ps();
     }
   }
   store_tile<MR, NV>(acc, alpha, beta, c, ldc, ncols, row_max);
@@ -454,6 +473,18 @@ void gemm_f32_tiles(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alp
     return f32_product(ta, m, n, k, alpha, a, lda, b, 16, ldb, beta, c, ldc, nullptr, cursor);
   }
   thread_local std::vector<float> b_pack;  // grown once per thread, reused by every call
+  if (tb && m < 4) {  // few rows: each panel of B packed just before its product, in L1, the next one's rows fetched
+    b_pack.resize(static_cast<size_t>(k * 16));
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      const int64_t nj = std::min<int64_t>(16, n - j0);
+      for (int64_t j = j0 + 16; j < std::min(n, j0 + 32); ++j) {
+        for (int64_t p = 0; p < k; p += 16) _mm_prefetch(reinterpret_cast<const char*>(b + j * ldb + p), _MM_HINT_T0);
+      }
+      pack_b_f32(true, nj, k, b + j0 * ldb, ldb, b_pack.data());
+      f32_product(ta, m, nj, k, alpha, a, lda, b_pack.data(), k * 16, 16, beta, c + j0, ldc, nullptr, cursor);
+    }
+    return;
+  }
   b_pack.resize(static_cast<size_t>((n + 15) / 16 * k * 16));
   pack_b_f32(tb, n, k, b, ldb, b_pack.data());
   f32_product(ta, m, n, k, alpha, a, lda, b_pack.data(), k * 16, 16, beta, c, ldc, nullptr, cursor);
