@@ -183,8 +183,9 @@ def _norm_forward(x, residual, weight, bias, seed, eps, dropout_p, rms, prenorm,
     mean = _shifted_mean(z)
     rstd = torch.rsqrt((z * z if rms else (z - mean[:, None]) ** 2).mean(dim=-1) + eps)
     empty = x.new_empty(0, dtype=torch.float32)
-    z_out = z.to(stream_dtype(x, residual, residual_in_fp32), copy=True) if keeps_stream(
-        x, residual, dropout_p, prenorm, residual_in_fp32, needs_grad) else x.new_empty(0)
+    z_dtype = stream_dtype(x, residual, residual_in_fp32)
+    z_out = z.to(z_dtype, copy=True) if keeps_stream(
+        x, residual, dropout_p, prenorm, residual_in_fp32, needs_grad) else x.new_empty(0, dtype=z_dtype)
     return y.to(x.dtype).contiguous(), z_out.contiguous(), empty if rms else mean.float(), rstd.float()
 
 

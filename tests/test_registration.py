@@ -77,6 +77,11 @@ def test_norm_without_backward_keeps_no_stream(backend):
     x, residual, weight, bias = (t.detach() for t in testing.make_norm_inputs(case, torch.float32, DEVICE)[:4])
     args = (x, residual, weight, bias, None, 1e-5, 0.0, False, False, False, backend)
     torch.library.opcheck(ops.norm_fwd, args + (False,))
+    # the empty z of a stream left out has the stream's dtype, as the fake op says: bf16 beside float32 x, float32
+    # beside bf16 x
+    torch.library.opcheck(ops.norm_fwd, (x, residual.bfloat16(), *args[2:], False))
+    torch.library.opcheck(ops.norm_fwd, (x.bfloat16(), residual, weight, bias, None, 1e-5, 0.0, False, False, True,
+                                         backend, False))
     with torch.no_grad():
         y_kept, z_kept, _, _ = ops.norm_fwd(*args)
         y, z, _, _ = ops.norm_fwd(*args, False)

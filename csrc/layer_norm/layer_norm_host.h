@@ -107,7 +107,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_setup(
 
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor y = dev.empty(x.sizes(), x.options());
-  at::Tensor z = keep_stream ? dev.empty(x.sizes(), x.options().dtype(stream_dtype)) : at::empty({0}, x.options());
+  at::Tensor z = keep_stream ? dev.empty(x.sizes(), x.options().dtype(stream_dtype))
+                             : at::empty({0}, x.options().dtype(stream_dtype));
   at::Tensor mean = at::empty({rms ? 0 : p.rows}, f32);
   at::Tensor rstd = at::empty({p.rows}, f32);
   p.y = y.mutable_data_ptr();
