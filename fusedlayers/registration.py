@@ -35,8 +35,8 @@ problem's mask. None: (0, 0, Nq, Nk). For the norms, ``z = dropout(x) + residual
 residual stream: it is returned (dtype float32 if ``residual_in_fp32``, else residual's,
 else x's) when there is a residual, dropout or ``prenorm``, otherwise it is empty and
 ``zin = x``; with ``needs_grad=False`` (no backward will run: the caller's inputs need no
-gradient or grad mode is off) a float32 z is returned only for ``prenorm``, since only y needs
-it (``keeps_stream``); ``mean`` is empty for RMS norm. Unneeded outputs are empty tensors, since a
+gradient or grad mode is off) z is returned only for ``prenorm``, since only y needs it
+(``keeps_stream``; an empty z has the stream's dtype all the same); ``mean`` is empty for RMS norm. Unneeded outputs are empty tensors, since a
 custom op cannot return None.
 
 Empty inputs never reach a kernel: an op body answers a call with no query, no key (or no
