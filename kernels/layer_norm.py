@@ -8,10 +8,10 @@ x (M, N)):
     rstd = 1 / sqrt(sum((z - mean)^2) / N + eps)    # biased variance, eps inside the sqrt
     y    = (z - mean) * rstd * weight + bias         # RMS: z * rstd * weight
 
-z is rounded to its dtype before the statistics wherever the op with a backward stores it
-(ROUND_Z, whether or not this call writes it), so y, mean and rstd are those of the stream
-returned, which backward reads back (otherwise xhat in backward would disagree with the
-forward's by the rounding of z, amplified by rstd), and y does not depend on needs_grad.
+z is rounded to its dtype before the statistics, whether or not this call writes it,
+so y, mean and rstd are those of the stream returned, which backward reads back (otherwise xhat
+in backward would disagree with the forward's by the rounding of z, amplified by rstd), and y
+does not depend on needs_grad.
 
 Backward (the reference backend's names; xhat from the saved mean and rstd):
 
@@ -112,10 +112,9 @@ def _store(ptrs, v, mask):
 
 @triton.jit
 def _stream(X, R, Z, rows, row_ok, cols, stride_x, stride_r, N, dropout_p, keep_scale, seed,
-            HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROUND_Z: tl.constexpr, Z_DTYPE: tl.constexpr,
-            WRITE_Z: tl.constexpr):
+            HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, Z_DTYPE: tl.constexpr, WRITE_Z: tl.constexpr):
     """(z, mask): z = dropout(x) + residual of the (BLOCK_M, BLOCK_N) tile at rows x cols,
-    fp32, 0 outside ``mask``. ROUND_Z rounds it to the stream's dtype Z_DTYPE, so that y, mean
+    fp32, 0 outside ``mask``, rounded to the stream's dtype Z_DTYPE, so that y, mean
     and rstd are those of the stream the op returns or backward reads, whether or not Z is
     written; WRITE_Z also stores it to Z."""
     mask = row_ok[:, None] & (cols[None, :] < N)
@@ -124,7 +123,7 @@ def _stream(X, R, Z, rows, row_ok, cols, stride_x, stride_r, N, dropout_p, keep_
         z = tl.where(_keep(seed, rows[:, None] * N + cols[None, :], dropout_p), z * keep_scale, 0.0)
     if HAS_RESIDUAL:
         z += _load(R + rows[:, None] * stride_r + cols[None, :], mask)
-    if ROUND_Z:
+    if Z_DTYPE != tl.float32:
         z = to_f32(to_dtype(z, Z_DTYPE))
     if WRITE_Z:
         _store(Z + rows[:, None] * N + cols[None, :], z, mask)
@@ -162,8 +161,7 @@ def _norm_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     STORE_Z: tl.constexpr,  # write z to Z
-    ROUND_Z: tl.constexpr,  # take the statistics and y from z rounded to Z_DTYPE (the stream's dtype)
-    Z_DTYPE: tl.constexpr,
+    Z_DTYPE: tl.constexpr,  # the stream's dtype: the statistics and y are taken from z rounded to it
     RMS: tl.constexpr,  # RMS norm: no mean, no bias
     SINGLE_BLOCK: tl.constexpr,  # N <= BLOCK_N: one pass over the row, held in registers
 ):
@@ -173,7 +171,7 @@ def _norm_fwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     if SINGLE_BLOCK:
         z, mask = _stream(X, R, Z, rows, row_ok, cols, stride_x, stride_r, N, dropout_p, keep_scale, seed,
-                          HAS_RESIDUAL, HAS_DROPOUT, ROUND_Z, Z_DTYPE, STORE_Z)
+                          HAS_RESIDUAL, HAS_DROPOUT, Z_DTYPE, STORE_Z)
         if RMS:
             zc = z
         else:
@@ -191,7 +189,7 @@ def _norm_fwd_kernel(
         m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum of squared deviations (RMS: of squares)
         for start in range(0, N, BLOCK_N):
             z, mask = _stream(X, R, Z, rows, row_ok, start + cols, stride_x, stride_r, N, dropout_p, keep_scale,
-                              seed, HAS_RESIDUAL, HAS_DROPOUT, ROUND_Z, Z_DTYPE, STORE_Z)
+                              seed, HAS_RESIDUAL, HAS_DROPOUT, Z_DTYPE, STORE_Z)
             if RMS:
                 m2 += tl.sum(z * z, axis=1)
             else:
@@ -207,7 +205,7 @@ def _norm_fwd_kernel(
         # pass 2: normalise (z recomputed from the inputs, not read back)
         for start in range(0, N, BLOCK_N):
             z, mask = _stream(X, R, Z, rows, row_ok, start + cols, stride_x, stride_r, N, dropout_p, keep_scale,
-                              seed, HAS_RESIDUAL, HAS_DROPOUT, ROUND_Z, Z_DTYPE, False)
+                              seed, HAS_RESIDUAL, HAS_DROPOUT, Z_DTYPE, False)
             if RMS:
                 y = z * rstd[:, None]
             else:
@@ -440,9 +438,8 @@ def forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bia
     """(y, z, mean, rstd) as ``fusedlayers.registration.norm_fwd`` defines them."""
     m, n = x.shape
     store_z = keeps_stream(x, residual, dropout_p, prenorm, residual_in_fp32, needs_grad)
-    # y is taken from the stream rounded to its dtype wherever the op with a backward stores it
+    # y is taken from z rounded to the stream's dtype, stored or not (exact where z is x in that dtype)
     z_dtype = stream_dtype(x, residual, residual_in_fp32)
-    round_z = z_dtype != torch.float32 and keeps_stream(x, residual, dropout_p, prenorm, residual_in_fp32)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     z = x.new_empty((m, n) if store_z else (0,), dtype=z_dtype)
     mean = x.new_empty((0,) if rms else (m,), dtype=torch.float32)
@@ -454,7 +451,7 @@ def forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bia
             x, residual, weight, bias, y, z if store_z else None, None if rms else mean, rstd,
             _row_stride(x), _row_stride(residual), m, n, eps, dropout_p, 1.0 / (1.0 - dropout_p), seed,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None and not rms, HAS_DROPOUT=dropout_p > 0, STORE_Z=store_z, ROUND_Z=round_z,
+            HAS_BIAS=bias is not None and not rms, HAS_DROPOUT=dropout_p > 0, STORE_Z=store_z,
             Z_DTYPE=_TL_DTYPES[z_dtype], RMS=rms,
             SINGLE_BLOCK=n <= block_n, num_warps=num_warps)
     return y, z, mean, rstd
@@ -557,7 +554,7 @@ def compile_targets() -> list[tuple]:
                 if not backward:
                     targets.append(target(f"norm_fwd_{tag}", _norm_fwd_kernel, dict(
                         flags, HAS_RESIDUAL=features, HAS_BIAS=features, HAS_DROPOUT=features, STORE_Z=features,
-                        ROUND_Z=features, Z_DTYPE=tl.float32,
+                        Z_DTYPE=tl.float32,
                         SINGLE_BLOCK=single), features, num_warps))
                     continue
                 if not single:
