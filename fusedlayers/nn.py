@@ -35,6 +35,7 @@ the same arithmetic as torch's own), so it is correct but not fast. Pass
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -111,10 +112,21 @@ def _flat(p: Optional[Tensor]) -> Optional[Tensor]:
     return None if p is None else p.reshape(-1)
 
 
-def _autocast_fp32(x: Tensor) -> bool:
-    """Whether torch's layer_norm / rms_norm would run in float32 here: under CUDA autocast
-    they are on autocast's float32 list (their output is float32); under CPU autocast not."""
-    return x.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+def _autocast_fp32(x: Tensor, rms: bool = False) -> bool:
+    """Whether torch's layer_norm (``rms``: rms_norm) would run in float32 here. Under CUDA
+    autocast layer_norm is on autocast's float32 list (its output is float32); rms_norm is
+    on it in some torch versions only (not in 2.11), so torch is asked once. Under CPU
+    autocast neither is."""
+    if x.device.type != "cuda" or not torch.is_autocast_enabled("cuda"):
+        return False
+    return _cuda_autocast_rms_norm_fp32() if rms else True
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_autocast_rms_norm_fp32() -> bool:
+    """Whether this torch's CUDA autocast runs rms_norm in float32 (one tiny call)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        return torch.rms_norm(torch.ones(1, 1, device="cuda", dtype=torch.bfloat16), (1,)).dtype == torch.float32
 
 
 def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -169,7 +181,7 @@ class RMSNorm(_FromTorch, torch.nn.RMSNorm):
             if y is not None:
                 return y
         rows, weight = _flatten_trailing(x, self.normalized_shape), _flat(self.weight)
-        if _autocast_fp32(rows):  # as torch: float32 inputs and output under CUDA autocast
+        if _autocast_fp32(rows, rms=True):  # as torch: float32 inputs and output under autocast
             rows, weight = rows.float(), _f32(weight)
         eps = self.eps if self.eps is not None else torch.finfo(rows.dtype).eps
         y = ops.rms_norm(rows, weight, eps, backend=self.backend)

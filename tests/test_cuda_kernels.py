@@ -267,7 +267,7 @@ def check_extreme_bias(dtype, bias_dtype, d: int, device, backend: str) -> list:
     for cast in (testing._to64, lambda t: t.detach().requires_grad_()):
         args = [cast(t) for t in (q, k, v, bias)]
         o, l = reference.attention(*args)
-        results.append((o, l, torch.autograd.grad((o, l), args, (dout.to(o.dtype), dlse.to(l.dtype)))))
+        results.append((o, l, torch.autograd.grad((o, l), args, (dout.to(o), dlse.to(l)))))  # o's device too
     (o64, l64, g64), (ot, lt, gt) = results
     comps = [testing.compare("out", out, o64, ot, testing.OUT_FACTOR),
              testing.compare("lse", lse, l64, lt.float(), testing.OUT_FACTOR)]
