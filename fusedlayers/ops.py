@@ -409,7 +409,7 @@ def _norm(x, residual, weight, bias, eps, dropout_p, prenorm, residual_in_fp32, 
                     rms=rms, dropout_p=dropout_p)
     name = _serve_empty(backend) if x2.numel() == 0 else dispatch.select("norm", call, backend)
     needs_grad = registration.records_grad(x, residual, weight, bias)
-    y, z, _, _ = registration.norm_fwd(x2, residual.reshape(m, n) if residual is not None else None, weight, bias,
+    y, z, _, _ = registration.norm(x2, residual.reshape(m, n) if residual is not None else None, weight, bias,
                                        _draw_seed(dropout_p), float(eps), dropout_p, rms, bool(prenorm),
                                        bool(residual_in_fp32), name, needs_grad)
     y = y.view(x.shape)

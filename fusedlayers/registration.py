@@ -474,6 +474,13 @@ def keeps_stream(x: Tensor, residual: Optional[Tensor], dropout_p: float, prenor
 def norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
              seed: Optional[Tensor], eps: float, dropout_p: float, rms: bool, prenorm: bool, residual_in_fp32: bool,
              backend: str, needs_grad: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _norm_fwd_impl(x, residual, weight, bias, seed, eps, dropout_p, rms, prenorm, residual_in_fp32, backend,
+                          needs_grad)
+
+
+def _norm_fwd_impl(x, residual, weight, bias, seed, eps, dropout_p, rms, prenorm, residual_in_fp32, backend,
+                   needs_grad=True):
+    """The body of norm_fwd (its arguments and outputs)."""
     if x.numel() == 0:  # no row, or rows of 0 elements: nothing to normalise
         m = x.shape[0]
         keep = keeps_stream(x, residual, dropout_p, prenorm, residual_in_fp32, needs_grad)
@@ -499,6 +506,12 @@ def norm_bwd(dy: Tensor, dz: Optional[Tensor], zin: Tensor, weight: Optional[Ten
              mean: Tensor, rstd: Tensor, seed: Optional[Tensor], eps: float, dropout_p: float, rms: bool,
              x_dtype: torch.dtype, residual_dtype: Optional[torch.dtype],
              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _norm_bwd_impl(dy, dz, zin, weight, bias, mean, rstd, seed, eps, dropout_p, rms, x_dtype, residual_dtype,
+                          backend)
+
+
+def _norm_bwd_impl(dy, dz, zin, weight, bias, mean, rstd, seed, eps, dropout_p, rms, x_dtype, residual_dtype, backend):
+    """The body of norm_bwd (its arguments and outputs)."""
     if zin.numel() == 0:  # weight and bias got no contribution
         dres = zin.new_empty(zin.shape, dtype=residual_dtype) if residual_dtype is not None else None
         dw = torch.zeros_like(weight) if weight is not None else None
@@ -565,10 +578,52 @@ def _norm_backward(ctx, dy, dz, dmean, drstd):
     if records_grad(dy, dz, zin, weight, bias):
         return norm_double_backward(dy, dz, zin, weight, bias, mean, rstd, seed, eps, dropout_p, rms, x_dtype,
                                     residual_dtype, ctx.backend) + (None,) * 8
-    dx, dres, dw, db = norm_bwd(dy, dz, zin, weight, bias, mean, rstd, seed, eps, dropout_p, rms, x_dtype,
-                                residual_dtype, ctx.backend)
+    bwd = _norm_bwd_impl if getattr(ctx, "eager", False) else norm_bwd
+    dx, dres, dw, db = bwd(dy, dz, zin, weight, bias, mean, rstd, seed, eps, dropout_p, rms, x_dtype,
+                           residual_dtype, ctx.backend)
     return (dx, dres if residual_dtype is not None else None, dw if weight is not None else None,
             db if bias is not None else None) + (None,) * 8
 
 
 norm_fwd.register_autograd(_norm_backward, setup_context=_norm_setup)
+
+
+class _EagerNorm(torch.autograd.Function):
+    """norm_fwd and its autograd formula (the same setup and backward) without the torch.library
+    dispatch, whose Python layers cost most of a small call's host time: the eager path."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # (ctx first: a separate setup_context binds the arguments by signature per call)
+        output = _norm_fwd_impl(*inputs)
+        _norm_setup(ctx, inputs, output)
+        ctx.eager = True
+        return output
+
+    @staticmethod
+    def backward(ctx, dy, dz, dmean, drstd):
+        return _norm_backward(ctx, dy, dz, dmean, drstd)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def eager(*tensors: Optional[Tensor]) -> bool:
+    """Whether a call on these tensors may skip the torch.library op: not under torch.compile, no
+    torch function or dispatch mode (fake tensors, opcheck, profilers of ops), no functorch
+    transform, and plain tensors only (no subclass such as DTensor)."""
+    return (not torch.compiler.is_compiling() and not torch._C._is_torch_function_mode_enabled()
+            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active()
+            and all(t is None or type(t) in _PLAIN for t in tensors))
+
+
+def norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+         seed: Optional[Tensor], eps: float, dropout_p: float, rms: bool, prenorm: bool, residual_in_fp32: bool,
+         backend: str, needs_grad: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``norm_fwd`` with its gradient: the torch.library op where it must be seen (torch.compile,
+    modes, transforms, tensor subclasses), else the same computation as an autograd.Function."""
+    args = (x, residual, weight, bias, seed, eps, dropout_p, rms, prenorm, residual_in_fp32, backend, needs_grad)
+    if eager(x, residual, weight, bias):
+        if needs_grad:
+            return _EagerNorm.apply(*args)
+        return _norm_fwd_impl(*args)
+    return norm_fwd(*args)

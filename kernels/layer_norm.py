@@ -353,6 +353,7 @@ def _keep_mask_kernel(
 # ----------------------------------------------------------------------------- launch config
 
 
+@functools.lru_cache(maxsize=4096)  # host time: a call of triton.next_power_of_2 costs microseconds
 def _config(m: int, n: int, backward: bool = False, interpret: bool = bool(INTERPRET)) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the forward (or backward) kernel for x (m, n)."""
     cap = BWD_BLOCK_CAP if backward else FWD_BLOCK_CAP
@@ -447,7 +448,7 @@ def forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bia
     x, residual, weight, bias = (_rows(t) for t in (x, residual, weight, bias))
     block_m, block_n, num_warps = _config(m, n)
     with _on(x.device):
-        _norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+        _norm_fwd_kernel[(-(-m // block_m),)](
             x, residual, weight, bias, y, z if store_z else None, None if rms else mean, rstd,
             _row_stride(x), _row_stride(residual), m, n, eps, dropout_p, 1.0 / (1.0 - dropout_p), seed,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
@@ -467,9 +468,9 @@ def backward(dy: Tensor, dz: Optional[Tensor], zin: Tensor, weight: Optional[Ten
     dy, dz, zin, weight = (_rows(t) for t in (dy, dz, zin, weight))
     block_m, block_n, num_warps = _config(m, n, backward=True)
     single = n <= block_n
-    n_tiles, n_col_blocks = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
+    n_tiles, n_col_blocks = -(-m // block_m), -(-n // block_n)
     per = _tiles_per_group(n_tiles, n_col_blocks, block_m, num_warps, zin.device)
-    n_groups = triton.cdiv(n_tiles, per)
+    n_groups = -(-n_tiles // per)
     has_bias = bias is not None and not rms
     dw_part = rstd.new_empty((n_groups, n)) if weight is not None else None  # one row per row group
     db_part = rstd.new_empty((n_groups, n)) if has_bias else None
