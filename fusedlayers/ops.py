@@ -288,9 +288,8 @@ def attention(
         mask_grad=mask is not None and mask.requires_grad, causal=bool(causal), dropout_p=dropout_p,
         deterministic=bool(deterministic), varlen=False, **_call_variants(mods))
     name = _serve_empty(backend) if empty else dispatch.select("attention", call, backend)
-    out, lse = registration.attention_fwd(q, k, v, mask, _draw_seed(dropout_p), scale, bool(causal),
-                                          causal_align == "bottom_right", dropout_p, bool(deterministic), name,
-                                          *mods)
+    out, lse = registration.attention(q, k, v, mask, _draw_seed(dropout_p), scale, bool(causal),
+                                      causal_align == "bottom_right", dropout_p, bool(deterministic), name, *mods)
     return (out, lse) if return_lse else out
 
 

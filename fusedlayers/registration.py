@@ -83,6 +83,18 @@ def records_grad(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def eager(*tensors: Optional[Tensor]) -> bool:
+    """Whether a call on these tensors may skip the torch.library op: not under torch.compile, no
+    torch function or dispatch mode (fake tensors, opcheck, profilers of ops), no functorch
+    transform, and plain tensors only (no subclass such as DTensor)."""
+    return (not torch.compiler.is_compiling() and not torch._C._is_torch_function_mode_enabled()
+            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active()
+            and all(t is None or type(t) in _PLAIN for t in tensors))
+
+
 # ----------------------------------------------------------------------------- attention
 
 
@@ -164,6 +176,14 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], 
                   backend: str, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
                   alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
                   dropout_layout: Optional[list[int]] = None) -> tuple[Tensor, Tensor]:
+    return _attention_fwd_impl(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, deterministic,
+                               backend, window_left, window_right, softcap, alibi_slopes, sinks, dropout_layout)
+
+
+def _attention_fwd_impl(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, deterministic, backend,
+                        window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, sinks=None,
+                        dropout_layout=None):
+    """The body of attention_fwd (its arguments and outputs)."""
     mods = ScoreMods(window_left, window_right, softcap, alibi_slopes, sinks)
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         if q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0:  # no query, or no key
@@ -192,6 +212,15 @@ def attention_bwd(dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, a
                   sinks: Optional[Tensor] = None,
                   sinks_grad: bool = False,
                   dropout_layout: Optional[list[int]] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _attention_bwd_impl(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right,
+                               dropout_p, deterministic, bias_grad, backend, window_left, window_right, softcap,
+                               alibi_slopes, sinks, sinks_grad, dropout_layout)
+
+
+def _attention_bwd_impl(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right, dropout_p,
+                        deterministic, bias_grad, backend, window_left=-1, window_right=-1, softcap=0.0,
+                        alibi_slopes=None, sinks=None, sinks_grad=False, dropout_layout=None):
+    """The body of attention_bwd (its arguments and outputs)."""
     mods = ScoreMods(window_left, window_right, softcap, alibi_slopes, sinks)
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         if q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0:  # the output did not depend on them
@@ -332,13 +361,45 @@ def _attention_backward(ctx, dout, dlse):
         return ((dq, dk, dv, dbias) + nones + (dsinks, None))[:n]
     bias_grad = attn_mask is not None and ctx.needs_input_grad[3]
     sinks_grad = sinks is not None and _needs(ctx, 15)
-    dq, dk, dv, dbias, dsinks = attention_bwd(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
-                                              bottom_right, dropout_p, deterministic, bias_grad, ctx.backend,
-                                              *ctx.mods, alibi_slopes, sinks, sinks_grad, ctx.dropout_layout)
+    bwd = _attention_bwd_impl if getattr(ctx, "eager", False) else attention_bwd
+    dq, dk, dv, dbias, dsinks = bwd(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right,
+                                    dropout_p, deterministic, bias_grad, ctx.backend, *ctx.mods, alibi_slopes, sinks,
+                                    sinks_grad, ctx.dropout_layout)
     return ((dq, dk, dv, dbias if bias_grad else None) + nones + (dsinks if sinks_grad else None, None))[:n]
 
 
 attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """attention_fwd and its autograd formula without the torch.library dispatch (see _EagerNorm)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _attention_fwd_impl(*inputs)
+        _attention_setup(ctx, inputs, output)
+        ctx.eager = True
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return _attention_backward(ctx, dout, dlse)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], seed: Optional[Tensor], scale: float,
+              causal: bool, bottom_right: bool, dropout_p: float, deterministic: bool, backend: str,
+              window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+              alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
+              dropout_layout: Optional[list[int]] = None) -> tuple[Tensor, Tensor]:
+    """``attention_fwd`` with its gradient: the torch.library op where it must be seen, else the
+    same computation as an autograd.Function (see ``norm``)."""
+    args = (q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, deterministic, backend, window_left,
+            window_right, softcap, alibi_slopes, sinks, dropout_layout)
+    if eager(q, k, v, attn_mask, alibi_slopes, sinks):
+        if records_grad(q, k, v, attn_mask, sinks):
+            return _EagerAttention.apply(*args)
+        return _attention_fwd_impl(*args)
+    return attention_fwd(*args)
 
 
 # ------------------------------------------------------------------- attention, varlen
@@ -602,18 +663,6 @@ class _EagerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dz, dmean, drstd):
         return _norm_backward(ctx, dy, dz, dmean, drstd)
-
-
-_PLAIN = (Tensor, torch.nn.Parameter)
-
-
-def eager(*tensors: Optional[Tensor]) -> bool:
-    """Whether a call on these tensors may skip the torch.library op: not under torch.compile, no
-    torch function or dispatch mode (fake tensors, opcheck, profilers of ops), no functorch
-    transform, and plain tensors only (no subclass such as DTensor)."""
-    return (not torch.compiler.is_compiling() and not torch._C._is_torch_function_mode_enabled()
-            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active()
-            and all(t is None or type(t) in _PLAIN for t in tensors))
 
 
 def norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],

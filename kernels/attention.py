@@ -67,7 +67,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_configs import (_BUCKETS, _INTERPRETER_CONFIG, _KEEP_MASK_BLOCK, _KEEP_MASK_BLOCK_INTERPRET,
+from .attention_configs import (_BUCKETS, _cdiv, _INTERPRETER_CONFIG, _KEEP_MASK_BLOCK, _KEEP_MASK_BLOCK_INTERPRET,
                                 _KEEP_MASK_WARPS, _ROW_STATS_CONFIGS, _ROWS_BLOCK_INTERPRET,
                                 _atomic_dq, _bucket, _gpu_config, _rows_block)
 
@@ -950,11 +950,11 @@ def _num_splits(b: int, hq: int, nq: int, nk: int, block_m: int, block_n: int, d
     the queries see (inside a sliding window, its span)."""
     if INTERPRET or nq > 16 or nk < 1024:
         return 1
-    programs = b * hq * triton.cdiv(nq, block_m)
+    programs = b * hq * _cdiv(nq, block_m)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     if programs >= sms:
         return 1
-    return max(1, min(triton.cdiv(2 * sms, programs), nk // (4 * block_n), 128))
+    return max(1, min(_cdiv(2 * sms, programs), nk // (4 * block_n), 128))
 
 
 def _pad_head_dim(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -1003,8 +1003,8 @@ def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_
     span = max(key_hi - split_lo, 1)
     if num_splits is None:
         num_splits = 1 if varlen else _num_splits(b, hq, nq, span, bm, bn, q.device)
-    keys_per_split = triton.cdiv(triton.cdiv(span, num_splits), bn) * bn
-    num_splits = triton.cdiv(span, keys_per_split)
+    keys_per_split = _cdiv(_cdiv(span, num_splits), bn) * bn
+    num_splits = _cdiv(span, keys_per_split)
     o_dst, l_dst = out, lse
     if num_splits > 1:
         assert not varlen, "split-KV serves dense calls"
@@ -1013,7 +1013,7 @@ def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_
         os_ = SplitStrides(*o_dst.stride()[1:4], o_dst.stride(0))
         ls = SplitStrides(*l_dst.stride()[1:4], l_dst.stride(0))
     mask, ms, mask_kind = _mask_args(attn_mask, q)
-    num_m_blocks = triton.cdiv(nq, bm)
+    num_m_blocks = _cdiv(nq, bm)
     _attn_fwd[(num_m_blocks * num_splits, hq, b)](
         q, k, v, mask, o_dst, l_dst, cu_q, cu_k, vm.alibi, _strides(q, varlen), _strides(k, varlen), os_, ms, ls, drop,
         vm.args, hq // hkv, nq, nk, d, scale, int(bottom_right), split_lo, keys_per_split, num_m_blocks,
@@ -1022,7 +1022,7 @@ def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_
         **_launch_options(warps, stages))
     if num_splits > 1:
         rows = b * hq * nq
-        _split_combine[(triton.cdiv(rows, _rows(d)),)](o_dst, l_dst, out, lse, rows, d, num_splits,
+        _split_combine[(_cdiv(rows, _rows(d)),)](o_dst, l_dst, out, lse, rows, d, num_splits,
                                                        BLOCK_M=_rows(d), BLOCK_D=_bucket(d))
     return out, lse
 
@@ -1091,14 +1091,14 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
     vm = _Mods(mods, b, hq, nq + nk, q)
     # Delta = rowsum(dO * O) - dlse, laid out like lse; fp64 for fp32 inputs (see _bwd_tile)
     Delta = torch.empty_like(lse, dtype=torch.float64 if q.dtype == torch.float32 else torch.float32)
-    _bwd_preprocess[(triton.cdiv(pre_n, _rows(d)), hq, pre_b)](
+    _bwd_preprocess[(_cdiv(pre_n, _rows(d)), hq, pre_b)](
         out, dout, dlse, Delta, _strides(out, varlen), qs, gs, ls, pre_n, d, BLOCK_M=_rows(d), BLOCK_D=_bucket(d))
     # P = exp((S - row_m) - row_c), laid out like lse: (lse, 0), or the exact (max, log(sum)) of a row whose
     # float32 lse is too coarse (|lse| >= LSE_EXACT; see _bwd_row_stats)
     mask, ms, mask_kind = _mask_args(attn_mask, q)
     row_m, row_c = torch.empty_like(lse), torch.empty_like(lse)
     bm, bn, warps = _row_stats_config(d)
-    _bwd_row_stats[(triton.cdiv(nq, bm), hq, b)](
+    _bwd_row_stats[(_cdiv(nq, bm), hq, b)](
         q, k, mask, lse, row_m, row_c, cu_q, cu_k, vm.alibi, qs, ks, ms, ls, vm.args, group, nq, nk, d, scale,
         int(bottom_right), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d), MASK_KIND=mask_kind,
         CAUSAL=bool(causal), VARLEN=varlen, **vm.flags, UPCAST=INTERPRET, IEEE=q.dtype == torch.float32,
@@ -1120,7 +1120,7 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
     tail = (drop, vm.args, group, nq, nk, d, scale, int(bottom_right))
 
     bm, bn, warps, stages = _config("dkdv", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None)
-    _bwd_dkdv[(triton.cdiv(nk, bn), hkv, b)](
+    _bwd_dkdv[(_cdiv(nk, bn), hkv, b)](
         q, k, v, mask, dout, row_m, row_c, Delta, dq_acc, dk, dv, db_buf if db_buf is not None else dq_acc, cu_q, cu_k,
         vm.alibi, qs, ks, ms, ls, _strides(dq_acc, varlen), _strides(dk, varlen), *tail, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_D=_bucket(d), ATOMIC_DQ=atomic, DBIAS=bias_grad, **common, **_launch_options(warps, stages))
@@ -1129,7 +1129,7 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
     else:
         dq = dq_acc
         bm, bn, warps, stages = _config("dq", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None)
-        _bwd_dq[(triton.cdiv(nq, bm), hq, b)](
+        _bwd_dq[(_cdiv(nq, bm), hq, b)](
             q, k, v, mask, dout, row_m, row_c, Delta, dq, cu_q, cu_k, vm.alibi, qs, ks, ms, ls, _strides(dq, varlen),
             *tail, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d), **common, **_launch_options(warps, stages))
     if bias_grad and dbias is None:
@@ -1167,7 +1167,7 @@ def dropout_keep_mask(seed: int, shape, dropout_p: float, device) -> torch.Tenso
     keep = torch.empty(numel, dtype=torch.uint8, device=device)
     block = _KEEP_MASK_BLOCK_INTERPRET if INTERPRET else _KEEP_MASK_BLOCK
     with _on(keep.device):
-        _keep_mask_kernel[(triton.cdiv(numel, block),)](keep, numel, seed, dropout_p, BLOCK=block,
+        _keep_mask_kernel[(_cdiv(numel, block),)](keep, numel, seed, dropout_p, BLOCK=block,
                                                         **_launch_options(_KEEP_MASK_WARPS, 1))
     return keep.view(torch.bool).view(tuple(shape))
 

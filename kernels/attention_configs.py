@@ -99,7 +99,13 @@ _KEEP_MASK_BLOCK_INTERPRET = 1 << 16
 
 
 def _bucket(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    """The head-dim bucket of d: the power of two >= d, at least 16."""
+    return max(16, 1 << (max(d, 1) - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of ints: triton.cdiv called from host code costs microseconds a call."""
+    return -(-a // b)
 
 
 def _rows_block(bucket: int) -> int:

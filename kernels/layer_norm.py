@@ -353,13 +353,22 @@ def _keep_mask_kernel(
 # ----------------------------------------------------------------------------- launch config
 
 
-@functools.lru_cache(maxsize=4096)  # host time: a call of triton.next_power_of_2 costs microseconds
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of ints (triton.cdiv called from host code costs microseconds a call)."""
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=4096)
 def _config(m: int, n: int, backward: bool = False, interpret: bool = bool(INTERPRET)) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the forward (or backward) kernel for x (m, n)."""
     cap = BWD_BLOCK_CAP if backward else FWD_BLOCK_CAP
-    block_n = min(max(triton.next_power_of_2(n), MIN_BLOCK), cap)
+    block_n = min(max(_next_power_of_2(n), MIN_BLOCK), cap)
     if interpret:
-        return min(triton.next_power_of_2(m), INTERPRET_ROWS, max(1, INTERPRET_TILE // block_n)), block_n, 1
+        return min(_next_power_of_2(m), INTERPRET_ROWS, max(1, INTERPRET_TILE // block_n)), block_n, 1
     block_m = max(1, GPU_TILE // block_n)
     per_thread = BWD_ELEMS_PER_THREAD if backward else FWD_ELEMS_PER_THREAD
     return block_m, block_n, min(16, max(4, block_m * block_n // (32 * per_thread)))
@@ -386,7 +395,7 @@ def _tiles_per_group(n_tiles: int, n_col_blocks: int, block_m: int, num_warps: i
     if device.type == "cuda" and not INTERPRET:
         resident = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
         resident *= max(1, 32 // num_warps)  # programs per SM at 32 resident warps
-        return max(1, min(triton.cdiv(n_tiles * n_col_blocks, resident), MAX_TILES_PER_GROUP))
+        return max(1, min(_cdiv(n_tiles * n_col_blocks, resident), MAX_TILES_PER_GROUP))
     return max(1, INTERPRET_GROUP_ROWS // block_m)
 
 
@@ -448,7 +457,7 @@ def forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bia
     x, residual, weight, bias = (_rows(t) for t in (x, residual, weight, bias))
     block_m, block_n, num_warps = _config(m, n)
     with _on(x.device):
-        _norm_fwd_kernel[(-(-m // block_m),)](
+        _norm_fwd_kernel[(_cdiv(m, block_m),)](
             x, residual, weight, bias, y, z if store_z else None, None if rms else mean, rstd,
             _row_stride(x), _row_stride(residual), m, n, eps, dropout_p, 1.0 / (1.0 - dropout_p), seed,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
@@ -468,9 +477,9 @@ def backward(dy: Tensor, dz: Optional[Tensor], zin: Tensor, weight: Optional[Ten
     dy, dz, zin, weight = (_rows(t) for t in (dy, dz, zin, weight))
     block_m, block_n, num_warps = _config(m, n, backward=True)
     single = n <= block_n
-    n_tiles, n_col_blocks = -(-m // block_m), -(-n // block_n)
+    n_tiles, n_col_blocks = _cdiv(m, block_m), _cdiv(n, block_n)
     per = _tiles_per_group(n_tiles, n_col_blocks, block_m, num_warps, zin.device)
-    n_groups = -(-n_tiles // per)
+    n_groups = _cdiv(n_tiles, per)
     has_bias = bias is not None and not rms
     dw_part = rstd.new_empty((n_groups, n)) if weight is not None else None  # one row per row group
     db_part = rstd.new_empty((n_groups, n)) if has_bias else None
@@ -499,7 +508,7 @@ def dropout_keep_mask(seed: int, shape, dropout_p: float, device) -> Tensor:
     keep = torch.empty((m, n), dtype=torch.uint8, device=device)
     block_m, block_n, num_warps = _config(m, n)
     with _on(keep.device):
-        _keep_mask_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+        _keep_mask_kernel[(_cdiv(m, block_m), _cdiv(n, block_n))](
             keep, m, n, dropout_p, seed, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     return keep.bool()
 

@@ -174,3 +174,51 @@ def test_every_op_is_in_the_fusedlayers_namespace():
     for name in ("attention_fwd", "attention_bwd", "varlen_fwd", "varlen_bwd", "norm_fwd", "norm_bwd"):
         assert hasattr(ops, name), name
     assert registration.attention_fwd._qualname == "fusedlayers::attention_fwd"
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_eager_path_equals_the_op(backend, monkeypatch):
+    """registration.norm / registration.attention skip the torch.library op in eager mode (an
+    autograd.Function over the op's own body): outputs and gradients are bitwise those of the op,
+    and under a dispatch mode (what opcheck and fake tensors use) the op itself runs."""
+    skip_unless_serves("norm", backend, testing.norm_call_for(NormCase(rows=6, hidden=32, residual=True, dropout_p=0.1),
+                                                              torch.float32, DEVICE))
+    gen = torch.Generator().manual_seed(3)
+
+    def leaves(*shapes):
+        return [torch.randn(s, generator=gen).to(DEVICE).requires_grad_() for s in shapes]
+
+    x, r, w, b = leaves((6, 32), (6, 32), (32,), (32,))
+    q, k, v = leaves((1, 2, 9, 16), (1, 2, 11, 16), (1, 2, 11, 16))
+    seed = torch.tensor(5)
+    runs = {}
+    for path in ("eager", "op"):
+        if path == "op":
+            monkeypatch.setattr(registration, "eager", lambda *t: False)
+        for t in (x, r, w, b, q, k, v):
+            t.grad = None
+        y, z, _, _ = registration.norm(x, r, w, b, seed, 1e-5, 0.1, False, True, False, backend)
+        (y.square().sum() + z.sum()).backward()
+        o, lse = registration.attention(q, k, v, None, seed, 0.25, True, False, 0.0, False, backend)
+        (o.square().sum() + lse.sum()).backward()
+        runs[path] = [t.detach().clone() for t in (y, z, o, lse)] + [t.grad.clone() for t in (x, r, w, b, q, k, v)]
+    for got, want in zip(runs["eager"], runs["op"]):
+        assert torch.equal(got, want)
+    monkeypatch.undo()
+    assert registration.eager(x) and not registration.eager(x.detach().as_subclass(_Sub))
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Count() as mode:
+        registration.norm(x.detach(), None, None, None, None, 1e-5, 0.0, False, False, False, backend, False)
+    assert any("fusedlayers.norm_fwd" in o for o in mode.ops), mode.ops
+
+
+class _Sub(torch.Tensor):
+    pass
