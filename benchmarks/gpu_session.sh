@@ -29,6 +29,9 @@
 #                         (python tests/test_cuda_kernels.py), caching allocator off
 #   bench           150   `fusedlayers bench --quick`: attention, decode and the norms against SDPA's
 #                         flash / efficient / cuDNN / math backends and torch's norms
+#   tune            150   benchmarks/gpu_tune.py: each op's call, kernel and host time beside torch's, then
+#                         the attention backward against the float64 reference, MHA and GQA, deterministic
+#                         and not, with the table's and forced dK/dV tiles (a wrong dK was seen there)
 #   only if time remains (each gets what is left, up to its budget):
 #   gpu-tests       150   pytest -m gpu, the grids left out (finite extreme bias, determinism,
 #                         varlen, multi-GPU device guard)
@@ -43,9 +46,9 @@
 #       tree as the GPU machine gets it (tracked files and untracked ones git does not ignore,
 #       nothing built) into a temporary folder, makes a throwaway venv that sees this python's
 #       packages but not its installs' .pth hooks (so not an editable install of this checkout),
-#       and runs there every step that needs no GPU: install, imports, the smoke cases tiny
-#       through the Triton interpreter, the fusedlayers command lines parsed, the GPU tests
-#       collected; it prints the GPU steps it would run.
+#       and runs there every step that needs no GPU: install, imports, the smoke cases and
+#       gpu_tune.py tiny through the Triton interpreter, the fusedlayers command lines parsed, the
+#       GPU tests collected; it prints the GPU steps it would run.
 set -uo pipefail
 
 MODE=run
@@ -212,6 +215,8 @@ if [ "$MODE" = dry ]; then
   step smoke-tiny 240 10 smoke.log "$PYTHON" benchmarks/gpu_smoke.py --device cpu --tiny
   step cli 60 10 cli.log "$PYTHON" benchmarks/gpu_smoke.py --check-cli "$CLI_VERIFY_TRITON" "$CLI_VERIFY_CUDA" \
     "$CLI_INFO" "$CLI_BENCH" "$CLI_BENCH_FULL"
+  step tune-tiny 150 10 tune.log "$PYTHON" benchmarks/gpu_tune.py --device cpu --tiny --seconds 120 \
+    --parts profile check attention
   step collect 120 10 collect.log "$PYTHON" -m pytest --collect-only -q -p no:cacheprovider -m gpu tests
 fi
 gpu_step smoke 150 30 smoke.log "$PYTHON" benchmarks/gpu_smoke.py
@@ -250,6 +255,9 @@ fi
 # ------------------------------------------------------------------ speed against SDPA and torch
 gpu_step bench 150 45 bench.log "$PYTHON" -m fusedlayers $CLI_BENCH
 
+# ------------------------------------------------------------------ where the time goes; known wrong answers
+gpu_step tune 150 45 tune.log "$PYTHON" benchmarks/gpu_tune.py --out "$OUT/tune" --seconds 140 --parts profile check
+
 # ------------------------------------------------------------------ only if time remains
 gpu_step gpu-tests 150 60 pytest_gpu.log "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu -k "not grid" -rfE tests
 if (( BUILT )) && [ -n "${SANITIZER:-}" ] || [ "$MODE" = dry ]; then
@@ -269,6 +277,7 @@ gpu_step bench-full 300 240 bench_full.log "$PYTHON" -m fusedlayers $CLI_BENCH_F
   fi
   echo "=== key lines"
   grep -hE '^(smoke|cli) ' "$OUT/smoke.log" "$OUT/cli.log" 2>/dev/null | cut -c 1-220
+  grep -hE '^(profile|check FAIL)' "$OUT/tune.log" 2>/dev/null | cut -c 1-260
   for f in verify_triton.log verify_cuda.log; do
     [ -f "$OUT/$f" ] && { echo "-- $f"; grep -E '^(attention|norm) |^    |passed|FAILED' "$OUT/$f" | head -n 30 | cut -c 1-220; }
   done

@@ -159,7 +159,8 @@ def profile_part(dl: Deadline):
     def attn_cases(bb, hh, nn, dd):
         q, k, v = (randn(bb, hh, nn, dd, grad=True) for _ in range(3))
         dout = randn(bb, hh, nn, dd)
-        qd, kd, vd = randn(8, 32, 1, dd), randn(8, 8, n, dd), randn(8, 8, n, dd)
+        bd, hq, hkv = (1, 4, 1) if ARGS.tiny else (8, 32, 8)
+        qd, kd, vd = randn(bd, hq, 1, dd), randn(bd, hkv, n, dd), randn(bd, hkv, n, dd)
         return {
             "attention": (lambda: fusedlayers.attention(q, k, v, backend="triton"),
                           lambda: F.scaled_dot_product_attention(q, k, v), dout, (q, k, v)),
@@ -371,15 +372,31 @@ def check_part(dl: Deadline):
     reference by the test method's rule (``fusedlayers.testing.check_attention``), deterministic and not."""
     from fusedlayers import testing
 
-    n = 64 if ARGS.tiny else int(os.environ.get("FL_CHECK_N", "1024"))
-    b, hq, hkv = (int(x) for x in os.environ.get("FL_CHECK_BH", "1,4,2").split(","))
+    # GQA and MHA: the deterministic dK of 16-bit d128 failed at B=4 H=16 (MHA) and passed with GQA
+    shapes = [(1, 4, 2, 64)] if ARGS.tiny else [(4, 16, 16, 2048), (1, 4, 2, 1024)]
     cases = [testing.AttentionCase(b=b, hq=hq, hkv=hkv, nq=n, nk=n, d=d, mask=mask, causal=causal, dropout_p=p)
+             for b, hq, hkv, n in shapes
              for d, mask, causal, p in ((128, "none", None, 0.0), (128, "none", "bottom_right", 0.0),
                                         (128, "bias", None, 0.0), (128, "none", None, 0.1), (64, "none", None, 0.0),
                                         (256, "none", None, 0.0), (80, "key_padding", None, 0.1))]
     forced = [None, (32, 64, 8, 2), (32, 64, 8, 1), (64, 64, 8, 2), (16, 64, 8, 2)]
     out = RESULTS.setdefault("check", [])
-    real_config = A._config
+    real_config, real_why_not = A._config, A.why_not
+
+    def why_not_but_known_failures(call):  # the checks run what the backend refuses for a known wrong answer
+        reason = real_why_not(call)
+        return None if reason and "seen on a GPU" in reason else reason
+
+    A.why_not = why_not_but_known_failures
+    try:
+        _check_cases(dl, cases, forced, out, real_config)
+    finally:
+        A.why_not = real_why_not
+
+
+def _check_cases(dl, cases, forced, out, real_config):
+    from fusedlayers import testing
+
     for case in cases[:2] if ARGS.tiny else cases:
         for tile in forced:
             for det in (False, True):
