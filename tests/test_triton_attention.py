@@ -345,6 +345,11 @@ def test_compile_targets_cover_the_launch_configurations():
                             arch = "sm_80" if major == 8 else "sm_90a"  # and checked for this GPU's architecture
                             assert variants and all(n in archs_of and archs_of[n] in (None, [arch]) for n in checked), (
                                 kind, bucket, major, tag, dropout, masked)
+    # MHA calls run dK/dV built with GROUP = 1 (Triton makes an int argument equal to 1 a constant): checked too
+    mha = [n for n in names if "_mha_" in n]
+    assert mha and all(n.startswith("attn_dkdv_") for n in mha)
+    fn, signature, constexprs = C._target("dkdv", "none_mods_mha", "bf16", 256, 32, 64)
+    assert signature["GROUP"] == "constexpr" and constexprs["GROUP"] == 1 and constexprs["WINDOW"]
 
 
 def test_compile_targets_type_the_argument_groups_as_the_launchers_pass_them():
