@@ -408,7 +408,14 @@ def _attn_fwd_inner(acc, l_i, m_i, q, Kb, Vb, Mb, kv_str, m_str, drop, drop_base
     return acc, l_i, m_i
 
 
-@triton.jit
+# Triton makes an int argument equal to 1 a compile-time constant (and marks one divisible by 16): MHA (GROUP = 1),
+# decoding (Nq = 1) and bottom-right causal calls would each run a build of their own, which the resource check
+# (benchmarks/resource_check.py, from compile_targets()) never compiles. These arguments stay plain ints, so
+# what runs is what the check compiled; they only bound loops and masks, where a constant saves little.
+_NOT_SPECIALIZED = ("GROUP", "Nq", "Nk", "bottom_right")
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _attn_fwd(
     Q, K, V,  # q (B, Hq, Nq, D), k and v (B, Hkv, Nk, D); varlen: (total, H, D) read with batch stride 0
     Mask,  # bool (as uint8) or float bias read through broadcast strides (stride 0 on size-1 dims); unused if none
@@ -546,7 +553,7 @@ def _bwd_preprocess(
              mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _bwd_row_stats(
     Q, K, Mask,  # as in _attn_fwd
     Lse,  # (B, Hq, Nq) fp32 natural lse of the forward
@@ -699,7 +706,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Qb, DOb, RowMb, RowCb, Deltab, DQb, DBb, Vb, M
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _bwd_dkdv(
     Q, K, V, Mask, DO,  # as in _attn_fwd; DO: gradient of the output, laid out as Q
     RowM, RowC, Delta,  # (B, Hq, Nq) fp32 row_m, row_c (_bwd_row_stats), Delta (fp64 for fp32 inputs), same strides
@@ -772,7 +779,7 @@ def _bwd_dq_inner(dq, q, do, row_m, row_c, Delta_i, DOb, Kb, Vb, Mb, q_str, kv_s
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _bwd_dq(
     Q, K, V, Mask, DO, RowM, RowC, Delta,  # as in _bwd_dkdv
     DQ,  # output in q's dtype

@@ -48,8 +48,7 @@ _CONFIGS = {  # fp16 and bf16
     ("decode", False, True):  ((16, 64, 4, 2),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 8, 1)),
     ("decode", True, False):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 64, 4, 3),  (16, 32, 8, 2),  (16, 32, 8, 2),  (16, 32, 8, 1)),
     ("decode", True, True):   ((16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 8, 1)),
-    ("dkdv", False, False):   ((32, 64, 8, 3),  (32, 64, 8, 3),  (32, 64, 8, 3),  (32, 64, 8, 2),
-                               _ARCH((32, 64, 8, 1), (32, 32, 8, 1)), (32, 16, 8, 1)),
+    ("dkdv", False, False):   ((32, 64, 8, 3),  (32, 64, 8, 3),  (32, 64, 8, 3),  (32, 64, 8, 2),  (32, 64, 8, 1),  (32, 16, 8, 1)),
     ("dkdv", False, True):    ((32, 64, 8, 1),  (32, 64, 8, 1),  (32, 64, 8, 1),  (16, 64, 8, 2),  (32, 32, 8, 2),  (16, 16, 8, 1)),
     ("dkdv", True, False):    ((32, 64, 8, 1),  (16, 64, 4, 2),  (32, 64, 8, 3),  (16, 32, 8, 2),  (32, 32, 8, 1),  (16, 16, 8, 1)),
     ("dkdv", True, True):     ((32, 32, 8, 2),  (16, 32, 8, 1),  (32, 32, 8, 2),  (16, 32, 8, 2),  (16, 32, 8, 2),  (16, 16, 8, 1)),
@@ -71,10 +70,9 @@ _FP32_CONFIGS = {  # fp32: FMA dots (no TF32), fp64 dP in backward: smaller tile
     ("decode", False, True):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 8, 1)),
     ("decode", True, False):  ((16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 4, 1),  (16, 32, 8, 1)),
     ("decode", True, True):   ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 8, 1)),
-    ("dkdv", False, False):   ((16, 64, 8, 2),  (16, 64, 8, 1),  (32, 64, 8, 1),  _ARCH((16, 64, 8, 2), (16, 32, 8, 2)),
-                               (16, 32, 8, 2), (16, 16, 8, 1)),
+    ("dkdv", False, False):   ((16, 64, 8, 2),  (16, 64, 8, 1),  (32, 64, 8, 1),  (16, 64, 8, 2),  (16, 32, 8, 2),  (16, 16, 8, 1)),
     ("dkdv", False, True):    ((16, 64, 8, 2),  (16, 64, 8, 2),  (32, 32, 8, 1),  (32, 16, 8, 1),  (16, 32, 8, 1),  None),
-    ("dkdv", True, False):    ((32, 64, 8, 2),  (16, 64, 8, 2),  _ARCH((32, 64, 8, 1), (16, 16, 4, 1)),
+    ("dkdv", True, False):    ((32, 64, 8, 2),  (16, 64, 8, 2),  _ARCH((32, 64, 8, 1), (16, 32, 8, 2)),
                                _ARCH((16, 64, 8, 1), (16, 64, 8, 2)), _ARCH((16, 16, 8, 1), (32, 16, 8, 1)), None),
     ("dkdv", True, True):     ((16, 64, 8, 1),  (16, 32, 8, 2),  _ARCH((32, 32, 8, 1), (16, 16, 4, 1)),
                                _ARCH((16, 64, 8, 1), (32, 16, 8, 1)), _ARCH((32, 16, 8, 1), (16, 32, 8, 1)), None),
@@ -194,20 +192,16 @@ _BASE_VARIANTS = {"fwd": ("all", "mask", "none", "varlen"), "decode": ("all", "m
                   "dkdv": ("all", "mask", "none", "varlen", "deterministic"), "dq": ("all", "mask", "none", "varlen")}
 _MODS = ("all", "mask", "none", "varlen")  # the variants compiled again with the score variants
 _VARIANTS = {kind: base + tuple(f"{v}_mods" for v in base if v in _MODS) for kind, base in _BASE_VARIANTS.items()}
-# dK/dV loops over the query heads of a KV head (GROUP); Triton makes an int argument equal to 1 a compile-time
-# constant, so MHA calls (GROUP = 1) run their own build of every dK/dV variant: <variant>_mha
-_VARIANTS["dkdv"] += tuple(f"{v}_mha" for v in _VARIANTS["dkdv"])
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _VARIANT_ENTRY = {"all": (True, True), "deterministic": (True, True), "mask": (False, True),
                   "varlen": (True, False), "none": (False, False)}
 _VARIANT_ENTRY.update({f"{v}_mods": _VARIANT_ENTRY[v] for v in _MODS})
-_VARIANT_ENTRY.update({f"{v}_mha": e for v, e in list(_VARIANT_ENTRY.items())})
 
 
 def _variants(kind: str, tdt: str, bucket: int) -> tuple:
     """_VARIANTS[kind], less "deterministic" where dK/dV never uses atomics (it would compile "all" again)."""
     if kind == "dkdv" and not _atomic_dq(bucket, _DTYPES[tdt]):
-        return tuple(v for v in _VARIANTS[kind] if not v.startswith("deterministic"))
+        return tuple(v for v in _VARIANTS[kind] if v != "deterministic")
     return _VARIANTS[kind]
 
 
@@ -241,8 +235,6 @@ def _target(kind: str, variant: str, tdt: str, bucket: int, bm: int, bn: int):
 
     fn = {"fwd": A._attn_fwd, "decode": A._attn_fwd, "dkdv": A._bwd_dkdv, "dq": A._bwd_dq,
           "rowstats": A._bwd_row_stats}[kind]
-    mha = variant.endswith("_mha")
-    variant = variant.removesuffix("_mha")
     mods = variant.endswith("_mods")
     variant = variant.removesuffix("_mods")
     on = variant in ("all", "deterministic", "mask")
@@ -262,9 +254,6 @@ def _target(kind: str, variant: str, tdt: str, bucket: int, bm: int, bn: int):
                       UPCAST=False, IEEE=tdt == "fp32")
     if kind == "dkdv":
         constexprs.update(ATOMIC_DQ=variant != "deterministic" and _atomic_dq(bucket, _DTYPES[tdt], mods), DBIAS=on)
-        if mha:
-            signature["GROUP"] = "constexpr"
-            constexprs["GROUP"] = 1
     return fn, signature, {k: v for k, v in constexprs.items() if not isinstance(k, str) or k in fn.arg_names}
 
 

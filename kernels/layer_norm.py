@@ -140,7 +140,7 @@ def _write_y(Y, W, B, y, rows, cols, mask, N, HAS_WEIGHT: tl.constexpr, HAS_BIAS
     _store(Y + rows[:, None] * N + cols[None, :], y, mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one row, one tile a group: no build of their own
 def _norm_fwd_kernel(
     X,  # x (M, N), row stride stride_x, unit column stride; any float dtype
     R,  # residual (M, N), row stride stride_r (HAS_RESIDUAL)
@@ -228,7 +228,7 @@ def _xhat_wdy(DY, ZIN, w, rows, cols, mask, mean, rstd, stride_dy, stride_zin,
     return dy, xhat, wdy
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one row, one tile a group: no build of their own
 def _norm_bwd_c_kernel(
     DY,  # dL/dy (M, N), row stride stride_dy
     ZIN,  # the normalised input (M, N), row stride stride_zin
@@ -263,7 +263,7 @@ def _norm_bwd_c_kernel(
         tl.store(C2 + rows, s2 / N, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "tiles_per_group"])  # one row, one tile a group: no build of their own
 def _norm_bwd_kernel(
     DY,  # dL/dy (M, N), row stride stride_dy
     DZ,  # dL/dz from the stream's own consumers (M, N), row stride stride_dz (HAS_DZ: prenorm)
