@@ -3,6 +3,7 @@
     python benchmarks/bench_overhead.py                # every row, about a minute
     python benchmarks/bench_overhead.py --quick        # fewer pairs
     python benchmarks/bench_overhead.py --out DIR      # default benchmarks/results/cpu/overhead
+    python benchmarks/bench_overhead.py --triton-host  # the Python path a GPU call takes (below)
 
 On tensors this small the kernels cost next to nothing, so the time of a call is what the
 host spends on it: argument checks, the backend choice, the autograd node, the op
@@ -18,6 +19,14 @@ grad: the autograd node is built) and ``fwd+bwd`` (forward and ``backward()``).
 Competitors: ``F.layer_norm``, ``F.rms_norm``, ``F.layer_norm(x + r)`` /
 ``F.rms_norm(x + r)`` for the fused residual-add variants, ``F.scaled_dot_product_attention``,
 and the ``torch.nn`` modules against their ``fusedlayers.nn`` drop-ins.
+
+``--triton-host``: the host path of a GPU call, measured on the CPU. A call on CUDA tensors is
+served by the ``triton`` backend through the Python path (checks, backend choice, the eager
+``autograd.Function``, the backend's allocations and launch configuration); the C++ eager path
+serves CPU tensors only. Under ``TRITON_INTERPRET=1`` the ``triton`` backend takes CPU tensors, and
+with every Triton kernel launch replaced by a no-op what is timed is that Python path, up to
+Triton's own launcher (not included: it needs a GPU driver). Rows: ours with ``backend="triton"``
+against torch's op on the CPU; results in ``benchmarks/results/cpu/overhead-triton-host``.
 """
 
 from __future__ import annotations
@@ -36,22 +45,51 @@ from benchmarks.core import environment, interleaved_pair  # noqa: E402
 from benchmarks.suite import OVERHEAD_GOAL as GOAL, overhead_cases  # noqa: E402
 
 
+class _NoLaunch:
+    """Stands for a Triton kernel: ``kernel[grid](*args)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def stub_triton_launches() -> None:
+    """Replaces every Triton kernel of the kernel modules by a no-op launch (``--triton-host``)."""
+    from fusedlayers.kernels import attention, layer_norm
+
+    for module in (attention, layer_norm):
+        for name, obj in vars(module).copy().items():
+            if hasattr(obj, "arg_names") and hasattr(obj, "fn"):  # a JITFunction / InterpretedFunction
+                setattr(module, name, _NoLaunch())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer pairs")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu" / "overhead")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default: see above)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--triton-host", action="store_true",
+                        help="time the Python path of the triton backend, kernel launches stubbed (see above)")
     args = parser.parse_args(argv)
+    if args.triton_host and os.environ.get("TRITON_INTERPRET") != "1":  # read when Triton is imported: restart
+        os.execvpe(sys.executable, [sys.executable, os.path.abspath(__file__)] + sys.argv[1:],
+                   {**os.environ, "TRITON_INTERPRET": "1"})
+    if args.out is None:
+        args.out = Path(__file__).parent / "results" / "cpu" / ("overhead-triton-host" if args.triton_host
+                                                                else "overhead")
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     pairs, calls = (7, 300) if args.quick else (21, 1000)
 
+    backend = "auto"
+    if args.triton_host:
+        stub_triton_launches()
+        backend = "triton"
     env = environment(torch.device("cpu"))
     rows = []
     print(f"{'op':16} {'mode':10} {'ours µs':>8} {'torch µs':>9} {'ours/torch':>11}")
-    for name, mode, ours, theirs in overhead_cases():
+    for name, mode, ours, theirs in overhead_cases(backend):
         row = {"op": name, "mode": mode, **interleaved_pair(ours, theirs, pairs, calls)}
         rows.append(row)
         flag = "" if row["ratio"] <= GOAL else f"  (over {GOAL}x)"
@@ -63,7 +101,10 @@ def main(argv=None) -> int:
              f"{env['date']}, fusedlayers {env['fusedlayers']} ({env.get('commit')}), torch {env['torch']}, "
              f"python {env['python']}, {env['threads']} threads, allocator: {env['allocator']}", "",
              "Tiny inputs (norms (4, 64), attention (1, 1, 4, 16)); medians of interleaved pairs; "
-             f"goal: ours / torch <= {GOAL}.", "",
+             f"goal: ours / torch <= {GOAL}."
+             + (" Ours: backend='triton' under TRITON_INTERPRET=1 with every kernel launch a no-op (the Python "
+                "path of a GPU call, Triton's launcher not included); torch: its op on the CPU."
+                if args.triton_host else ""), "",
              "| op | mode | fusedlayers µs | torch µs | ours / torch |", "|---|---|---|---|---|"]
     lines += [f"| {r['op']} | {r['mode']} | {r['ours_us']:.2f} | {r['torch_us']:.2f} | {r['ratio']:.2f}x |"
               for r in rows]

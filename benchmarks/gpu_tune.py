@@ -395,11 +395,15 @@ def check_part(dl: Deadline):
         reason = real_why_not(call)
         return None if reason and "seen on a GPU" in reason else reason
 
+    from fusedlayers import dispatch
+
     A.why_not = why_not_but_known_failures
+    dispatch._SELECTED.clear()  # select keeps its answer per call signature: decide these afresh
     try:
         _check_cases(dl, cases, forced, out, real_config)
     finally:
         A.why_not = real_why_not
+        dispatch._SELECTED.clear()
 
 
 def _check_cases(dl, cases, forced, out, real_config):

@@ -232,15 +232,17 @@ OPS = ("overhead", "attention", "decode", "varlen", "layer_norm", "add_layer_nor
 OVERHEAD_GOAL = 1.5  # host time per call, ours / torch's equivalent op, at most (DESIGN.md)
 
 
-def overhead_cases():
+def overhead_cases(backend: str = "auto"):
     """(op, mode, ours, torch) on tiny CPU inputs, where a call's time is the host's: each
     a function of no argument making one call (and its backward in fwd+bwd). Modes: ``fwd``
     (no input requires grad), ``fwd-grad`` (the forward alone with inputs that require grad:
     the autograd node is built), ``fwd+bwd``. Competitors: F.layer_norm, F.rms_norm,
     F.layer_norm(x + r), F.rms_norm(x + r), F.scaled_dot_product_attention, and the torch.nn
-    modules against their fusedlayers.nn drop-ins."""
+    modules against their fusedlayers.nn drop-ins. ``backend``: ours' backend argument (the
+    nn drop-ins keep ``auto``, so they are left out for any other)."""
     import fusedlayers.nn as fnn
 
+    be = backend
     n = 64
     x, r = torch.randn(4, n), torch.randn(4, n)
     w, b = torch.randn(n), torch.randn(n)
@@ -248,17 +250,19 @@ def overhead_cases():
     ln, rms = torch.nn.LayerNorm(n), torch.nn.RMSNorm(n, eps=1e-6)
     fln, frms = fnn.LayerNorm.from_torch(ln), fnn.RMSNorm.from_torch(rms)
     ops = {
-        "layer_norm": (lambda x, r: fusedlayers.layer_norm(x, w, b), lambda x, r: F.layer_norm(x, (n,), w, b)),
-        "rms_norm": (lambda x, r: fusedlayers.rms_norm(x, w), lambda x, r: F.rms_norm(x, (n,), w, 1e-6)),
-        "add_layer_norm": (lambda x, r: fusedlayers.add_layer_norm(x, r, w, b),
+        "layer_norm": (lambda x, r: fusedlayers.layer_norm(x, w, b, backend=be),
+                       lambda x, r: F.layer_norm(x, (n,), w, b)),
+        "rms_norm": (lambda x, r: fusedlayers.rms_norm(x, w, backend=be), lambda x, r: F.rms_norm(x, (n,), w, 1e-6)),
+        "add_layer_norm": (lambda x, r: fusedlayers.add_layer_norm(x, r, w, b, backend=be),
                            lambda x, r: F.layer_norm(x + r, (n,), w, b)),
-        "add_rms_norm": (lambda x, r: fusedlayers.add_rms_norm(x, r, w),
+        "add_rms_norm": (lambda x, r: fusedlayers.add_rms_norm(x, r, w, backend=be),
                          lambda x, r: F.rms_norm(x + r, (n,), w, 1e-6)),
-        "attention": (lambda x, r: fusedlayers.attention(x, x, x),
+        "attention": (lambda x, r: fusedlayers.attention(x, x, x, backend=be),
                       lambda x, r: F.scaled_dot_product_attention(x, x, x)),
-        "nn.LayerNorm": (lambda x, r: fln(x), lambda x, r: ln(x)),
-        "nn.RMSNorm": (lambda x, r: frms(x), lambda x, r: rms(x)),
     }
+    if backend == "auto":
+        ops.update({"nn.LayerNorm": (lambda x, r: fln(x), lambda x, r: ln(x)),
+                    "nn.RMSNorm": (lambda x, r: frms(x), lambda x, r: rms(x))})
     for name, (ours, theirs) in ops.items():
         plain = q if name == "attention" else x
         xg, rg = plain.clone().requires_grad_(), r.clone().requires_grad_()

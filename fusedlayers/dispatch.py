@@ -36,8 +36,7 @@ norm family
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -79,9 +78,9 @@ def _device_dtype(call) -> str:
     return f"{call.device.type} {str(call.dtype).replace('torch.', '')}"
 
 
-@dataclass(frozen=True)
-class AttentionCall:
-    """What a backend needs to know to accept or refuse an attention call."""
+class AttentionCall(NamedTuple):
+    """What a backend needs to know to accept or refuse an attention call. A NamedTuple: built on
+    every call of the Python path, and the key under which ``select`` keeps its answer."""
 
     device: torch.device
     dtype: torch.dtype
@@ -122,9 +121,9 @@ class AttentionCall:
                 + "".join(f", {v}" for v in self.variants))
 
 
-@dataclass(frozen=True)
-class NormCall:
-    """What a backend needs to know to accept or refuse a (residual-add +) norm call."""
+class NormCall(NamedTuple):
+    """What a backend needs to know to accept or refuse a (residual-add +) norm call (a NamedTuple,
+    as ``AttentionCall``)."""
 
     device: torch.device
     dtype: torch.dtype  # of x
@@ -198,11 +197,34 @@ def implementation(family: str, backend: str):
     return impl
 
 
+# select's answers by (family, backend, call): a call signature is decided once. Emptied when the
+# extension loads (the cpu and cuda backends' answers change then), and when it reaches _SELECTED_MAX
+# entries (shapes vary without bound).
+_SELECTED: dict = {}
+_SELECTED_MAX = 4096
+_ext.on_load(_SELECTED.clear)
+
+
 def select(family: str, call, backend: str = "auto") -> str:
     """Name of the backend that serves ``call``: the one asked for, or the first that
-    accepts it in ``AUTO_ORDER``. Raises ``BackendError`` listing every backend's reason."""
+    accepts it in ``AUTO_ORDER``. Raises ``BackendError`` listing every backend's reason.
+    The answer for a (family, backend, call) is decided once per process (outside torch.compile,
+    which traces the decision instead)."""
     if _ext.PENDING and call.device.type == "cpu" and backend in ("auto", "cpu"):
         _ext.ensure()  # the first-use build of the C++ extension (fusedlayers._ext)
+    if torch.compiler.is_compiling():
+        return _select(family, call, backend)
+    key = (family, backend, call)
+    name = _SELECTED.get(key)
+    if name is None:
+        name = _select(family, call, backend)  # raises for a call no backend serves: nothing kept
+        if len(_SELECTED) >= _SELECTED_MAX:
+            _SELECTED.clear()
+        _SELECTED[key] = name
+    return name
+
+
+def _select(family: str, call, backend: str) -> str:
     if backend != "auto":
         if backend not in BACKENDS:
             raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")

@@ -401,18 +401,23 @@ def _norm(x, residual, weight, bias, eps, dropout_p, prenorm, residual_in_fp32, 
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
     dropout_p = _probability("dropout_p", dropout_p)
 
-    m = -1 if n else math.prod(x.shape[:-1])  # -1 cannot be inferred for N = 0
-    x2 = x.reshape(m, n)  # (M, N): a view whenever the rows allow one
+    flat = x.dim() == 2  # (M, N) already (reshape would add a view to the autograd graph)
+    if flat:
+        x2, r2 = x, residual
+    else:
+        m = -1 if n else math.prod(x.shape[:-1])  # -1 cannot be inferred for N = 0
+        x2 = x.reshape(m, n)  # (M, N): a view whenever the rows allow one
+        r2 = residual.reshape(m, n) if residual is not None else None
     call = NormCall(device=x.device, dtype=x.dtype, weight_dtype=weight.dtype if weight is not None else None,
                     residual_dtype=residual.dtype if residual is not None else None, rows=x2.shape[0], hidden=n,
                     rms=rms, dropout_p=dropout_p)
     name = _serve_empty(backend) if x2.numel() == 0 else dispatch.select("norm", call, backend)
     needs_grad = registration.records_grad(x, residual, weight, bias)
-    y, z, _, _ = registration.norm(x2, residual.reshape(m, n) if residual is not None else None, weight, bias,
-                                       _draw_seed(dropout_p), float(eps), dropout_p, rms, bool(prenorm),
-                                       bool(residual_in_fp32), name, needs_grad)
-    y = y.view(x.shape)
-    return (y, z.view(x.shape)) if prenorm else y
+    y, z, _, _ = registration.norm(x2, r2, weight, bias, _draw_seed(dropout_p), float(eps), dropout_p, rms,
+                                   bool(prenorm), bool(residual_in_fp32), name, needs_grad)
+    if not flat:
+        y, z = y.view(x.shape), z.view(x.shape) if prenorm else z
+    return (y, z) if prenorm else y
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5, *,

@@ -847,7 +847,12 @@ def _launch_options(warps: int, stages: int) -> dict:
 def _on(device: torch.device):
     """Triton launches on the current CUDA device: make it the tensors' one (tensors on cuda:1 while the
     current device is 0 would otherwise be read by a kernel running on device 0)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return _HERE  # no device switch: entering torch.cuda.device costs microseconds a launch
+    return torch.cuda.device(device)
+
+
+_HERE = contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- the backend interface

@@ -410,7 +410,12 @@ def _row_stride(t: Optional[Tensor]) -> int:
 
 def _on(device: torch.device):
     """Launches go to the current CUDA device: make it the tensors' one."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return _HERE  # no device switch: entering torch.cuda.device costs microseconds a launch
+    return torch.cuda.device(device)
+
+
+_HERE = contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- interface

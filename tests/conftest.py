@@ -52,6 +52,14 @@ def device():
     return DEVICE
 
 
+@pytest.fixture(autouse=True)
+def _fresh_backend_choice():
+    """Each test decides its calls' backends afresh: tests replace backends' rules (``why_not``, the
+    dispatch order), and ``dispatch.select`` keeps its answer per call signature for the process."""
+    dispatch._SELECTED.clear()
+    yield
+
+
 def dtype_id(x) -> str:
     """Test id of a parameter, dtypes without their ``torch.`` prefix: ``float16``."""
     return str(x).replace("torch.", "")

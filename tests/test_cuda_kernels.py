@@ -119,6 +119,7 @@ def test_auto_tries_cuda_first_only_on_a_verified_gpu_and_torch(tmp_path, monkey
     monkeypatch.setattr(dispatch, "why_not", lambda family, backend, call: None)
     assert dispatch.select("attention", _attention_call(device=torch.device("cuda", 0))) == "cuda"
     dispatch._CUDA_ORDERS.clear()
+    dispatch._SELECTED.clear()  # select decides a call signature once
     assert dispatch.select("attention", _attention_call(device=torch.device("cuda", 0))) == "triton"
 
 

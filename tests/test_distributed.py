@@ -305,7 +305,7 @@ def test_dropout_layout_is_refused_where_it_is_not_served():
                                    dropout_layout=[0, 0, 8, 8])
     call = testing.attention_call_for(AttentionCase(b=1, hq=2, hkv=2, nq=8, nk=8, d=4, dropout_p=0.1),
                                       torch.float32, torch.device("cpu"))
-    call = replace(call, dropout_layout=True)
+    call = call._replace(dropout_layout=True)
     for backend in ("triton", "cuda"):
         assert "no dropout_layout" in dispatch.why_not("attention", backend, call)
     for backend in ("cpu", "reference"):

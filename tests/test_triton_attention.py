@@ -283,17 +283,16 @@ def test_varlen_backward_of_rows_with_huge_scores():
 
 def test_refusals_name_the_reason(monkeypatch):
     call = testing.attention_call_for(AttentionCase(b=1, hq=1, hkv=1, nq=4, nk=4, d=16), torch.float32, DEVICE)
-    from dataclasses import replace
-    assert "float64" in A.why_not(replace(call, dtype=torch.float64))
-    assert "head dim 600 > 512" in A.why_not(replace(call, head_dim=600, head_dim_v=600))
-    assert A.why_not(replace(call, head_dim_v=32)) is None  # served by zero-padding q and k to Dv
-    assert "head dim 600 > 512" in A.why_not(replace(call, head_dim_v=600))
+    assert "float64" in A.why_not(call._replace(dtype=torch.float64))
+    assert "head dim 600 > 512" in A.why_not(call._replace(head_dim=600, head_dim_v=600))
+    assert A.why_not(call._replace(head_dim_v=32)) is None  # served by zero-padding q and k to Dv
+    assert "head dim 600 > 512" in A.why_not(call._replace(head_dim_v=600))
     # heads and sequences have grid axes of their own (65535 each): B * Hq may be far larger
-    assert A.why_not(replace(call, batch=4096, heads_q=64, heads_kv=8)) is None
-    assert "Hq = 70000" in A.why_not(replace(call, heads_q=70000))
-    assert "B = 70000" in A.why_not(replace(call, batch=70000))
+    assert A.why_not(call._replace(batch=4096, heads_q=64, heads_kv=8)) is None
+    assert "Hq = 70000" in A.why_not(call._replace(heads_q=70000))
+    assert "B = 70000" in A.why_not(call._replace(batch=70000))
     monkeypatch.setattr(A, "INTERPRET", False)
-    assert "TRITON_INTERPRET=1" in A.why_not(replace(call, device=torch.device("cpu")))
+    assert "TRITON_INTERPRET=1" in A.why_not(call._replace(device=torch.device("cpu")))
 
 
 def test_refusals_of_tiles_that_spill(monkeypatch):
@@ -306,14 +305,13 @@ def test_refusals_of_tiles_that_spill(monkeypatch):
              for major in (8, 9) if (cell[major] if isinstance(cell, dict) else cell) is None]
     assert holes  # the head dim 512 entries listed in the README
     base = testing.attention_call_for(AttentionCase(b=1, hq=1, hkv=1, nq=4, nk=4, d=16), torch.float32, DEVICE)
-    from dataclasses import replace
     for kind, dt, dropout, masked, major, bucket in holes:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, major=major: (major, 0))
-        call = replace(base, device=torch.device("cuda"), dtype=dt, head_dim=bucket, head_dim_v=bucket,
-                       dropout_p=0.1 if dropout else 0.0, mask="float" if masked else None)
+        call = base._replace(device=torch.device("cuda"), dtype=dt, head_dim=bucket, head_dim_v=bucket,
+                             dropout_p=0.1 if dropout else 0.0, mask="float" if masked else None)
         reason = A.why_not(call)
         assert reason and f"head dim {bucket}" in reason and f"sm_{major}0" in reason, (kind, dt, dropout, masked)
-        assert A.why_not(replace(call, head_dim=bucket // 2, head_dim_v=bucket // 2)) is None
+        assert A.why_not(call._replace(head_dim=bucket // 2, head_dim_v=bucket // 2)) is None
 
 
 def test_compile_targets_cover_the_launch_configurations():
