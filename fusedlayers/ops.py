@@ -262,10 +262,11 @@ def attention(
                               bool(return_lse))
         if out is not None:
             return out
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _tensor(name, t, dims=4)
-    _same("q k v", (q, k, v), "dtype")
-    _same("q k v", (q, k, v), "device")
+    _tensor("q", q, dims=4), _tensor("k", k, dims=4), _tensor("v", v, dims=4)
+    if not q.dtype == k.dtype == v.dtype:
+        _same("q k v", (q, k, v), "dtype")
+    if not q.device == k.device == v.device:
+        _same("q k v", (q, k, v), "device")
     b, hq, nq, d = q.shape
     bk, hkv, nk, dk = k.shape
     if bk != b or v.shape[0] != b:
@@ -279,14 +280,15 @@ def attention(
                          f"key/value heads (k.shape[1] = {hkv})")
     mask = _check_mask(attn_mask, q, (b, hq, nq, nk))
     dropout_p, scale = _check_attention_args(q, causal_align, dropout_p, scale)
-    mods = _check_mods(q, window_size, softcap, alibi_slopes, sinks, b, hq)
+    plain = window_size is None and softcap == 0 and alibi_slopes is None and sinks is None
+    mods = registration.NO_MODS if plain else _check_mods(q, window_size, softcap, alibi_slopes, sinks, b, hq)
     empty = q.numel() == 0 or k.numel() == 0 or v.numel() == 0
 
     call = AttentionCall(
         device=q.device, dtype=q.dtype, batch=b, heads_q=hq, heads_kv=hkv, seqlen_q=nq, seqlen_k=nk,
         head_dim=d, head_dim_v=v.shape[3], mask=None if mask is None else "bool" if mask.dtype == torch.bool else "float",
         mask_grad=mask is not None and mask.requires_grad, causal=bool(causal), dropout_p=dropout_p,
-        deterministic=bool(deterministic), varlen=False, **_call_variants(mods))
+        deterministic=bool(deterministic), varlen=False, **({} if plain else _call_variants(mods)))
     name = _serve_empty(backend) if empty else dispatch.select("attention", call, backend)
     out, lse = registration.attention(q, k, v, mask, _draw_seed(dropout_p), scale, bool(causal),
                                       causal_align == "bottom_right", dropout_p, bool(deterministic), name, *mods)

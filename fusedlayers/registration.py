@@ -184,13 +184,16 @@ def _attention_fwd_impl(q, k, v, attn_mask, seed, scale, causal, bottom_right, d
                         window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, sinks=None,
                         dropout_layout=None):
     """The body of attention_fwd (its arguments and outputs)."""
-    mods = ScoreMods(window_left, window_right, softcap, alibi_slopes, sinks)
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         if q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0:  # no query, or no key
             b, hq, nq = q.shape[:3]
             return q.new_zeros((b, hq, nq, v.shape[3])), _no_key_lse((b, hq, nq), sinks, q)
         backend = "reference"  # head dim 0: the scores are the mask alone
     impl = dispatch.implementation("attention", backend)
+    if (window_left == window_right == -1 and not softcap and alibi_slopes is None and sinks is None
+            and dropout_layout is None):  # plain attention: no variant argument
+        return impl.forward(q, k, v, attn_mask, _seed(seed), scale, causal, bottom_right, dropout_p)
+    mods = ScoreMods(window_left, window_right, softcap, alibi_slopes, sinks)
     layout_kw = _layout_kw(dropout_layout, q.shape[2], k.shape[2], impl, backend)
     out, lse = impl.forward(q, k, v, attn_mask, _seed(seed), scale, causal, bottom_right, dropout_p,
                             **_mods_kw(mods, impl), **layout_kw)

@@ -59,6 +59,7 @@ Measured:   no speed figure on a GPU yet; registers and spills per configuration
 """
 
 import contextlib
+import functools
 import math
 import os
 from typing import NamedTuple, Optional
@@ -824,8 +825,15 @@ def _config(kind: str, d: int, dtype: torch.dtype, device: torch.device, dropout
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a pass on this device."""
     if INTERPRET:
         return _INTERPRETER_CONFIG
-    major = 9 if torch.cuda.get_device_capability(device)[0] >= 9 else 8
-    return _gpu_config(kind, _bucket(d), dtype, major, dropout, masked)
+    return _gpu_config(kind, _bucket(d), dtype, _gpu(device)[0], dropout, masked)
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu(device: torch.device) -> tuple[int, int]:
+    """(table generation: 9 from sm_90 on, else 8; SM count) of a GPU, read once (torch's device queries cost
+    microseconds a call)."""
+    props = torch.cuda.get_device_properties(device)
+    return (9 if props.major >= 9 else 8), props.multi_processor_count
 
 
 def _rows(d: int) -> int:
@@ -924,11 +932,15 @@ class _Mods:
     Nq + Nk, which no |p(i) - j| reaches), ``flags`` the constexprs."""
 
     def __init__(self, mods, b: int, hq: int, unbounded: int, like: torch.Tensor):
-        left, right = (mods.window_left, mods.window_right) if mods is not None else (-1, -1)
+        if mods is None:  # plain attention
+            self.left = self.right = unbounded
+            self.alibi, self.args, self.flags = like, Mods(0, 0, unbounded, unbounded, 0.0), _NO_MOD_FLAGS
+            return
+        left, right = mods.window_left, mods.window_right
         self.left = unbounded if left < 0 else min(left, unbounded)
         self.right = unbounded if right < 0 else min(right, unbounded)
-        softcap = float(mods.softcap) if mods is not None else 0.0
-        slopes = mods.alibi_slopes if mods is not None else None
+        softcap = float(mods.softcap)
+        slopes = mods.alibi_slopes
         if slopes is None:
             self.alibi, alibi_strides = like, (0, 0)
         else:
@@ -939,6 +951,9 @@ class _Mods:
             alibi_strides = (0, slopes.stride(0)) if slopes.dim() == 1 else tuple(slopes.stride())
         self.args = Mods(*alibi_strides, self.left, self.right, softcap)
         self.flags = dict(WINDOW=left >= 0 or right >= 0, SOFTCAP=softcap > 0, ALIBI=slopes is not None)
+
+
+_NO_MOD_FLAGS = {"WINDOW": False, "SOFTCAP": False, "ALIBI": False}
 
 
 def _dropout(seed: int, p: float, b: int, h: int, n: int) -> Dropout:
@@ -963,7 +978,7 @@ def _num_splits(b: int, hq: int, nq: int, nk: int, block_m: int, block_n: int, d
     if INTERPRET or nq > 16 or nk < 1024:
         return 1
     programs = b * hq * _cdiv(nq, block_m)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _gpu(device)[1]
     if programs >= sms:
         return 1
     return max(1, min(_cdiv(2 * sms, programs), nk // (4 * block_n), 128))
