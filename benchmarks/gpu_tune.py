@@ -7,7 +7,8 @@ the same process:
     profile   per op (norms at 8192 x 4096 bf16, attention b4 h16 n4096 d128 bf16, decode): the time
               of one call (``triton.testing.do_bench``, L2 flushed), the time of its GPU kernels alone
               (torch.profiler), and the host time of a call on tiny inputs (where the kernel costs
-              nothing: wall time of 200 calls in a row)
+              nothing: wall time of 200 calls in a row), forward and forward + backward; then the
+              norms again on the ``cuda`` backend (the CUDA C++ kernels)
     norms     the Triton norm kernels' (BLOCK_M, num_warps) for the forward and the backward, at
               (8192, 4096) and (32768, 1024) bf16, against torch
     attention the Triton attention tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) of the bf16 d128
@@ -152,16 +153,16 @@ def profile_part(dl: Deadline):
     b, h, n, d = (1, 2, 64, 32) if ARGS.tiny else (4, 16, 4096, 128)
     out = RESULTS.setdefault("profile", [])
 
-    def norm_cases(r, c):
+    def norm_cases(r, c, be="triton", tag=""):
         x, res, dy = randn(r, c, grad=True), randn(r, c, grad=True), randn(r, c)
         w, bb = randn(c, grad=True), randn(c, grad=True)
         return {
-            "layer_norm": (lambda: fusedlayers.layer_norm(x, w, bb, backend="triton"),
-                           lambda: F.layer_norm(x, (c,), w, bb), dy, (x, w, bb)),
-            "rms_norm": (lambda: fusedlayers.rms_norm(x, w, backend="triton"),
-                         lambda: F.rms_norm(x, (c,), w), dy, (x, w)),
-            "add_layer_norm": (lambda: fusedlayers.add_layer_norm(x, res, w, bb, prenorm=True, backend="triton")[0],
-                               lambda: F.layer_norm(x + res, (c,), w, bb), dy, (x, res, w, bb)),
+            "layer_norm" + tag: (lambda: fusedlayers.layer_norm(x, w, bb, backend=be),
+                                 lambda: F.layer_norm(x, (c,), w, bb), dy, (x, w, bb)),
+            "rms_norm" + tag: (lambda: fusedlayers.rms_norm(x, w, backend=be),
+                               lambda: F.rms_norm(x, (c,), w), dy, (x, w)),
+            "add_layer_norm" + tag: (lambda: fusedlayers.add_layer_norm(x, res, w, bb, prenorm=True, backend=be)[0],
+                                     lambda: F.layer_norm(x + res, (c,), w, bb), dy, (x, res, w, bb)),
         }
 
     def attn_cases(bb, hh, nn, dd):
@@ -180,6 +181,9 @@ def profile_part(dl: Deadline):
 
     big = {**norm_cases(rows, hidden), **attn_cases(b, h, n, d)}
     tiny = {**norm_cases(4, 64), **attn_cases(1, 1, 16, 16)}
+    if DEV.type == "cuda":  # the CUDA C++ norm kernels beside the Triton ones (kernel time: could they serve auto?)
+        big.update(norm_cases(rows, hidden, "cuda", "[cuda]"))
+        tiny.update(norm_cases(4, 64, "cuda", "[cuda]"))
     for name, (ours, theirs, dy, leaves) in big.items():
         if dl.left() < 5:
             say(f"profile: out of time before {name}")
@@ -194,8 +198,11 @@ def profile_part(dl: Deadline):
                     bwd = lambda o=o: torch.autograd.grad(o, leaves, dy, retain_graph=True)  # noqa: E731
                     row[f"{who}_bwd_ms"] = bench_ms(bwd)
                     row[f"{who}_bwd_kernel_ms"], row[f"{who}_bwd_kernels"] = kernel_ms(bwd)
-                t_ours, t_theirs = tiny[name][0], tiny[name][1]
-                row[f"{who}_host_us"] = host_us(t_ours if who == "ours" else t_theirs)
+                t_ours, t_theirs, t_dy, t_leaves = tiny[name]
+                t_fn = t_ours if who == "ours" else t_theirs
+                row[f"{who}_host_us"] = host_us(t_fn)
+                if t_dy is not None:  # forward + backward on tiny inputs
+                    row[f"{who}_host_fwd_bwd_us"] = host_us(lambda f=t_fn: torch.autograd.grad(f(), t_leaves, t_dy))
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {e}"[:300]
         out.append(row)
