@@ -601,3 +601,15 @@ def test_varlen_per_head_alibi_with_window():
                                                                                                 t[0].dtype))),
         (q, k, v), seeds)
     testing.assert_all_ok(comps, "varlen per-head ALiBi")
+
+
+@pytest.mark.parametrize("family", ["attention", "norm"])
+def test_launches_switch_device_only_when_the_tensors_are_elsewhere(family, monkeypatch):
+    # Triton launches on the current CUDA device; the context that makes the tensors' device current is entered
+    # only when it is another one (entering torch.cuda.device costs microseconds a launch)
+    kernels = dispatch.implementation(family, "triton")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert kernels._on(torch.device("cpu")) is kernels._HERE
+    assert kernels._on(torch.device("cuda", 0)) is kernels._HERE
+    switch = kernels._on(torch.device("cuda", 1))
+    assert isinstance(switch, torch.cuda.device) and switch.idx == 1

@@ -89,3 +89,28 @@ def test_unservable_call_lists_every_backend(monkeypatch):
 def test_explicit_backend_that_cannot_serve_says_why():
     with pytest.raises(BackendError, match=r"backend 'cuda' cannot serve this attention call .*: "):
         fusedlayers.attention(q, q, q, backend="cuda")
+
+
+def test_backend_choice_is_decided_once_per_call_signature(monkeypatch):
+    # select asks the backends once for a call signature and keeps the answer; a refusal is not kept (the
+    # next call asks again); a new signature (here a different size) is decided afresh; loading the C++
+    # extension empties what was kept.
+    impl = dispatch.implementation("norm", "reference")
+    asked = []
+    answer = {"reason": "not today"}
+    monkeypatch.setattr(impl, "why_not", lambda call: asked.append(call.rows) or answer["reason"])
+    call = dispatch.NormCall(device=torch.device("cpu"), dtype=torch.float32, weight_dtype=None, residual_dtype=None,
+                             rows=4, hidden=8, rms=False, dropout_p=0.0)
+    for _ in range(2):
+        with pytest.raises(BackendError, match="not today"):
+            dispatch.select("norm", call, "reference")
+    assert asked == [4, 4]
+    answer["reason"] = None
+    assert [dispatch.select("norm", call, "reference") for _ in range(3)] == ["reference"] * 3
+    assert asked == [4, 4, 4]
+    assert dispatch.select("norm", call._replace(rows=5), "reference") == "reference"
+    assert asked == [4, 4, 4, 5]
+    assert dispatch._SELECTED.clear in fusedlayers._ext._callbacks  # what a first-use build's load calls
+    dispatch._SELECTED.clear()
+    dispatch.select("norm", call, "reference")
+    assert asked == [4, 4, 4, 5, 4]
