@@ -100,6 +100,8 @@ def retune(entry: tuple, pool):
 
 
 def _cell(entry) -> str:
+    if isinstance(entry, A._BY_MODS):
+        return f"_BY_MODS({_cell(entry.plain)}, {_cell(entry.mods)})"
     if isinstance(entry, dict):
         return f"_ARCH({entry[8]}, {entry[9]})"
     return str(entry if entry is None else tuple(entry))

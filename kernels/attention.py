@@ -821,11 +821,11 @@ def _bwd_dq(
 
 
 def _config(kind: str, d: int, dtype: torch.dtype, device: torch.device, dropout: bool,
-            masked: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a pass on this device."""
+            masked: bool, mods: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a pass on this device (``mods``: a score variant is on)."""
     if INTERPRET:
         return _INTERPRETER_CONFIG
-    return _gpu_config(kind, _bucket(d), dtype, _gpu(device)[0], dropout, masked)
+    return _gpu_config(kind, _bucket(d), dtype, _gpu(device)[0], dropout, masked, mods)
 
 
 @functools.lru_cache(maxsize=None)
@@ -887,8 +887,9 @@ def why_not(call) -> Optional[str]:
         d, dropout, masked = max(call.head_dim, call.head_dim_v), call.dropout_p > 0, call.mask is not None
         with_ = " and ".join(f for f, on in (("dropout", dropout), ("a mask", masked)) if on)
         # the backward's passes too: the backend that runs the forward runs the backward
+        mods = call.window != (-1, -1) or call.softcap > 0 or call.alibi
         for kind in ("fwd", "decode", "dkdv", "dq"):
-            if _gpu_config(kind, _bucket(d), call.dtype, major, dropout, masked) is None:
+            if _gpu_config(kind, _bucket(d), call.dtype, major, dropout, masked, mods) is None:
                 return (f"head dim {d} in {str(call.dtype).replace('torch.', '')}" + (f" with {with_}" if with_ else "")
                         + f": no {kind} tile compiles without register spills on sm_{major}0")
         if call.deterministic and call.dtype != torch.float32 and _bucket(d) == 128:
@@ -1022,8 +1023,9 @@ def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_
         cu_q = cu_k = q  # unused
     os_ = SplitStrides(*_strides(out, varlen), 0)
     kind = "decode" if (nq <= 16 and not INTERPRET) else "fwd"
-    bm, bn, warps, stages = _config(kind, d, q.dtype, q.device, dropout_p > 0, attn_mask is not None)
     vm = _Mods(mods, b, hq, nq + nk, q)
+    bm, bn, warps, stages = _config(kind, d, q.dtype, q.device, dropout_p > 0, attn_mask is not None,
+                                    any(vm.flags.values()))
     # the keys the queries see (varlen: every key of the longest sequence), split-KV over these alone
     key_lo, key_hi = (0, nk) if varlen else _key_span(nq, nk, causal, bottom_right, vm.left, vm.right)
     split_lo = (key_lo // bn) * bn
@@ -1139,14 +1141,15 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
         db_buf = torch.zeros((b, hq, nq, nk), device=q.device, dtype=torch.float32)
         if tuple(attn_mask.shape) == (b, hq, nq, nk) and attn_mask.dtype == torch.float32:
             dbias = db_buf
-    atomic = not deterministic and (INTERPRET or _atomic_dq(_bucket(d), q.dtype, any(vm.flags.values())))
+    has_mods = any(vm.flags.values())
+    atomic = not deterministic and (INTERPRET or _atomic_dq(_bucket(d), q.dtype, has_mods))
     # contiguous: the fp32 accumulator of the atomic path, or dq itself
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else q.new_empty(q.shape)
     common = dict(MASK_KIND=mask_kind, CAUSAL=bool(causal), DROPOUT=dropout_p > 0, VARLEN=varlen, **vm.flags,
                   UPCAST=INTERPRET, IEEE=q.dtype == torch.float32)
     tail = (drop, vm.args, group, nq, nk, d, scale, int(bottom_right))
 
-    bm, bn, warps, stages = _config("dkdv", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None)
+    bm, bn, warps, stages = _config("dkdv", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None, has_mods)
     _bwd_dkdv[(_cdiv(nk, bn), hkv, b)](
         q, k, v, mask, dout, row_m, row_c, Delta, dq_acc, dk, dv, db_buf if db_buf is not None else dq_acc, cu_q, cu_k,
         vm.alibi, qs, ks, ms, ls, _strides(dq_acc, varlen), _strides(dk, varlen), *tail, BLOCK_M=bm, BLOCK_N=bn,
@@ -1155,7 +1158,8 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
         dq = dq_acc.to(q.dtype)
     else:
         dq = dq_acc
-        bm, bn, warps, stages = _config("dq", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None)
+        bm, bn, warps, stages = _config("dq", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None,
+                                        has_mods)
         _bwd_dq[(_cdiv(nq, bm), hq, b)](
             q, k, v, mask, dout, row_m, row_c, Delta, dq, cu_q, cu_k, vm.alibi, qs, ks, ms, ls, _strides(dq, varlen),
             *tail, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d), **common, **_launch_options(warps, stages))

@@ -11,7 +11,7 @@ benchmarks/resource_check.py (registers, spills and shared memory on sm_80 and s
 from __future__ import annotations
 
 import inspect
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import triton
@@ -28,14 +28,24 @@ import triton.language as tl
 # one statement turned clean fp32 entries into 8-96 B spills): re-run benchmarks/resource_check.py
 # (CI does) after touching a kernel or Triton; benchmarks/retune_attention_tiles.py --write replaces
 # the entries that started spilling. Expect these to change when tuned on a GPU. Under the
-# interpreter: one configuration, blocks of 64.
+# interpreter: one configuration, blocks of 64. An entry measured faster on a GPU that spills only with the
+# score variants on is _BY_MODS(plain tile, tile with the window, softcap or ALiBi on).
 
 _BUCKETS = (16, 32, 64, 128, 256, 512)
+
 
 def _ARCH(sm80: Optional[tuple], sm90: Optional[tuple]) -> dict:
     """A table entry that differs between sm_80 and sm_90 (ptxas allocates registers differently: no
     tile of the list was clean on both)."""
     return {8: sm80, 9: sm90}
+
+
+class _BY_MODS(NamedTuple):
+    """A table entry whose calls with a score variant (window, softcap, ALiBi: constexprs that add registers)
+    take another tile than plain calls; each side a tile, an _ARCH entry or None."""
+
+    plain: Any
+    mods: Any
 
 
 _CONFIGS = {  # fp16 and bf16
@@ -44,7 +54,8 @@ _CONFIGS = {  # fp16 and bf16
     ("fwd", False, True):     ((128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3),  (32, 64, 8, 2),  (32, 16, 8, 1)),
     ("fwd", True, False):     ((128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3), (64, 32, 8, 3),  (32, 64, 8, 1),  (32, 16, 8, 1)),
     ("fwd", True, True):      ((128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 8, 3),  (32, 32, 8, 1),  (32, 16, 8, 1)),
-    ("decode", False, False): ((16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 8, 1)),
+    ("decode", False, False): ((16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2),  _BY_MODS((16, 64, 4, 3), (16, 32, 4, 2)),
+                               (16, 32, 4, 2),  (16, 32, 8, 1)),
     ("decode", False, True):  ((16, 64, 4, 2),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 8, 1)),
     ("decode", True, False):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 64, 4, 3),  (16, 32, 8, 2),  (16, 32, 8, 2),  (16, 32, 8, 1)),
     ("decode", True, True):   ((16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 8, 1)),
@@ -150,7 +161,8 @@ def compile_targets() -> list[tuple]:
             for bucket in _BUCKETS:
                 for kind in ("fwd", "decode", "dkdv", "dq"):
                     for variant in _variants(kind, tdt, bucket):
-                        tile = _gpu_config(kind, bucket, dt, major, *_VARIANT_ENTRY[variant])
+                        tile = _gpu_config(kind, bucket, dt, major, *_VARIANT_ENTRY[variant],
+                                           mods=variant.endswith("_mods"))
                         if tile is None:  # not served on this generation: kernels.attention.why_not refuses it
                             continue
                         bm, bn, warps, stages = tile
@@ -221,11 +233,14 @@ def _aligned(fn, signature: dict) -> dict:
 
 
 def _gpu_config(kind: str, bucket: int, dtype: torch.dtype, major: int, dropout: bool,
-                masked: bool) -> Optional[tuple[int, int, int, int]]:
-    """The table's entry for a GPU of compute capability ``major``.x (8: sm_80 tiles, 9: sm_90); None where no
-    tile compiles without spills (the call is refused)."""
+                masked: bool, mods: bool = False) -> Optional[tuple[int, int, int, int]]:
+    """The table's entry for a GPU of compute capability ``major``.x (8: sm_80 tiles, 9: sm_90), for a call with a
+    score variant (``mods``: window, softcap or ALiBi) or without; None where no tile compiles without spills (the
+    call is refused)."""
     table = _FP32_CONFIGS if dtype == torch.float32 else _CONFIGS
     entry = table[kind, bool(dropout), bool(masked)][_BUCKETS.index(bucket)]
+    if isinstance(entry, _BY_MODS):
+        entry = entry.mods if mods else entry.plain
     return entry[major] if isinstance(entry, dict) else entry
 
 

@@ -5,6 +5,8 @@ the score variants' block ranges (sliding window), split-KV over a window, per-h
 and the compile-target list of the resource check (kernels/attention_configs.py). On CPU they run through
 TRITON_INTERPRET=1."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -330,19 +332,19 @@ def test_compile_targets_cover_the_launch_configurations():
         for bucket in C._BUCKETS:
             for major in (8, 9):
                 for dt, tag in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
-                    for dropout in (False, True):
-                        for masked in (False, True):
-                            # the table entry is compiled in a variant that uses it (all its features on)
-                            tile = C._gpu_config(kind, bucket, dt, major, dropout, masked)
-                            if tile is None:  # refused by why_not (test_refusals_of_tiles_that_spill)
-                                continue
-                            bm, bn, w, s = tile
-                            variants = [v for v in C._variants(kind, tag, bucket)
-                                        if C._VARIANT_ENTRY[v] == (dropout, masked)]
-                            checked = [f"attn_{kind}_{v}_{tag}_d{bucket}_BM{bm}_BN{bn}_w{w}_s{s}" for v in variants]
-                            arch = "sm_80" if major == 8 else "sm_90a"  # and checked for this GPU's architecture
-                            assert variants and all(n in archs_of and archs_of[n] in (None, [arch]) for n in checked), (
-                                kind, bucket, major, tag, dropout, masked)
+                    for dropout, masked, mods in itertools.product((False, True), repeat=3):
+                        # the table entry is compiled in a variant that uses it (all its features on), with and
+                        # without the score variants (a _BY_MODS entry gives the two their own tiles)
+                        tile = C._gpu_config(kind, bucket, dt, major, dropout, masked, mods)
+                        if tile is None:  # refused by why_not (test_refusals_of_tiles_that_spill)
+                            continue
+                        bm, bn, w, s = tile
+                        variants = [v for v in C._variants(kind, tag, bucket)
+                                    if C._VARIANT_ENTRY[v] == (dropout, masked) and v.endswith("_mods") == mods]
+                        checked = [f"attn_{kind}_{v}_{tag}_d{bucket}_BM{bm}_BN{bn}_w{w}_s{s}" for v in variants]
+                        arch = "sm_80" if major == 8 else "sm_90a"  # and checked for this GPU's architecture
+                        assert variants and all(n in archs_of and archs_of[n] in (None, [arch]) for n in checked), (
+                            kind, bucket, major, tag, dropout, masked, mods)
 
 
 def test_int_arguments_equal_to_1_get_no_build_of_their_own():
@@ -613,3 +615,23 @@ def test_launches_switch_device_only_when_the_tensors_are_elsewhere(family, monk
     assert kernels._on(torch.device("cuda", 0)) is kernels._HERE
     switch = kernels._on(torch.device("cuda", 1))
     assert isinstance(switch, torch.cuda.device) and switch.idx == 1
+
+
+def test_entries_with_their_own_tile_for_the_score_variants(monkeypatch):
+    # A _BY_MODS entry: plain calls take its first tile, calls with a window, softcap or ALiBi its second; a None side
+    # refuses only those calls
+    monkeypatch.setattr(A, "INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(A, "_gpu", lambda device: (9, 132))
+    key = ("decode", False, False)
+    row = list(C._CONFIGS[key])
+    row[C._BUCKETS.index(64)] = C._BY_MODS((16, 64, 4, 3), None)
+    monkeypatch.setitem(C._CONFIGS, key, tuple(row))
+    assert A._config("decode", 64, torch.bfloat16, torch.device("cuda"), False, False) == (16, 64, 4, 3)
+    assert A._config("decode", 64, torch.bfloat16, torch.device("cuda"), False, False, mods=True) is None
+    call = testing.attention_call_for(AttentionCase(b=1, hq=1, hkv=1, nq=1, nk=4, d=64), torch.bfloat16, DEVICE)
+    call = call._replace(device=torch.device("cuda"))
+    assert A.why_not(call) is None
+    for variant in ({"softcap": 5.0}, {"window": (8, 0)}, {"alibi": True}):
+        reason = A.why_not(call._replace(**variant))
+        assert reason and "no decode tile" in reason and "sm_90" in reason, variant
