@@ -280,7 +280,9 @@ def attention(
                          f"key/value heads (k.shape[1] = {hkv})")
     mask = _check_mask(attn_mask, q, (b, hq, nq, nk))
     dropout_p, scale = _check_attention_args(q, causal_align, dropout_p, scale)
-    plain = window_size is None and softcap == 0 and alibi_slopes is None and sinks is None
+    # no score variant: softcap exactly an int or float 0 (anything else goes through _check_mods' checks)
+    plain = window_size is None and type(softcap) in (int, float) and softcap == 0 and alibi_slopes is None \
+        and sinks is None
     mods = registration.NO_MODS if plain else _check_mods(q, window_size, softcap, alibi_slopes, sinks, b, hq)
     empty = q.numel() == 0 or k.numel() == 0 or v.numel() == 0
 
