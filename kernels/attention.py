@@ -58,8 +58,6 @@ Resources:  python benchmarks/resource_check.py --module fusedlayers.kernels.att
 Measured:   no speed figure on a GPU yet; registers and spills per configuration: the resource check.
 """
 
-import contextlib
-import functools
 import math
 import os
 from typing import NamedTuple, Optional
@@ -68,9 +66,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_configs import (_BUCKETS, _cdiv, _INTERPRETER_CONFIG, _KEEP_MASK_BLOCK, _KEEP_MASK_BLOCK_INTERPRET,
+from .attention_configs import (_BUCKETS, _INTERPRETER_CONFIG, _KEEP_MASK_BLOCK, _KEEP_MASK_BLOCK_INTERPRET,
                                 _KEEP_MASK_WARPS, _ROW_STATS_CONFIGS, _ROWS_BLOCK_INTERPRET,
                                 _atomic_dq, _bucket, _gpu_config, _rows_block)
+from .launch import cdiv, gpu_facts, on_device
 
 # Decided once at import, as @triton.jit decides it (from TRITON_INTERPRET).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -825,15 +824,12 @@ def _config(kind: str, d: int, dtype: torch.dtype, device: torch.device, dropout
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a pass on this device (``mods``: a score variant is on)."""
     if INTERPRET:
         return _INTERPRETER_CONFIG
-    return _gpu_config(kind, _bucket(d), dtype, _gpu(device)[0], dropout, masked, mods)
+    return _gpu_config(kind, _bucket(d), dtype, _generation(device), dropout, masked, mods)
 
 
-@functools.lru_cache(maxsize=None)
-def _gpu(device: torch.device) -> tuple[int, int]:
-    """(table generation: 9 from sm_90 on, else 8; SM count) of a GPU, read once (torch's device queries cost
-    microseconds a call)."""
-    props = torch.cuda.get_device_properties(device)
-    return (9 if props.major >= 9 else 8), props.multi_processor_count
+def _generation(device: torch.device) -> int:
+    """The tile tables' GPU generation: 9 from sm_90 on, else 8."""
+    return 9 if gpu_facts(device)[0] >= 9 else 8
 
 
 def _rows(d: int) -> int:
@@ -850,17 +846,6 @@ def _row_stats_config(d: int) -> tuple[int, int, int]:
 
 def _launch_options(warps: int, stages: int) -> dict:
     return {} if INTERPRET else {"num_warps": warps, "num_stages": stages}
-
-
-def _on(device: torch.device):
-    """Triton launches on the current CUDA device: make it the tensors' one (tensors on cuda:1 while the
-    current device is 0 would otherwise be read by a kernel running on device 0)."""
-    if device.type != "cuda" or device.index == torch.cuda.current_device():
-        return _HERE  # no device switch: entering torch.cuda.device costs microseconds a launch
-    return torch.cuda.device(device)
-
-
-_HERE = contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- the backend interface
@@ -883,7 +868,7 @@ def why_not(call) -> Optional[str]:
     if max(call.head_dim, call.head_dim_v) > MAX_HEAD_DIM:
         return f"head dim {max(call.head_dim, call.head_dim_v)} > {MAX_HEAD_DIM}"
     if call.device.type == "cuda" and not INTERPRET:
-        major = 9 if torch.cuda.get_device_capability(call.device)[0] >= 9 else 8
+        major = _generation(call.device)
         d, dropout, masked = max(call.head_dim, call.head_dim_v), call.dropout_p > 0, call.mask is not None
         with_ = " and ".join(f for f, on in (("dropout", dropout), ("a mask", masked)) if on)
         # the backward's passes too: the backend that runs the forward runs the backward
@@ -978,11 +963,11 @@ def _num_splits(b: int, hq: int, nq: int, nk: int, block_m: int, block_n: int, d
     the queries see (inside a sliding window, its span)."""
     if INTERPRET or nq > 16 or nk < 1024:
         return 1
-    programs = b * hq * _cdiv(nq, block_m)
-    sms = _gpu(device)[1]
+    programs = b * hq * cdiv(nq, block_m)
+    sms = gpu_facts(device)[1]
     if programs >= sms:
         return 1
-    return max(1, min(_cdiv(2 * sms, programs), nk // (4 * block_n), 128))
+    return max(1, min(cdiv(2 * sms, programs), nk // (4 * block_n), 128))
 
 
 def _pad_head_dim(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -1032,8 +1017,8 @@ def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_
     span = max(key_hi - split_lo, 1)
     if num_splits is None:
         num_splits = 1 if varlen else _num_splits(b, hq, nq, span, bm, bn, q.device)
-    keys_per_split = _cdiv(_cdiv(span, num_splits), bn) * bn
-    num_splits = _cdiv(span, keys_per_split)
+    keys_per_split = cdiv(cdiv(span, num_splits), bn) * bn
+    num_splits = cdiv(span, keys_per_split)
     o_dst, l_dst = out, lse
     if num_splits > 1:
         assert not varlen, "split-KV serves dense calls"
@@ -1042,7 +1027,7 @@ def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_
         os_ = SplitStrides(*o_dst.stride()[1:4], o_dst.stride(0))
         ls = SplitStrides(*l_dst.stride()[1:4], l_dst.stride(0))
     mask, ms, mask_kind = _mask_args(attn_mask, q)
-    num_m_blocks = _cdiv(nq, bm)
+    num_m_blocks = cdiv(nq, bm)
     _attn_fwd[(num_m_blocks * num_splits, hq, b)](
         q, k, v, mask, o_dst, l_dst, cu_q, cu_k, vm.alibi, _strides(q, varlen), _strides(k, varlen), os_, ms, ls, drop,
         vm.args, hq // hkv, nq, nk, d, scale, int(bottom_right), split_lo, keys_per_split, num_m_blocks,
@@ -1051,7 +1036,7 @@ def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_
         **_launch_options(warps, stages))
     if num_splits > 1:
         rows = b * hq * nq
-        _split_combine[(_cdiv(rows, _rows(d)),)](o_dst, l_dst, out, lse, rows, d, num_splits,
+        _split_combine[(cdiv(rows, _rows(d)),)](o_dst, l_dst, out, lse, rows, d, num_splits,
                                                        BLOCK_M=_rows(d), BLOCK_D=_bucket(d))
     return out, lse
 
@@ -1059,7 +1044,7 @@ def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_
 def forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, mods=None):
     """(out (B, Hq, Nq, Dv), lse (B, Hq, Nq) fp32) of ``fusedlayers.attention``; ``mods``: the score variants
     (``registration.ScoreMods``; sinks are not taken here)."""
-    with _on(q.device):
+    with on_device(q.device):
         return _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, varlen=False,
                             mods=mods)
 
@@ -1067,7 +1052,7 @@ def forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, mo
 def forward_split_kv(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, num_splits: int, mods=None):
     """forward() with an explicit split-KV count over the keys the queries see (tests the decode path where
     the heuristic would not split)."""
-    with _on(q.device):
+    with on_device(q.device):
         return _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, varlen=False,
                             num_splits=num_splits, mods=mods)
 
@@ -1078,7 +1063,7 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     from fusedlayers.ops import check_cu_seqlens_values  # the op body runs eagerly: values can be read
 
     check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
-    with _on(q.device):
+    with on_device(q.device):
         return _run_forward(q, k, v, None, seed, scale, causal, bottom_right, dropout_p, varlen=True,
                             cu_q=cu_seqlens_q.contiguous(), cu_k=cu_seqlens_k.contiguous(), max_q=max_seqlen_q,
                             max_k=max_seqlen_k, mods=mods)  # the kernels read cu_seqlens[b] at offset b
@@ -1120,14 +1105,14 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
     vm = _Mods(mods, b, hq, nq + nk, q)
     # Delta = rowsum(dO * O) - dlse, laid out like lse; fp64 for fp32 inputs (see _bwd_tile)
     Delta = torch.empty_like(lse, dtype=torch.float64 if q.dtype == torch.float32 else torch.float32)
-    _bwd_preprocess[(_cdiv(pre_n, _rows(d)), hq, pre_b)](
+    _bwd_preprocess[(cdiv(pre_n, _rows(d)), hq, pre_b)](
         out, dout, dlse, Delta, _strides(out, varlen), qs, gs, ls, pre_n, d, BLOCK_M=_rows(d), BLOCK_D=_bucket(d))
     # P = exp((S - row_m) - row_c), laid out like lse: (lse, 0), or the exact (max, log(sum)) of a row whose
     # float32 lse is too coarse (|lse| >= LSE_EXACT; see _bwd_row_stats)
     mask, ms, mask_kind = _mask_args(attn_mask, q)
     row_m, row_c = torch.empty_like(lse), torch.empty_like(lse)
     bm, bn, warps = _row_stats_config(d)
-    _bwd_row_stats[(_cdiv(nq, bm), hq, b)](
+    _bwd_row_stats[(cdiv(nq, bm), hq, b)](
         q, k, mask, lse, row_m, row_c, cu_q, cu_k, vm.alibi, qs, ks, ms, ls, vm.args, group, nq, nk, d, scale,
         int(bottom_right), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d), MASK_KIND=mask_kind,
         CAUSAL=bool(causal), VARLEN=varlen, **vm.flags, UPCAST=INTERPRET, IEEE=q.dtype == torch.float32,
@@ -1150,7 +1135,7 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
     tail = (drop, vm.args, group, nq, nk, d, scale, int(bottom_right))
 
     bm, bn, warps, stages = _config("dkdv", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None, has_mods)
-    _bwd_dkdv[(_cdiv(nk, bn), hkv, b)](
+    _bwd_dkdv[(cdiv(nk, bn), hkv, b)](
         q, k, v, mask, dout, row_m, row_c, Delta, dq_acc, dk, dv, db_buf if db_buf is not None else dq_acc, cu_q, cu_k,
         vm.alibi, qs, ks, ms, ls, _strides(dq_acc, varlen), _strides(dk, varlen), *tail, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_D=_bucket(d), ATOMIC_DQ=atomic, DBIAS=bias_grad, **common, **_launch_options(warps, stages))
@@ -1160,7 +1145,7 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
         dq = dq_acc
         bm, bn, warps, stages = _config("dq", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None,
                                         has_mods)
-        _bwd_dq[(_cdiv(nq, bm), hq, b)](
+        _bwd_dq[(cdiv(nq, bm), hq, b)](
             q, k, v, mask, dout, row_m, row_c, Delta, dq, cu_q, cu_k, vm.alibi, qs, ks, ms, ls, _strides(dq, varlen),
             *tail, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d), **common, **_launch_options(warps, stages))
     if bias_grad and dbias is None:
@@ -1172,7 +1157,7 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
 def backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right, dropout_p, deterministic,
              bias_grad, mods=None):
     """(dq, dk, dv, dbias or None) of ``fusedlayers.attention``."""
-    with _on(q.device):
+    with on_device(q.device):
         return _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal, bottom_right, dropout_p,
                              deterministic, bias_grad, varlen=False, mods=mods)
 
@@ -1183,7 +1168,7 @@ def varlen_backward(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     from fusedlayers.ops import check_cu_seqlens_values  # the op body runs eagerly: values can be read
 
     check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
-    with _on(q.device):
+    with on_device(q.device):
         dq, dk, dv, _ = _run_backward(dout, dlse, q, k, v, None, out, lse, seed, scale, causal, bottom_right,
                                       dropout_p, deterministic, False, varlen=True, cu_q=cu_seqlens_q.contiguous(),
                                       cu_k=cu_seqlens_k.contiguous(), max_q=max_seqlen_q, max_k=max_seqlen_k,
@@ -1197,8 +1182,8 @@ def dropout_keep_mask(seed: int, shape, dropout_p: float, device) -> torch.Tenso
     numel = math.prod(shape)
     keep = torch.empty(numel, dtype=torch.uint8, device=device)
     block = _KEEP_MASK_BLOCK_INTERPRET if INTERPRET else _KEEP_MASK_BLOCK
-    with _on(keep.device):
-        _keep_mask_kernel[(_cdiv(numel, block),)](keep, numel, seed, dropout_p, BLOCK=block,
+    with on_device(keep.device):
+        _keep_mask_kernel[(cdiv(numel, block),)](keep, numel, seed, dropout_p, BLOCK=block,
                                                         **_launch_options(_KEEP_MASK_WARPS, 1))
     return keep.view(torch.bool).view(tuple(shape))
 

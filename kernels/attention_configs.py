@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import next_power_of_2
+
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass, dtype class, dropout on or off, mask tile read or
 # not (a bool mask or an additive bias: one more tile per block, and dbias in backward), and head-dim
 # bucket. Each entry is the largest tile of a short FlashAttention-2 / Triton tutorial 06 style list
@@ -107,16 +109,9 @@ _KEEP_MASK_WARPS = 4
 _KEEP_MASK_BLOCK_INTERPRET = 1 << 16
 
 
-
-
 def _bucket(d: int) -> int:
     """The head-dim bucket of d: the power of two >= d, at least 16."""
-    return max(16, 1 << (max(d, 1) - 1).bit_length())
-
-
-def _cdiv(a: int, b: int) -> int:
-    """ceil(a / b) of ints: triton.cdiv called from host code costs microseconds a call."""
-    return -(-a // b)
+    return max(16, next_power_of_2(d))
 
 
 def _rows_block(bucket: int) -> int:

@@ -63,7 +63,6 @@ Measured:  correctness on CPU (interpreter) only. Every GPU configuration compil
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Optional
 
@@ -73,6 +72,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fusedlayers.kernels.interpreter import INTERPRET, to_dtype, to_f32
+from fusedlayers.kernels.launch import cdiv, gpu_facts, next_power_of_2, on_device
 from fusedlayers.registration import keeps_stream, stream_dtype
 
 FWD_BLOCK_CAP = 8192  # widest column block of the forward; wider rows loop over blocks
@@ -353,22 +353,13 @@ def _keep_mask_kernel(
 # ----------------------------------------------------------------------------- launch config
 
 
-def _cdiv(a: int, b: int) -> int:
-    """ceil(a / b) of ints (triton.cdiv called from host code costs microseconds a call)."""
-    return -(-a // b)
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << (max(n, 1) - 1).bit_length()
-
-
 @functools.lru_cache(maxsize=4096)
 def _config(m: int, n: int, backward: bool = False, interpret: bool = bool(INTERPRET)) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the forward (or backward) kernel for x (m, n)."""
     cap = BWD_BLOCK_CAP if backward else FWD_BLOCK_CAP
-    block_n = min(max(_next_power_of_2(n), MIN_BLOCK), cap)
+    block_n = min(max(next_power_of_2(n), MIN_BLOCK), cap)
     if interpret:
-        return min(_next_power_of_2(m), INTERPRET_ROWS, max(1, INTERPRET_TILE // block_n)), block_n, 1
+        return min(next_power_of_2(m), INTERPRET_ROWS, max(1, INTERPRET_TILE // block_n)), block_n, 1
     block_m = max(1, GPU_TILE // block_n)
     per_thread = BWD_ELEMS_PER_THREAD if backward else FWD_ELEMS_PER_THREAD
     return block_m, block_n, min(16, max(4, block_m * block_n // (32 * per_thread)))
@@ -382,20 +373,15 @@ def _gpu_configs(backward: bool) -> list[tuple[int, int, int, bool]]:
             + [(*_config(1, cap + 1, backward, interpret=False), False)])
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _tiles_per_group(n_tiles: int, n_col_blocks: int, block_m: int, num_warps: int, device: torch.device) -> int:
     """Row tiles per backward program. Each program sums dweight/dbias over its row group
     in fp32, so groups are kept short (<= MAX_TILES_PER_GROUP tiles: the sums stay accurate
     to a few ulp, and torch adds the groups' partial rows); they are made longer than one
     tile only while there are more than a full GPU of programs."""
     if device.type == "cuda" and not INTERPRET:
-        resident = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        resident = gpu_facts(device)[1]
         resident *= max(1, 32 // num_warps)  # programs per SM at 32 resident warps
-        return max(1, min(_cdiv(n_tiles * n_col_blocks, resident), MAX_TILES_PER_GROUP))
+        return max(1, min(cdiv(n_tiles * n_col_blocks, resident), MAX_TILES_PER_GROUP))
     return max(1, INTERPRET_GROUP_ROWS // block_m)
 
 
@@ -406,16 +392,6 @@ def _rows(t: Optional[Tensor]) -> Optional[Tensor]:
 
 def _row_stride(t: Optional[Tensor]) -> int:
     return t.stride(0) if t is not None else 0
-
-
-def _on(device: torch.device):
-    """Launches go to the current CUDA device: make it the tensors' one."""
-    if device.type != "cuda" or device.index == torch.cuda.current_device():
-        return _HERE  # no device switch: entering torch.cuda.device costs microseconds a launch
-    return torch.cuda.device(device)
-
-
-_HERE = contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- interface
@@ -461,8 +437,8 @@ def forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bia
     rstd = x.new_empty((m,), dtype=torch.float32)
     x, residual, weight, bias = (_rows(t) for t in (x, residual, weight, bias))
     block_m, block_n, num_warps = _config(m, n)
-    with _on(x.device):
-        _norm_fwd_kernel[(_cdiv(m, block_m),)](
+    with on_device(x.device):
+        _norm_fwd_kernel[(cdiv(m, block_m),)](
             x, residual, weight, bias, y, z if store_z else None, None if rms else mean, rstd,
             _row_stride(x), _row_stride(residual), m, n, eps, dropout_p, 1.0 / (1.0 - dropout_p), seed,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
@@ -482,14 +458,14 @@ def backward(dy: Tensor, dz: Optional[Tensor], zin: Tensor, weight: Optional[Ten
     dy, dz, zin, weight = (_rows(t) for t in (dy, dz, zin, weight))
     block_m, block_n, num_warps = _config(m, n, backward=True)
     single = n <= block_n
-    n_tiles, n_col_blocks = _cdiv(m, block_m), _cdiv(n, block_n)
+    n_tiles, n_col_blocks = cdiv(m, block_m), cdiv(n, block_n)
     per = _tiles_per_group(n_tiles, n_col_blocks, block_m, num_warps, zin.device)
-    n_groups = _cdiv(n_tiles, per)
+    n_groups = cdiv(n_tiles, per)
     has_bias = bias is not None and not rms
     dw_part = rstd.new_empty((n_groups, n)) if weight is not None else None  # one row per row group
     db_part = rstd.new_empty((n_groups, n)) if has_bias else None
     c1 = c2 = None
-    with _on(zin.device):
+    with on_device(zin.device):
         if not single:  # rows wider than a block: the row constants first
             c1 = rstd.new_empty((m,))
             c2 = None if rms else rstd.new_empty((m,))
@@ -512,8 +488,8 @@ def dropout_keep_mask(seed: int, shape, dropout_p: float, device) -> Tensor:
     m, n = shape
     keep = torch.empty((m, n), dtype=torch.uint8, device=device)
     block_m, block_n, num_warps = _config(m, n)
-    with _on(keep.device):
-        _keep_mask_kernel[(_cdiv(m, block_m), _cdiv(n, block_n))](
+    with on_device(keep.device):
+        _keep_mask_kernel[(cdiv(m, block_m), cdiv(n, block_n))](
             keep, m, n, dropout_p, seed, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     return keep.bool()
 

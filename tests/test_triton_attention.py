@@ -308,7 +308,7 @@ def test_refusals_of_tiles_that_spill(monkeypatch):
     assert holes  # the head dim 512 entries listed in the README
     base = testing.attention_call_for(AttentionCase(b=1, hq=1, hkv=1, nq=4, nk=4, d=16), torch.float32, DEVICE)
     for kind, dt, dropout, masked, major, bucket in holes:
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, major=major: (major, 0))
+        monkeypatch.setattr(A, "_generation", lambda device, major=major: major)
         call = base._replace(device=torch.device("cuda"), dtype=dt, head_dim=bucket, head_dim_v=bucket,
                              dropout_p=0.1 if dropout else 0.0, mask="float" if masked else None)
         reason = A.why_not(call)
@@ -408,7 +408,7 @@ def test_launches_run_on_the_tensors_device(monkeypatch):
         entered.append(torch.device(device).type)
         return contextlib.nullcontext()
 
-    monkeypatch.setattr(A, "_on", on)
+    monkeypatch.setattr(A, "on_device", on)
     case = AttentionCase(b=1, hq=2, hkv=1, nq=5, nk=9, d=16)
     q, k, v, _, dout, dlse = testing.make_attention_inputs(case, torch.float32, DEVICE)
     q, k, v = q.detach(), k.detach(), v.detach()
@@ -605,15 +605,15 @@ def test_varlen_per_head_alibi_with_window():
     testing.assert_all_ok(comps, "varlen per-head ALiBi")
 
 
-@pytest.mark.parametrize("family", ["attention", "norm"])
-def test_launches_switch_device_only_when_the_tensors_are_elsewhere(family, monkeypatch):
+def test_launches_switch_device_only_when_the_tensors_are_elsewhere(monkeypatch):
     # Triton launches on the current CUDA device; the context that makes the tensors' device current is entered
     # only when it is another one (entering torch.cuda.device costs microseconds a launch)
-    kernels = dispatch.implementation(family, "triton")
+    from fusedlayers.kernels import launch
+
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    assert kernels._on(torch.device("cpu")) is kernels._HERE
-    assert kernels._on(torch.device("cuda", 0)) is kernels._HERE
-    switch = kernels._on(torch.device("cuda", 1))
+    assert launch.on_device(torch.device("cpu")) is launch._HERE
+    assert launch.on_device(torch.device("cuda", 0)) is launch._HERE
+    switch = launch.on_device(torch.device("cuda", 1))
     assert isinstance(switch, torch.cuda.device) and switch.idx == 1
 
 
@@ -621,8 +621,7 @@ def test_entries_with_their_own_tile_for_the_score_variants(monkeypatch):
     # A _BY_MODS entry: plain calls take its first tile, calls with a window, softcap or ALiBi its second; a None side
     # refuses only those calls
     monkeypatch.setattr(A, "INTERPRET", False)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(A, "_gpu", lambda device: (9, 132))
+    monkeypatch.setattr(A, "_generation", lambda device: 9)
     key = ("decode", False, False)
     row = list(C._CONFIGS[key])
     row[C._BUCKETS.index(64)] = C._BY_MODS((16, 64, 4, 3), None)
