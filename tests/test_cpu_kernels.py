@@ -384,6 +384,40 @@ def test_norm_kernel_rounds_an_unkept_16bit_stream(x_dtype, stream):
                                atol=1e-5 if x_dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "add_layer_norm"])
+@pytest.mark.parametrize("hidden", [1024, 1000])
+def test_norm_16bit_is_the_float32_kernel_rounded(dtype, op, hidden):
+    # A 16-bit row is converted to float32 as it is read and every output rounded to nearest even as it is written
+    # (AVX512-BF16's conversion where the CPU has it): the outputs and gradients are bitwise the float32 kernel's
+    # on the same values, rounded (hidden 1000: vectors and a scalar tail)
+    torch.manual_seed(3)
+    x, r, dy = (torch.randn(64, hidden).to(dtype) for _ in range(3))
+    w, b = (torch.randn(hidden).to(dtype) for _ in range(2))
+
+    def run(op, x, r, w, b, dy):
+        x, r, w, b = (t.clone().requires_grad_() for t in (x, r, w, b))
+        if op == "layer_norm":  # r takes no part: no gradient
+            y = fusedlayers.layer_norm(x, w, b, backend="cpu")
+        elif op == "rms_norm":
+            y = fusedlayers.rms_norm(x, w, backend="cpu")
+        else:
+            y = fusedlayers.add_layer_norm(x, r, w, b, backend="cpu")
+        y.backward(dy)
+        return [y] + [t.grad for t in (x, r, w, b) if t.grad is not None]
+
+    low = run(op, x, r, w, b, dy)
+    if op == "add_layer_norm":  # the float32 layer norm of the stream z = x + r rounded to the dtype
+        z = (x.float() + r.float()).to(dtype).float()
+        y, dz, dw, db = run("layer_norm", z, z, w.float(), b.float(), dy.float())  # (r unused)
+        ref = [y, dz, dz, dw, db]  # the residual's gradient is dx
+    else:
+        ref = run(op, x.float(), r.float(), w.float(), b.float(), dy.float())
+    assert len(low) == len(ref)
+    for a, e in zip(low, ref):
+        assert torch.equal(a, e.to(dtype))
+
+
 _SMALL_TEAM_SCRIPT = r"""
 import torch, fusedlayers
 from fusedlayers import testing

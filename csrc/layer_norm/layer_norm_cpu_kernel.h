@@ -102,23 +102,20 @@ inline void forward(const NormParams& p) {
       float shift = 0.0f;  // of the moments; 0 for RMS, whose moments are about 0
       bool have_moments = false, z_stored = false;
       if (!plain_f32) {
-        const float* r = nullptr;  // the residual row in float32
-        if (p.residual != nullptr) {
-          const char* rrow = row_ptr(p.residual, p.residual_dtype, row, p.residual_rs);
-          r = reinterpret_cast<const float*>(rrow);
-          if (p.residual_dtype != DType::f32) load_row_any(rrow, p.residual_dtype, n, tmp), r = tmp;
-        }
-        if (r != nullptr && p.dropout_p == 0) {
-          // z = x + r rounded to its dtype, and its moments, in one pass (x converted into the row buffer first
-          // when 16-bit); z written into the op's z where that is float32 and not streamed, and read back from there
-          const float* xf = reinterpret_cast<const float*>(x);
-          if (p.x_dtype != DType::f32) load_row_any(x, p.x_dtype, n, z), xf = z;
+        const char* rrow = p.residual != nullptr ? row_ptr(p.residual, p.residual_dtype, row, p.residual_rs) : nullptr;
+        if (rrow != nullptr && p.dropout_p == 0) {
+          // z = x + r rounded to its dtype, and its moments, in one pass over x and r as they are when they share a
+          // dtype (else both converted into the row buffers first); z written into the op's z where that is float32
+          // and not streamed, and read back from there
           z_stored = p.z != nullptr && p.z_dtype == DType::f32 && !stream_z;
           float* const zt = z_stored ? reinterpret_cast<float*>(row_ptr(p.z, p.z_dtype, row, n)) : z;
-          auto fused = [&](auto zero) {
+          auto fused = [&](auto zero, const auto* xs, const auto* rs) {
             using Z = decltype(zero);
-            auto sum_at = [=](int64_t i) { return round_through<Z>(Vec::loadu(xf + i) + Vec::loadu(r + i)); };
-            if (!p.rms) shift = row_shift(n, sum_at, static_cast<float>(static_cast<Z>(xf[0] + r[0])));
+            auto sum_at = [=](int64_t i) { return round_through<Z>(load_vec(xs + i) + load_vec(rs + i)); };
+            auto sum_one = [=](int64_t i) {
+              return static_cast<float>(static_cast<Z>(static_cast<float>(xs[i]) + static_cast<float>(rs[i])));
+            };
+            if (!p.rms) shift = row_shift(n, sum_at, sum_one(0));
             mo = shifted_moments(
                 n, shift,
                 [=](int64_t i) {
@@ -126,19 +123,58 @@ inline void forward(const NormParams& p) {
                   v.store(zt + i);
                   return v;
                 },
-                [=](int64_t i) { return zt[i] = static_cast<float>(static_cast<Z>(xf[i] + r[i])); });
+                [=](int64_t i) { return zt[i] = sum_one(i); });
           };
-          switch (p.z_dtype) {
-            case DType::f32: fused(0.0f); break;
-            case DType::f16: fused(c10::Half()); break;
-            case DType::bf16: fused(c10::BFloat16()); break;
+          auto with_z = [&](const auto* xs, const auto* rs) {
+            switch (p.z_dtype) {
+              case DType::f32: fused(0.0f, xs, rs); break;
+              case DType::f16: fused(c10::Half(), xs, rs); break;
+              case DType::bf16: fused(c10::BFloat16(), xs, rs); break;
+            }
+          };
+          if (p.x_dtype != p.residual_dtype) {
+            load_row_any(x, p.x_dtype, n, z);
+            load_row_any(rrow, p.residual_dtype, n, tmp);
+            with_z(static_cast<const float*>(z), static_cast<const float*>(tmp));
+          } else {
+            switch (p.x_dtype) {
+              case DType::f32: with_z(reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(rrow)); break;
+              case DType::f16:
+                with_z(reinterpret_cast<const c10::Half*>(x), reinterpret_cast<const c10::Half*>(rrow));
+                break;
+              case DType::bf16:
+                with_z(reinterpret_cast<const c10::BFloat16*>(x), reinterpret_cast<const c10::BFloat16*>(rrow));
+                break;
+            }
           }
           have_moments = true;
           zr = zt;
+        } else if (rrow == nullptr && p.dropout_p == 0 && p.z == nullptr && p.z_dtype == p.x_dtype) {
+          // a 16-bit x alone: converted into the row buffer and its moments taken in the same pass
+          auto convert = [&](const auto* xs) {
+            auto at = [=](int64_t i) { return load_vec(xs + i); };
+            if (!p.rms) shift = row_shift(n, at, static_cast<float>(xs[0]));
+            mo = shifted_moments(
+                n, shift,
+                [=](int64_t i) {
+                  const Vec v = at(i);
+                  v.store(z + i);
+                  return v;
+                },
+                [=](int64_t i) { return z[i] = static_cast<float>(xs[i]); });
+          };
+          if (p.x_dtype == DType::f16) convert(reinterpret_cast<const c10::Half*>(x));
+          else convert(reinterpret_cast<const c10::BFloat16*>(x));
+          have_moments = true;
+          zr = z;
         } else {
           load_row_any(x, p.x_dtype, n, z);
           if (p.dropout_p > 0) dropout_row(z, n, p.seed, static_cast<uint64_t>(row * n), p.dropout_p, inv_keep);
-          if (r != nullptr) add_row(z, r, n);
+          if (rrow != nullptr) {
+            const float* r = reinterpret_cast<const float*>(rrow);
+            if (p.residual_dtype != DType::f32) load_row_any(rrow, p.residual_dtype, n, tmp), r = tmp;
+            add_row(z, r, n);
+          }
         }
         if (!have_moments) zr = z;
       }
@@ -212,8 +248,8 @@ inline void backward(const NormParams& p) {
   const float inv_n = 1.0f / static_cast<float>(n);
   const bool want_dw = p.dweight != nullptr, want_db = p.dbias != nullptr;
   const bool stream = p.rows * n * dtype_size(p.x_dtype) > kStreamBytes;  // dx, dresidual past the caches
-  // dx = dz in float32: written directly, not through a row buffer
-  const bool direct = p.x_dtype == DType::f32 && p.dz == nullptr && p.dresidual == nullptr && p.dropout_p == 0;
+  // dx = dz: written directly in x's dtype, not through a row buffer
+  const bool direct = p.dz == nullptr && p.dresidual == nullptr && p.dropout_p == 0;
   const int threads = omp_in_parallel() || p.rows * n < kParallelGrain
                           ? 1
                           : std::max<int>(1, std::min<int64_t>(at::get_num_threads(), p.rows));
@@ -251,38 +287,55 @@ inline void backward(const NormParams& p) {
         if (dbp) std::fill(dbp, dbp + n, 0.0f);
       }
       const float mean = p.rms ? 0.0f : p.mean[row], rstd = p.rstd[row];
-      // float32 rows are read where they are; others converted into the row buffers first
+      // float32 rows are read where they are; 16-bit ones converted into the row buffers zbuf / gbuf by the first
+      // pass over them (z and dy of two dtypes: both converted before it)
       const char* zrow = row_ptr(p.zin, p.zin_dtype, row, p.zin_rs);
       const char* dyrow = row_ptr(p.dy, p.x_dtype, row, n);
       const float* zs = reinterpret_cast<const float*>(zrow);
       const float* gs = reinterpret_cast<const float*>(dyrow);
-      if (p.zin_dtype != DType::f32) load_row_any(zrow, p.zin_dtype, n, zbuf), zs = zbuf;
-      if (p.x_dtype != DType::f32) load_row_any(dyrow, p.x_dtype, n, gbuf), gs = gbuf;
       const Vec vm(mean), vr(rstd);
+      float c1 = 0.0f, c2 = 0.0f;
       // c1, c2 in two chains each, and the rows' terms of dweight and dbias
-      Vec c1a(0.0f), c2a(0.0f), c1b(0.0f), c2b(0.0f);
-      auto step = [&](int64_t i, Vec& c1v, Vec& c2v) {
-        const Vec xh = (Vec::loadu(zs + i) - vm) * vr;
-        const Vec gy = Vec::loadu(gs + i);
-        const Vec wd = gy * Vec::loadu(w + i);
-        c1v = at::vec::fmadd(xh, wd, c1v);
-        c2v = c2v + wd;
-        if (dwp) at::vec::fmadd(gy, xh, Vec::loadu(dwp + i)).store(dwp + i);
-        if (dbp) (Vec::loadu(dbp + i) + gy).store(dbp + i);
+      auto first_pass = [&](const auto* zsrc, const auto* gsrc) {
+        constexpr bool convert = !std::is_same_v<std::decay_t<decltype(*zsrc)>, float>;
+        Vec c1a(0.0f), c2a(0.0f), c1b(0.0f), c2b(0.0f);
+        auto step = [&](int64_t i, Vec& c1v, Vec& c2v) {
+          const Vec zv = load_vec(zsrc + i), gy = load_vec(gsrc + i);
+          if constexpr (convert) zv.store(zbuf + i), gy.store(gbuf + i);
+          const Vec xh = (zv - vm) * vr;
+          const Vec wd = gy * Vec::loadu(w + i);
+          c1v = at::vec::fmadd(xh, wd, c1v);
+          c2v = c2v + wd;
+          if (dwp) at::vec::fmadd(gy, xh, Vec::loadu(dwp + i)).store(dwp + i);
+          if (dbp) (Vec::loadu(dbp + i) + gy).store(dbp + i);
+        };
+        int64_t j = 0;
+        for (; j + 2 * kVec <= n; j += 2 * kVec) {
+          step(j, c1a, c2a);
+          step(j + kVec, c1b, c2b);
+        }
+        if (j + kVec <= n) step(j, c1a, c2a), j += kVec;
+        c1 = reduce_sum(c1a + c1b), c2 = reduce_sum(c2a + c2b);
+        for (; j < n; ++j) {
+          const float zj = static_cast<float>(zsrc[j]), gy = static_cast<float>(gsrc[j]);
+          if constexpr (convert) zbuf[j] = zj, gbuf[j] = gy;
+          const float xh = (zj - mean) * rstd, wd = gy * w[j];
+          c1 += xh * wd;
+          c2 += wd;
+          if (dwp) dwp[j] += gy * xh;
+          if (dbp) dbp[j] += gy;
+        }
       };
-      int64_t j = 0;
-      for (; j + 2 * kVec <= n; j += 2 * kVec) {
-        step(j, c1a, c2a);
-        step(j + kVec, c1b, c2b);
-      }
-      if (j + kVec <= n) step(j, c1a, c2a), j += kVec;
-      float c1 = reduce_sum(c1a + c1b), c2 = reduce_sum(c2a + c2b);
-      for (; j < n; ++j) {
-        const float xh = (zs[j] - mean) * rstd, gy = gs[j], wd = gy * w[j];
-        c1 += xh * wd;
-        c2 += wd;
-        if (dwp) dwp[j] += gy * xh;
-        if (dbp) dbp[j] += gy;
+      if (p.zin_dtype == p.x_dtype && p.x_dtype == DType::bf16) {
+        first_pass(reinterpret_cast<const c10::BFloat16*>(zrow), reinterpret_cast<const c10::BFloat16*>(dyrow));
+        zs = zbuf, gs = gbuf;
+      } else if (p.zin_dtype == p.x_dtype && p.x_dtype == DType::f16) {
+        first_pass(reinterpret_cast<const c10::Half*>(zrow), reinterpret_cast<const c10::Half*>(dyrow));
+        zs = zbuf, gs = gbuf;
+      } else {
+        if (p.zin_dtype != DType::f32) load_row_any(zrow, p.zin_dtype, n, zbuf), zs = zbuf;
+        if (p.x_dtype != DType::f32) load_row_any(dyrow, p.x_dtype, n, gbuf), gs = gbuf;
+        first_pass(zs, gs);
       }
       if ((row - lo) % kRowBlock == kRowBlock - 1 || row == hi - 1) {
         if (dwp) add_row(dw_tot, dwp, n);
@@ -300,7 +353,12 @@ inline void backward(const NormParams& p) {
       };
       auto dz_one = [=](int64_t i) { return (opaque(gs[i] * w[i]) - (zs[i] - mean) * rstd * c1 - c2) * rstd; };
       if (direct) {
-        store_row_fn(reinterpret_cast<float*>(row_ptr(p.dx, p.x_dtype, row, n)), n, stream, dz_vec, dz_one);
+        char* const dx = row_ptr(p.dx, p.x_dtype, row, n);
+        switch (p.x_dtype) {
+          case DType::f32: store_row_fn(reinterpret_cast<float*>(dx), n, stream, dz_vec, dz_one); break;
+          case DType::f16: store_row_fn(reinterpret_cast<c10::Half*>(dx), n, stream, dz_vec, dz_one); break;
+          case DType::bf16: store_row_fn(reinterpret_cast<c10::BFloat16*>(dx), n, stream, dz_vec, dz_one); break;
+        }
         continue;
       }
       store_row_fn(gbuf, n, false, dz_vec, dz_one);
