@@ -490,6 +490,34 @@ void gemm_f32_tiles(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alp
   f32_product(ta, m, n, k, alpha, a, lda, b_pack.data(), k * 16, 16, beta, c, ldc, nullptr, cursor);
 }
 
+// dst (rows x cols, dense) = float32(src) (rows x cols, leading dimension ld): fp16 converts exactly.
+FL_F32_TARGET void half_to_float(const uint16_t* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const uint16_t* s = src + i * ld;
+    float* d = dst + i * cols;
+    int64_t j = 0;
+    for (; j + 16 <= cols; j += 16) {
+      _mm512_storeu_ps(d + j, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + j))));
+    }
+    for (; j < cols; ++j) d[j] = static_cast<float>(c10::Half(s[j], c10::Half::from_bits()));
+  }
+}
+
+// fp16 products on the float32 tiles (this CPU has no fp16 dot product; AVX-512 has fp16 -> float32 conversion):
+// op(A) and op(B) converted into this thread's scratch, then the float32 product, so each sum is the float32 one of
+// exact products, as an fp16 x fp16 -> float32 GEMM gives. The conversion moves (m + n) k elements for m n k
+// multiply-adds.
+void gemm_f16_on_f32_tiles(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
+                           int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  thread_local std::vector<float> a32, b32;  // grown once per thread, reused by every call
+  const int64_t a_rows = ta ? k : m, a_cols = ta ? m : k, b_rows = tb ? n : k, b_cols = tb ? k : n;
+  a32.resize(static_cast<size_t>(a_rows * a_cols));
+  b32.resize(static_cast<size_t>(b_rows * b_cols));
+  half_to_float(a, a_rows, a_cols, lda, a32.data());
+  half_to_float(b, b_rows, b_cols, ldb, b32.data());
+  gemm_f32_tiles(ta, tb, m, n, k, alpha, a32.data(), a_cols, b32.data(), b_cols, beta, c, ldc, Prefetch{});
+}
+
 }  // namespace
 #endif
 
@@ -519,6 +547,15 @@ bool to_bf16_row(const float* in, int64_t n, c10::BFloat16* out) {
 
 bool gemm_lowp(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const c10::Half* a, int64_t lda,
                const c10::Half* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+#ifdef FUSEDLAYERS_BF16_GEMM
+  if (use_f32_tiles()) {
+    if (m > 0 && n > 0) {
+      gemm_f16_on_f32_tiles(ta, tb, m, n, k, alpha, reinterpret_cast<const uint16_t*>(a), lda,
+                            reinterpret_cast<const uint16_t*>(b), ldb, beta, c, ldc);
+    }
+    return true;
+  }
+#endif
   return gemm_lowp_with(cblas_gemm_f16f16f32, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
@@ -573,8 +610,8 @@ void gemm_packed<c10::BFloat16>(bool, int64_t, int64_t, int64_t, float, const c1
 const char* gemm_backend() {
 #ifdef FUSEDLAYERS_BF16_GEMM
   if (use_f32_tiles()) {
-    return use_bf16_dp() ? "fp32: AVX-512 tiles; bf16: AVX512-BF16 (vdpbf16ps); fp16: torch's BLAS"
-                         : "fp32: AVX-512 tiles; bf16 / fp16: torch's BLAS";
+    return use_bf16_dp() ? "fp32: AVX-512 tiles; bf16: AVX512-BF16 (vdpbf16ps); fp16: AVX-512 tiles (as float32)"
+                         : "fp32: AVX-512 tiles; fp16: AVX-512 tiles (as float32); bf16: torch's BLAS";
   }
   if (use_bf16_dp()) return "torch's BLAS (sgemm_, cblas_gemm_f16f16f32); bf16: AVX512-BF16 (vdpbf16ps)";
 #endif
