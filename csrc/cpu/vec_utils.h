@@ -18,6 +18,14 @@
 namespace fusedlayers::cpu {
 inline namespace CPU_CAPABILITY {
 
+// On a lambda that a row loop calls per vector (`[=](int64_t i) FL_INLINE { ... }`): GCC may otherwise leave a
+// large one as a call, through the PLT, in each iteration.
+#if defined(__GNUC__)
+#define FL_INLINE __attribute__((always_inline))
+#else
+#define FL_INLINE
+#endif
+
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = Vec::size();
 // Below this many elements a kernel runs on one thread: waking an OpenMP team costs more

@@ -1,7 +1,8 @@
 // (Residual-add +) layer norm and RMS norm on the CPU, forward and backward, compiled per
-// SIMD level (see common/cpu_capability_begin.h). One pass over memory per row: a row is
-// converted once into a float32 row buffer of its thread (L1/L2-resident), every
-// statistic is taken there, and each output is written once.
+// SIMD level (see common/cpu_capability_begin.h). One pass over memory per row: a 16-bit row
+// is converted to float32 as it is read (into a row buffer of its thread, L1/L2-resident,
+// where a later pass reads it again), every statistic is taken in float32, and each output is
+// written once, rounded to its dtype as it is stored.
 //
 // Forward, row z = dropout(x) + residual (float32):
 //     mean = s + sum(z - s) / N;  var = (sum((z - s)^2) - (sum(z - s))^2 / N) / N   (one pass, the row
@@ -73,8 +74,8 @@ inline void store_affine(const float* z, int64_t n, float mean, float rstd, cons
   const Vec vm(mean), vr(rstd);
   store_row_fn(
       y, n, stream,
-      [=](int64_t j) { return at::vec::fmadd((Vec::loadu(z + j) - vm) * vr, Vec::loadu(w + j), Vec::loadu(bias + j)); },
-      [=](int64_t j) { return (z[j] - mean) * rstd * w[j] + bias[j]; });
+      [=](int64_t j) FL_INLINE { return at::vec::fmadd((Vec::loadu(z + j) - vm) * vr, Vec::loadu(w + j), Vec::loadu(bias + j)); },
+      [=](int64_t j) { return std::fma((z[j] - mean) * rstd, w[j], bias[j]); });
 }
 
 inline void forward(const NormParams& p) {
@@ -111,14 +112,14 @@ inline void forward(const NormParams& p) {
           float* const zt = z_stored ? reinterpret_cast<float*>(row_ptr(p.z, p.z_dtype, row, n)) : z;
           auto fused = [&](auto zero, const auto* xs, const auto* rs) {
             using Z = decltype(zero);
-            auto sum_at = [=](int64_t i) { return round_through<Z>(load_vec(xs + i) + load_vec(rs + i)); };
+            auto sum_at = [=](int64_t i) FL_INLINE { return round_through<Z>(load_vec(xs + i) + load_vec(rs + i)); };
             auto sum_one = [=](int64_t i) {
               return static_cast<float>(static_cast<Z>(static_cast<float>(xs[i]) + static_cast<float>(rs[i])));
             };
             if (!p.rms) shift = row_shift(n, sum_at, sum_one(0));
             mo = shifted_moments(
                 n, shift,
-                [=](int64_t i) {
+                [=](int64_t i) FL_INLINE {
                   const Vec v = sum_at(i);
                   v.store(zt + i);
                   return v;
@@ -152,11 +153,11 @@ inline void forward(const NormParams& p) {
         } else if (rrow == nullptr && p.dropout_p == 0 && p.z == nullptr && p.z_dtype == p.x_dtype) {
           // a 16-bit x alone: converted into the row buffer and its moments taken in the same pass
           auto convert = [&](const auto* xs) {
-            auto at = [=](int64_t i) { return load_vec(xs + i); };
+            auto at = [=](int64_t i) FL_INLINE { return load_vec(xs + i); };
             if (!p.rms) shift = row_shift(n, at, static_cast<float>(xs[0]));
             mo = shifted_moments(
                 n, shift,
-                [=](int64_t i) {
+                [=](int64_t i) FL_INLINE {
                   const Vec v = at(i);
                   v.store(z + i);
                   return v;
@@ -203,7 +204,7 @@ inline void forward(const NormParams& p) {
       // rounding error of |mean - shift| off; it also makes a constant row exact where the shift's sum is not
       // pairwise, at the scalar level).
       const float nf = static_cast<float>(n);
-      auto zr_vec = [=](int64_t i) { return Vec::loadu(zr + i); };
+      auto zr_vec = [=](int64_t i) FL_INLINE { return Vec::loadu(zr + i); };
       auto zr_one = [=](int64_t i) { return zr[i]; };
       if (!have_moments) {
         if (!p.rms) shift = row_shift(n, zr_vec, zr[0]);
@@ -265,7 +266,8 @@ inline void backward(const NormParams& p) {
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     float* const rows_buf = row_scratch(7 * n);
-    // zbuf, gbuf: z and dy of a 16-bit row in float32; gbuf then holds dz on its way to dresidual, dropout and dx
+    // zbuf, gbuf: z and dy in float32 when their dtypes differ; gbuf then holds dz on its way to dresidual, dropout
+    // and dx (when dx is not all of it), zbuf the stream's gradient
     float *const zbuf = rows_buf, *const gbuf = rows_buf + n, *const w = rows_buf + 2 * n;
     load_affine(p, w, nullptr);
     // dweight / dbias: the rows of a block of kRowBlock summed in dwp / dbp, each block's sum added to this
@@ -287,23 +289,18 @@ inline void backward(const NormParams& p) {
         if (dbp) std::fill(dbp, dbp + n, 0.0f);
       }
       const float mean = p.rms ? 0.0f : p.mean[row], rstd = p.rstd[row];
-      // float32 rows are read where they are; 16-bit ones converted into the row buffers zbuf / gbuf by the first
-      // pass over them (z and dy of two dtypes: both converted before it)
-      const char* zrow = row_ptr(p.zin, p.zin_dtype, row, p.zin_rs);
-      const char* dyrow = row_ptr(p.dy, p.x_dtype, row, n);
-      const float* zs = reinterpret_cast<const float*>(zrow);
-      const float* gs = reinterpret_cast<const float*>(dyrow);
-      const Vec vm(mean), vr(rstd);
-      float c1 = 0.0f, c2 = 0.0f;
-      // c1, c2 in two chains each, and the rows' terms of dweight and dbias
-      auto first_pass = [&](const auto* zsrc, const auto* gsrc) {
-        constexpr bool convert = !std::is_same_v<std::decay_t<decltype(*zsrc)>, float>;
+      const bool block_end = (row - lo) % kRowBlock == kRowBlock - 1 || row == hi - 1;
+      // The row's math on z and dy as zs / gs point to them: the rows as they are when z and dy share a dtype (a
+      // 16-bit one converted as each pass reads it, from L1 the second time), else both converted into the row
+      // buffers zbuf / gbuf first.
+      auto row_math = [&](const auto* zs, const auto* gs) {
+        const Vec vm(mean), vr(rstd);
+        // first pass: c1, c2 in two chains each, and the row's terms of dweight and dbias
         Vec c1a(0.0f), c2a(0.0f), c1b(0.0f), c2b(0.0f);
-        auto step = [&](int64_t i, Vec& c1v, Vec& c2v) {
-          const Vec zv = load_vec(zsrc + i), gy = load_vec(gsrc + i);
-          if constexpr (convert) zv.store(zbuf + i), gy.store(gbuf + i);
-          const Vec xh = (zv - vm) * vr;
-          const Vec wd = gy * Vec::loadu(w + i);
+        auto step = [=](int64_t i, Vec& c1v, Vec& c2v) FL_INLINE {
+          const Vec xh = (load_vec(zs + i) - vm) * vr;
+          const Vec gy = load_vec(gs + i);
+          const Vec wd = opaque(gy * Vec::loadu(w + i));
           c1v = at::vec::fmadd(xh, wd, c1v);
           c2v = c2v + wd;
           if (dwp) at::vec::fmadd(gy, xh, Vec::loadu(dwp + i)).store(dwp + i);
@@ -315,53 +312,69 @@ inline void backward(const NormParams& p) {
           step(j + kVec, c1b, c2b);
         }
         if (j + kVec <= n) step(j, c1a, c2a), j += kVec;
-        c1 = reduce_sum(c1a + c1b), c2 = reduce_sum(c2a + c2b);
+        float c1 = reduce_sum(c1a + c1b), c2 = reduce_sum(c2a + c2b);
         for (; j < n; ++j) {
-          const float zj = static_cast<float>(zsrc[j]), gy = static_cast<float>(gsrc[j]);
-          if constexpr (convert) zbuf[j] = zj, gbuf[j] = gy;
-          const float xh = (zj - mean) * rstd, wd = gy * w[j];
-          c1 += xh * wd;
+          const float zj = static_cast<float>(zs[j]), gy = static_cast<float>(gs[j]);
+          const float xh = (zj - mean) * rstd, wd = opaque(gy * w[j]);
+          c1 = std::fma(xh, wd, c1);
           c2 += wd;
-          if (dwp) dwp[j] += gy * xh;
+          if (dwp) dwp[j] = std::fma(gy, xh, dwp[j]);
           if (dbp) dbp[j] += gy;
         }
-      };
-      if (p.zin_dtype == p.x_dtype && p.x_dtype == DType::bf16) {
-        first_pass(reinterpret_cast<const c10::BFloat16*>(zrow), reinterpret_cast<const c10::BFloat16*>(dyrow));
-        zs = zbuf, gs = gbuf;
-      } else if (p.zin_dtype == p.x_dtype && p.x_dtype == DType::f16) {
-        first_pass(reinterpret_cast<const c10::Half*>(zrow), reinterpret_cast<const c10::Half*>(dyrow));
-        zs = zbuf, gs = gbuf;
-      } else {
-        if (p.zin_dtype != DType::f32) load_row_any(zrow, p.zin_dtype, n, zbuf), zs = zbuf;
-        if (p.x_dtype != DType::f32) load_row_any(dyrow, p.x_dtype, n, gbuf), gs = gbuf;
-        first_pass(zs, gs);
-      }
-      if ((row - lo) % kRowBlock == kRowBlock - 1 || row == hi - 1) {
-        if (dwp) add_row(dw_tot, dwp, n);
-        if (dbp) add_row(db_tot, dbp, n);
-      }
-      c1 *= inv_n;
-      c2 = p.rms ? 0.0f : c2 * inv_n;
-      // dz = (wdy - xhat * c1 - c2) * rstd, with xhat and wdy computed again as in the first pass (storing and
-      // reloading them costs more when z and dy come from memory), wdy rounded on its own as there; into dx when
-      // that is all dx is, else into gbuf
-      const Vec vc1(c1), vc2(c2);
-      auto dz_vec = [=](int64_t i) {
-        const Vec xh = (Vec::loadu(zs + i) - vm) * vr;
-        return (opaque(Vec::loadu(gs + i) * Vec::loadu(w + i)) - xh * vc1 - vc2) * vr;
-      };
-      auto dz_one = [=](int64_t i) { return (opaque(gs[i] * w[i]) - (zs[i] - mean) * rstd * c1 - c2) * rstd; };
-      if (direct) {
+        if (block_end) {
+          if (dwp) add_row(dw_tot, dwp, n);
+          if (dbp) add_row(db_tot, dbp, n);
+        }
+        c1 *= inv_n;
+        c2 = p.rms ? 0.0f : c2 * inv_n;
+        // second pass: dz = (wdy - xhat * c1 - c2) * rstd, with xhat and wdy computed again as in the first pass
+        // (storing and reloading them costs more when z and dy come from memory), wdy rounded on its own as there,
+        // wdy - xhat * c1 one FMA; into dx when that is all dx is, else into gbuf. Every product and FMA is
+        // written out (opaque() keeps the compiler from contracting the rest), so each dtype's instantiation does
+        // the same float32 arithmetic: a 16-bit dx is the float32 kernel's rounded.
+        const Vec vc1(c1), vc2(c2);
+        auto dz_vec = [=](int64_t i) FL_INLINE {
+          const Vec xh = (load_vec(zs + i) - vm) * vr;
+          return (at::vec::fnmadd(xh, vc1, opaque(load_vec(gs + i) * Vec::loadu(w + i))) - vc2) * vr;
+        };
+        auto dz_one = [=](int64_t i) FL_INLINE {
+          const float zi = static_cast<float>(zs[i]), gi = static_cast<float>(gs[i]);
+          return (std::fma(-((zi - mean) * rstd), c1, opaque(gi * w[i])) - c2) * rstd;
+        };
+        if (!direct) {
+          store_row_fn(gbuf, n, false, dz_vec, dz_one);
+          return;
+        }
         char* const dx = row_ptr(p.dx, p.x_dtype, row, n);
         switch (p.x_dtype) {
           case DType::f32: store_row_fn(reinterpret_cast<float*>(dx), n, stream, dz_vec, dz_one); break;
           case DType::f16: store_row_fn(reinterpret_cast<c10::Half*>(dx), n, stream, dz_vec, dz_one); break;
           case DType::bf16: store_row_fn(reinterpret_cast<c10::BFloat16*>(dx), n, stream, dz_vec, dz_one); break;
         }
-        continue;
+      };
+      const char* zrow = row_ptr(p.zin, p.zin_dtype, row, p.zin_rs);
+      const char* dyrow = row_ptr(p.dy, p.x_dtype, row, n);
+      if (p.zin_dtype == p.x_dtype) {
+        switch (p.x_dtype) {
+          case DType::f32:
+            row_math(reinterpret_cast<const float*>(zrow), reinterpret_cast<const float*>(dyrow));
+            break;
+          case DType::f16:
+            row_math(reinterpret_cast<const c10::Half*>(zrow), reinterpret_cast<const c10::Half*>(dyrow));
+            break;
+          case DType::bf16:
+            row_math(reinterpret_cast<const c10::BFloat16*>(zrow), reinterpret_cast<const c10::BFloat16*>(dyrow));
+            break;
+        }
+      } else {
+        const float* zs = reinterpret_cast<const float*>(zrow);
+        const float* gs = reinterpret_cast<const float*>(dyrow);
+        if (p.zin_dtype != DType::f32) load_row_any(zrow, p.zin_dtype, n, zbuf), zs = zbuf;
+        if (p.x_dtype != DType::f32) load_row_any(dyrow, p.x_dtype, n, gbuf), gs = gbuf;
+        row_math(zs, gs);
       }
-      store_row_fn(gbuf, n, false, dz_vec, dz_one);
+      if (direct) continue;
+      // gbuf holds dz: the stream's gradient added, then dresidual, dropout and dx from it
       if (p.dz != nullptr) {
         load_row_any(row_ptr(p.dz, p.dz_dtype, row, n), p.dz_dtype, n, zbuf);  // z is read no more
         add_row(gbuf, zbuf, n);
