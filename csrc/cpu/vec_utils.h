@@ -214,6 +214,16 @@ inline void store_row_any(const float* in, int64_t n, void* out, DType t, float 
 
 inline int64_t dtype_size(DType t) { return t == DType::f32 ? 4 : 2; }
 
+// f(a, b) with rows a and b of dtype t as typed pointers (const float*, const c10::Half* or const c10::BFloat16*)
+template <typename F>
+inline void with_typed_rows(DType t, const void* a, const void* b, F f) {
+  switch (t) {
+    case DType::f32: return f(static_cast<const float*>(a), static_cast<const float*>(b));
+    case DType::f16: return f(static_cast<const c10::Half*>(a), static_cast<const c10::Half*>(b));
+    case DType::bf16: return f(static_cast<const c10::BFloat16*>(a), static_cast<const c10::BFloat16*>(b));
+  }
+}
+
 // a[j] *= s
 inline void scale_row(float* a, int64_t n, float s) {
   int64_t j = 0;

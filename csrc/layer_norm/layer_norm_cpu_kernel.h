@@ -138,15 +138,7 @@ inline void forward(const NormParams& p) {
             load_row_any(rrow, p.residual_dtype, n, tmp);
             with_z(static_cast<const float*>(z), static_cast<const float*>(tmp));
           } else {
-            switch (p.x_dtype) {
-              case DType::f32: with_z(reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(rrow)); break;
-              case DType::f16:
-                with_z(reinterpret_cast<const c10::Half*>(x), reinterpret_cast<const c10::Half*>(rrow));
-                break;
-              case DType::bf16:
-                with_z(reinterpret_cast<const c10::BFloat16*>(x), reinterpret_cast<const c10::BFloat16*>(rrow));
-                break;
-            }
+            with_typed_rows(p.x_dtype, x, rrow, with_z);
           }
           have_moments = true;
           zr = zt;
@@ -355,17 +347,7 @@ inline void backward(const NormParams& p) {
       const char* zrow = row_ptr(p.zin, p.zin_dtype, row, p.zin_rs);
       const char* dyrow = row_ptr(p.dy, p.x_dtype, row, n);
       if (p.zin_dtype == p.x_dtype) {
-        switch (p.x_dtype) {
-          case DType::f32:
-            row_math(reinterpret_cast<const float*>(zrow), reinterpret_cast<const float*>(dyrow));
-            break;
-          case DType::f16:
-            row_math(reinterpret_cast<const c10::Half*>(zrow), reinterpret_cast<const c10::Half*>(dyrow));
-            break;
-          case DType::bf16:
-            row_math(reinterpret_cast<const c10::BFloat16*>(zrow), reinterpret_cast<const c10::BFloat16*>(dyrow));
-            break;
-        }
+        with_typed_rows(p.x_dtype, zrow, dyrow, row_math);
       } else {
         const float* zs = reinterpret_cast<const float*>(zrow);
         const float* gs = reinterpret_cast<const float*>(dyrow);
