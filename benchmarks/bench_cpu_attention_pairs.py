@@ -102,7 +102,8 @@ def decode_rows(b: int, hq: int, hkv: int, nq: int, nk: int, d: int, dtype: torc
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                        choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--shapes", nargs="*", default=["4x8x1024x64"], help="BxHxNxD")
     parser.add_argument("--decode", nargs="*", default=[], help="BxHqxHkvxNqxNkxD decode shapes (forward only)")
     parser.add_argument("--pairs", type=int, default=5)

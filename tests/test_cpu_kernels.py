@@ -418,6 +418,18 @@ def test_norm_16bit_is_the_float32_kernel_rounded(dtype, op, hidden):
         assert torch.equal(a, e.to(dtype))
 
 
+@pytest.mark.parametrize("hidden", [64, 40])
+def test_bf16_rounding_keeps_subnormals(hidden):
+    # The hardware bf16 rounding reads a float32 subnormal as 0; vectors holding one round in software, so a
+    # subnormal stream z = x + 0 comes back as x in every lane, vector or tail, as torch rounds it
+    torch.manual_seed(4)
+    x = (torch.randn(4, hidden) * 1e-39).to(torch.bfloat16)
+    assert (x.float().abs() < torch.finfo(torch.float32).tiny).all() and (x != 0).any()
+    r, w, b = torch.zeros_like(x), torch.ones(hidden), torch.zeros(hidden)
+    y, z = fusedlayers.add_layer_norm(x, r, w, b, prenorm=True, backend="cpu")
+    assert torch.equal(z, x)
+
+
 _SMALL_TEAM_SCRIPT = r"""
 import torch, fusedlayers
 from fusedlayers import testing

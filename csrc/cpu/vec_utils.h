@@ -45,21 +45,23 @@ inline Vec load_vec(const T* p) {
 
 #if defined(CPU_CAPABILITY_AVX512)
 // float32 -> bf16 by AVX512-BF16 where the CPU has it (read once, at load): vcvtne2ps2bf16 rounds 32 floats to
-// nearest even in one instruction where at::vec's integer rounding takes about ten. It reads a float32 subnormal as 0
-// (so it writes no bf16 subnormal: 0 with the sign), the one difference from a software rounding; NaN stays NaN.
-// Written as asm: this level is compiled without the avx512bf16 target that the intrinsics need.
+// nearest even in one instruction where at::vec's integer rounding takes about ten. It reads a float32 subnormal as
+// 0, where the software rounding gives a bf16 subnormal: a vector holding one (vfpclassps finds it) takes the software
+// rounding, so every element rounds as torch rounds it. Written as asm: this level is compiled without the
+// avx512bf16 target that the intrinsics need (volatile, so that it is never moved ahead of the kBf16Convert test).
 inline const bool kBf16Convert = __builtin_cpu_supports("avx512bf16");
 // lo rounded into bf16 elements 0 .. 15, hi into 16 .. 31
 inline __m512i bf16_pair(__m512 lo, __m512 hi) {
   __m512i r;
-  asm("vcvtne2ps2bf16 %2, %1, %0" : "=v"(r) : "v"(hi), "v"(lo));
+  asm volatile("vcvtne2ps2bf16 %2, %1, %0" : "=v"(r) : "v"(hi), "v"(lo));
   return r;
 }
 inline __m256i bf16_one(__m512 v) {
   __m256i r;
-  asm("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(v));
+  asm volatile("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(v));
   return r;
 }
+constexpr int kSubnormal = 0x20;  // vfpclassps: denormal
 #endif
 
 // v rounded to T (to nearest even, as a store of T gives), as floats
@@ -71,7 +73,7 @@ inline Vec round_through(const Vec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<T, c10::Half>) {
       return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    } else if (kBf16Convert) {
+    } else if (kBf16Convert && _mm512_fpclass_ps_mask(v, kSubnormal) == 0) {
       return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_one(v)), 16));
     }
 #endif
@@ -86,7 +88,9 @@ template <typename T>
 inline at::vec::Vectorized<T> to_lowp(const Vec& a, const Vec& b) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (kBf16Convert) return at::vec::Vectorized<T>(bf16_pair(a, b));
+    if (kBf16Convert && (_mm512_fpclass_ps_mask(a, kSubnormal) | _mm512_fpclass_ps_mask(b, kSubnormal)) == 0) {
+      return at::vec::Vectorized<T>(bf16_pair(a, b));
+    }
   }
 #endif
   return at::vec::convert_from_float<T>(a, b);

@@ -1,8 +1,9 @@
 // (Residual-add +) layer norm and RMS norm on the CPU, forward and backward, compiled per
 // SIMD level (see common/cpu_capability_begin.h). One pass over memory per row: a 16-bit row
-// is converted to float32 as it is read (into a row buffer of its thread, L1/L2-resident,
-// where a later pass reads it again), every statistic is taken in float32, and each output is
-// written once, rounded to its dtype as it is stored.
+// is converted to float32 as a pass reads it (from L1/L2 when a later pass of the row reads
+// it again, or from a float32 row buffer of its thread where the forward keeps z), every
+// statistic is taken in float32, and each output is written once, rounded to its dtype as
+// it is stored.
 //
 // Forward, row z = dropout(x) + residual (float32):
 //     mean = s + sum(z - s) / N;  var = (sum((z - s)^2) - (sum(z - s))^2 / N) / N   (one pass, the row
@@ -74,7 +75,9 @@ inline void store_affine(const float* z, int64_t n, float mean, float rstd, cons
   const Vec vm(mean), vr(rstd);
   store_row_fn(
       y, n, stream,
-      [=](int64_t j) FL_INLINE { return at::vec::fmadd((Vec::loadu(z + j) - vm) * vr, Vec::loadu(w + j), Vec::loadu(bias + j)); },
+      [=](int64_t j) FL_INLINE {
+        return at::vec::fmadd((Vec::loadu(z + j) - vm) * vr, Vec::loadu(w + j), Vec::loadu(bias + j));
+      },
       [=](int64_t j) { return std::fma((z[j] - mean) * rstd, w[j], bias[j]); });
 }
 
