@@ -135,7 +135,7 @@ def _atomic_dq(bucket: int, dtype: torch.dtype, mods: bool = False) -> bool:
 # ----------------------------------------------------------------------------- compile targets
 
 
-def compile_targets() -> list[tuple]:
+def compile_targets(unaligned: bool = False) -> list[tuple]:
     """Every GPU block configuration the launchers may pick, for ``benchmarks/resource_check.py``:
     (name, jit function, signature, constexprs, options, attrs, archs) (attrs: ``ASTSource``'s divisibility
     hints; archs: the architectures that pick it, None for all).
@@ -147,7 +147,10 @@ def compile_targets() -> list[tuple]:
     share their tiles but not their code (ptxas allocates registers differently for the two MMA
     types, one fp16 kernel spilled where its bf16 twin did not). The row kernels (Delta, split-KV
     combine) once per bucket and dtype. Runtime specialisation is mirrored for the common case: the
-    head-dim strides are 1 (constexpr), pointers and other strides 16-divisible."""
+    head-dim strides are 1 (constexpr), pointers and other strides 16-divisible. ``unaligned``: also the builds
+    of strides that are not 16-divisible (``<kind>_none_unaligned``: plain calls at head-dim buckets 64 and
+    128, bf16 and fp32; ``resource_check.py --unaligned``, not part of CI's check: five of them spill under
+    Triton 3.8, see the README)."""
     from .attention import _bwd_preprocess, _keep_mask_kernel, _split_combine
 
     targets = {}  # name -> [target tuple, GPU generations that pick it]
@@ -180,6 +183,23 @@ def compile_targets() -> list[tuple]:
                     fn, signature, constexprs = _target("rowstats", variant, tdt, bucket, bm, bn)
                     targets[name] = [(name, fn, signature, constexprs, {"num_warps": warps, "num_stages": 1},
                                       _aligned(fn, signature)), {8, 9}]
+    # Head dims and row strides that are not multiples of 16 (d = 72, a slice of a packed layout): Triton then does
+    # not specialise the strides as 16-divisible, a build of its own, compiled here for the plain variant of the
+    # buckets such head dims fall in (33-64, 65-128), in bf16 and fp32, pointers still 16-byte aligned.
+    for major in (8, 9) if unaligned else ():
+        for tdt in ("bf16", "fp32"):
+            for bucket in (64, 128):
+                for kind in ("fwd", "decode", "dkdv", "dq"):
+                    tile = _gpu_config(kind, bucket, _DTYPES[tdt], major, False, False)
+                    if tile is None:
+                        continue
+                    bm, bn, warps, stages = tile
+                    name = f"attn_{kind}_none_unaligned_{tdt}_d{bucket}_BM{bm}_BN{bn}_w{warps}_s{stages}"
+                    if name not in targets:
+                        fn, signature, constexprs = _target(kind, "none", tdt, bucket, bm, bn)
+                        targets[name] = [(name, fn, signature, constexprs, {"num_warps": warps, "num_stages": stages},
+                                          _aligned(fn, signature, strides=False)), set()]
+                    targets[name][1].add(major)
     # dropout_keep_mask's kernel; numel as i64 (past 2**31 scores Triton specialises it so; i32 is no heavier)
     name = f"attn_keep_mask_BLOCK{_KEEP_MASK_BLOCK}_w{_KEEP_MASK_WARPS}"
     signature = {"Keep": "*u8", "numel": "i64", "seed": "i64", "dropout_p": "fp32", "BLOCK": "constexpr"}
@@ -212,14 +232,16 @@ def _variants(kind: str, tdt: str, bucket: int) -> tuple:
     return _VARIANTS[kind]
 
 
-def _aligned(fn, signature: dict) -> dict:
+def _aligned(fn, signature: dict, strides: bool = True) -> dict:
     """Triton's runtime specialisation of 16-aligned pointers and strides divisible by 16 (the common
     case: power-of-two head dims, fresh allocations), as ASTSource attrs: keyed (argument,) or, for a field
-    of an argument group, (argument, field)."""
+    of an argument group, (argument, field). ``strides=False``: the pointers' alone."""
     attrs = {}
     for i, arg in enumerate(fn.arg_names):
         ty = signature[arg]
         if isinstance(ty, tuple):
+            if not strides:
+                continue
             attrs.update({(i, j): [["tt.divisibility", 16]] for j, (field, t) in enumerate(zip(ty._fields, ty))
                           if t != "constexpr" and field not in _NOT_STRIDES})
         elif ty.startswith("*"):

@@ -497,14 +497,16 @@ def dropout_keep_mask(seed: int, shape, dropout_p: float, device) -> Tensor:
 # ----------------------------------------------------------------------------- CI resource check
 
 
-def compile_targets() -> list[tuple]:
+def compile_targets(unaligned: bool = False) -> list[tuple]:
     """Every GPU launch configuration of the kernels, for ``benchmarks/resource_check.py``:
     (name, jit function, signature, constexprs, options, attrs). Each (BLOCK_M, BLOCK_N,
     num_warps, SINGLE_BLOCK) that ``_config`` may pick is compiled twice: with every feature
     on (residual, dropout, weight, bias, stored z / dresidual, layer norm; the flags only
     remove work) in the widest dtype mix (bf16 activations, fp32 stream and weights), and
     with every feature off in fp16. Arguments carry the usual runtime specialisation
-    (16-byte aligned pointers, hidden size and row strides multiples of 16)."""
+    (16-byte aligned pointers, hidden size and row strides multiples of 16). ``unaligned``: the
+    every-feature build also without it for the hidden size and row strides (``_unaligned``: a hidden
+    size such as 100, or rows of a slice; ``resource_check.py --unaligned``)."""
     heavy = {"X": "*bf16", "R": "*fp32", "W": "*fp32", "B": "*fp32", "Y": "*bf16", "Z": "*fp32",
              "DY": "*bf16", "DZ": "*fp32", "ZIN": "*fp32", "DX": "*bf16", "DRES": "*fp32"}
     fp32_ptrs = ("MEAN", "RSTD", "C1", "C2", "DW_PART", "DB_PART")
@@ -514,14 +516,14 @@ def compile_targets() -> list[tuple]:
                "keep_scale": "fp32", "seed": "i64"}
     aligned = {"N", "stride_x", "stride_r", "stride_dy", "stride_dz", "stride_zin"}
 
-    def target(name, fn, constexprs, features, num_warps):
+    def target(name, fn, constexprs, features, num_warps, rows_aligned=True):
         signature, attrs = {}, {}
         for arg in fn.arg_names:
             if arg in constexprs:
                 signature[arg] = "constexpr"
             elif arg in scalars:
                 signature[arg] = scalars[arg]
-                if arg in aligned:
+                if arg in aligned and rows_aligned:
                     attrs[arg] = [["tt.divisibility", 16]]
             elif (not features and arg in optional) or (constexprs.get("RMS") and arg in ("MEAN", "C2")) or (
                     constexprs.get("SINGLE_BLOCK") and arg in ("C1", "C2")):
@@ -539,19 +541,19 @@ def compile_targets() -> list[tuple]:
             if not backward:
                 targets.append(target(f"keep_mask_{shape}", _keep_mask_kernel,
                                       dict(BLOCK_M=block_m, BLOCK_N=block_n), True, num_warps))
-            for features in (True, False):
-                tag = f"{shape}_{'all' if features else 'none'}"
+            for features, rows_aligned in ((True, True), (False, True)) + (((True, False),) if unaligned else ()):
+                tag = f"{shape}_{'all' if features else 'none'}{'' if rows_aligned else '_unaligned'}"
                 flags = dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_WEIGHT=features, RMS=False)
                 if not backward:
                     targets.append(target(f"norm_fwd_{tag}", _norm_fwd_kernel, dict(
                         flags, HAS_RESIDUAL=features, HAS_BIAS=features, HAS_DROPOUT=features, STORE_Z=features,
                         Z_DTYPE=tl.float32,
-                        SINGLE_BLOCK=single), features, num_warps))
+                        SINGLE_BLOCK=single), features, num_warps, rows_aligned))
                     continue
                 if not single:
                     targets.append(target(f"norm_bwd_c_{tag}", _norm_bwd_c_kernel, dict(flags), features,
-                                          num_warps))
+                                          num_warps, rows_aligned))
                 targets.append(target(f"norm_bwd_{tag}", _norm_bwd_kernel, dict(
                     flags, HAS_DZ=features, HAS_BIAS=features, HAS_DROPOUT=features, STORE_DRES=features,
-                    SINGLE_BLOCK=single), features, num_warps))
+                    SINGLE_BLOCK=single), features, num_warps, rows_aligned))
     return targets

@@ -345,6 +345,18 @@ def test_compile_targets_cover_the_launch_configurations():
                         arch = "sm_80" if major == 8 else "sm_90a"  # and checked for this GPU's architecture
                         assert variants and all(n in archs_of and archs_of[n] in (None, [arch]) for n in checked), (
                             kind, bucket, major, tag, dropout, masked, mods)
+    # strides that are not multiples of 16 (head dims such as 72): the plain builds of buckets 64 and 128, whose
+    # divisibility hints are the pointers' alone
+    targets = C.compile_targets(unaligned=True)
+    by_name, archs_of = {t[0]: t for t in targets}, {t[0]: t[6] for t in targets}
+    assert {t[0] for t in C.compile_targets()} == {n for n in by_name if "unaligned" not in n}
+    for kind, bucket, major, (dt, tag) in itertools.product(("fwd", "decode", "dkdv", "dq"), (64, 128), (8, 9),
+                                                            ((torch.bfloat16, "bf16"), (torch.float32, "fp32"))):
+        bm, bn, w, s = C._gpu_config(kind, bucket, dt, major, False, False)
+        name = f"attn_{kind}_none_unaligned_{tag}_d{bucket}_BM{bm}_BN{bn}_w{w}_s{s}"
+        assert name in by_name and archs_of[name] in (None, ["sm_80" if major == 8 else "sm_90a"]), name
+        fn, signature, attrs = by_name[name][1], by_name[name][2], by_name[name][5]
+        assert attrs and all(len(k) == 1 and signature[fn.arg_names[k[0]]].startswith("*") for k in attrs), name
 
 
 def test_int_arguments_equal_to_1_get_no_build_of_their_own():

@@ -147,7 +147,7 @@ def test_expanded_and_strided_gradients():
 
 
 def test_every_gpu_launch_configuration_is_a_compile_target():
-    targets = K.compile_targets()
+    targets = K.compile_targets(unaligned=True)
     names = {t[0] for t in targets}
     assert len(names) == len(targets)
     for name, fn, signature, constexprs, options, attrs in targets:  # what triton.compile will be given
@@ -160,6 +160,11 @@ def test_every_gpu_launch_configuration_is_a_compile_target():
                 block_m, block_n, warps = K._config(m, n, backward, interpret=False)
                 shape = f"BM{block_m}_BN{block_n}_w{warps}_{'single' if n <= block_n else 'loop'}"
                 assert f"{kernel}_{shape}_all" in names and f"{kernel}_{shape}_none" in names, (m, n, shape)
+                # and the build of a hidden size / row stride that is not a multiple of 16
+                assert f"{kernel}_{shape}_all_unaligned" in names, (m, n, shape)
+    for name, fn, signature, constexprs, options, attrs in targets:
+        if name.endswith("_unaligned"):
+            assert not {"N", "stride_x", "stride_dy"} & set(attrs) and any(a in attrs for a in ("X", "DY")), name
 
 
 def test_refusals():
