@@ -18,7 +18,6 @@ memory. Compiles run in ``--jobs`` processes (default: one per core); Triton's c
     python benchmarks/resource_check.py --arch sm_90a --only norm_fwd
     python benchmarks/resource_check.py --module fusedlayers.kernels.attention_configs   # one module
     python benchmarks/resource_check.py --jobs 1                                  # serially
-    python benchmarks/resource_check.py --unaligned --only unaligned   # strides not 16-divisible (not in CI)
 
 Exit status 1 when any configuration spills, uses more shared memory than the
 architecture allows per block (sm_80: 163 KB, sm_90a: 227 KB), or fails to compile.
@@ -85,11 +84,10 @@ def ptxas_usage(ptx: str, arch: str) -> tuple[int, int, int]:
 
 
 @functools.cache
-def _module_targets(module: str, unaligned: bool = False) -> dict:
-    """name -> (ASTSource, options, archs or None) of every compile target of ``module`` (``unaligned``: with
-    the builds of strides that are not 16-divisible)."""
+def _module_targets(module: str) -> dict:
+    """name -> (ASTSource, options, archs or None) of every compile target of ``module``."""
     out = {}
-    for entry in importlib.import_module(module).compile_targets(unaligned=unaligned):
+    for entry in importlib.import_module(module).compile_targets():
         name, fn, signature, constexprs = entry[:4]
         options = entry[4] if len(entry) > 4 and entry[4] else {}
         attrs = entry[5] if len(entry) > 5 and entry[5] else {}
@@ -99,9 +97,9 @@ def _module_targets(module: str, unaligned: bool = False) -> dict:
     return out
 
 
-def check(module: str, name: str, arch: str, unaligned: bool = False) -> tuple[str, bool, list[str]]:
+def check(module: str, name: str, arch: str) -> tuple[str, bool, list[str]]:
     """Compile one target for one architecture: (printed row, compiled, failures). Runs in a worker process."""
-    source, options, _ = _module_targets(module, unaligned)[name]
+    source, options, _ = _module_targets(module)[name]
     target, shared_limit = ARCHS[arch]
     try:
         compiled = triton.compile(source, target=target, options=options)
@@ -126,14 +124,10 @@ def main() -> int:
     parser.add_argument("--only", help="check only targets whose name contains this")
     parser.add_argument("--module", action="append", help=f"check this module instead of {MODULES}")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: cores)")
-    parser.add_argument("--unaligned", action="store_true",
-                        help="also the builds of strides that are not multiples of 16 (head dims such as 72, hidden "
-                             "sizes such as 100; not part of CI's check: some spill, see the README)")
     args = parser.parse_args()
     archs = args.arch or list(ARCHS)
-    jobs = [(module, name, arch, args.unaligned) for module in (args.module or MODULES)
-            for name, (_, _, only_archs) in _module_targets(module, args.unaligned).items()
-            if args.only is None or args.only in name
+    jobs = [(module, name, arch) for module in (args.module or MODULES)
+            for name, (_, _, only_archs) in _module_targets(module).items() if args.only is None or args.only in name
             for arch in archs if only_archs is None or arch in only_archs]
 
     print(f"triton {triton.__version__}, ptxas {triton.knobs.nvidia.ptxas.path}")

@@ -820,11 +820,18 @@ def _bwd_dq(
 
 
 def _config(kind: str, d: int, dtype: torch.dtype, device: torch.device, dropout: bool,
-            masked: bool, mods: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a pass on this device (``mods``: a score variant is on)."""
+            masked: bool, mods: bool = False, aligned: bool = True) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a pass on this device (``mods``: a score variant is on;
+    ``aligned``: see _strides_aligned)."""
     if INTERPRET:
         return _INTERPRETER_CONFIG
-    return _gpu_config(kind, _bucket(d), dtype, _generation(device), dropout, masked, mods)
+    return _gpu_config(kind, _bucket(d), dtype, _generation(device), dropout, masked, mods, aligned)
+
+
+def _strides_aligned(*tensors: torch.Tensor) -> bool:
+    """Whether every stride (but the unit last one) and data pointer of ``tensors`` is a multiple of 16 (elements,
+    bytes): Triton then runs its build with the divisibility hints that the tile tables are checked in."""
+    return all(t.data_ptr() % 16 == 0 and all(s % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
 
 
 def _generation(device: torch.device) -> int:
@@ -1010,7 +1017,7 @@ def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_
     kind = "decode" if (nq <= 16 and not INTERPRET) else "fwd"
     vm = _Mods(mods, b, hq, nq + nk, q)
     bm, bn, warps, stages = _config(kind, d, q.dtype, q.device, dropout_p > 0, attn_mask is not None,
-                                    any(vm.flags.values()))
+                                    any(vm.flags.values()), _strides_aligned(q, k, v, out))
     # the keys the queries see (varlen: every key of the longest sequence), split-KV over these alone
     key_lo, key_hi = (0, nk) if varlen else _key_span(nq, nk, causal, bottom_right, vm.left, vm.right)
     split_lo = (key_lo // bn) * bn
@@ -1134,7 +1141,8 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
                   UPCAST=INTERPRET, IEEE=q.dtype == torch.float32)
     tail = (drop, vm.args, group, nq, nk, d, scale, int(bottom_right))
 
-    bm, bn, warps, stages = _config("dkdv", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None, has_mods)
+    bm, bn, warps, stages = _config("dkdv", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None, has_mods,
+                                    _strides_aligned(q, k, v, dout, dk))
     _bwd_dkdv[(cdiv(nk, bn), hkv, b)](
         q, k, v, mask, dout, row_m, row_c, Delta, dq_acc, dk, dv, db_buf if db_buf is not None else dq_acc, cu_q, cu_k,
         vm.alibi, qs, ks, ms, ls, _strides(dq_acc, varlen), _strides(dk, varlen), *tail, BLOCK_M=bm, BLOCK_N=bn,

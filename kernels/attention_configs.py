@@ -95,6 +95,13 @@ _FP32_CONFIGS = {  # fp32: FMA dots (no TF32), fp64 dP in backward: smaller tile
     ("dq", True, True):       ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (32, 32, 8, 1),  (16, 16, 8, 1)),
 }
 
+# Plain calls whose strides are not all multiples of 16 (a head dim such as 72): Triton compiles them without its
+# divisibility hints, where these table tiles spill (Triton 3.8): the bf16 d65-128 forward's (64, 64, 4, 3) 480-656
+# bytes, its decode's (16, 64, 4, 3) and dK/dV's (32, 64, 8, 2) on sm_80, the fp32 d33-64 decode's (16, 32, 4, 2) on
+# sm_90a. (pass, 16-bit, head-dim bucket) -> a tile clean in that build on sm_80 and sm_90a.
+_UNALIGNED = {("fwd", True, 128): (64, 64, 8, 3), ("decode", True, 128): (16, 32, 4, 2),
+              ("dkdv", True, 128): (32, 64, 8, 1), ("decode", False, 64): (16, 32, 4, 1)}
+
 _INTERPRETER_CONFIG = (64, 64, 4, 1)
 # _bwd_row_stats (BLOCK_M, BLOCK_N, num_warps) per head-dim bucket, every dtype; one stage
 _ROW_STATS_CONFIGS = ((32, 32, 4), (32, 32, 4), (32, 32, 4), (32, 32, 4), (32, 16, 8), (16, 16, 4))
@@ -135,7 +142,7 @@ def _atomic_dq(bucket: int, dtype: torch.dtype, mods: bool = False) -> bool:
 # ----------------------------------------------------------------------------- compile targets
 
 
-def compile_targets(unaligned: bool = False) -> list[tuple]:
+def compile_targets() -> list[tuple]:
     """Every GPU block configuration the launchers may pick, for ``benchmarks/resource_check.py``:
     (name, jit function, signature, constexprs, options, attrs, archs) (attrs: ``ASTSource``'s divisibility
     hints; archs: the architectures that pick it, None for all).
@@ -147,10 +154,9 @@ def compile_targets(unaligned: bool = False) -> list[tuple]:
     share their tiles but not their code (ptxas allocates registers differently for the two MMA
     types, one fp16 kernel spilled where its bf16 twin did not). The row kernels (Delta, split-KV
     combine) once per bucket and dtype. Runtime specialisation is mirrored for the common case: the
-    head-dim strides are 1 (constexpr), pointers and other strides 16-divisible. ``unaligned``: also the builds
-    of strides that are not 16-divisible (``<kind>_none_unaligned``: plain calls at head-dim buckets 64 and
-    128, bf16 and fp32; ``resource_check.py --unaligned``, not part of CI's check: five of them spill under
-    Triton 3.8, see the README)."""
+    head-dim strides are 1 (constexpr), pointers and other strides 16-divisible; and the builds of strides that
+    are not 16-divisible (``<kind>_none_unaligned``: plain calls at head-dim buckets 64 and 128, bf16 and fp32,
+    with the tiles ``_gpu_config(..., aligned=False)`` picks)."""
     from .attention import _bwd_preprocess, _keep_mask_kernel, _split_combine
 
     targets = {}  # name -> [target tuple, GPU generations that pick it]
@@ -186,11 +192,11 @@ def compile_targets(unaligned: bool = False) -> list[tuple]:
     # Head dims and row strides that are not multiples of 16 (d = 72, a slice of a packed layout): Triton then does
     # not specialise the strides as 16-divisible, a build of its own, compiled here for the plain variant of the
     # buckets such head dims fall in (33-64, 65-128), in bf16 and fp32, pointers still 16-byte aligned.
-    for major in (8, 9) if unaligned else ():
+    for major in (8, 9):
         for tdt in ("bf16", "fp32"):
             for bucket in (64, 128):
                 for kind in ("fwd", "decode", "dkdv", "dq"):
-                    tile = _gpu_config(kind, bucket, _DTYPES[tdt], major, False, False)
+                    tile = _gpu_config(kind, bucket, _DTYPES[tdt], major, False, False, aligned=False)
                     if tile is None:
                         continue
                     bm, bn, warps, stages = tile
@@ -250,10 +256,16 @@ def _aligned(fn, signature: dict, strides: bool = True) -> dict:
 
 
 def _gpu_config(kind: str, bucket: int, dtype: torch.dtype, major: int, dropout: bool,
-                masked: bool, mods: bool = False) -> Optional[tuple[int, int, int, int]]:
+                masked: bool, mods: bool = False, aligned: bool = True) -> Optional[tuple[int, int, int, int]]:
     """The table's entry for a GPU of compute capability ``major``.x (8: sm_80 tiles, 9: sm_90), for a call with a
     score variant (``mods``: window, softcap or ALiBi) or without; None where no tile compiles without spills (the
-    call is refused)."""
+    call is refused). ``aligned``: every stride and pointer of the call is a multiple of 16 (elements / bytes), so
+    Triton's build with its divisibility hints runs; otherwise a plain call takes its ``_UNALIGNED`` tile where
+    there is one."""
+    if not (aligned or dropout or masked or mods):
+        tile = _UNALIGNED.get((kind, dtype != torch.float32, bucket))
+        if tile is not None:
+            return tile
     table = _FP32_CONFIGS if dtype == torch.float32 else _CONFIGS
     entry = table[kind, bool(dropout), bool(masked)][_BUCKETS.index(bucket)]
     if isinstance(entry, _BY_MODS):

@@ -497,16 +497,16 @@ def dropout_keep_mask(seed: int, shape, dropout_p: float, device) -> Tensor:
 # ----------------------------------------------------------------------------- CI resource check
 
 
-def compile_targets(unaligned: bool = False) -> list[tuple]:
+def compile_targets() -> list[tuple]:
     """Every GPU launch configuration of the kernels, for ``benchmarks/resource_check.py``:
     (name, jit function, signature, constexprs, options, attrs). Each (BLOCK_M, BLOCK_N,
     num_warps, SINGLE_BLOCK) that ``_config`` may pick is compiled twice: with every feature
     on (residual, dropout, weight, bias, stored z / dresidual, layer norm; the flags only
     remove work) in the widest dtype mix (bf16 activations, fp32 stream and weights), and
     with every feature off in fp16. Arguments carry the usual runtime specialisation
-    (16-byte aligned pointers, hidden size and row strides multiples of 16). ``unaligned``: the
-    every-feature build also without it for the hidden size and row strides (``_unaligned``: a hidden
-    size such as 100, or rows of a slice; ``resource_check.py --unaligned``)."""
+    (16-byte aligned pointers, hidden size and row strides multiples of 16); the every-feature build
+    also without it for the hidden size and row strides (``_unaligned``: a hidden size such as 100,
+    or rows of a slice)."""
     heavy = {"X": "*bf16", "R": "*fp32", "W": "*fp32", "B": "*fp32", "Y": "*bf16", "Z": "*fp32",
              "DY": "*bf16", "DZ": "*fp32", "ZIN": "*fp32", "DX": "*bf16", "DRES": "*fp32"}
     fp32_ptrs = ("MEAN", "RSTD", "C1", "C2", "DW_PART", "DB_PART")
@@ -541,7 +541,7 @@ def compile_targets(unaligned: bool = False) -> list[tuple]:
             if not backward:
                 targets.append(target(f"keep_mask_{shape}", _keep_mask_kernel,
                                       dict(BLOCK_M=block_m, BLOCK_N=block_n), True, num_warps))
-            for features, rows_aligned in ((True, True), (False, True)) + (((True, False),) if unaligned else ()):
+            for features, rows_aligned in ((True, True), (False, True), (True, False)):
                 tag = f"{shape}_{'all' if features else 'none'}{'' if rows_aligned else '_unaligned'}"
                 flags = dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_WEIGHT=features, RMS=False)
                 if not backward:

@@ -347,12 +347,10 @@ def test_compile_targets_cover_the_launch_configurations():
                             kind, bucket, major, tag, dropout, masked, mods)
     # strides that are not multiples of 16 (head dims such as 72): the plain builds of buckets 64 and 128, whose
     # divisibility hints are the pointers' alone
-    targets = C.compile_targets(unaligned=True)
-    by_name, archs_of = {t[0]: t for t in targets}, {t[0]: t[6] for t in targets}
-    assert {t[0] for t in C.compile_targets()} == {n for n in by_name if "unaligned" not in n}
+    by_name = {t[0]: t for t in targets}
     for kind, bucket, major, (dt, tag) in itertools.product(("fwd", "decode", "dkdv", "dq"), (64, 128), (8, 9),
                                                             ((torch.bfloat16, "bf16"), (torch.float32, "fp32"))):
-        bm, bn, w, s = C._gpu_config(kind, bucket, dt, major, False, False)
+        bm, bn, w, s = C._gpu_config(kind, bucket, dt, major, False, False, aligned=False)
         name = f"attn_{kind}_none_unaligned_{tag}_d{bucket}_BM{bm}_BN{bn}_w{w}_s{s}"
         assert name in by_name and archs_of[name] in (None, ["sm_80" if major == 8 else "sm_90a"]), name
         fn, signature, attrs = by_name[name][1], by_name[name][2], by_name[name][5]
@@ -627,6 +625,25 @@ def test_launches_switch_device_only_when_the_tensors_are_elsewhere(monkeypatch)
     assert launch.on_device(torch.device("cuda", 0)) is launch._HERE
     switch = launch.on_device(torch.device("cuda", 1))
     assert isinstance(switch, torch.cuda.device) and switch.idx == 1
+
+
+def test_calls_whose_strides_are_not_multiples_of_16_take_their_own_tile(monkeypatch):
+    # Triton compiles such calls without its divisibility hints, where some table tiles spill: a plain call takes
+    # the _UNALIGNED tile, checked in that build (compile_targets' *_unaligned); any other keeps the table's
+    monkeypatch.setattr(A, "INTERPRET", False)
+    monkeypatch.setattr(A, "_generation", lambda device: 9)
+    cuda = torch.device("cuda")
+    assert A._config("fwd", 72, torch.bfloat16, cuda, False, False) == C._CONFIGS["fwd", False, False][3]
+    assert A._config("fwd", 72, torch.bfloat16, cuda, False, False, aligned=False) == C._UNALIGNED["fwd", True, 128]
+    assert A._config("fwd", 72, torch.bfloat16, cuda, False, True, aligned=False) == C._CONFIGS["fwd", False, True][3]
+    assert A._config("decode", 40, torch.float32, cuda, False, False, aligned=False) == (
+        C._UNALIGNED["decode", False, 64])
+    assert A._config("dq", 72, torch.bfloat16, cuda, False, False, aligned=False) == C._CONFIGS["dq", False, False][3]
+    assert A._strides_aligned(torch.empty(2, 4, 8, 64), torch.empty(2, 4, 8, 128, dtype=torch.bfloat16))
+    assert not A._strides_aligned(torch.empty(2, 4, 8, 72))  # head dim 72: row stride 72
+    assert not A._strides_aligned(torch.empty(2, 4, 8, 64)[:, :, :, 1:])  # a pointer 4 bytes in
+    assert A._strides_aligned(torch.empty(2, 3, 8, 64).transpose(1, 2)[:, 1:])  # moved 64 elements: still aligned
+    assert not A._strides_aligned(torch.empty(2, 8, 3, 5, 24)[:, :, 0].transpose(1, 2))  # packed QKV, head dim 24
 
 
 def test_entries_with_their_own_tile_for_the_score_variants(monkeypatch):

@@ -147,7 +147,7 @@ def test_expanded_and_strided_gradients():
 
 
 def test_every_gpu_launch_configuration_is_a_compile_target():
-    targets = K.compile_targets(unaligned=True)
+    targets = K.compile_targets()
     names = {t[0] for t in targets}
     assert len(names) == len(targets)
     for name, fn, signature, constexprs, options, attrs in targets:  # what triton.compile will be given
