@@ -81,6 +81,21 @@ inline void store_affine(const float* z, int64_t n, float mean, float rstd, cons
       [=](int64_t j) { return std::fma((z[j] - mean) * rstd, w[j], bias[j]); });
 }
 
+// The moments of the row whose values vec(i) (whole vectors) and one(i) (the tail) give, each value also stored into
+// out[i], in one pass; `shift` set as the forward takes it (row_shift; 0 for RMS, whose moments are about 0).
+template <typename V, typename S>
+inline Moments moments_into(int64_t n, bool rms, float* out, V vec, S one, float& shift) {
+  shift = rms ? 0.0f : row_shift(n, vec, one(0));
+  return shifted_moments(
+      n, shift,
+      [=](int64_t i) FL_INLINE {
+        const Vec v = vec(i);
+        v.store(out + i);
+        return v;
+      },
+      [=](int64_t i) { return out[i] = one(i); });
+}
+
 inline void forward(const NormParams& p) {
   const int64_t n = p.hidden;
   const float inv_keep = p.dropout_p > 0 ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
@@ -119,15 +134,7 @@ inline void forward(const NormParams& p) {
             auto sum_one = [=](int64_t i) {
               return static_cast<float>(static_cast<Z>(static_cast<float>(xs[i]) + static_cast<float>(rs[i])));
             };
-            if (!p.rms) shift = row_shift(n, sum_at, sum_one(0));
-            mo = shifted_moments(
-                n, shift,
-                [=](int64_t i) FL_INLINE {
-                  const Vec v = sum_at(i);
-                  v.store(zt + i);
-                  return v;
-                },
-                [=](int64_t i) { return zt[i] = sum_one(i); });
+            mo = moments_into(n, p.rms, zt, sum_at, sum_one, shift);
           };
           auto with_z = [&](const auto* xs, const auto* rs) {
             switch (p.z_dtype) {
@@ -148,16 +155,9 @@ inline void forward(const NormParams& p) {
         } else if (rrow == nullptr && p.dropout_p == 0 && p.z == nullptr && p.z_dtype == p.x_dtype) {
           // a 16-bit x alone: converted into the row buffer and its moments taken in the same pass
           auto convert = [&](const auto* xs) {
-            auto at = [=](int64_t i) FL_INLINE { return load_vec(xs + i); };
-            if (!p.rms) shift = row_shift(n, at, static_cast<float>(xs[0]));
-            mo = shifted_moments(
-                n, shift,
-                [=](int64_t i) FL_INLINE {
-                  const Vec v = at(i);
-                  v.store(z + i);
-                  return v;
-                },
-                [=](int64_t i) { return z[i] = static_cast<float>(xs[i]); });
+            mo = moments_into(
+                n, p.rms, z, [=](int64_t i) FL_INLINE { return load_vec(xs + i); },
+                [=](int64_t i) { return static_cast<float>(xs[i]); }, shift);
           };
           if (p.x_dtype == DType::f16) convert(reinterpret_cast<const c10::Half*>(x));
           else convert(reinterpret_cast<const c10::BFloat16*>(x));
