@@ -68,7 +68,7 @@ import triton.language as tl
 
 from .attention_configs import (_BUCKETS, _INTERPRETER_CONFIG, _KEEP_MASK_BLOCK, _KEEP_MASK_BLOCK_INTERPRET,
                                 _KEEP_MASK_WARPS, _ROW_STATS_CONFIGS, _ROWS_BLOCK_INTERPRET,
-                                _atomic_dq, _bucket, _gpu_config, _rows_block)
+                                _atomic_dq, _bucket, _gpu_config, _has_unaligned_tile, _rows_block)
 from .launch import cdiv, gpu_facts, on_device
 
 # Decided once at import, as @triton.jit decides it (from TRITON_INTERPRET).
@@ -820,12 +820,15 @@ def _bwd_dq(
 
 
 def _config(kind: str, d: int, dtype: torch.dtype, device: torch.device, dropout: bool,
-            masked: bool, mods: bool = False, aligned: bool = True) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a pass on this device (``mods``: a score variant is on;
-    ``aligned``: see _strides_aligned)."""
+            masked: bool, mods: bool = False, operands: tuple[torch.Tensor, ...] = ()) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a pass on this device (``mods``: a score variant is on).
+    ``operands``: the call's tensors, whose alignment (_strides_aligned) is read only where the pass has a tile of
+    its own for unaligned calls."""
     if INTERPRET:
         return _INTERPRETER_CONFIG
-    return _gpu_config(kind, _bucket(d), dtype, _generation(device), dropout, masked, mods, aligned)
+    bucket = _bucket(d)
+    aligned = not _has_unaligned_tile(kind, bucket, dtype, dropout, masked, mods) or _strides_aligned(*operands)
+    return _gpu_config(kind, bucket, dtype, _generation(device), dropout, masked, mods, aligned)
 
 
 def _strides_aligned(*tensors: torch.Tensor) -> bool:
@@ -1017,7 +1020,7 @@ def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_
     kind = "decode" if (nq <= 16 and not INTERPRET) else "fwd"
     vm = _Mods(mods, b, hq, nq + nk, q)
     bm, bn, warps, stages = _config(kind, d, q.dtype, q.device, dropout_p > 0, attn_mask is not None,
-                                    any(vm.flags.values()), _strides_aligned(q, k, v, out))
+                                    any(vm.flags.values()), (q, k, v, out))
     # the keys the queries see (varlen: every key of the longest sequence), split-KV over these alone
     key_lo, key_hi = (0, nk) if varlen else _key_span(nq, nk, causal, bottom_right, vm.left, vm.right)
     split_lo = (key_lo // bn) * bn
@@ -1142,7 +1145,7 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
     tail = (drop, vm.args, group, nq, nk, d, scale, int(bottom_right))
 
     bm, bn, warps, stages = _config("dkdv", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None, has_mods,
-                                    _strides_aligned(q, k, v, dout, dk))
+                                    (q, k, v, dout, dk))
     _bwd_dkdv[(cdiv(nk, bn), hkv, b)](
         q, k, v, mask, dout, row_m, row_c, Delta, dq_acc, dk, dv, db_buf if db_buf is not None else dq_acc, cu_q, cu_k,
         vm.alibi, qs, ks, ms, ls, _strides(dq_acc, varlen), _strides(dk, varlen), *tail, BLOCK_M=bm, BLOCK_N=bn,

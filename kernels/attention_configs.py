@@ -255,6 +255,13 @@ def _aligned(fn, signature: dict, strides: bool = True) -> dict:
     return attrs
 
 
+def _has_unaligned_tile(kind: str, bucket: int, dtype: torch.dtype, dropout: bool, masked: bool,
+                       mods: bool = False) -> bool:
+    """Whether a call of this pass takes its own tile when its strides are not all multiples of 16 (only plain
+    calls: no dropout, mask or score variant)."""
+    return not (dropout or masked or mods) and (kind, dtype != torch.float32, bucket) in _UNALIGNED
+
+
 def _gpu_config(kind: str, bucket: int, dtype: torch.dtype, major: int, dropout: bool,
                 masked: bool, mods: bool = False, aligned: bool = True) -> Optional[tuple[int, int, int, int]]:
     """The table's entry for a GPU of compute capability ``major``.x (8: sm_80 tiles, 9: sm_90), for a call with a
@@ -262,10 +269,8 @@ def _gpu_config(kind: str, bucket: int, dtype: torch.dtype, major: int, dropout:
     call is refused). ``aligned``: every stride and pointer of the call is a multiple of 16 (elements / bytes), so
     Triton's build with its divisibility hints runs; otherwise a plain call takes its ``_UNALIGNED`` tile where
     there is one."""
-    if not (aligned or dropout or masked or mods):
-        tile = _UNALIGNED.get((kind, dtype != torch.float32, bucket))
-        if tile is not None:
-            return tile
+    if not aligned and _has_unaligned_tile(kind, bucket, dtype, dropout, masked, mods):
+        return _UNALIGNED[kind, dtype != torch.float32, bucket]
     table = _FP32_CONFIGS if dtype == torch.float32 else _CONFIGS
     entry = table[kind, bool(dropout), bool(masked)][_BUCKETS.index(bucket)]
     if isinstance(entry, _BY_MODS):

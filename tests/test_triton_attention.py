@@ -633,12 +633,26 @@ def test_calls_whose_strides_are_not_multiples_of_16_take_their_own_tile(monkeyp
     monkeypatch.setattr(A, "INTERPRET", False)
     monkeypatch.setattr(A, "_generation", lambda device: 9)
     cuda = torch.device("cuda")
+    x72, x40 = torch.empty(2, 4, 8, 72, dtype=torch.bfloat16), torch.empty(2, 4, 8, 40)
+    x128 = torch.empty(2, 4, 8, 128, dtype=torch.bfloat16)
     assert A._config("fwd", 72, torch.bfloat16, cuda, False, False) == C._CONFIGS["fwd", False, False][3]
-    assert A._config("fwd", 72, torch.bfloat16, cuda, False, False, aligned=False) == C._UNALIGNED["fwd", True, 128]
-    assert A._config("fwd", 72, torch.bfloat16, cuda, False, True, aligned=False) == C._CONFIGS["fwd", False, True][3]
-    assert A._config("decode", 40, torch.float32, cuda, False, False, aligned=False) == (
+    assert A._config("fwd", 128, torch.bfloat16, cuda, False, False, operands=(x128,)) == (
+        C._CONFIGS["fwd", False, False][3])
+    assert A._config("fwd", 72, torch.bfloat16, cuda, False, False, operands=(x72,)) == C._UNALIGNED["fwd", True, 128]
+    assert A._config("fwd", 72, torch.bfloat16, cuda, False, True, operands=(x72,)) == (
+        C._CONFIGS["fwd", False, True][3])
+    assert A._config("decode", 40, torch.float32, cuda, False, False, operands=(x40,)) == (
         C._UNALIGNED["decode", False, 64])
-    assert A._config("dq", 72, torch.bfloat16, cuda, False, False, aligned=False) == C._CONFIGS["dq", False, False][3]
+    # the alignment is read only where the pass has an unaligned tile (it costs microseconds of host time)
+    reads = []
+    monkeypatch.setattr(A, "_strides_aligned", lambda *t: reads.append(t) or False)
+    assert A._config("dq", 72, torch.bfloat16, cuda, False, False, operands=(x72,)) == (
+        C._CONFIGS["dq", False, False][3])
+    assert A._config("fwd", 72, torch.bfloat16, cuda, True, False, operands=(x72,)) == C._CONFIGS["fwd", True, False][3]
+    assert A._config("fwd", 40, torch.float32, cuda, False, False, operands=(x40,)) == (
+        C._FP32_CONFIGS["fwd", False, False][2])
+    assert reads == []
+    monkeypatch.undo()
     assert A._strides_aligned(torch.empty(2, 4, 8, 64), torch.empty(2, 4, 8, 128, dtype=torch.bfloat16))
     assert not A._strides_aligned(torch.empty(2, 4, 8, 72))  # head dim 72: row stride 72
     assert not A._strides_aligned(torch.empty(2, 4, 8, 64)[:, :, :, 1:])  # a pointer 4 bytes in
