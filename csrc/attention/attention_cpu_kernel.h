@@ -377,7 +377,7 @@ void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows
         dropout_row(s, nk, p.seed, drop_index(p, sq, rows.b, h, r, kb), p.dropout_p, 1.0f / (1.0f - p.dropout_p));
       }
     }
-    if constexpr (lowp) lowp_row(s, nk, p_lowp + i * kBlockK);  // P in T for the P V product
+    if constexpr (lowp) store_row(s, nk, p_lowp + i * kBlockK);  // P in T for the P V product
   }
   const T* P = lowp ? p_lowp : reinterpret_cast<const T*>(S);
   if (packed) {
@@ -711,7 +711,7 @@ void backward(const AttentionParams& p) {
             // dV += dropout(P)^T dO, dQ += dS K, dK += dS^T Q (P and dS rounded to T for fp16 / bf16)
             auto operand = [&](const float* rows_f32) -> const T* {
               if constexpr (lowp) {
-                for (int64_t i = 0; i < mq; ++i) lowp_row(rows_f32 + i * kBlockK, nk, t_buf.get() + i * kBlockK);
+                for (int64_t i = 0; i < mq; ++i) store_row(rows_f32 + i * kBlockK, nk, t_buf.get() + i * kBlockK);
                 return t_buf.get();
               } else {
                 return rows_f32;

@@ -416,20 +416,6 @@ void gemm_bf16_dp(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha
   bf16_product(ta, m, n, k, alpha, a, lda, b_pack.data(), panel, beta, c, ldc, nullptr);
 }
 
-FL_BF16_TARGET void cvt_bf16(const float* in, int64_t n, uint16_t* out) {
-  int64_t j = 0;
-  for (; j + 32 <= n; j += 32) {  // the second operand fills the lower 16 results
-    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(in + j + 16), _mm512_loadu_ps(in + j));
-    _mm512_storeu_si512(out + j, (__m512i)v);
-  }
-  for (; j < n; j += 16) {
-    const int64_t left = std::min<int64_t>(16, n - j);
-    const __mmask16 live = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
-    const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(live, in + j));
-    _mm256_mask_storeu_epi16(out + j, live, (__m256i)v);
-  }
-}
-
 // FUSEDLAYERS_CPU_GEMM, read once: "blas" sends every product to torch's BLAS (for tests and comparisons); any
 // other value, or none, runs float32 and bf16 on our tiles where the CPU has AVX-512 / AVX512-BF16.
 const char* gemm_choice() {
@@ -533,16 +519,6 @@ bool gemm_lowp(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, c
   }
 #endif
   return gemm_lowp_with(cblas_gemm_bf16bf16f32, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-
-bool to_bf16_row(const float* in, int64_t n, c10::BFloat16* out) {
-#ifdef FUSEDLAYERS_BF16_GEMM
-  if (use_bf16_dp()) {
-    cvt_bf16(in, n, reinterpret_cast<uint16_t*>(out));
-    return true;
-  }
-#endif
-  return false;
 }
 
 bool gemm_lowp(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const c10::Half* a, int64_t lda,

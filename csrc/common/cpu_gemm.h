@@ -34,11 +34,6 @@ bool gemm_lowp(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, floa
 bool gemm_lowp(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const c10::Half* a,
                int64_t lda, const c10::Half* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
-// out[j] = bf16(in[j]) (round to nearest even, NaN stays NaN) with vcvtne2ps2bf16, where gemm_lowp's bf16
-// products run on AVX512-BF16; returns false elsewhere (the caller converts). A float32 subnormal becomes 0,
-// as those products read a bf16 subnormal: a row converted here is meant for gemm_lowp.
-bool to_bf16_row(const float* in, int64_t n, c10::BFloat16* out);
-
 // Packed B: products of many A against one B (the K and V of a head against each query block) pack B once.
 // B (k x n after op) is cut into panels of 16 columns, 0 past n and k; float32 panels are [k][16], bf16 ones
 // [ceil(k / 2)][16][2] (pairs along k, as vdpbf16ps reads them). Panels lie `panel` elements apart (a whole

@@ -427,15 +427,6 @@ inline void for_each_above(const float* a, int64_t n, float t, F f) {
   }
 }
 
-// out[j] = T(in[j]): a row for gemm_lowp (to_bf16_row where it serves, else store_row).
-template <typename T>
-inline void lowp_row(const float* in, int64_t n, T* out) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (to_bf16_row(in, n, out)) return;
-  }
-  store_row(in, n, out);
-}
-
 // a[j] *= keep(index0 + j) ? inv_keep : 0, the Philox dropout mask (common/philox.h).
 inline void dropout_row(float* a, int64_t n, uint64_t seed, uint64_t index0, float p, float inv_keep) {
   int64_t j = 0;
