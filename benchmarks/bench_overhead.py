@@ -88,12 +88,12 @@ def main(argv=None) -> int:
         backend = "triton"
     env = environment(torch.device("cpu"))
     rows = []
-    print(f"{'op':16} {'mode':10} {'ours µs':>8} {'torch µs':>9} {'ours/torch':>11}")
+    print(f"{'op':26} {'mode':10} {'ours µs':>8} {'torch µs':>9} {'ours/torch':>11}")
     for name, mode, ours, theirs in overhead_cases(backend):
         row = {"op": name, "mode": mode, **interleaved_pair(ours, theirs, pairs, calls)}
         rows.append(row)
         flag = "" if row["ratio"] <= GOAL else f"  (over {GOAL}x)"
-        print(f"{name:16} {mode:10} {row['ours_us']:8.2f} {row['torch_us']:9.2f} {row['ratio']:10.2f}x{flag}")
+        print(f"{name:26} {mode:10} {row['ours_us']:8.2f} {row['torch_us']:9.2f} {row['ratio']:10.2f}x{flag}")
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"env": env, "goal": GOAL, "rows": rows}, indent=1))

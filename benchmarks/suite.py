@@ -238,7 +238,8 @@ def overhead_cases(backend: str = "auto"):
     (no input requires grad), ``fwd-grad`` (the forward alone with inputs that require grad:
     the autograd node is built), ``fwd+bwd``. Competitors: F.layer_norm, F.rms_norm,
     F.layer_norm(x + r), F.rms_norm(x + r), F.scaled_dot_product_attention, and the torch.nn
-    modules against their fusedlayers.nn drop-ins. ``backend``: ours' backend argument (the
+    modules against their fusedlayers.nn drop-ins (the attention ones with parameters that
+    require grad, as in training, so even ``fwd`` builds a graph). ``backend``: ours' backend argument (the
     nn drop-ins keep ``auto``, so they are left out for any other)."""
     import fusedlayers.nn as fnn
 
@@ -260,11 +261,20 @@ def overhead_cases(backend: str = "auto"):
         "attention": (lambda x, r: fusedlayers.attention(x, x, x, backend=be),
                       lambda x, r: F.scaled_dot_product_attention(x, x, x)),
     }
+    inputs = {"attention": q}
     if backend == "auto":
+        e = 32  # modules on (1, 4, 32) batch-first sequences, 2 heads
+        mha = torch.nn.MultiheadAttention(e, 2, batch_first=True)
+        enc = torch.nn.TransformerEncoderLayer(e, 2, 2 * e, dropout=0.0, batch_first=True)
+        fmha, fenc = fnn.MultiheadAttention.from_torch(mha), fnn.TransformerEncoderLayer.from_torch(enc)
         ops.update({"nn.LayerNorm": (lambda x, r: fln(x), lambda x, r: ln(x)),
-                    "nn.RMSNorm": (lambda x, r: frms(x), lambda x, r: rms(x))})
+                    "nn.RMSNorm": (lambda x, r: frms(x), lambda x, r: rms(x)),
+                    "nn.MultiheadAttention": (lambda x, r: fmha(x, x, x, need_weights=False)[0],
+                                              lambda x, r: mha(x, x, x, need_weights=False)[0]),
+                    "nn.TransformerEncoderLayer": (lambda x, r: fenc(x), lambda x, r: enc(x))})
+        inputs["nn.MultiheadAttention"] = inputs["nn.TransformerEncoderLayer"] = torch.randn(1, 4, e)
     for name, (ours, theirs) in ops.items():
-        plain = q if name == "attention" else x
+        plain = inputs.get(name, x)
         xg, rg = plain.clone().requires_grad_(), r.clone().requires_grad_()
         yield name, "fwd", (lambda f=ours: f(plain, r)), (lambda f=theirs: f(plain, r))
         yield name, "fwd-grad", (lambda f=ours: f(xg, rg)), (lambda f=theirs: f(xg, rg))

@@ -31,6 +31,8 @@
 #include <optional>
 #include <tuple>
 
+#include "attention/attention_host.h"
+
 namespace fusedlayers::eager {
 namespace {
 
@@ -336,13 +338,10 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   }
 };
 
-// Rows of `t` are read with strides: the last dim must be contiguous and no two elements may share
-// memory (an expanded or overlapping tensor goes to the Python path, which copies it).
-bool strided_rows_ok(const Tensor& t) { return t.stride(-1) == 1 && t.is_non_overlapping_and_dense(); }
-
 // attention(q, k, v, attn_mask, causal, bottom_right, scale, return_lse) -> out, (out, lse) or None.
 // Serves: q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), non-empty, one dtype, Hq % Hkv
-// == 0, each with a contiguous last dim and no overlap; attn_mask None, or a contiguous bool /
+// == 0, each with a contiguous last dim and rows that neither repeat nor overlap (other dims free:
+// the q, k, v views of a packed projection); attn_mask None, or a contiguous bool /
 // float (q's dtype or float32) tensor of at most 4 dims each 1 or full-size (right-aligned
 // against (B, Hq, Nq, Nk)); scale None or finite.
 py::object attention(py::handle q_h, py::handle k_h, py::handle v_h, py::handle mask_h, bool causal,
@@ -358,7 +357,8 @@ py::object attention(py::handle q_h, py::handle k_h, py::handle v_h, py::handle 
       hq % hkv != 0) {
     return py::none();
   }
-  if (!strided_rows_ok(q) || !strided_rows_ok(k) || !strided_rows_ok(v)) return py::none();
+  using attention_host::kernel_reads;  // (else the kernel op would read a copy)
+  if (!kernel_reads(q, 2) || !kernel_reads(k, 2) || !kernel_reads(v, 2)) return py::none();
   Tensor mask;
   if (!mask_h.is_none()) {
     if (!THPVariable_CheckExact(mask_h.ptr())) return py::none();

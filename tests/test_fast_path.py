@@ -118,8 +118,9 @@ def test_attention_matches_op_path_bitwise(dtype, mask, causal, bottom_right):
     torch.manual_seed(0)
     b, hq, hkv, nq, nk, d = 2, 4, 2, 9, 13, 16
     q = torch.randn(b, nq, hq, d, dtype=dtype).transpose(1, 2).requires_grad_()  # strided rows, as in a model
-    k = torch.randn(b, hkv, nk, d, dtype=dtype, requires_grad=True)
-    v = torch.randn(b, hkv, nk, 24, dtype=dtype, requires_grad=True)
+    # k and v: views of one packed projection (B, Nk, Hkv, D + Dv), neither dense nor contiguous
+    kv = torch.randn(b, nk, hkv, d + 24, dtype=dtype, requires_grad=True)
+    k, v = kv[..., :d].transpose(1, 2), kv[..., d:].transpose(1, 2)
     m = None
     if mask == "bool":
         m = torch.rand(b, 1, nq, nk) > 0.3

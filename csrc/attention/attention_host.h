@@ -80,19 +80,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_op(
              AttentionBwdArgs{dout, dlse, out, lse, bias_grad});
 }
 
-// t itself when the kernels can read it through its strides, else a contiguous copy. They read
+// Whether the kernels can read t through its strides (kernel_rows: t itself, else a contiguous copy). They read
 // each row (dim row_dim; the others are free, stride 0 included) as a run of t.size(-1) elements
 // and hand runs of rows to BLAS, whose leading dimension (the row stride) must be at least the row
 // length and fit an int: so the last dim must be contiguous and the rows must neither repeat nor
 // overlap (expand / unfold / as_strided along the rows give a copy). A dim of size 1 counts as
 // contiguous, as in torch; set_qkv then reports a leading dimension of the row length for it.
-inline at::Tensor kernel_rows(const at::Tensor& t, int64_t row_dim) {
-  if (t.dim() == 0 || t.numel() == 0) return t.contiguous();
+inline bool kernel_reads(const at::Tensor& t, int64_t row_dim) {
+  if (t.dim() == 0 || t.numel() == 0) return false;
   const int64_t n = t.size(-1);
   const bool last_ok = t.stride(-1) == 1 || n == 1;
   const int64_t rs = t.stride(row_dim);
   const bool rows_ok = t.size(row_dim) == 1 || (rs >= n && rs <= INT32_MAX);
-  return last_ok && rows_ok ? t : t.contiguous();
+  return last_ok && rows_ok;
+}
+
+inline at::Tensor kernel_rows(const at::Tensor& t, int64_t row_dim) {
+  return kernel_reads(t, row_dim) ? t : t.contiguous();
 }
 
 // The row stride the kernels use for dim d of t (see kernel_rows): its stride, or the row length
