@@ -100,7 +100,8 @@ def main(argv=None) -> int:
     lines = [f"# Host overhead per call: {env['device']}", "",
              f"{env['date']}, fusedlayers {env['fusedlayers']} ({env.get('commit')}), torch {env['torch']}, "
              f"python {env['python']}, {env['threads']} threads, allocator: {env['allocator']}", "",
-             "Tiny inputs (norms (4, 64), attention (1, 1, 4, 16)); medians of interleaved pairs; "
+             "Tiny inputs (norms (4, 64), attention (1, 1, 4, 16), the attention modules (1, 4, 32) with trainable "
+             "parameters); medians of interleaved pairs; "
              f"goal: ours / torch <= {GOAL}."
              + (" Ours: backend='triton' under TRITON_INTERPRET=1 with every kernel launch a no-op (the Python "
                 "path of a GPU call, Triton's launcher not included); torch: its op on the CPU."

@@ -95,12 +95,52 @@ _FP32_CONFIGS = {  # fp32: FMA dots (no TF32), fp64 dP in backward: smaller tile
     ("dq", True, True):       ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (32, 32, 8, 1),  (16, 16, 8, 1)),
 }
 
-# Plain calls whose strides are not all multiples of 16 (a head dim such as 72): Triton compiles them without its
-# divisibility hints, where these table tiles spill (Triton 3.8): the bf16 d65-128 forward's (64, 64, 4, 3) 480-656
-# bytes, its decode's (16, 64, 4, 3) and dK/dV's (32, 64, 8, 2) on sm_80, the fp32 d33-64 decode's (16, 32, 4, 2) on
-# sm_90a. (pass, 16-bit, head-dim bucket) -> a tile clean in that build on sm_80 and sm_90a.
-_UNALIGNED = {("fwd", True, 128): (64, 64, 8, 3), ("decode", True, 128): (16, 32, 4, 2),
-              ("dkdv", True, 128): (32, 64, 8, 1), ("decode", False, 64): (16, 32, 4, 1)}
+# Calls whose strides are not all multiples of 16 (a head dim such as 72): Triton compiles them without its
+# divisibility hints, where some table tiles spill (Triton 3.8; the bf16 d65-128 forward's (64, 64, 4, 3) by 480-656
+# bytes). (pass, 16-bit, head-dim bucket, dropout, mask, score variant) -> a tile clean in every build of that entry
+# (bf16 and fp16, or fp32) on sm_80 and sm_90a (a dict: per GPU generation); an entry not listed takes the table's
+# tile, clean there too. compile_targets' *_unaligned builds check both.
+_UNALIGNED = {
+    # pass, 16-bit, bucket, dropout, mask, mods
+    ("fwd", True ,  64, False, True , False): (128, 32, 8, 3),
+    ("fwd", True ,  64, False, True , True ): (128, 32, 8, 3),
+    ("fwd", True ,  64, True , True , False): (128, 32, 8, 3),
+    ("fwd", True ,  64, True , True , True ): (128, 32, 8, 3),
+    ("fwd", True , 128, False, False, False): (64, 64, 8, 3),
+    ("fwd", True , 128, False, False, True ): (64, 64, 8, 3),
+    ("fwd", True , 128, False, True , False): (64, 32, 8, 3),
+    ("fwd", True , 128, False, True , True ): (64, 32, 8, 3),
+    ("fwd", False,  64, True , False, False): (32, 64, 8, 2),
+    ("fwd", False,  64, True , False, True ): (32, 64, 8, 2),
+    ("fwd", False, 128, False, True , False): (32, 16, 8, 1),
+    ("decode", True ,  64, False, True , True ): (16, 64, 4, 2),
+    ("decode", True ,  64, True , False, True ): (16, 32, 8, 2),
+    ("decode", True , 128, False, False, False): (16, 32, 4, 2),
+    ("decode", True , 128, False, True , False): (16, 32, 8, 2),
+    ("decode", True , 128, False, True , True ): (16, 32, 8, 2),
+    ("decode", True , 128, True , True , False): (16, 32, 8, 2),
+    ("decode", True , 128, True , True , True ): (16, 32, 8, 2),
+    ("decode", False,  64, False, False, False): (16, 32, 4, 1),
+    ("dkdv", True , 128, False, False, False): (32, 64, 8, 1),
+    ("dkdv", True , 128, False, False, True ): (32, 32, 8, 2),
+    ("dkdv", False,  64, False, False, True ): (16, 64, 8, 1),
+    ("dkdv", False,  64, False, True , False): (16, 64, 8, 1),
+    ("dkdv", False,  64, False, True , True ): (16, 32, 8, 1),
+    ("dkdv", False,  64, True , False, False): (16, 64, 8, 1),
+    ("dkdv", False,  64, True , False, True ): (32, 64, 8, 1),
+    ("dkdv", False,  64, True , True , False): (16, 64, 8, 1),
+    ("dkdv", False,  64, True , True , True ): (16, 64, 8, 1),
+    ("dkdv", False, 128, False, False, True ): (32, 32, 8, 1),
+    ("dkdv", False, 128, False, True , False): (16, 16, 8, 2),
+    ("dkdv", False, 128, False, True , True ): (16, 32, 8, 1),
+    ("dkdv", False, 128, True , False, False): (16, 16, 8, 2),
+    ("dkdv", False, 128, True , False, True ): (32, 32, 8, 1),
+    ("dkdv", False, 128, True , True , False): {8: (16, 16, 4, 1), 9: (32, 16, 8, 1)},
+    ("dkdv", False, 128, True , True , True ): (32, 32, 8, 1),
+    ("dq", True ,  64, False, False, True ): (128, 32, 8, 2),
+    ("dq", True ,  64, True , True , False): (64, 32, 8, 2),
+    ("dq", True , 128, False, False, True ): (64, 32, 4, 3),
+}
 
 _INTERPRETER_CONFIG = (64, 64, 4, 1)
 # _bwd_row_stats (BLOCK_M, BLOCK_N, num_warps) per head-dim bucket, every dtype; one stage
@@ -155,7 +195,7 @@ def compile_targets() -> list[tuple]:
     types, one fp16 kernel spilled where its bf16 twin did not). The row kernels (Delta, split-KV
     combine) once per bucket and dtype. Runtime specialisation is mirrored for the common case: the
     head-dim strides are 1 (constexpr), pointers and other strides 16-divisible; and the builds of strides that
-    are not 16-divisible (``<kind>_none_unaligned``: plain calls at head-dim buckets 64 and 128, bf16 and fp32,
+    are not 16-divisible (``<kind>_<variant>_unaligned``: every variant at head-dim buckets 64 and 128, every dtype,
     with the tiles ``_gpu_config(..., aligned=False)`` picks)."""
     from .attention import _bwd_preprocess, _keep_mask_kernel, _split_combine
 
@@ -190,22 +230,26 @@ def compile_targets() -> list[tuple]:
                     targets[name] = [(name, fn, signature, constexprs, {"num_warps": warps, "num_stages": 1},
                                       _aligned(fn, signature)), {8, 9}]
     # Head dims and row strides that are not multiples of 16 (d = 72, a slice of a packed layout): Triton then does
-    # not specialise the strides as 16-divisible, a build of its own, compiled here for the plain variant of the
-    # buckets such head dims fall in (33-64, 65-128), in bf16 and fp32, pointers still 16-byte aligned.
+    # not specialise the strides as 16-divisible, a build of its own, compiled here for every variant of the
+    # buckets such head dims fall in (33-64, 65-128), in every dtype, pointers still 16-byte aligned.
     for major in (8, 9):
-        for tdt in ("bf16", "fp32"):
+        for tdt in _DTYPES:
             for bucket in (64, 128):
                 for kind in ("fwd", "decode", "dkdv", "dq"):
-                    tile = _gpu_config(kind, bucket, _DTYPES[tdt], major, False, False, aligned=False)
-                    if tile is None:
-                        continue
-                    bm, bn, warps, stages = tile
-                    name = f"attn_{kind}_none_unaligned_{tdt}_d{bucket}_BM{bm}_BN{bn}_w{warps}_s{stages}"
-                    if name not in targets:
-                        fn, signature, constexprs = _target(kind, "none", tdt, bucket, bm, bn)
-                        targets[name] = [(name, fn, signature, constexprs, {"num_warps": warps, "num_stages": stages},
-                                          _aligned(fn, signature, strides=False)), set()]
-                    targets[name][1].add(major)
+                    for variant in _variants(kind, tdt, bucket):
+                        tile = _gpu_config(kind, bucket, _DTYPES[tdt], major, *_VARIANT_ENTRY[variant],
+                                           mods=variant.endswith("_mods"), aligned=False)
+                        if tile is None:
+                            continue
+                        bm, bn, warps, stages = tile
+                        name = f"attn_{kind}_{variant}_unaligned_{tdt}_d{bucket}_BM{bm}_BN{bn}_w{warps}_s{stages}"
+                        if name in targets:
+                            targets[name][1].add(major)
+                            continue
+                        fn, signature, constexprs = _target(kind, variant, tdt, bucket, bm, bn)
+                        targets[name] = [(name, fn, signature, constexprs,
+                                          {"num_warps": warps, "num_stages": stages},
+                                          _aligned(fn, signature, strides=False)), {major}]
     # dropout_keep_mask's kernel; numel as i64 (past 2**31 scores Triton specialises it so; i32 is no heavier)
     name = f"attn_keep_mask_BLOCK{_KEEP_MASK_BLOCK}_w{_KEEP_MASK_WARPS}"
     signature = {"Keep": "*u8", "numel": "i64", "seed": "i64", "dropout_p": "fp32", "BLOCK": "constexpr"}
@@ -255,11 +299,15 @@ def _aligned(fn, signature: dict, strides: bool = True) -> dict:
     return attrs
 
 
+def _unaligned_key(kind: str, bucket: int, dtype: torch.dtype, dropout: bool, masked: bool, mods: bool) -> tuple:
+    return kind, dtype != torch.float32, bucket, bool(dropout), bool(masked), bool(mods)
+
+
 def _has_unaligned_tile(kind: str, bucket: int, dtype: torch.dtype, dropout: bool, masked: bool,
-                       mods: bool = False) -> bool:
-    """Whether a call of this pass takes its own tile when its strides are not all multiples of 16 (only plain
-    calls: no dropout, mask or score variant)."""
-    return not (dropout or masked or mods) and (kind, dtype != torch.float32, bucket) in _UNALIGNED
+                        mods: bool = False) -> bool:
+    """Whether a call of this pass takes a tile of its own (_UNALIGNED) when its strides are not all multiples of
+    16."""
+    return _unaligned_key(kind, bucket, dtype, dropout, masked, mods) in _UNALIGNED
 
 
 def _gpu_config(kind: str, bucket: int, dtype: torch.dtype, major: int, dropout: bool,
@@ -267,10 +315,11 @@ def _gpu_config(kind: str, bucket: int, dtype: torch.dtype, major: int, dropout:
     """The table's entry for a GPU of compute capability ``major``.x (8: sm_80 tiles, 9: sm_90), for a call with a
     score variant (``mods``: window, softcap or ALiBi) or without; None where no tile compiles without spills (the
     call is refused). ``aligned``: every stride and pointer of the call is a multiple of 16 (elements / bytes), so
-    Triton's build with its divisibility hints runs; otherwise a plain call takes its ``_UNALIGNED`` tile where
+    Triton's build with its divisibility hints runs; otherwise the call takes its ``_UNALIGNED`` tile where
     there is one."""
     if not aligned and _has_unaligned_tile(kind, bucket, dtype, dropout, masked, mods):
-        return _UNALIGNED[kind, dtype != torch.float32, bucket]
+        tile = _UNALIGNED[_unaligned_key(kind, bucket, dtype, dropout, masked, mods)]
+        return tile[major] if isinstance(tile, dict) else tile
     table = _FP32_CONFIGS if dtype == torch.float32 else _CONFIGS
     entry = table[kind, bool(dropout), bool(masked)][_BUCKETS.index(bucket)]
     if isinstance(entry, _BY_MODS):

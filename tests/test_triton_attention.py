@@ -345,16 +345,21 @@ def test_compile_targets_cover_the_launch_configurations():
                         arch = "sm_80" if major == 8 else "sm_90a"  # and checked for this GPU's architecture
                         assert variants and all(n in archs_of and archs_of[n] in (None, [arch]) for n in checked), (
                             kind, bucket, major, tag, dropout, masked, mods)
-    # strides that are not multiples of 16 (head dims such as 72): the plain builds of buckets 64 and 128, whose
-    # divisibility hints are the pointers' alone
+    # strides that are not multiples of 16 (head dims such as 72): every variant's build at buckets 64 and 128, in
+    # every dtype, whose divisibility hints are the pointers' alone, with the tile such a call takes
     by_name = {t[0]: t for t in targets}
-    for kind, bucket, major, (dt, tag) in itertools.product(("fwd", "decode", "dkdv", "dq"), (64, 128), (8, 9),
-                                                            ((torch.bfloat16, "bf16"), (torch.float32, "fp32"))):
-        bm, bn, w, s = C._gpu_config(kind, bucket, dt, major, False, False, aligned=False)
-        name = f"attn_{kind}_none_unaligned_{tag}_d{bucket}_BM{bm}_BN{bn}_w{w}_s{s}"
-        assert name in by_name and archs_of[name] in (None, ["sm_80" if major == 8 else "sm_90a"]), name
-        fn, signature, attrs = by_name[name][1], by_name[name][2], by_name[name][5]
-        assert attrs and all(len(k) == 1 and signature[fn.arg_names[k[0]]].startswith("*") for k in attrs), name
+    for kind, bucket, major, (tag, dt) in itertools.product(("fwd", "decode", "dkdv", "dq"), (64, 128), (8, 9),
+                                                            C._DTYPES.items()):
+        for variant in C._variants(kind, tag, bucket):
+            tile = C._gpu_config(kind, bucket, dt, major, *C._VARIANT_ENTRY[variant], mods=variant.endswith("_mods"),
+                                 aligned=False)
+            if tile is None:
+                continue
+            bm, bn, w, s = tile
+            name = f"attn_{kind}_{variant}_unaligned_{tag}_d{bucket}_BM{bm}_BN{bn}_w{w}_s{s}"
+            assert name in by_name and archs_of[name] in (None, ["sm_80" if major == 8 else "sm_90a"]), name
+            fn, signature, attrs = by_name[name][1], by_name[name][2], by_name[name][5]
+            assert attrs and all(len(k) == 1 and signature[fn.arg_names[k[0]]].startswith("*") for k in attrs), name
 
 
 def test_int_arguments_equal_to_1_get_no_build_of_their_own():
@@ -628,29 +633,33 @@ def test_launches_switch_device_only_when_the_tensors_are_elsewhere(monkeypatch)
 
 
 def test_calls_whose_strides_are_not_multiples_of_16_take_their_own_tile(monkeypatch):
-    # Triton compiles such calls without its divisibility hints, where some table tiles spill: a plain call takes
-    # the _UNALIGNED tile, checked in that build (compile_targets' *_unaligned); any other keeps the table's
+    # Triton compiles such calls without its divisibility hints, where some table tiles spill: a call whose entry
+    # has an _UNALIGNED tile takes it, checked in that build (compile_targets' *_unaligned); any other keeps the
+    # table's, and its alignment is not read (it costs microseconds of host time)
     monkeypatch.setattr(A, "INTERPRET", False)
-    monkeypatch.setattr(A, "_generation", lambda device: 9)
     cuda = torch.device("cuda")
-    x72, x40 = torch.empty(2, 4, 8, 72, dtype=torch.bfloat16), torch.empty(2, 4, 8, 40)
-    x128 = torch.empty(2, 4, 8, 128, dtype=torch.bfloat16)
-    assert A._config("fwd", 72, torch.bfloat16, cuda, False, False) == C._CONFIGS["fwd", False, False][3]
+    x72, x128 = torch.empty(2, 4, 8, 72, dtype=torch.bfloat16), torch.empty(2, 4, 8, 128, dtype=torch.bfloat16)
+    for major in (8, 9):
+        monkeypatch.setattr(A, "_generation", lambda device, major=major: major)
+        for (kind, lowp, bucket, dropout, masked, mods), tile in C._UNALIGNED.items():
+            d, dt = 72 if bucket == 128 else 40, torch.bfloat16 if lowp else torch.float32
+            x = torch.empty(2, 4, 8, d, dtype=dt)
+            expect = tile[major] if isinstance(tile, dict) else tile
+            assert A._config(kind, d, dt, cuda, dropout, masked, mods, operands=(x,)) == expect
+            aligned = torch.empty(2, 4, 8, bucket, dtype=dt)
+            assert A._config(kind, d, dt, cuda, dropout, masked, mods, operands=(aligned,)) == (
+                C._gpu_config(kind, bucket, dt, major, dropout, masked, mods))
     assert A._config("fwd", 128, torch.bfloat16, cuda, False, False, operands=(x128,)) == (
         C._CONFIGS["fwd", False, False][3])
-    assert A._config("fwd", 72, torch.bfloat16, cuda, False, False, operands=(x72,)) == C._UNALIGNED["fwd", True, 128]
-    assert A._config("fwd", 72, torch.bfloat16, cuda, False, True, operands=(x72,)) == (
-        C._CONFIGS["fwd", False, True][3])
-    assert A._config("decode", 40, torch.float32, cuda, False, False, operands=(x40,)) == (
-        C._UNALIGNED["decode", False, 64])
-    # the alignment is read only where the pass has an unaligned tile (it costs microseconds of host time)
     reads = []
     monkeypatch.setattr(A, "_strides_aligned", lambda *t: reads.append(t) or False)
-    assert A._config("dq", 72, torch.bfloat16, cuda, False, False, operands=(x72,)) == (
-        C._CONFIGS["dq", False, False][3])
-    assert A._config("fwd", 72, torch.bfloat16, cuda, True, False, operands=(x72,)) == C._CONFIGS["fwd", True, False][3]
-    assert A._config("fwd", 40, torch.float32, cuda, False, False, operands=(x40,)) == (
-        C._FP32_CONFIGS["fwd", False, False][2])
+    for kind, lowp, bucket, dropout, masked, mods in itertools.product(
+            ("fwd", "decode", "dkdv", "dq"), (False, True), (64, 128), (False, True), (False, True), (False, True)):
+        if (kind, lowp, bucket, dropout, masked, mods) in C._UNALIGNED:
+            continue
+        dt = torch.bfloat16 if lowp else torch.float32
+        assert A._config(kind, bucket - 8, dt, cuda, dropout, masked, mods, operands=(x72,)) == (
+            C._gpu_config(kind, bucket, dt, 9, dropout, masked, mods))
     assert reads == []
     monkeypatch.undo()
     assert A._strides_aligned(torch.empty(2, 4, 8, 64), torch.empty(2, 4, 8, 128, dtype=torch.bfloat16))
