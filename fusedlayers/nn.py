@@ -45,6 +45,8 @@ from torch import Tensor
 from . import ops, reference
 from .dispatch import BACKENDS
 
+_compiling = torch.compiler.is_compiling
+
 __all__ = [
     "LayerNorm",
     "RMSNorm",
@@ -149,10 +151,13 @@ class LayerNorm(_FromTorch, torch.nn.LayerNorm):
         self.backend = _check_backend(backend)
 
     def forward(self, input: Tensor) -> Tensor:
-        y = ops.fast_norm(input, None, self.weight, self.bias, self.eps, len(self.normalized_shape), False, False,
-                          False, self.backend)  # CPU tensors only, where autocast keeps the dtypes
-        if y is not None:
-            return y
+        fast = ops._FAST  # ops.fast_norm written out: a call frame is a tenth of this module's host time
+        if fast is not None and self.backend in ops._FAST_BACKENDS and not _compiling():
+            # CPU tensors only, where autocast keeps the dtypes
+            y = fast.norm(input, None, self.weight, self.bias, self.eps, len(self.normalized_shape), False, False,
+                          False)
+            if y is not None:
+                return y
         x = _flatten_trailing(input, self.normalized_shape)
         weight, bias = _flat(self.weight), _flat(self.bias)
         if _autocast_fp32(x):  # as torch: float32 inputs and output under CUDA autocast
@@ -176,10 +181,11 @@ class RMSNorm(_FromTorch, torch.nn.RMSNorm):
     def forward(self, x: Tensor) -> Tensor:
         if self.eps is not None or x.dtype.is_floating_point:
             eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-            y = ops.fast_norm(x, None, self.weight, None, eps, len(self.normalized_shape), True, False, False,
-                              self.backend)  # CPU tensors only, where autocast keeps the dtypes
-            if y is not None:
-                return y
+            fast = ops._FAST  # ops.fast_norm written out, as in LayerNorm
+            if fast is not None and self.backend in ops._FAST_BACKENDS and not _compiling():
+                y = fast.norm(x, None, self.weight, None, eps, len(self.normalized_shape), True, False, False)
+                if y is not None:
+                    return y
         rows, weight = _flatten_trailing(x, self.normalized_shape), _flat(self.weight)
         if _autocast_fp32(rows, rms=True):  # as torch: float32 inputs and output under autocast
             rows, weight = rows.float(), _f32(weight)
