@@ -827,7 +827,9 @@ def _config(kind: str, d: int, dtype: torch.dtype, device: torch.device, dropout
     if INTERPRET:
         return _INTERPRETER_CONFIG
     bucket = _bucket(d)
-    aligned = not _has_unaligned_tile(kind, bucket, dtype, dropout, masked, mods) or _strides_aligned(*operands)
+    unaligned_tile = _has_unaligned_tile(kind, bucket, dtype, dropout, masked, mods)
+    assert operands or not unaligned_tile, f"the {kind} pass needs its operands to choose its tile"
+    aligned = not unaligned_tile or _strides_aligned(*operands)
     return _gpu_config(kind, bucket, dtype, _generation(device), dropout, masked, mods, aligned)
 
 
@@ -1155,7 +1157,7 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
     else:
         dq = dq_acc
         bm, bn, warps, stages = _config("dq", d, q.dtype, q.device, dropout_p > 0, attn_mask is not None,
-                                        has_mods)
+                                        has_mods, (q, k, v, dout, dq))
         _bwd_dq[(cdiv(nq, bm), hq, b)](
             q, k, v, mask, dout, row_m, row_c, Delta, dq, cu_q, cu_k, vm.alibi, qs, ks, ms, ls, _strides(dq, varlen),
             *tail, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_bucket(d), **common, **_launch_options(warps, stages))

@@ -140,6 +140,23 @@ def test_attention_matches_op_path_bitwise(dtype, mask, causal, bottom_right):
         assert torch.equal(a, e)
 
 
+def test_attention_reads_broadcast_batch_and_head_dims_in_place():
+    # k and v expanded along the batch (stride 0) and q a head-major slice: the kernel reads their rows as they
+    # are, so the fast path serves them, bitwise as the op path, gradients summed back over the expanded dim
+    torch.manual_seed(0)
+    q = torch.randn(2, 9, 4, 16).transpose(1, 2)[:, 1:3].requires_grad_()  # (2, 2, 9, 16), rows 64 apart
+    k1 = torch.randn(1, 2, 13, 16, requires_grad=True)
+    v1 = torch.randn(1, 2, 13, 16, requires_grad=True)
+    k, v = k1.expand(2, -1, -1, -1), v1.expand(2, -1, -1, -1)
+    fast = lambda: _ext.FAST.attention(q, k, v, None, True, False, None, False)  # noqa: E731
+    assert fast() is not None
+    outs, grads = _run(fast, [q, k1, v1])
+    ref_outs, ref_grads = _run(lambda: registration.attention_fwd(q, k, v, None, None, 0.25, True, False, 0.0, False,
+                                                                  "cpu")[0], [q, k1, v1])
+    for a, e in zip(outs + list(grads), ref_outs + list(ref_grads)):
+        assert a.shape == e.shape and torch.equal(a, e)
+
+
 def test_fast_path_serves_only_calls_auto_gives_the_cpu_backend():
     """Every call the fast path serves is one the dispatch table gives to ``cpu``."""
     x = torch.randn(4, 16)

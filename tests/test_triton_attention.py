@@ -669,6 +669,19 @@ def test_calls_whose_strides_are_not_multiples_of_16_take_their_own_tile(monkeyp
     assert not A._strides_aligned(torch.empty(2, 8, 3, 5, 24)[:, :, 0].transpose(1, 2))  # packed QKV, head dim 24
 
 
+def test_every_tile_choice_passes_its_operands():
+    # _config reads the call's alignment from its operands; a launcher that passed none would always take the
+    # aligned table tile, also in the build for strides that are not multiples of 16, where it may spill
+    import ast
+    import inspect
+
+    calls = [node for node in ast.walk(ast.parse(inspect.getsource(A)))
+             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "_config"]
+    assert len(calls) >= 3
+    for call in calls:
+        assert len(call.args) == 8 or any(kw.arg == "operands" for kw in call.keywords), ast.unparse(call)
+
+
 def test_entries_with_their_own_tile_for_the_score_variants(monkeypatch):
     # A _BY_MODS entry: plain calls take its first tile, calls with a window, softcap or ALiBi its second; a None side
     # refuses only those calls
