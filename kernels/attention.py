@@ -409,10 +409,11 @@ def _attn_fwd_inner(acc, l_i, m_i, q, Kb, Vb, Mb, kv_str, m_str, drop, drop_base
 
 
 # Triton makes an int argument equal to 1 a compile-time constant (and marks one divisible by 16): MHA (GROUP = 1),
-# decoding (Nq = 1) and bottom-right causal calls would each run a build of their own, which the resource check
-# (benchmarks/resource_check.py, from compile_targets()) never compiles. These arguments stay plain ints, so
-# what runs is what the check compiled; they only bound loops and masks, where a constant saves little.
-_NOT_SPECIALIZED = ("GROUP", "Nq", "Nk", "bottom_right")
+# decoding (Nq = 1), bottom-right causal calls and queries of one row block (num_m_blocks = 1) would each run a
+# build of their own, which the resource check (benchmarks/resource_check.py, from compile_targets()) never
+# compiles. These arguments stay plain ints, so what runs is what the check compiled; they only bound loops and
+# masks, where a constant saves little.
+_NOT_SPECIALIZED = ("GROUP", "Nq", "Nk", "bottom_right", "num_m_blocks")
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
