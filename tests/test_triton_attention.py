@@ -652,6 +652,7 @@ def test_calls_whose_strides_are_not_multiples_of_16_take_their_own_tile(monkeyp
     assert A._config("fwd", 128, torch.bfloat16, cuda, False, False, operands=(x128,)) == (
         C._CONFIGS["fwd", False, False][3])
     reads = []
+    monkeypatch.setattr(A, "_generation", lambda device: 9)
     monkeypatch.setattr(A, "_strides_aligned", lambda *t: reads.append(t) or False)
     for kind, lowp, bucket, dropout, masked, mods in itertools.product(
             ("fwd", "decode", "dkdv", "dq"), (False, True), (64, 128), (False, True), (False, True), (False, True)):
