@@ -15,13 +15,20 @@
 // serves it. Both paths call the same kernel ops (torch.ops.fusedlayers.*_kernel) through the
 // dispatcher, so both give bitwise the same numbers.
 //
-// Autograd: NormFunction and AttentionFunction are the backward formulas of
-// fusedlayers/registration.py in C++. A backward with create_graph=True calls the Python
-// path's differentiable backward (registration.norm_double_backward / attention_double_backward).
+// Autograd: NormBackward and AttentionBackward are autograd graph nodes written as torch's
+// generated ones are (saved variables and edges, no torch::autograd::Function context), with
+// the backward formulas of fusedlayers/registration.py in C++. A backward with
+// create_graph=True calls the Python path's differentiable backward
+// (registration.norm_double_backward / attention_double_backward). Compiled autograd traces
+// them through apply_with_saved: the saved tensors swapped for its proxies, then apply, whose
+// kernel ops it records.
 #include <torch/extension.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/DynamicTypes.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -38,7 +45,10 @@ namespace {
 
 namespace py = pybind11;
 using at::Tensor;
-using torch::autograd::AutogradContext;
+using torch::autograd::CompiledNodeArgs;
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
+using torch::autograd::SwapSavedVariables;
 using torch::autograd::variable_list;
 
 // ---------------------------------------------------------------------------- acceptance
@@ -84,12 +94,13 @@ bool requires_grad(const Tensor& t) { return t.defined() && t.requires_grad(); }
 
 std::optional<Tensor> opt(const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; }
 
-// ctx->needs_input_grad by argument position: `inputs` are a Function's tensor arguments in order
-// (undefined where an optional one was None, which has no edge).
-bool needs_grad(AutogradContext* ctx, const variable_list& inputs, size_t arg) {
-  size_t edge = 0;
-  for (size_t i = 0; i < arg; ++i) edge += inputs[i].defined();
-  return inputs[arg].defined() && ctx->needs_input_grad(edge);
+// No input carries a forward-mode (dual) gradient. The fast path has no forward-mode formula (its
+// nodes are reverse mode only), so a call with a tangent goes to the Python path, grad or not.
+bool no_forward_grad(std::initializer_list<const Tensor*> tensors) {
+  for (const Tensor* t : tensors) {
+    if (torch::autograd::isFwGradDefined(*t)) return false;
+  }
+  return true;
 }
 
 // ---------------------------------------------------------------------------- kernel ops
@@ -165,35 +176,43 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_forward(const Tensor& x, const T
   return {at::_unsafe_view(y, x.sizes()), a.keep_stream ? at::_unsafe_view(z, x.sizes()) : z, mean, rstd};
 }
 
-struct NormFunction : public torch::autograd::Function<NormFunction> {
-  // Inputs: x, residual, weight, bias (nullopt when absent), and the NormArgs fields.
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& residual_in,
-                               const std::optional<Tensor>& weight_in, const std::optional<Tensor>& bias_in,
-                               double eps, int64_t hidden, bool rms, bool prenorm, bool keep_stream,
-                               int64_t stream_dtype) {
-    const NormArgs a{eps, hidden, rms, prenorm, keep_stream, static_cast<at::ScalarType>(stream_dtype)};
-    const Tensor residual = residual_in.value_or(Tensor()), weight = weight_in.value_or(Tensor()),
-                 bias = bias_in.value_or(Tensor());
-    auto [y, z, mean, rstd] = norm_forward(x, residual, weight, bias, a);
-    ctx->set_materialize_grads(false);
-    // zin, the normalised stream: z when it is kept, else x itself.
-    ctx->save_for_backward({x, residual, weight, bias, keep_stream ? z : x, mean, rstd});
-    ctx->saved_data["a"] = c10::List<double>({eps, static_cast<double>(hidden), rms ? 1.0 : 0.0, prenorm ? 1.0 : 0.0,
-                                              keep_stream ? 1.0 : 0.0, static_cast<double>(stream_dtype)});
-    if (prenorm) return {y, z};
-    return {y};
+// The backward node of a norm call. Inputs (edges): x, residual, weight, bias (an invalid edge
+// where absent or not requiring grad). Outputs: y, and z with prenorm.
+struct NormBackward : public Node {
+  NormArgs a{};
+  // zin: the normalised stream, z when it is kept, else x itself
+  SavedVariable x_, residual_, weight_, bias_, zin_, mean_, rstd_;
+
+  std::string name() const override { return "fusedlayers::NormBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* v : {&x_, &residual_, &weight_, &bias_, &zin_, &mean_, &rstd_}) v->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &residual = saved[1], &weight = saved[2], &bias = saved[3];
-    const auto v = ctx->saved_data["a"].toDoubleList();
-    const NormArgs a{v.get(0), static_cast<int64_t>(v.get(1)), v.get(2) != 0.0, v.get(3) != 0.0, v.get(4) != 0.0,
-                     static_cast<at::ScalarType>(static_cast<int64_t>(v.get(5)))};
+  void compiled_args(CompiledNodeArgs& args) const override {
+    args.collect(std::string(name()));
+    for (const SavedVariable* v : {&x_, &residual_, &weight_, &bias_, &mean_, &rstd_}) args.collect(*v, false);
+    args.collect(zin_, a.prenorm);
+    args.collect(a.eps), args.collect(a.hidden), args.collect(a.rms), args.collect(a.prenorm);
+    args.collect(a.keep_stream), args.collect(a.stream_dtype);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
+    for (SavedVariable* v : {&x_, &residual_, &weight_, &bias_, &zin_, &mean_, &rstd_}) saved.before(*v);
+    variable_list out = apply(variable_list(grads));
+    for (SavedVariable* v : {&x_, &residual_, &weight_, &bias_, &zin_, &mean_, &rstd_}) saved.after(*v);
+    return out;
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const Tensor x = x_.unpack(), residual = residual_.unpack(), weight = weight_.unpack(), bias = bias_.unpack();
+    const Tensor zin = as_rows(zin_.unpack(getptr()), a.hidden), mean = mean_.unpack(),
+                 rstd = rstd_.unpack();
     Tensor dy = grads[0].defined() ? grads[0] : at::zeros_like(x);
     const Tensor dz = a.prenorm && grads.size() > 1 ? grads[1] : Tensor();
-    variable_list out(10);
-    const Tensor zin = as_rows(saved[4], a.hidden);
+    variable_list out(4);
     if (at::GradMode::is_enabled()) {  // create_graph=True: the Python path's differentiable backward
       py::gil_scoped_acquire gil;
       static const auto* double_backward =
@@ -209,7 +228,7 @@ struct NormFunction : public torch::autograd::Function<NormFunction> {
           dy.reshape({-1, a.hidden}), dz.defined() ? py::cast(dz.reshape({-1, a.hidden})) : py::none(),
           z.reshape({-1, a.hidden}),
           none_or(weight.defined() ? weight.view({-1}) : weight), none_or(bias.defined() ? bias.view({-1}) : bias),
-          saved[5], saved[6], py::none(), a.eps, 0.0, a.rms, dtype(x.scalar_type()),
+          mean, rstd, py::none(), a.eps, 0.0, a.rms, dtype(x.scalar_type()),
           residual.defined() ? dtype(residual.scalar_type()) : py::none(), "cpu");
       const Tensor* shapes[4] = {&x, &residual, &weight, &bias};
       for (size_t i = 0; i < 4; ++i) {
@@ -224,14 +243,14 @@ struct NormFunction : public torch::autograd::Function<NormFunction> {
     const std::optional<at::ScalarType> residual_dtype =
         residual.defined() && !share ? std::optional<at::ScalarType>(residual.scalar_type()) : std::nullopt;
     // bias only shapes y: the kernel needs it for dbias alone
-    const bool bias_grad = bias.defined() && needs_grad(ctx, {x, residual, weight, bias}, 3);
+    const bool bias_grad = bias.defined() && task_should_compute_output(3);
     const Tensor dy2 = as_rows(dy, a.hidden);
     const std::optional<Tensor> dz2 = dz.defined() ? opt(as_rows(dz, a.hidden)) : std::nullopt;
     auto [dx, dres, dw, db] = [&] {
       // (grad mode is off: straight to the kernel, not through the autograd fallback's boxed call)
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      return norm_bwd_op().call(dy2, dz2, zin, opt(weight), bias_grad ? opt(bias) : std::nullopt, saved[5], saved[6],
-                                0, 0.0, a.rms, x.scalar_type(), residual_dtype);
+      return norm_bwd_op().call(dy2, dz2, zin, opt(weight), bias_grad ? opt(bias) : std::nullopt, mean, rstd, 0, 0.0,
+                                a.rms, x.scalar_type(), residual_dtype);
     }();
     out[0] = as_shape(dx, x.sizes());
     if (residual.defined()) out[1] = share ? out[0] : as_shape(dres, residual.sizes());
@@ -240,6 +259,29 @@ struct NormFunction : public torch::autograd::Function<NormFunction> {
     return out;
   }
 };
+
+// The forward of a call that records a graph: the kernel, then the node that outputs y (and z).
+std::tuple<Tensor, Tensor> norm_forward_with_grad(const Tensor& x, const Tensor& residual, const Tensor& weight,
+                                                  const Tensor& bias, const NormArgs& a) {
+  Tensor y, z, mean, rstd;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(y, z, mean, rstd) = norm_forward(x, residual, weight, bias, a);
+  }
+  auto node = c10::make_intrusive<NormBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x, residual, weight, bias));
+  node->a = a;
+  node->x_ = SavedVariable(x, false);
+  node->residual_ = SavedVariable(residual, false);
+  node->weight_ = SavedVariable(weight, false);
+  node->bias_ = SavedVariable(bias, false);
+  node->mean_ = SavedVariable(mean, false);
+  node->rstd_ = SavedVariable(rstd, false);
+  torch::autograd::set_history(y, node);
+  if (a.prenorm) torch::autograd::set_history(z, node);
+  node->zin_ = SavedVariable(a.keep_stream ? z : x, a.prenorm);  // z is then an output of the node
+  return {y, z};
+}
 
 // norm(x, residual, weight, bias, eps, norm_ndim, rms, prenorm, residual_in_fp32) -> y, (y, z) or None.
 // Serves: x contiguous with at least norm_ndim dims and a non-empty row; residual None or of x's
@@ -268,14 +310,12 @@ py::object norm(py::handle x_h, py::handle residual_h, py::handle weight_h, py::
 
   const bool grad = at::GradMode::is_enabled() && (requires_grad(x) || requires_grad(*residual) ||
                                                    requires_grad(*weight) || requires_grad(*bias));
+  if (!no_forward_grad({&x, &*residual, &*weight, &*bias})) return py::none();
   Tensor y, z;
   {
     py::gil_scoped_release no_gil;
     if (grad) {
-      auto outs = NormFunction::apply(x, opt(*residual), opt(*weight), opt(*bias), a.eps, a.hidden, a.rms, a.prenorm, a.keep_stream,
-                                      static_cast<int64_t>(a.stream_dtype));
-      y = outs[0];
-      if (prenorm) z = outs[1];
+      std::tie(y, z) = norm_forward_with_grad(x, *residual, *weight, *bias, a);
     } else {
       // without a backward, z is written only as the prenorm output (the cpu kernel takes y from z rounded to a
       // 16-bit stream dtype without storing it)
@@ -290,53 +330,90 @@ py::object norm(py::handle x_h, py::handle residual_h, py::handle weight_h, py::
 
 // ---------------------------------------------------------------------------- attention
 
-struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
-  // Inputs: q, k, v, mask (nullopt when absent; 4-D), scale, causal, bottom_right.
-  // Outputs: out, lse.
-  static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
-                               const std::optional<Tensor>& mask_in, double scale, bool causal, bool bottom_right) {
-    const Tensor mask = mask_in.value_or(Tensor());
-    auto [out, lse] = attn_fwd_op().call(q, k, v, mask_in, std::nullopt, std::nullopt, 0, 0, 0, scale, causal,
-                                         bottom_right, 0.0, -1, -1, 0.0, std::nullopt, std::nullopt);
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({q, k, v, mask, out, lse});
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["causal"] = causal;
-    ctx->saved_data["bottom_right"] = bottom_right;
-    return {out, lse};
+// The backward node of an attention call. Inputs (edges): q, k, v, mask (4-D; an invalid edge where
+// absent or not requiring grad). Outputs: out, lse.
+struct AttentionBackward : public Node {
+  double scale = 0.0;
+  bool causal = false, bottom_right = false;
+  SavedVariable q_, k_, v_, mask_, out_, lse_;
+
+  std::string name() const override { return "fusedlayers::AttentionBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* t : {&q_, &k_, &v_, &mask_, &out_, &lse_}) t->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &q = saved[0], &k = saved[1], &v = saved[2], &mask = saved[3], &out = saved[4], &lse = saved[5];
+  void compiled_args(CompiledNodeArgs& args) const override {
+    args.collect(std::string(name()));
+    for (const SavedVariable* t : {&q_, &k_, &v_, &mask_}) args.collect(*t, false);
+    args.collect(out_, true), args.collect(lse_, true);
+    args.collect(scale), args.collect(causal), args.collect(bottom_right);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
+    for (SavedVariable* t : {&q_, &k_, &v_, &mask_, &out_, &lse_}) saved.before(*t);
+    variable_list result = apply(variable_list(grads));
+    for (SavedVariable* t : {&q_, &k_, &v_, &mask_, &out_, &lse_}) saved.after(*t);
+    return result;
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const Tensor q = q_.unpack(), k = k_.unpack(), v = v_.unpack(), mask = mask_.unpack();
+    const Tensor out = out_.unpack(getptr()), lse = lse_.unpack(getptr());
     const Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(out);
     const Tensor dlse = grads[1].defined() ? grads[1] : at::zeros_like(lse);
-    const double scale = ctx->saved_data["scale"].toDouble();
-    const bool causal = ctx->saved_data["causal"].toBool(), bottom_right = ctx->saved_data["bottom_right"].toBool();
+    variable_list result(4);
     if (at::GradMode::is_enabled()) {  // create_graph=True: the Python path's differentiable backward
       py::gil_scoped_acquire gil;
       static const auto* double_backward = new py::object(
           py::module_::import("fusedlayers.registration").attr("attention_double_backward"));
-      const py::tuple needs = py::make_tuple(needs_grad(ctx, saved, 0), needs_grad(ctx, saved, 1),
-                                             needs_grad(ctx, saved, 2), needs_grad(ctx, saved, 3));
+      const py::tuple needs = py::make_tuple(task_should_compute_output(0), task_should_compute_output(1),
+                                             task_should_compute_output(2), task_should_compute_output(3));
       const py::tuple g = (*double_backward)(dout, dlse, q, k, v, mask.defined() ? py::cast(mask) : py::none(),
                                              py::none(), scale, causal, bottom_right, 0.0, "cpu", needs);
-      variable_list result(7);
       for (size_t i = 0; i < 4; ++i) {
         if (!g[i].is_none()) result[i] = THPVariable_Unpack(g[i].ptr());
       }
       return result;
     }
-    const bool bias_grad = mask.defined() && mask.is_floating_point() && needs_grad(ctx, saved, 3);
+    const bool bias_grad = mask.defined() && mask.is_floating_point() && task_should_compute_output(3);
     auto [dq, dk, dv, dbias] = [&] {
       // (grad mode is off: straight to the kernel, not through the autograd fallback's boxed call)
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       return attn_bwd_op().call(dout, dlse, q, k, v, opt(mask), std::nullopt, std::nullopt, 0, 0, out, lse, 0, scale,
                                 causal, bottom_right, 0.0, bias_grad, -1, -1, 0.0, std::nullopt, std::nullopt);
     }();
-    return {dq, dk, dv, bias_grad ? dbias : Tensor(), Tensor(), Tensor(), Tensor()};
+    result[0] = dq, result[1] = dk, result[2] = dv;
+    if (bias_grad) result[3] = dbias;
+    return result;
   }
 };
+
+// The forward of a call that records a graph: the kernel, then the node that outputs out and lse.
+std::tuple<Tensor, Tensor> attention_forward_with_grad(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                       const Tensor& mask, double scale, bool causal,
+                                                       bool bottom_right) {
+  Tensor out, lse;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(out, lse) = attn_fwd_op().call(q, k, v, opt(mask), std::nullopt, std::nullopt, 0, 0, 0, scale, causal,
+                                            bottom_right, 0.0, -1, -1, 0.0, std::nullopt, std::nullopt);
+  }
+  auto node = c10::make_intrusive<AttentionBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(q, k, v, mask));
+  node->scale = scale, node->causal = causal, node->bottom_right = bottom_right;
+  node->q_ = SavedVariable(q, false);
+  node->k_ = SavedVariable(k, false);
+  node->v_ = SavedVariable(v, false);
+  node->mask_ = SavedVariable(mask, false);
+  torch::autograd::set_history(out, node);
+  torch::autograd::set_history(lse, node);
+  node->out_ = SavedVariable(out, true);
+  node->lse_ = SavedVariable(lse, true);
+  return {out, lse};
+}
 
 // attention(q, k, v, attn_mask, causal, bottom_right, scale, return_lse) -> out, (out, lse) or None.
 // Serves: q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), non-empty, one dtype, Hq % Hkv
@@ -384,6 +461,7 @@ py::object attention(py::handle q_h, py::handle k_h, py::handle v_h, py::handle 
   Tensor out, lse;
   const bool grad = at::GradMode::is_enabled() &&
                     (q.requires_grad() || k.requires_grad() || v.requires_grad() || requires_grad(mask));
+  if (!no_forward_grad({&q, &k, &v, &mask})) return py::none();
   {
     py::gil_scoped_release no_gil;
     if (mask.defined() && mask.dim() < 4) {
@@ -392,8 +470,7 @@ py::object attention(py::handle q_h, py::handle k_h, py::handle v_h, py::handle 
       mask = mask.view(shape);  // a view: the bias gradient flows back through it
     }
     if (grad) {
-      auto outs = AttentionFunction::apply(q, k, v, opt(mask), scale, causal, bottom_right);
-      out = outs[0], lse = outs[1];
+      std::tie(out, lse) = attention_forward_with_grad(q, k, v, mask, scale, causal, bottom_right);
     } else {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(out, lse) = attn_fwd_op().call(q, k, v, opt(mask), std::nullopt, std::nullopt, 0, 0, 0, scale, causal,

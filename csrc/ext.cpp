@@ -15,9 +15,14 @@
 //   FUSEDLAYERS_CUDA_ARCHS       "8.0"-style TORCH_CUDA_ARCH_LIST, when WITH_CUDA
 //   FUSEDLAYERS_NO_CUDA_REASON   why CUDA was not built, when not WITH_CUDA
 
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #ifndef FUSEDLAYERS_WITH_CUDA
 #define FUSEDLAYERS_WITH_CUDA 0
@@ -39,6 +44,55 @@ std::string ext_info() {
 #else
   return "cpu; cuda: " FUSEDLAYERS_NO_CUDA_REASON;
 #endif
+}
+
+// Meta kernels: the output shapes and dtypes of the kernel ops, no data. Fake tensors run them
+// when a trace reaches a kernel op directly, as compiled autograd does through the eager path's
+// backward nodes (csrc/eager.cpp). They follow the device kernels' outputs (layer_norm_host.h,
+// attention_host.h).
+using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+at::Tensor none_like(const at::Tensor& t) { return at::empty({0}, t.options()); }
+
+Tensors4 norm_fwd_meta(const at::Tensor& x, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                       const std::optional<at::Tensor>&, int64_t, double, double, bool rms, bool keep_stream,
+                       at::ScalarType stream_dtype) {
+  const auto f32 = x.options().dtype(at::kFloat);
+  const int64_t rows = x.size(0);
+  return {at::empty(x.sizes(), x.options()), at::empty(keep_stream ? x.sizes() : at::IntArrayRef{0},
+                                                       x.options().dtype(stream_dtype)),
+          at::empty({rms ? 0 : rows}, f32), at::empty({rows}, f32)};
+}
+
+Tensors4 norm_bwd_meta(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor& zin,
+                       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                       const at::Tensor&, const at::Tensor&, int64_t, double, bool, at::ScalarType x_dtype,
+                       std::optional<at::ScalarType> residual_dtype) {
+  return {at::empty(zin.sizes(), zin.options().dtype(x_dtype)),
+          residual_dtype ? at::empty(zin.sizes(), zin.options().dtype(*residual_dtype)) : none_like(zin),
+          weight ? at::empty(weight->sizes(), weight->options()) : none_like(zin),
+          bias ? at::empty(bias->sizes(), bias->options()) : none_like(zin)};
+}
+
+// out (B, Hq, Nq, Dv) / lse (B, Hq, Nq); varlen (cu_seqlens_q given): out (Tq, Hq, Dv) / lse (Hq, Tq).
+std::tuple<at::Tensor, at::Tensor> attention_fwd_meta(
+    const at::Tensor& q, const at::Tensor&, const at::Tensor& v, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, double, bool,
+    bool, double, int64_t, int64_t, double, const std::optional<at::Tensor>&, at::OptionalIntArrayRef) {
+  const auto f32 = q.options().dtype(at::kFloat);
+  std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
+  out_shape.back() = v.size(-1);
+  if (cu_q) return {at::empty(out_shape, q.options()), at::empty({q.size(1), q.size(0)}, f32)};
+  return {at::empty(out_shape, q.options()), at::empty({q.size(0), q.size(1), q.size(2)}, f32)};
+}
+
+Tensors4 attention_bwd_meta(const at::Tensor&, const at::Tensor&, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, int64_t,
+                            const at::Tensor&, const at::Tensor&, int64_t, double, bool, bool, double, bool bias_grad,
+                            int64_t, int64_t, double, const std::optional<at::Tensor>&, at::OptionalIntArrayRef) {
+  return {at::empty(q.sizes(), q.options()), at::empty(k.sizes(), k.options()), at::empty(v.sizes(), v.options()),
+          bias_grad && mask ? at::empty(mask->sizes(), mask->options()) : none_like(q)};
 }
 
 }  // namespace
@@ -100,4 +154,11 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
 // every call.
 TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) {
   m.impl("_ext_info", &fusedlayers::ext_info);
+}
+
+TORCH_LIBRARY_IMPL(fusedlayers, Meta, m) {
+  m.impl("norm_fwd_kernel", &fusedlayers::norm_fwd_meta);
+  m.impl("norm_bwd_kernel", &fusedlayers::norm_bwd_meta);
+  m.impl("attention_fwd_kernel", &fusedlayers::attention_fwd_meta);
+  m.impl("attention_bwd_kernel", &fusedlayers::attention_bwd_meta);
 }

@@ -326,3 +326,67 @@ def test_residual_gradient_shared_with_x_never_aliases_the_accumulated_grads():
     y = _norm_via_ops(xs, rs, w, None, 1e-5, False, False, False)
     dx, dr = torch.autograd.grad(y.pow(2).sum(), (xs, rs))
     torch.testing.assert_close(r.grad, 2 * dr, rtol=0, atol=0)
+
+
+def test_backward_nodes_behave_as_torch_nodes():
+    """The fast path's hand-written nodes: a second backward through freed buffers, a saved input
+    modified in place, hooks and saved-tensor hooks act as on torch's generated nodes."""
+    x = torch.randn(4, 32, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+    y = fusedlayers.layer_norm(x, w)
+    assert y.grad_fn.name() == "fusedlayers::NormBackward"
+    y.sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, 2 * first, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
+
+    xx = x * 1
+    y = fusedlayers.layer_norm(xx, w)
+    xx.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+    seen = []
+    y = fusedlayers.layer_norm(x, w)
+    y.grad_fn.register_prehook(lambda grad_outputs: seen.append("pre"))
+    y.grad_fn.register_hook(lambda grad_inputs, grad_outputs: seen.append(len(grad_inputs)))
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t.clone(), lambda t: t):
+        z = fusedlayers.attention(*(torch.randn(1, 2, 5, 8, requires_grad=True) for _ in range(3)), causal=True)
+    y.sum().backward()
+    z.sum().backward()
+    assert seen == ["pre", 4] and len(packed) >= 5  # q, k, v, out, lse
+
+    # forward-mode AD: the Python path serves it (the nodes are reverse-mode only)
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(torch.randn(4, 32), torch.randn(4, 32))
+        assert _ext.FAST.norm(dual, None, None, None, 1e-5, 1, False, False, False) is None
+
+
+@pytest.mark.parametrize("op", ("norm", "attention"))
+def test_compiled_autograd_traces_the_backward_nodes(op):
+    """torch.compile of a backward (compiled autograd) traces through the nodes' kernel ops (their
+    Meta kernels give the shapes) and gives the eager gradients."""
+    from torch._dynamo import compiled_autograd
+
+    torch.manual_seed(0)
+    if op == "norm":
+        inputs = (torch.randn(4, 32, requires_grad=True), torch.randn(4, 32, requires_grad=True),
+                  torch.randn(32, requires_grad=True), torch.randn(32, requires_grad=True))
+        fn = lambda x, r, w, b: fusedlayers.add_layer_norm(x, r, w, b)  # noqa: E731
+    else:
+        inputs = (torch.randn(1, 2, 5, 8, requires_grad=True), torch.randn(1, 2, 6, 8, requires_grad=True),
+                  torch.randn(1, 2, 6, 8, requires_grad=True), torch.randn(1, 1, 5, 6, requires_grad=True))
+        fn = lambda q, k, v, bias: fusedlayers.attention(q, k, v, attn_mask=bias)  # noqa: E731
+    out = fn(*inputs)
+    assert out.grad_fn.name().startswith("fusedlayers::")
+    expected = torch.autograd.grad(out.pow(2).sum(), inputs)
+    out = fn(*inputs)
+    torch._dynamo.reset()
+    with compiled_autograd._enable(lambda gm: torch.compile(gm, backend="eager", fullgraph=True)):
+        got = torch.autograd.grad(out.pow(2).sum(), inputs)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
