@@ -153,10 +153,12 @@ def _call_variants(mods) -> dict:
 
 
 def _draw_seed(dropout_p: float) -> Optional[Tensor]:
-    """Dropout seed from torch's default (CPU) generator: torch.manual_seed reproduces it."""
+    """Dropout seed from torch's default (CPU) generator: torch.manual_seed reproduces it. Odd: Triton specialises
+    an int argument divisible by 16 (or equal to 1) into a build of its own, so an odd seed above 2**31 keeps every
+    dropout call in the one build the resource check compiles."""
     if dropout_p == 0:
         return None
-    return torch.randint(0, 2**62, (), dtype=torch.int64)
+    return torch.randint(2**30, 2**61, (), dtype=torch.int64) * 2 + 1
 
 
 def check_cu_seqlens_values(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, total_q: int, total_k: int,
@@ -372,6 +374,7 @@ def attention_varlen(
         causal=bool(causal), dropout_p=dropout_p, deterministic=bool(deterministic), varlen=True,
         **_call_variants(mods))
     name = _serve_empty(backend) if empty else dispatch.select("attention", call, backend)
+    registration.refuse_unsupported_autodiff("attention_varlen", q, k, v, *mods)
     out, lse = registration.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                        _draw_seed(dropout_p), scale, bool(causal), causal_align == "bottom_right",
                                        dropout_p, bool(deterministic), name, *mods)

@@ -59,6 +59,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from . import dispatch
@@ -84,6 +85,25 @@ def records_grad(*tensors: Optional[Tensor]) -> bool:
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+_NO_FORMULA = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+
+
+def refuse_unsupported_autodiff(op: str, *tensors: Optional[Tensor]) -> None:
+    """Raises NotImplementedError for a call under forward-mode AD (``torch.autograd.forward_ad`` dual
+    tensors, ``torch.func.jvp``) or ``torch.func.grad`` / ``vjp`` / ``jacrev``: the ops have no
+    forward-mode formula, and a torch.library op under them gives a zero tangent without an error, or
+    fails inside PyTorch. ``torch.func.vmap`` and ``torch.autograd`` are served. Costs one attribute
+    read when no dual level and no transform is active."""
+    if torch._C._are_functorch_transforms_active():
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        if any(i.key() in _NO_FORMULA for i in retrieve_all_functorch_interpreters()):
+            raise NotImplementedError(
+                f"fusedlayers.{op}: torch.func.grad / vjp / jacrev / jvp are not supported (the ops have no "
+                "functorch rule); use torch.autograd.grad, or torch.func.vmap")
+    if _forward_ad._current_level >= 0 and any(
+            isinstance(t, Tensor) and _forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(f"fusedlayers.{op}: forward-mode AD (a dual tensor's tangent) is not supported")
 
 
 def eager(*tensors: Optional[Tensor]) -> bool:
@@ -398,6 +418,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], seed
     same computation as an autograd.Function (see ``norm``)."""
     args = (q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_p, deterministic, backend, window_left,
             window_right, softcap, alibi_slopes, sinks, dropout_layout)
+    refuse_unsupported_autodiff("attention", q, k, v, attn_mask, alibi_slopes, sinks)
     if eager(q, k, v, attn_mask, alibi_slopes, sinks):
         if records_grad(q, k, v, attn_mask, sinks):
             return _EagerAttention.apply(*args)
@@ -674,6 +695,7 @@ def norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: 
     """``norm_fwd`` with its gradient: the torch.library op where it must be seen (torch.compile,
     modes, transforms, tensor subclasses), else the same computation as an autograd.Function."""
     args = (x, residual, weight, bias, seed, eps, dropout_p, rms, prenorm, residual_in_fp32, backend, needs_grad)
+    refuse_unsupported_autodiff("norm", x, residual, weight, bias)
     if eager(x, residual, weight, bias):
         if needs_grad:
             return _EagerNorm.apply(*args)

@@ -130,9 +130,9 @@ def _cpu_backward(grad_out, query, key, value, out, logsumexp, dropout_p, is_cau
 def _cuda_forward(query, key, value, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, scale=None):
     if return_debug_mask:
         raise RuntimeError("fusedlayers SDPA: return_debug_mask is not supported")
-    seed = None
-    if dropout_p > 0:
-        seed = torch.randint(0, 2**62, (), dtype=torch.int64)  # torch's default generator, as fusedlayers does
+    from .ops import _draw_seed
+
+    seed = _draw_seed(dropout_p)  # torch's default generator, as fusedlayers' ops draw it
     out, lse = _forward(query, key, value, None, dropout_p, is_causal, scale, seed)
     out, lse = _like(out, query), lse.contiguous()
     # rng_state carries the dropout seed to the backward (philox_seed there); unused is empty.

@@ -390,3 +390,29 @@ def test_compiled_autograd_traces_the_backward_nodes(op):
         got = torch.autograd.grad(out.pow(2).sum(), inputs)
     for a, e in zip(got, expected):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+def test_forward_mode_and_functorch_grad_are_refused_not_silently_zero():
+    """A torch.library op under forward-mode AD gives a zero tangent without an error; the ops refuse
+    such calls (and torch.func.grad) by name, on the fast path and the Python path alike, and vmap serves."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, t = torch.randn(4, 32), torch.randn(4, 32)
+    q = torch.randn(1, 2, 4, 8)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, t)
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            fusedlayers.layer_norm(dual)
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            fusedlayers.attention(fwAD.make_dual(q, q), q, q)
+        fusedlayers.layer_norm(x)  # no tangent: served
+    with pytest.raises(NotImplementedError, match="torch.func"):
+        torch.func.jvp(fusedlayers.rms_norm, (x,), (t,))
+    with pytest.raises(NotImplementedError, match="torch.func"):
+        torch.func.grad(lambda a: fusedlayers.attention(a, a, a).sum())(q)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match="torch.func"):
+        torch.func.jvp(lambda a: fusedlayers.attention_varlen(a, a, a, cu, cu, 4, 4), (q[0].transpose(0, 1),),
+                       (q[0].transpose(0, 1),))
+    batched = torch.func.vmap(fusedlayers.layer_norm)(x.view(2, 2, 32))
+    torch.testing.assert_close(batched, F.layer_norm(x.view(2, 2, 32), (32,)))

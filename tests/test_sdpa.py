@@ -167,8 +167,8 @@ def test_cuda_override_carries_the_dropout_seed():
     out, lse, _, _, max_q, max_k, rng_state, unused, _ = sdpa._cuda_forward(q, k, v, 0.3, True, scale=0.25)
     assert (max_q, max_k) == (8, 8) and rng_state.dtype == torch.uint64
     torch.manual_seed(7)
-    seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-    assert int(rng_state[0]) == int(seed)
+    seed = fusedlayers.ops._draw_seed(0.3)
+    assert int(rng_state[0]) == int(seed) and int(seed) % 2 == 1
     qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
     ref_out, ref_lse = registration.attention_fwd(qq, kk, vv, None, seed, 0.25, True, False, 0.3, False, CPU_BACKEND)
     torch.testing.assert_close(out, ref_out)
