@@ -485,7 +485,7 @@ def _attn_fwd(
     tl.store(Lse + split * l_str.split + b * l_str.b + h * l_str.h + rows * l_str.n, lse, mask=st_row)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("R", "num_splits"))  # one build whatever the row and split counts
 def _split_combine(
     OPart,  # fp32 (splits, R, D) normalised partial outputs, R = B*Hq*Nq rows
     LPart,  # fp32 (splits, R) partial lse (natural log, -inf where a split saw no key)
@@ -530,7 +530,7 @@ def _keep_mask_kernel(
 # ----------------------------------------------------------------------------- backward
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("N",))  # one build whatever the row count (1 in decoding)
 def _bwd_preprocess(
     O, DO,  # output and its gradient, (B, H, N, D) by strides, head-dim stride 1 (varlen: B = 1, N = total_q)
     DLse,  # gradient of lse (B, H, N) by strides
@@ -845,9 +845,9 @@ def _generation(device: torch.device) -> int:
     return 9 if gpu_facts(device)[0] >= 9 else 8
 
 
-def _rows(d: int) -> int:
-    """Rows per program of the row kernels (_bwd_preprocess, _split_combine)."""
-    return _ROWS_BLOCK_INTERPRET if INTERPRET else _rows_block(_bucket(d))
+def _rows(kernel: str, d: int) -> int:
+    """Rows per program of a row kernel ("preprocess": _bwd_preprocess, "combine": _split_combine)."""
+    return _ROWS_BLOCK_INTERPRET if INTERPRET else _rows_block(kernel, _bucket(d))
 
 
 def _row_stats_config(d: int) -> tuple[int, int, int]:
@@ -1049,8 +1049,8 @@ def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_
         **_launch_options(warps, stages))
     if num_splits > 1:
         rows = b * hq * nq
-        _split_combine[(cdiv(rows, _rows(d)),)](o_dst, l_dst, out, lse, rows, d, num_splits,
-                                                       BLOCK_M=_rows(d), BLOCK_D=_bucket(d))
+        _split_combine[(cdiv(rows, _rows("combine", d)),)](o_dst, l_dst, out, lse, rows, d, num_splits,
+                                                                  BLOCK_M=_rows("combine", d), BLOCK_D=_bucket(d))
     return out, lse
 
 
@@ -1118,8 +1118,9 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
     vm = _Mods(mods, b, hq, nq + nk, q)
     # Delta = rowsum(dO * O) - dlse, laid out like lse; fp64 for fp32 inputs (see _bwd_tile)
     Delta = torch.empty_like(lse, dtype=torch.float64 if q.dtype == torch.float32 else torch.float32)
-    _bwd_preprocess[(cdiv(pre_n, _rows(d)), hq, pre_b)](
-        out, dout, dlse, Delta, _strides(out, varlen), qs, gs, ls, pre_n, d, BLOCK_M=_rows(d), BLOCK_D=_bucket(d))
+    _bwd_preprocess[(cdiv(pre_n, _rows("preprocess", d)), hq, pre_b)](
+        out, dout, dlse, Delta, _strides(out, varlen), qs, gs, ls, pre_n, d, BLOCK_M=_rows("preprocess", d),
+        BLOCK_D=_bucket(d))
     # P = exp((S - row_m) - row_c), laid out like lse: (lse, 0), or the exact (max, log(sum)) of a row whose
     # float32 lse is too coarse (|lse| >= LSE_EXACT; see _bwd_row_stats)
     mask, ms, mask_kind = _mask_args(attn_mask, q)

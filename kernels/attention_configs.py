@@ -52,22 +52,25 @@ class _BY_MODS(NamedTuple):
 
 _CONFIGS = {  # fp16 and bf16
     # (pass, dropout, mask):  d <= 16          d 17..32         d 33..64         d 65..128        d 129..256        d 257..512
-    ("fwd", False, False):    ((128, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3),  (32, 64, 8, 2),  (32, 16, 8, 1)),
+    ("fwd", False, False):    ((128, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
+                               (64, 64, 4, 3), _BY_MODS((32, 64, 8, 2), (64, 32, 8, 3)), (32, 16, 8, 1)),
     ("fwd", False, True):     ((128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3),  (32, 64, 8, 2),  (32, 16, 8, 1)),
     ("fwd", True, False):     ((128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3), (64, 32, 8, 3),  (32, 64, 8, 1),  (32, 16, 8, 1)),
-    ("fwd", True, True):      ((128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 8, 3),  (32, 32, 8, 1),  (32, 16, 8, 1)),
-    ("decode", False, False): ((16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2),  _BY_MODS((16, 64, 4, 3), (16, 32, 4, 2)),
-                               (16, 32, 4, 2),  (16, 32, 8, 1)),
+    ("fwd", True, True):      (_BY_MODS((128, 64, 8, 3), (128, 32, 8, 3)), (128, 32, 8, 3), (128, 64, 8, 3),
+                               (64, 32, 8, 3), (32, 32, 8, 1), (32, 16, 8, 1)),
+    ("decode", False, False): ((16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2),
+                               _BY_MODS((16, 64, 4, 3), (16, 32, 4, 2)), (16, 32, 4, 2), (16, 32, 8, 1)),
     ("decode", False, True):  ((16, 64, 4, 2),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 8, 1)),
     ("decode", True, False):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 64, 4, 3),  (16, 32, 8, 2),  (16, 32, 8, 2),  (16, 32, 8, 1)),
     ("decode", True, True):   ((16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 8, 1)),
     ("dkdv", False, False):   ((32, 64, 8, 3),  (32, 64, 8, 3),  (32, 64, 8, 3),  (32, 64, 8, 2),  (32, 64, 8, 1),  (32, 16, 8, 1)),
-    ("dkdv", False, True):    ((32, 64, 8, 1),  (32, 64, 8, 1),  (32, 64, 8, 1),  (16, 64, 8, 2),  (32, 32, 8, 2),  (16, 16, 8, 1)),
-    ("dkdv", True, False):    ((32, 64, 8, 1),  (16, 64, 4, 2),  (32, 64, 8, 3),  (16, 32, 8, 2),  (32, 32, 8, 1),  (16, 16, 8, 1)),
-    ("dkdv", True, True):     ((32, 32, 8, 2),  (16, 32, 8, 1),  (32, 32, 8, 2),  (16, 32, 8, 2),  (16, 32, 8, 2),  (16, 16, 8, 1)),
+    ("dkdv", False, True):    ((32, 64, 8, 1),  (32, 64, 8, 1),  (32, 64, 8, 1),  (16, 64, 8, 2),  (32, 32, 8, 1),  (16, 16, 8, 1)),
+    ("dkdv", True, False):    ((32, 64, 8, 1),  (16, 64, 4, 2),  (32, 64, 8, 3),  (16, 32, 8, 2),  (32, 32, 8, 1),  (16, 32, 8, 2)),
+    ("dkdv", True, True):     ((32, 32, 8, 2),  (32, 32, 8, 1),  (32, 32, 8, 2),  (16, 32, 8, 2),  (16, 32, 8, 2),  (16, 16, 8, 1)),
     ("dq", False, False):     ((128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 2), (32, 16, 8, 1),  (32, 16, 8, 1)),
-    ("dq", False, True):      ((128, 32, 8, 2), (128, 32, 4, 3), (64, 32, 4, 3),  (64, 32, 4, 3),  (32, 32, 8, 1),  (32, 16, 8, 1)),
-    ("dq", True, False):      ((64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 8, 2),  (32, 32, 8, 1),  (32, 16, 8, 1)),
+    ("dq", False, True):      ((128, 32, 8, 2), (128, 32, 4, 3), (128, 32, 8, 2), (64, 32, 4, 3),  (32, 32, 8, 1),  (32, 16, 8, 1)),
+    ("dq", True, False):      ((64, 32, 4, 3),  (64, 32, 4, 3),  _BY_MODS((64, 32, 4, 3), (128, 32, 8, 2)),
+                               (64, 32, 8, 2), (32, 32, 8, 1), (32, 16, 8, 1)),
     ("dq", True, True):       ((64, 32, 4, 3),  (64, 32, 4, 3),  (64, 32, 4, 3),
                                (32, 32, 8, 1), (32, 32, 8, 1), _ARCH(None, (16, 16, 8, 2))),
 }
@@ -75,23 +78,27 @@ _CONFIGS = {  # fp16 and bf16
 
 _FP32_CONFIGS = {  # fp32: FMA dots (no TF32), fp64 dP in backward: smaller tiles
     # (pass, dropout, mask):  d <= 16          d 17..32         d 33..64         d 65..128        d 129..256        d 257..512
-    ("fwd", False, False):    ((128, 32, 4, 2), (128, 32, 8, 3), (32, 64, 8, 2),  (16, 16, 4, 1),  (32, 32, 8, 1),  (32, 16, 8, 1)),
-    ("fwd", False, True):     ((64, 32, 4, 2),  (64, 32, 8, 3),  (32, 64, 8, 2),  (32, 32, 8, 1),  (32, 32, 8, 1),  (32, 16, 8, 1)),
+    ("fwd", False, False):    (_BY_MODS((128, 32, 4, 2), (128, 64, 8, 3)), (128, 32, 8, 3), (32, 64, 8, 2),
+                               _BY_MODS((16, 16, 4, 1), (32, 64, 8, 1)), (32, 32, 8, 1), (32, 16, 8, 1)),
+    ("fwd", False, True):     ((64, 32, 4, 2),  (32, 64, 8, 1),  (32, 64, 8, 2),  (32, 32, 8, 1),  (32, 32, 8, 1),  (32, 16, 8, 1)),
     ("fwd", True, False):     ((128, 32, 8, 3), (128, 32, 8, 3), (64, 32, 8, 3),  (16, 16, 4, 1),  (16, 32, 4, 1),  (32, 16, 8, 1)),
-    ("fwd", True, True):      ((64, 64, 8, 3),  (64, 32, 8, 3),  (32, 32, 4, 1),  (32, 32, 8, 1),  (32, 32, 8, 1),  (32, 16, 8, 1)),
-    ("decode", False, False): ((16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 4, 2),  (16, 16, 4, 1),  (16, 32, 4, 1),  (16, 32, 8, 1)),
-    ("decode", False, True):  ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 8, 1)),
+    ("fwd", True, True):      ((64, 64, 8, 3),  (32, 32, 8, 1),  (32, 32, 4, 1),
+                               (32, 32, 8, 1), _BY_MODS((32, 32, 8, 1), (32, 16, 8, 1)), (32, 16, 8, 1)),
+    ("decode", False, False): ((16, 64, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 2),
+                               _BY_MODS((16, 16, 4, 1), (16, 32, 4, 1)), _BY_MODS((16, 32, 4, 1), (16, 32, 8, 2)), (16, 32, 8, 1)),
+    ("decode", False, True):  ((16, 64, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 8, 1)),
     ("decode", True, False):  ((16, 64, 4, 3),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 4, 1),  (16, 32, 8, 1)),
-    ("decode", True, True):   ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 8, 1)),
-    ("dkdv", False, False):   ((16, 64, 8, 2),  (16, 64, 8, 1),  (32, 64, 8, 1),  (16, 64, 8, 2),  (16, 32, 8, 2),  (16, 16, 8, 1)),
-    ("dkdv", False, True):    ((16, 64, 8, 2),  (16, 64, 8, 2),  (32, 32, 8, 1),  (32, 16, 8, 1),  (16, 32, 8, 1),  None),
-    ("dkdv", True, False):    ((32, 64, 8, 2),  (16, 64, 8, 2),  _ARCH((32, 64, 8, 1), (16, 32, 8, 2)),
-                               _ARCH((16, 64, 8, 1), (16, 64, 8, 2)), _ARCH((16, 16, 8, 1), (32, 16, 8, 1)), None),
-    ("dkdv", True, True):     ((16, 64, 8, 1),  (16, 32, 8, 2),  _ARCH((32, 32, 8, 1), (16, 16, 4, 1)),
-                               _ARCH((16, 64, 8, 1), (32, 16, 8, 1)), _ARCH((32, 16, 8, 1), (16, 32, 8, 1)), None),
+    ("decode", True, True):   ((16, 32, 4, 2),  (16, 32, 4, 2),  (16, 64, 4, 3),  (16, 32, 4, 1),  (16, 32, 4, 1),  (16, 32, 8, 1)),
+    ("dkdv", False, False):   ((16, 64, 8, 2),  (16, 64, 8, 2),  (32, 64, 8, 1),  (16, 64, 8, 2),  (16, 32, 8, 2),  (16, 16, 8, 1)),
+    ("dkdv", False, True):    ((16, 64, 8, 2),  _BY_MODS((16, 64, 8, 2), (32, 64, 8, 1)), (16, 64, 8, 1),
+                               (32, 16, 8, 1), (32, 16, 8, 1), None),
+    ("dkdv", True, False):    ((16, 64, 8, 2),  (16, 64, 8, 2),  (32, 64, 8, 1),
+                               _ARCH((16, 64, 8, 1), (16, 64, 8, 2)), (16, 16, 8, 2), None),
+    ("dkdv", True, True):     ((16, 64, 8, 1),  _BY_MODS((16, 32, 8, 2), (32, 16, 8, 1)), _BY_MODS(_ARCH((32, 32, 8, 1), (16, 16, 4, 1)), (16, 64, 8, 1)),
+                               (16, 16, 8, 1), (16, 32, 8, 1), None),
     ("dq", False, False):     ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (16, 32, 8, 1),  (32, 16, 8, 1)),
     ("dq", False, True):      ((32, 32, 4, 1),  (128, 32, 8, 2), (16, 32, 4, 1),  (16, 32, 4, 1),  (32, 32, 8, 1),  (16, 16, 4, 1)),
-    ("dq", True, False):      ((32, 32, 4, 1),  (128, 32, 8, 2), (16, 32, 4, 1),  (32, 32, 8, 1),  (16, 32, 8, 1),  (16, 16, 8, 1)),
+    ("dq", True, False):      ((32, 32, 4, 1),  (128, 32, 8, 2), (16, 32, 4, 1),  (16, 32, 8, 1),  (16, 32, 8, 1),  (16, 16, 8, 1)),
     ("dq", True, True):       ((32, 32, 4, 1),  (32, 32, 4, 1),  (16, 32, 4, 1),  (16, 16, 4, 1),  (32, 32, 8, 1),  (16, 16, 8, 1)),
 }
 
@@ -112,6 +119,8 @@ _UNALIGNED = {
     ("fwd", True , 128, False, True , True ): (64, 32, 8, 3),
     ("fwd", False,  64, True , False, False): (32, 64, 8, 2),
     ("fwd", False,  64, True , False, True ): (32, 64, 8, 2),
+    ("fwd", False,  64, True , True , False): (64, 32, 8, 3),
+    ("fwd", False, 128, False, False, True ): (16, 16, 4, 1),
     ("fwd", False, 128, False, True , False): (32, 16, 8, 1),
     ("decode", True ,  64, False, True , True ): (16, 64, 4, 2),
     ("decode", True ,  64, True , False, True ): (16, 32, 8, 2),
@@ -125,7 +134,7 @@ _UNALIGNED = {
     ("dkdv", True , 128, False, False, True ): (32, 32, 8, 2),
     ("dkdv", False,  64, False, False, True ): (16, 64, 8, 1),
     ("dkdv", False,  64, False, True , False): (16, 64, 8, 1),
-    ("dkdv", False,  64, False, True , True ): (16, 32, 8, 1),
+    ("dkdv", False,  64, False, True , True ): (16, 32, 4, 1),
     ("dkdv", False,  64, True , False, False): (16, 64, 8, 1),
     ("dkdv", False,  64, True , False, True ): (32, 64, 8, 1),
     ("dkdv", False,  64, True , True , False): (16, 64, 8, 1),
@@ -133,7 +142,7 @@ _UNALIGNED = {
     ("dkdv", False, 128, False, False, True ): (32, 32, 8, 1),
     ("dkdv", False, 128, False, True , False): (16, 16, 8, 2),
     ("dkdv", False, 128, False, True , True ): (16, 32, 8, 1),
-    ("dkdv", False, 128, True , False, False): (16, 16, 8, 2),
+    ("dkdv", False, 128, True , False, False): (16, 32, 8, 1),
     ("dkdv", False, 128, True , False, True ): (32, 32, 8, 1),
     ("dkdv", False, 128, True , True , False): {8: (16, 16, 4, 1), 9: (32, 16, 8, 1)},
     ("dkdv", False, 128, True , True , True ): (32, 32, 8, 1),
@@ -145,9 +154,10 @@ _UNALIGNED = {
 _INTERPRETER_CONFIG = (64, 64, 4, 1)
 # _bwd_row_stats (BLOCK_M, BLOCK_N, num_warps) per head-dim bucket, every dtype; one stage
 _ROW_STATS_CONFIGS = ((32, 32, 4), (32, 32, 4), (32, 32, 4), (32, 32, 4), (32, 16, 8), (16, 16, 4))
-# rows per program of the row kernels (preprocess, combine) up to head dim 256 (16 spills there), half as many
-# at 512 (32 spill). The interpreter costs per program: 64.
-_ROWS_BLOCK = 32
+# rows per program of the row kernels on a GPU, per head-dim bucket: the largest of 32, 16, 8 that compiles with 0
+# spills on sm_80 and sm_90a in every dtype with the runtime's hints (head dim divisible by 16); the combine
+# spilled 8 bytes at 32 rows of head dim 16 and at 16 rows of head dim 512. The interpreter costs per program: 64.
+_ROWS_BLOCKS = {"preprocess": (32, 32, 32, 32, 32, 16), "combine": (16, 32, 32, 32, 32, 8)}
 _ROWS_BLOCK_INTERPRET = 64
 # dropout_keep_mask: scores per program. 1024 over 4 warps is 8 per thread (Philox gives 4 per call); the
 # interpreter costs per program, not per element, so it takes whole 64 K blocks.
@@ -161,9 +171,9 @@ def _bucket(d: int) -> int:
     return max(16, next_power_of_2(d))
 
 
-def _rows_block(bucket: int) -> int:
-    """Rows per program of the row kernels (_bwd_preprocess, _split_combine) on a GPU."""
-    return _ROWS_BLOCK if bucket <= 256 else _ROWS_BLOCK // 2
+def _rows_block(kernel: str, bucket: int) -> int:
+    """Rows per program of a row kernel ("preprocess": _bwd_preprocess, "combine": _split_combine) on a GPU."""
+    return _ROWS_BLOCKS[kernel][_BUCKETS.index(bucket)]
 
 
 def _atomic_dq(bucket: int, dtype: torch.dtype, mods: bool = False) -> bool:
@@ -193,10 +203,12 @@ def compile_targets() -> list[tuple]:
     bf16, fp16 and fp32: fp16 and bf16
     share their tiles but not their code (ptxas allocates registers differently for the two MMA
     types, one fp16 kernel spilled where its bf16 twin did not). The row kernels (Delta, split-KV
-    combine) once per bucket and dtype. Runtime specialisation is mirrored for the common case: the
-    head-dim strides are 1 (constexpr), pointers and other strides 16-divisible; and the builds of strides that
-    are not 16-divisible (``<kind>_<variant>_unaligned``: every variant at head-dim buckets 64 and 128, every dtype,
-    with the tiles ``_gpu_config(..., aligned=False)`` picks)."""
+    combine) once per bucket and dtype. Triton's runtime specialisation is mirrored for the common case
+    (``_signature``, ``_aligned``): the head-dim strides, a mask's key stride, lse's row stride and ALiBi's head
+    stride are the constant 1; pointers, the other strides, the head dim and the split-KV bounds are hinted
+    16-divisible; the dropout seed is an i64 that no hint applies to (odd, above 2**31); and the builds of
+    strides that are not 16-divisible (``<kind>_<variant>_unaligned``: every variant at head-dim buckets 64 and
+    128, every dtype, with the tiles ``_gpu_config(..., aligned=False)`` picks)."""
     from .attention import _bwd_preprocess, _keep_mask_kernel, _split_combine
 
     targets = {}  # name -> [target tuple, GPU generations that pick it]
@@ -220,7 +232,7 @@ def compile_targets() -> list[tuple]:
             for bucket in _BUCKETS:
                 for fn, tag in ((_bwd_preprocess, "preprocess"), (_split_combine, "combine")):
                     name = f"attn_{tag}_{tdt}_d{bucket}"
-                    signature, constexprs = _row_target(fn, tdt, bucket)
+                    signature, constexprs = _row_target(fn, tag, tdt, bucket)
                     targets[name] = [(name, fn, signature, constexprs, {"num_warps": 4}, _aligned(fn, signature)),
                                      {8, 9}]
             for bucket, (bm, bn, warps) in zip(_BUCKETS, _ROW_STATS_CONFIGS):
@@ -283,19 +295,21 @@ def _variants(kind: str, tdt: str, bucket: int) -> tuple:
 
 
 def _aligned(fn, signature: dict, strides: bool = True) -> dict:
-    """Triton's runtime specialisation of 16-aligned pointers and strides divisible by 16 (the common
-    case: power-of-two head dims, fresh allocations), as ASTSource attrs: keyed (argument,) or, for a field
-    of an argument group, (argument, field). ``strides=False``: the pointers' alone."""
+    """Triton's runtime specialisation of 16-aligned pointers, strides divisible by 16 and the int arguments that
+    are (the common case: head dims and sequence lengths multiples of 16, fresh allocations), as ASTSource attrs:
+    keyed (argument,) or, for a field of an argument group, (argument, field). ``strides=False``: a call whose
+    strides are not multiples of 16 (a head dim such as 72): the pointers' and the split bounds' alone."""
     attrs = {}
+    hint = [["tt.divisibility", 16]]
     for i, arg in enumerate(fn.arg_names):
         ty = signature[arg]
         if isinstance(ty, tuple):
             if not strides:
                 continue
-            attrs.update({(i, j): [["tt.divisibility", 16]] for j, (field, t) in enumerate(zip(ty._fields, ty))
-                          if t != "constexpr" and field not in _NOT_STRIDES})
-        elif ty.startswith("*"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
+            attrs.update({(i, j): hint for j, (field, t) in enumerate(zip(ty._fields, ty))
+                          if t not in ("constexpr", "fp32") and field not in _NOT_STRIDES})
+        elif ty.startswith("*") or arg in _DIVISIBLE_INTS or (strides and arg in _DIVISIBLE_WHEN_ALIGNED):
+            attrs[(i,)] = hint
     return attrs
 
 
@@ -344,8 +358,7 @@ def _target(kind: str, variant: str, tdt: str, bucket: int, bm: int, bn: int):
     types.update({arg: "*" + tdt for arg in ("Q", "K", "V", "DO", "DK", "DV")})
     types.update({arg: "*i32" if varlen else "*" + tdt for arg in ("CuQ", "CuK")})
     types["qk_scale"] = "fp32"
-    signature = _signature(fn, tdt, types)
-    constexprs = {(fn.arg_names.index("m_str"), 3): 1}  # a mask's key stride is 1 unless broadcast over keys
+    signature, constexprs = _signature(fn, tdt, types, mods)
     mask_kind = A.MASK_BIAS if on and not varlen else A.MASK_NONE
     constexprs.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bucket, MASK_KIND=mask_kind.value,
                       CAUSAL=on or varlen, DROPOUT=dropout, VARLEN=varlen, WINDOW=mods, SOFTCAP=mods, ALIBI=mods,
@@ -355,28 +368,43 @@ def _target(kind: str, variant: str, tdt: str, bucket: int, bm: int, bn: int):
     return fn, signature, {k: v for k, v in constexprs.items() if not isinstance(k, str) or k in fn.arg_names}
 
 
-# The fields of the kernels' argument groups (kernels/attention.py) that are not i32; a mask's key
-# stride is a constexpr in the targets (1, as Triton specialises it at run time unless the mask broadcasts keys).
-_FIELD_TYPES = {"Dropout": {"seed": "i64", "p": "fp32", "inv_keep": "fp32", "b_stride": "i64", "h_stride": "i64",
-                            "n_stride": "i64"},
-                "Mods": {"softcap": "fp32"}, "MaskStrides": {"k": "constexpr"}}
+# The fields of the kernels' argument groups (kernels/attention.py) that are not i32 at run time: the dropout
+# seed (fusedlayers.ops._draw_seed: odd, above 2**31) i64, the probabilities and softcap fp32. The dropout
+# strides are i32 up to Hq * Nq * Nk < 2**31 (Triton types a Python int by its value; past that it runs an i64
+# build of its own, which the resource check does not compile).
+_FIELD_TYPES = {"Dropout": {"seed": "i64", "p": "fp32", "inv_keep": "fp32"}, "Mods": {"softcap": "fp32"}}
+# Fields equal to 1 in every call, which Triton turns into the constant 1 at run time: a mask's key stride (unless
+# the mask broadcasts keys), the row stride of lse and of its gradient (the kernels lay them out (B, H, N)), and the
+# head stride of ALiBi slopes ((Hq,) or (B, Hq) float32, when ALiBi is on).
+_UNIT_FIELDS = {"MaskStrides": ("k",), "l_str": ("n",), "g_str": ("n",)}
+_UNIT_FIELDS_MODS = {"Mods": ("alibi_h",)}
 # Fields that are not strides (no divisibility hint).
 _NOT_STRIDES = {"seed", "p", "inv_keep", "win_left", "win_right", "softcap"}
+# Int arguments that are multiples of 16 in every call (split bounds: multiples of BLOCK_N), and those that are in
+# a call whose strides are (the head dim): Triton hints them divisible by 16 at run time.
+_DIVISIBLE_INTS = ("split_lo", "keys_per_split")
+_DIVISIBLE_WHEN_ALIGNED = ("D",)
 
 
-def _signature(fn, tdt: str, types: dict) -> dict:
-    """Triton signature of ``fn`` in dtype ``tdt``: ``types`` for the arguments it names; the fp32 row tensors;
-    Delta fp64 for fp32 inputs, else fp32; ``tl.constexpr`` parameters; an argument group (a NamedTuple
-    annotation) as that tuple of its fields' types (_FIELD_TYPES, else i32); i32 for the rest (sizes)."""
-    signature = {}
+def _signature(fn, tdt: str, types: dict, mods: bool = False) -> tuple[dict, dict]:
+    """(Triton signature, constexprs of argument-group fields) of ``fn`` in dtype ``tdt``: ``types`` for the
+    arguments it names; the fp32 row tensors; Delta fp64 for fp32 inputs, else fp32; ``tl.constexpr``
+    parameters; an argument group (a NamedTuple annotation) as that tuple of its fields' types (_FIELD_TYPES,
+    else i32; the constant 1 for _UNIT_FIELDS, and _UNIT_FIELDS_MODS with the score variants on, ``mods``); i32
+    for the rest (sizes)."""
+    signature, constexprs = {}, {}
     params = inspect.signature(fn.fn).parameters
-    for arg in fn.arg_names:
+    for i, arg in enumerate(fn.arg_names):
         group = params[arg].annotation
         if arg in types:
             signature[arg] = types[arg]
         elif hasattr(group, "_fields"):
             field_types = _FIELD_TYPES.get(group.__name__, {})
-            signature[arg] = group(*(field_types.get(f, "i32") for f in group._fields))
+            units = _UNIT_FIELDS.get(arg, ()) + _UNIT_FIELDS.get(group.__name__, ()) + (
+                _UNIT_FIELDS_MODS.get(group.__name__, ()) if mods else ())
+            signature[arg] = group(*("constexpr" if f in units else field_types.get(f, "i32")
+                                     for f in group._fields))
+            constexprs.update({(i, j): 1 for j, f in enumerate(group._fields) if f in units})
         elif arg in ("Delta", "Delta_out"):
             signature[arg] = "*fp64" if tdt == "fp32" else "*fp32"
         elif arg in ("Lse", "RowM", "RowC", "DB", "Alibi", "DLse", "OPart", "LPart"):
@@ -385,7 +413,7 @@ def _signature(fn, tdt: str, types: dict) -> dict:
             signature[arg] = "constexpr"
         else:
             signature[arg] = "i32"
-    return signature
+    return signature, constexprs
 
 
 def _constexpr_args(fn) -> set:
@@ -394,9 +422,10 @@ def _constexpr_args(fn) -> set:
     return {name for name, p in params.items() if p.annotation is tl.constexpr or "constexpr" in str(p.annotation)}
 
 
-def _row_target(fn, tdt: str, bucket: int):
-    """(signature, constexprs) of a row kernel (_bwd_preprocess, _split_combine) in dtype ``tdt``."""
-    signature, constexprs = _signature(fn, tdt, {arg: "*" + tdt for arg in ("O", "DO", "Out")}), {}
-    constexprs.update(BLOCK_M=_rows_block(bucket), BLOCK_D=bucket)
+def _row_target(fn, kernel: str, tdt: str, bucket: int):
+    """(signature, constexprs) of a row kernel (_bwd_preprocess "preprocess", _split_combine "combine") in dtype
+    ``tdt``."""
+    signature, constexprs = _signature(fn, tdt, {arg: "*" + tdt for arg in ("O", "DO", "Out")})
+    constexprs.update(BLOCK_M=_rows_block(kernel, bucket), BLOCK_D=bucket)
     return signature, constexprs
 

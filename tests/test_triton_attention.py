@@ -6,6 +6,7 @@ and the compile-target list of the resource check (kernels/attention_configs.py)
 TRITON_INTERPRET=1."""
 
 import itertools
+from typing import Optional
 
 import pytest
 import torch
@@ -346,7 +347,8 @@ def test_compile_targets_cover_the_launch_configurations():
                         assert variants and all(n in archs_of and archs_of[n] in (None, [arch]) for n in checked), (
                             kind, bucket, major, tag, dropout, masked, mods)
     # strides that are not multiples of 16 (head dims such as 72): every variant's build at buckets 64 and 128, in
-    # every dtype, whose divisibility hints are the pointers' alone, with the tile such a call takes
+    # every dtype, whose divisibility hints are the pointers' and the split bounds' alone (multiples of BLOCK_N in
+    # every call), with the tile such a call takes
     by_name = {t[0]: t for t in targets}
     for kind, bucket, major, (tag, dt) in itertools.product(("fwd", "decode", "dkdv", "dq"), (64, 128), (8, 9),
                                                             C._DTYPES.items()):
@@ -359,7 +361,8 @@ def test_compile_targets_cover_the_launch_configurations():
             name = f"attn_{kind}_{variant}_unaligned_{tag}_d{bucket}_BM{bm}_BN{bn}_w{w}_s{s}"
             assert name in by_name and archs_of[name] in (None, ["sm_80" if major == 8 else "sm_90a"]), name
             fn, signature, attrs = by_name[name][1], by_name[name][2], by_name[name][5]
-            assert attrs and all(len(k) == 1 and signature[fn.arg_names[k[0]]].startswith("*") for k in attrs), name
+            assert attrs and all(len(k) == 1 and (signature[fn.arg_names[k[0]]].startswith("*")
+                                                  or fn.arg_names[k[0]] in C._DIVISIBLE_INTS) for k in attrs), name
 
 
 def test_int_arguments_equal_to_1_get_no_build_of_their_own():
@@ -384,15 +387,144 @@ def test_compile_targets_type_the_argument_groups_as_the_launchers_pass_them():
     # mask's key stride a constexpr 1) compiles a kernel the launchers never run; the divisibility hints go to
     # stride fields only.
     fn, signature, constexprs = C._target("fwd", "all_mods", "bf16", 64, 64, 64)
-    assert signature["drop"] == A.Dropout("i64", "fp32", "fp32", "i64", "i64", "i64")
-    assert signature["mods"] == A.Mods("i32", "i32", "i32", "i32", "fp32")
+    assert signature["drop"] == A.Dropout("i64", "fp32", "fp32", "i32", "i32", "i32")
+    assert signature["mods"] == A.Mods("i32", "constexpr", "i32", "i32", "fp32")  # ALiBi's head stride: 1
+    assert signature["l_str"] == A.SplitStrides("i32", "i32", "constexpr", "i32")  # lse's row stride: 1
     assert signature["m_str"] == A.MaskStrides("i32", "i32", "i32", "constexpr")
     assert signature["q_str"] == A.Strides("i32", "i32", "i32") and signature["qk_scale"] == "fp32"
     assert constexprs[(fn.arg_names.index("m_str"), 3)] == 1
     hinted = {(fn.arg_names[k[0]], getattr(signature[fn.arg_names[k[0]]], "_fields", (None,))[k[1]] if len(k) > 1
                else None) for k in C._aligned(fn, signature)}
-    assert ("drop", "n_stride") in hinted and ("mods", "alibi_h") in hinted and ("Q", None) in hinted
+    assert ("drop", "n_stride") in hinted and ("mods", "alibi_b") in hinted and ("Q", None) in hinted
+    assert ("D", None) in hinted and ("split_lo", None) in hinted
     assert not {f for _, f in hinted} & {"seed", "p", "inv_keep", "win_left", "win_right", "softcap", "k"}
+
+
+def _record_launches(monkeypatch) -> list:
+    """(kernel, {argument: value}) of every Triton launch the attention launchers make while recording."""
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.kernel, {**dict(zip(self.kernel.arg_names, args)), **kwargs}))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name in ("_attn_fwd", "_split_combine", "_bwd_preprocess", "_bwd_row_stats", "_bwd_dkdv", "_bwd_dq"):
+        monkeypatch.setattr(A, name, Recorder(getattr(A, name)))
+    return launches
+
+
+def _unspecialized(fn) -> set:
+    """A kernel's do_not_specialize names (a JITFunction keeps the decorator's list; the interpreter's function its
+    kwargs)."""
+    return set(getattr(fn, "do_not_specialize", None) or fn.kwargs.get("do_not_specialize") or ())
+
+
+_MODS_FLAG = {"alibi_b": "ALIBI", "alibi_h": "ALIBI", "win_left": "WINDOW", "win_right": "WINDOW",
+              "softcap": "SOFTCAP"}  # the constexpr that turns each field of Mods on
+
+
+def _dead(values: dict, arg: str, field: Optional[str] = None) -> bool:
+    """Whether an argument (or a field of one) is unused under the launch's constexprs (its runtime type does not
+    matter)."""
+    off = {"Mask": "MASK_KIND", "m_str": "MASK_KIND", "drop": "DROPOUT", "CuQ": "VARLEN", "CuK": "VARLEN",
+           "Alibi": "ALIBI", "DQ": "ATOMIC_DQ", "dq_str": "ATOMIC_DQ", "DB": "DBIAS"}.get(arg)
+    if arg == "mods" and field is not None:
+        off = _MODS_FLAG[field]
+    return off in values and not values[off]  # MASK_KIND: A.MASK_NONE is 0
+
+
+def _target_of_launch(targets: list, fn, values: dict) -> tuple:
+    """The compile target of the variant a launch runs (any of its tiles: the typing does not depend on them)."""
+    tdt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
+        next(values[a] for a in ("Q", "O", "Out") if a in values).dtype]
+    name = fn.fn.__name__
+    if name in ("_split_combine", "_bwd_preprocess"):
+        prefix = f"attn_{'combine' if name == '_split_combine' else 'preprocess'}_{tdt}_d{values['BLOCK_D']}"
+    else:
+        kind = {"_attn_fwd": "fwd", "_bwd_dkdv": "dkdv", "_bwd_dq": "dq", "_bwd_row_stats": "rowstats"}[name]
+        if kind == "rowstats":
+            variant = "varlen" if values["VARLEN"] else "all"
+        elif values["VARLEN"]:
+            variant = "varlen"
+        elif values["MASK_KIND"] == A.MASK_NONE.value:
+            variant = "none"
+        elif not values["DROPOUT"]:
+            variant = "mask"
+        else:
+            variant = "deterministic" if kind == "dkdv" and not values["ATOMIC_DQ"] else "all"
+        mods = "_mods" if values["WINDOW"] or values["SOFTCAP"] or values["ALIBI"] else ""
+        prefix = f"attn_{kind}_{variant}{mods}_{tdt}_d{values['BLOCK_D']}_"
+    found = [t for t in targets if t[0].startswith(prefix)]
+    assert found, prefix
+    return found[0]
+
+
+def test_compile_targets_specialise_as_triton_does_at_run_time(monkeypatch):
+    # Triton compiles a build per specialisation of a launch's arguments: an int equal to 1 becomes the constant 1, a
+    # pointer 16-byte aligned and an int divisible by 16 get a divisibility hint, a Python int is typed i32 or i64 by
+    # its value. The resource check must compile the builds that run: here the launches of calls with 16-divisible
+    # shapes (every variant, split-KV, packed sequences) are specialised by Triton's own function and compared,
+    # argument by argument, with the aligned compile target of their variant. Left out, as the README says: the
+    # window's bounds (a bound divisible by 16 gets a hint) and ALiBi slopes of shape (B, Hq) (their batch stride,
+    # Hq, is hinted when divisible by 16; (Hq,) slopes, compared here, have stride 0).
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    launches = _record_launches(monkeypatch)
+    torch.manual_seed(0)
+    bias = torch.randn(1, 2, 32, 32, device=DEVICE)
+
+    def run(dt=torch.float32, nq=32, **kwargs):
+        q = torch.randn(1, 2, nq, 64, device=DEVICE, dtype=dt, requires_grad=True)
+        k, v = (torch.randn(1, 2, 32, 64, device=DEVICE, dtype=dt, requires_grad=True) for _ in range(2))
+        fusedlayers.attention(q, k, v, backend="triton", **kwargs).float().sum().backward()
+
+    run()
+    run(torch.bfloat16, causal=True)
+    run(attn_mask=bias.clone().requires_grad_(), causal=True, dropout_p=0.1)
+    run(attn_mask=bias, causal=True)
+    run(attn_mask=bias, causal=True, dropout_p=0.1, deterministic=True)
+    run(causal=True, window_size=(8, 0), softcap=5.0, alibi_slopes=torch.rand(2, device=DEVICE))
+    q, k, v = (torch.randn(1, 2, n, 64, device=DEVICE) for n in (16, 128, 128))  # two splits of 64 keys
+    A.forward_split_kv(q, k, v, None, None, 0.125, False, False, 0.0, num_splits=2)
+    packed = [torch.randn(48, 2, 64, device=DEVICE, requires_grad=True) for _ in range(3)]
+    cu = torch.tensor([0, 16, 48], device=DEVICE, dtype=torch.int32)
+    fusedlayers.attention_varlen(*packed, cu, cu, 32, 32, causal=True, dropout_p=0.1,
+                                 backend="triton").sum().backward()
+    monkeypatch.undo()
+
+    targets = C.compile_targets()
+    kernels = {fn.fn.__name__ for fn, _ in launches}
+    assert kernels == {"_attn_fwd", "_split_combine", "_bwd_preprocess", "_bwd_row_stats", "_bwd_dkdv", "_bwd_dq"}
+    for fn, values in launches:
+        name, _, signature, constexprs, _, attrs, _ = _target_of_launch(targets, fn, values)
+        constant = C._constexpr_args(fn)
+        for i, arg in enumerate(fn.arg_names):
+            if arg in constant or _dead(values, arg):
+                continue
+            run_types, run_keys = native_specialize_impl(BaseBackend, values[arg], False,
+                                                         arg not in _unspecialized(fn), True)
+            fields = getattr(signature[arg], "_fields", None)
+            if fields is None:
+                checks = [(arg, (i,), signature[arg], run_types, run_keys)]
+            else:
+                checks = [(f"{arg}.{f}", (i, j), signature[arg][j], run_types[j], run_keys[j])
+                          for j, f in enumerate(fields) if not _dead(values, arg, f) and f != "seed"
+                          and not f.startswith("win_")]
+            for what, key, ty, run_ty, run_key in checks:
+                if run_ty == "constexpr":
+                    assert ty == "constexpr" and constexprs[key if len(key) > 1 else arg] == run_key, (name, what)
+                else:
+                    assert ty == run_ty, (name, what, ty, run_ty)
+                    assert (key in attrs) == (run_key == "D"), (name, what, run_key)
+        if values.get("DROPOUT"):  # the seed: odd and above 2**31, one build whatever its value
+            assert native_specialize_impl(BaseBackend, values["drop"].seed, False, True, True)[1] == ""
 
 
 def test_every_launched_kernel_is_a_compile_target():
