@@ -1048,9 +1048,9 @@ def _run_forward(q, k, v, attn_mask, seed, scale, causal, bottom_right, dropout_
         DROPOUT=dropout_p > 0, VARLEN=varlen, **vm.flags, UPCAST=INTERPRET, IEEE=q.dtype == torch.float32,
         **_launch_options(warps, stages))
     if num_splits > 1:
-        rows = b * hq * nq
-        _split_combine[(cdiv(rows, _rows("combine", d)),)](o_dst, l_dst, out, lse, rows, d, num_splits,
-                                                                  BLOCK_M=_rows("combine", d), BLOCK_D=_bucket(d))
+        rows, block = b * hq * nq, _rows("combine", d)
+        _split_combine[(cdiv(rows, block),)](o_dst, l_dst, out, lse, rows, d, num_splits, BLOCK_M=block,
+                                             BLOCK_D=_bucket(d))
     return out, lse
 
 
@@ -1118,9 +1118,9 @@ def _run_backward(dout, dlse, q, k, v, attn_mask, out, lse, seed, scale, causal,
     vm = _Mods(mods, b, hq, nq + nk, q)
     # Delta = rowsum(dO * O) - dlse, laid out like lse; fp64 for fp32 inputs (see _bwd_tile)
     Delta = torch.empty_like(lse, dtype=torch.float64 if q.dtype == torch.float32 else torch.float32)
-    _bwd_preprocess[(cdiv(pre_n, _rows("preprocess", d)), hq, pre_b)](
-        out, dout, dlse, Delta, _strides(out, varlen), qs, gs, ls, pre_n, d, BLOCK_M=_rows("preprocess", d),
-        BLOCK_D=_bucket(d))
+    block = _rows("preprocess", d)
+    _bwd_preprocess[(cdiv(pre_n, block), hq, pre_b)](
+        out, dout, dlse, Delta, _strides(out, varlen), qs, gs, ls, pre_n, d, BLOCK_M=block, BLOCK_D=_bucket(d))
     # P = exp((S - row_m) - row_c), laid out like lse: (lse, 0), or the exact (max, log(sum)) of a row whose
     # float32 lse is too coarse (|lse| >= LSE_EXACT; see _bwd_row_stats)
     mask, ms, mask_kind = _mask_args(attn_mask, q)
