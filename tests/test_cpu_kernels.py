@@ -565,16 +565,39 @@ def test_backward_recomputes_the_forwards_scores(hq, nq, d):
     assert torch.equal(dv[0, 0, 0], expected)
 
 
-@pytest.mark.parametrize("case", [
+_BF16_EDGES = [
     # odd head dims (an odd GEMM depth in S = Q K^T and dQ), odd key and query counts (P V, dK, dV), rows
     # and columns off the 8 x 32 tile, strided inputs, GQA, dropout, a float bias with its gradient
     AttentionCase(b=1, hq=2, hkv=1, nq=37, nk=29, d=33, causal="bottom_right"),
     AttentionCase(b=2, hq=2, hkv=2, nq=9, nk=47, d=17, dv=31, mask="bias", strided=True),
     AttentionCase(b=1, hq=4, hkv=2, nq=130, nk=67, d=80, mask="key_padding", dropout_p=0.1),
-], ids=str)
+    # AMX: depths of whole 32-steps with a remainder (d 80 = 64 + 16, P V over 600 keys = 512 + 88, dK / dV's
+    # depth of 200 query rows = 192 + 8), rows of 16 and of fewer (200 = 6 x 32 + 8: a last block of one partial
+    # tile), a GQA group stacking rows, strided inputs; a block of 17-31 rows (two tiles, the second partial)
+    AttentionCase(b=1, hq=4, hkv=2, nq=200, nk=600, d=80, dv=48, causal="bottom_right", strided=True),
+    AttentionCase(b=1, hq=1, hkv=1, nq=27, nk=96, d=128),
+]
+
+
+@pytest.mark.parametrize("case", _BF16_EDGES, ids=str)
 def test_bf16_gemm_edges(case):
-    """The bf16 GEMMs (AVX512-BF16 where the CPU has it) on every remainder of their tiles."""
+    """The bf16 GEMMs (AMX or AVX512-BF16, where the CPU has them) on every remainder of their tiles."""
     testing.assert_all_ok(testing.check_attention(case, torch.bfloat16, "cpu", "cpu"), str(case))
+
+
+def test_bf16_gemm_edges_without_amx():
+    """Where the CPU has AMX, the same cases on the AVX512-BF16 tiles alone (FUSEDLAYERS_CPU_GEMM=avx512), so that
+    both paths stay tested on such a machine."""
+    if "AMX" not in ops._cpu_kernels_info():
+        pytest.skip("bf16 does not run on AMX here: test_bf16_gemm_edges covers the tiles it runs on")
+    script = ("import torch\nfrom fusedlayers import testing\nfrom fusedlayers.testing import AttentionCase\n"
+              "print(torch.ops.fusedlayers._cpu_kernels_info())\n"
+              f"for case in {_BF16_EDGES!r}:\n"
+              "    testing.assert_all_ok(testing.check_attention(case, torch.bfloat16, 'cpu', 'cpu'), str(case))\n")
+    env = dict(os.environ, FUSEDLAYERS_CPU_GEMM="avx512")
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "bf16: AVX512-BF16 (vdpbf16ps)" in res.stdout, res.stdout
 
 
 # ------------------------------------------------------------------ the outputs' cache (csrc/cpu/output_cache.cpp)

@@ -9,7 +9,10 @@
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #define FUSEDLAYERS_BF16_GEMM 1
 #endif
 
@@ -34,6 +37,8 @@ namespace {
 constexpr int kMr = 8;
 
 bool use_f32_tiles();
+void bf16_packed_product(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda,
+                         const uint16_t* bp, int64_t panel, float beta, float* c, int64_t ldc, float* row_max);
 void gemm_f32_tiles(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                     const float* b, int64_t ldb, float beta, float* c, int64_t ldc, const Prefetch& ahead);
 #endif
@@ -413,7 +418,7 @@ void gemm_bf16_dp(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha
   const int64_t panel = (k + 1) / 2 * 32;
   b_pack.resize(static_cast<size_t>((n + 15) / 16 * panel));
   pack_b_bf16(tb, n, k, b, ldb, b_pack.data());
-  bf16_product(ta, m, n, k, alpha, a, lda, b_pack.data(), panel, beta, c, ldc, nullptr);
+  bf16_packed_product(ta, m, n, k, alpha, a, lda, b_pack.data(), panel, beta, c, ldc, nullptr);
 }
 
 // FUSEDLAYERS_CPU_GEMM, read once: "blas" sends every product to torch's BLAS (for tests and comparisons); any
@@ -436,6 +441,137 @@ bool use_bf16_dp() {
 bool use_f32_tiles() {
   static const bool yes = __builtin_cpu_supports("avx512f") && std::strcmp(gemm_choice(), "blas") != 0;
   return yes;
+}
+
+// AMX (Sapphire Rapids and later): tdpbf16ps multiplies a 16 x 32 bf16 tile of A by a 16 x (16 pairs) tile of B into
+// a 16 x 16 float32 tile, pairs of products summed as vdpbf16ps sums them (DAZ / FTZ alike). A panel of the packing
+// above is an AMX B tile as it lies: rows of 64 bytes, one per pair of k. Linux hands the tile state to a process
+// that asks for it (arch_prctl ARCH_REQ_XCOMP_PERM); where the CPU, the kernel or FUSEDLAYERS_CPU_GEMM (any value
+// but the default) says no, bf16 runs on vdpbf16ps.
+#define FL_AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
+
+bool cpu_has_amx_bf16() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) == 0) return false;
+  return (edx & (1u << 22)) != 0 && (edx & (1u << 24)) != 0;  // AMX-BF16, AMX-TILE
+}
+
+bool use_amx() {
+  static const bool yes = [] {
+    if (!use_bf16_dp() || gemm_choice()[0] != '\0' || !cpu_has_amx_bf16()) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return yes;
+}
+
+// The tile registers' shapes: 0-3 C (16 rows of 16 floats), 4-5 A (16 rows of 32 bf16), 6-7 B (16 pairs of 16
+// columns): every one 16 rows of 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+// Steps of k per tile product.
+constexpr int64_t kAmxK = 32;
+
+// C = alpha * op(A) bp + beta * C on the AMX tiles, k a multiple of kAmxK (the rest of a product takes
+// bf16_product). A is read in place (row-major, op(A) = A) but for a last block of fewer than 16 rows, which is copied
+// into 16 rows (0 past m); op(A) = A^T is staged as tiles: pairs along k (pack_a_t), then per 16 pairs the words of
+// each row (transpose_words), 16 rows of 64 bytes apart. Tiles of 32 x 32 (2 x 2 tile registers).
+FL_AMX_TARGET void amx_product(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
+                               int64_t lda, const uint16_t* bp, int64_t panel, float beta, float* c, int64_t ldc,
+                               float* row_max) {
+  thread_local std::vector<uint16_t> staged, pairs;  // grown once per thread, reused by every call
+  const int64_t m16 = (m + 15) / 16 * 16, kp = k / 2;
+  // A's rows [i, i + 16) for k-steps from p (a multiple of kAmxK): base and stride of the tile load
+  const uint16_t* a_base = a;
+  int64_t a_row = lda, a_step = kAmxK, a_tail_from = m / 16 * 16;  // elements from row to row, k-step to k-step
+  if (ta) {
+    pairs.resize(static_cast<size_t>(kp * m * 2));
+    pack_a_t(m, k, a, lda, pairs.data());
+    staged.resize(static_cast<size_t>(m16 * k));
+    for (int64_t p0 = 0; p0 < kp; p0 += 16) {
+      uint16_t* const block = staged.data() + p0 * 2 * m16;
+      transpose_words(reinterpret_cast<const char*>(pairs.data() + p0 * m * 2), m * 4, 16, m,
+                      reinterpret_cast<uint32_t*>(block));
+      std::fill(block + m * 32, block + m16 * 32, uint16_t{0});
+    }
+    a_base = staged.data(), a_row = 32, a_step = 32 * m16, a_tail_from = m16;
+  } else if (m % 16 != 0) {
+    staged.assign(static_cast<size_t>(16 * k), 0);
+    for (int64_t r = 0; r < m % 16; ++r) std::memcpy(&staged[r * k], a + (a_tail_from + r) * lda, 2 * k);
+  }
+  const auto a_at = [&](int64_t i, int64_t p) -> std::pair<const uint16_t*, int64_t> {  // pointer, stride in bytes
+    if (i >= a_tail_from) return {staged.data() + p, 2 * k};
+    return {a_base + i * a_row + p / kAmxK * a_step, 2 * a_row};
+  };
+  TileConfig cfg;
+  _tile_loadconfig(&cfg);
+  alignas(64) float out[4][16][16];
+  for (int64_t i0 = 0; i0 < m; i0 += 32) {
+    const bool two_rows = m - i0 > 16;
+    for (int64_t j0 = 0; j0 < n; j0 += 32) {
+      const int ncols = static_cast<int>(std::min<int64_t>(32, n - j0));
+      const bool two_cols = ncols > 16;
+      const uint16_t* b0 = bp + (j0 / 16) * panel;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t p = 0; p < k; p += kAmxK) {
+        const auto [a0, s0] = a_at(i0, p);
+        _tile_loadd(4, a0, s0);
+        _tile_loadd(6, b0 + p * 16, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (two_cols) {
+          _tile_loadd(7, b0 + panel + p * 16, 64);
+          _tile_dpbf16ps(1, 4, 7);
+        }
+        if (two_rows) {
+          const auto [a1, s1] = a_at(i0 + 16, p);
+          _tile_loadd(5, a1, s1);
+          _tile_dpbf16ps(2, 5, 6);
+          if (two_cols) _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, out[0], 64);
+      _tile_stored(1, out[1], 64);
+      _tile_stored(2, out[2], 64);
+      _tile_stored(3, out[3], 64);
+      const int64_t rows = std::min<int64_t>(32, m - i0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int t = r < 16 ? 0 : 2;
+        float* const c_row = c + (i0 + r) * ldc + j0;
+        float* const rm = row_max != nullptr ? row_max + kRowMaxLanes * (i0 + r) : nullptr;
+        if (two_cols) {
+          const __m512 acc[1][2] = {{_mm512_load_ps(out[t][r % 16]), _mm512_load_ps(out[t + 1][r % 16])}};
+          store_tile<1, 2>(acc, alpha, beta, c_row, ldc, ncols, rm);
+        } else {
+          const __m512 acc[1][1] = {{_mm512_load_ps(out[t][r % 16])}};
+          store_tile<1, 1>(acc, alpha, beta, c_row, ldc, ncols, rm);
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+
+// C = alpha * op(A) bp + beta * C for bf16 on the fastest tiles this CPU has: AMX for the k-steps of kAmxK, the rest
+// (and all of a product shorter than kAmxK) on vdpbf16ps, added to it.
+void bf16_packed_product(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda,
+                         const uint16_t* bp, int64_t panel, float beta, float* c, int64_t ldc, float* row_max) {
+  const int64_t k_amx = use_amx() ? k / kAmxK * kAmxK : 0;
+  if (k_amx > 0) {
+    amx_product(ta, m, n, k_amx, alpha, a, lda, bp, panel, beta, c, ldc, k_amx == k ? row_max : nullptr);
+    if (k_amx == k) return;
+    a += ta ? k_amx * lda : k_amx;
+    bp += k_amx * 16;
+    k -= k_amx;
+    beta = 1.0f;
+  }
+  bf16_product(ta, m, n, k, alpha, a, lda, bp, panel, beta, c, ldc, row_max);
 }
 
 // Rows up to which a product reads a B of whole panels (k x n stored, n a multiple of 16) in place: each tile
@@ -562,8 +698,8 @@ void gemm_packed<c10::BFloat16>(bool ta, int64_t m, int64_t n, int64_t k, float 
                                 int64_t lda, const c10::BFloat16* bp, int64_t panel, float beta, float* c,
                                 int64_t ldc, float* row_max) {
   if (m > 0 && n > 0) {
-    bf16_product(ta, m, n, k, alpha, reinterpret_cast<const uint16_t*>(a), lda, reinterpret_cast<const uint16_t*>(bp),
-                 panel, beta, c, ldc, row_max);
+    bf16_packed_product(ta, m, n, k, alpha, reinterpret_cast<const uint16_t*>(a), lda,
+                        reinterpret_cast<const uint16_t*>(bp), panel, beta, c, ldc, row_max);
   }
 }
 #else  // no AVX-512 kernels in this build: packs<T>() is false and the rest is never called
@@ -586,6 +722,7 @@ void gemm_packed<c10::BFloat16>(bool, int64_t, int64_t, int64_t, float, const c1
 const char* gemm_backend() {
 #ifdef FUSEDLAYERS_BF16_GEMM
   if (use_f32_tiles()) {
+    if (use_amx()) return "fp32: AVX-512 tiles; bf16: AMX (tdpbf16ps); fp16: AVX-512 tiles (as float32)";
     return use_bf16_dp() ? "fp32: AVX-512 tiles; bf16: AVX512-BF16 (vdpbf16ps); fp16: AVX-512 tiles (as float32)"
                          : "fp32: AVX-512 tiles; fp16: AVX-512 tiles (as float32); bf16: torch's BLAS";
   }
