@@ -476,10 +476,67 @@ struct alignas(64) TileConfig {
 // Steps of k per tile product.
 constexpr int64_t kAmxK = 32;
 
+// Where the tile loads of A find its rows [i, i + 16) at k-step p (a multiple of kAmxK): rows from tail_from in
+// `tail` (16 rows, 0 past m), the others at base + i * row + p / kAmxK * step.
+struct AmxA {
+  const uint16_t* base;
+  int64_t row, step, tail_from;
+  const uint16_t* tail;
+  int64_t k;
+  const uint16_t* at(int64_t i, int64_t p) const { return i >= tail_from ? tail + p : base + i * row + p / kAmxK * step; }
+  int64_t stride_bytes(int64_t i) const { return i >= tail_from ? 2 * k : 2 * row; }
+};
+
+// A block of C (16 rows from i0, 32 columns, or 16 without two_cols) summed into the tile registers C0, C1 (A in
+// tile A, B in tiles 6, 7). GCC's tile intrinsics take register numbers as literals: one function per set.
+#define FL_AMX_BLOCK(name, C0, C1, A)                                                                        \
+  FL_AMX_TARGET inline void name(const AmxA& a, int64_t i0, int64_t k, const uint16_t* b0, int64_t panel,   \
+                                 bool two_cols) {                                                           \
+    _tile_zero(C0);                                                                                         \
+    _tile_zero(C1);                                                                                         \
+    const int64_t sa = a.stride_bytes(i0);                                                                  \
+    for (int64_t p = 0; p < k; p += kAmxK) {                                                                \
+      _tile_loadd(A, a.at(i0, p), sa);                                                                      \
+      _tile_loadd(6, b0 + p * 16, 64);                                                                      \
+      _tile_dpbf16ps(C0, A, 6);                                                                             \
+      if (two_cols) {                                                                                       \
+        _tile_loadd(7, b0 + panel + p * 16, 64);                                                            \
+        _tile_dpbf16ps(C1, A, 7);                                                                           \
+      }                                                                                                     \
+    }                                                                                                       \
+  }
+FL_AMX_BLOCK(amx_block0, 0, 1, 4)
+FL_AMX_BLOCK(amx_block1, 2, 3, 5)
+#undef FL_AMX_BLOCK
+
+// A block's place in C; i0 < 0: none.
+struct AmxBlock {
+  int64_t i0 = -1, j0 = 0;
+  int ncols = 0;
+};
+
+// C's rows of the block, from the tiles stored in out (16 x 16 floats each): alpha, beta and row_max as store_tile.
+FL_AMX_TARGET void amx_finish(const float (*out)[16][16], const AmxBlock& blk, int64_t m, float alpha, float beta,
+                              float* c, int64_t ldc, float* row_max) {
+  if (blk.i0 < 0) return;
+  const int64_t rows = std::min<int64_t>(16, m - blk.i0);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* const c_row = c + (blk.i0 + r) * ldc + blk.j0;
+    float* const rm = row_max != nullptr ? row_max + kRowMaxLanes * (blk.i0 + r) : nullptr;
+    if (blk.ncols > 16) {
+      const __m512 acc[1][2] = {{_mm512_load_ps(out[0][r]), _mm512_load_ps(out[1][r])}};
+      store_tile<1, 2>(acc, alpha, beta, c_row, ldc, blk.ncols, rm);
+    } else {
+      const __m512 acc[1][1] = {{_mm512_load_ps(out[0][r])}};
+      store_tile<1, 1>(acc, alpha, beta, c_row, ldc, blk.ncols, rm);
+    }
+  }
+}
+
 // C = alpha * op(A) bp + beta * C on the AMX tiles, k a multiple of kAmxK (the rest of a product takes
 // bf16_product). A is read in place (row-major, op(A) = A) but for a last block of fewer than 16 rows, which is copied
 // into 16 rows (0 past m); op(A) = A^T is staged as tiles: pairs along k (pack_a_t), then per 16 pairs the words of
-// each row (transpose_words), 16 rows of 64 bytes apart. Tiles of 32 x 32 (2 x 2 tile registers).
+// each row (transpose_words), 16 rows of 64 bytes apart.
 FL_AMX_TARGET void amx_product(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
                                int64_t lda, const uint16_t* bp, int64_t panel, float beta, float* c, int64_t ldc,
                                float* row_max) {
@@ -503,58 +560,34 @@ FL_AMX_TARGET void amx_product(bool ta, int64_t m, int64_t n, int64_t k, float a
     staged.assign(static_cast<size_t>(16 * k), 0);
     for (int64_t r = 0; r < m % 16; ++r) std::memcpy(&staged[r * k], a + (a_tail_from + r) * lda, 2 * k);
   }
-  const auto a_at = [&](int64_t i, int64_t p) -> std::pair<const uint16_t*, int64_t> {  // pointer, stride in bytes
-    if (i >= a_tail_from) return {staged.data() + p, 2 * k};
-    return {a_base + i * a_row + p / kAmxK * a_step, 2 * a_row};
-  };
+  const AmxA av{a_base, a_row, a_step, a_tail_from, staged.data(), k};
   TileConfig cfg;
   _tile_loadconfig(&cfg);
-  alignas(64) float out[4][16][16];
-  for (int64_t i0 = 0; i0 < m; i0 += 32) {
-    const bool two_rows = m - i0 > 16;
+  // Blocks of 16 x 32 (C in 2 tile registers), two sets of registers taken in turn: while the AMX unit works on a
+  // block, the vector units store the block before it (alpha, beta, row_max) from `out`.
+  alignas(64) float out[2][2][16][16];
+  AmxBlock pending[2];
+  int set = 0;
+  for (int64_t i0 = 0; i0 < m; i0 += 16) {
     for (int64_t j0 = 0; j0 < n; j0 += 32) {
       const int ncols = static_cast<int>(std::min<int64_t>(32, n - j0));
-      const bool two_cols = ncols > 16;
-      const uint16_t* b0 = bp + (j0 / 16) * panel;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t p = 0; p < k; p += kAmxK) {
-        const auto [a0, s0] = a_at(i0, p);
-        _tile_loadd(4, a0, s0);
-        _tile_loadd(6, b0 + p * 16, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        if (two_cols) {
-          _tile_loadd(7, b0 + panel + p * 16, 64);
-          _tile_dpbf16ps(1, 4, 7);
-        }
-        if (two_rows) {
-          const auto [a1, s1] = a_at(i0 + 16, p);
-          _tile_loadd(5, a1, s1);
-          _tile_dpbf16ps(2, 5, 6);
-          if (two_cols) _tile_dpbf16ps(3, 5, 7);
-        }
+      const uint16_t* const b0 = bp + (j0 / 16) * panel;
+      if (set == 0) {
+        amx_block0(av, i0, k, b0, panel, ncols > 16);
+        amx_finish(out[1], pending[1], m, alpha, beta, c, ldc, row_max);
+        _tile_stored(0, out[0][0], 64);
+        if (ncols > 16) _tile_stored(1, out[0][1], 64);
+      } else {
+        amx_block1(av, i0, k, b0, panel, ncols > 16);
+        amx_finish(out[0], pending[0], m, alpha, beta, c, ldc, row_max);
+        _tile_stored(2, out[1][0], 64);
+        if (ncols > 16) _tile_stored(3, out[1][1], 64);
       }
-      _tile_stored(0, out[0], 64);
-      _tile_stored(1, out[1], 64);
-      _tile_stored(2, out[2], 64);
-      _tile_stored(3, out[3], 64);
-      const int64_t rows = std::min<int64_t>(32, m - i0);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int t = r < 16 ? 0 : 2;
-        float* const c_row = c + (i0 + r) * ldc + j0;
-        float* const rm = row_max != nullptr ? row_max + kRowMaxLanes * (i0 + r) : nullptr;
-        if (two_cols) {
-          const __m512 acc[1][2] = {{_mm512_load_ps(out[t][r % 16]), _mm512_load_ps(out[t + 1][r % 16])}};
-          store_tile<1, 2>(acc, alpha, beta, c_row, ldc, ncols, rm);
-        } else {
-          const __m512 acc[1][1] = {{_mm512_load_ps(out[t][r % 16])}};
-          store_tile<1, 1>(acc, alpha, beta, c_row, ldc, ncols, rm);
-        }
-      }
+      pending[set] = AmxBlock{i0, j0, ncols};
+      set = 1 - set;
     }
   }
+  amx_finish(out[1 - set], pending[1 - set], m, alpha, beta, c, ldc, row_max);
   _tile_release();
 }
 
