@@ -39,6 +39,9 @@ constexpr int kMr = 8;
 bool use_f32_tiles();
 void bf16_packed_product(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda,
                          const uint16_t* bp, int64_t panel, float beta, float* c, int64_t ldc, float* row_max);
+bool use_amx();
+void amx_few_rows_bt(int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda, const uint16_t* b,
+                     int64_t ldb, float beta, float* c, int64_t ldc);
 void gemm_f32_tiles(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                     const float* b, int64_t ldb, float beta, float* c, int64_t ldc, const Prefetch& ahead);
 #endif
@@ -361,24 +364,40 @@ FL_BF16_TARGET void interleave_rows(const uint16_t* r0, const uint16_t* r1, int6
   }
 }
 
-// B (k x n after op) into panels (see above); out holds ceil(n / 16) * ceil(k / 2) * 32 elements.
+// B (k x n after op) into panels (see above); out holds ceil(n / 16) * ceil(k / 2) * 32 elements. B stored k x n:
+// rows 2p and 2p + 1 interleaved, 32 columns (two panels) at a time along the rows (unpacks of 16 bits within each
+// 128-bit lane, then the quarters of the two panels gathered), the last 1-31 columns 16 at a time.
 FL_BF16_TARGET void pack_b_bf16(bool tb, int64_t n, int64_t k, const uint16_t* b, int64_t ldb, uint16_t* out) {
   const int64_t kp = (k + 1) / 2;
-  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+  if (!tb) {
+    const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+    const int64_t n32 = n / 32 * 32;
+    for (int64_t p = 0; p < kp; ++p) {
+      const uint16_t* r0 = b + 2 * p * ldb;
+      const uint16_t* r1 = 2 * p + 1 < k ? r0 + ldb : nullptr;
+      for (int64_t j0 = 0; j0 < n32; j0 += 32) {
+        const __m512i x0 = _mm512_loadu_si512(r0 + j0);
+        const __m512i x1 = r1 != nullptr ? _mm512_loadu_si512(r1 + j0) : _mm512_setzero_si512();
+        const __m512i lo = _mm512_unpacklo_epi16(x0, x1), hi = _mm512_unpackhi_epi16(x0, x1);
+        uint16_t* const dst = out + (j0 / 16) * kp * 32 + p * 32;
+        _mm512_storeu_si512(dst, _mm512_permutex2var_epi64(lo, first, hi));
+        _mm512_storeu_si512(dst + kp * 32, _mm512_permutex2var_epi64(lo, second, hi));
+      }
+      for (int64_t j0 = n32; j0 < n; j0 += 16) {
+        interleave_rows(r0 + j0, r1 != nullptr ? r1 + j0 : nullptr, std::min<int64_t>(16, n - j0),
+                        out + (j0 / 16) * kp * 32 + p * 32, true);
+      }
+    }
+    return;
+  }
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {  // B^T stored n x k: pair p of column j is the 32-bit word p of row j
     uint16_t* panel = out + (j0 / 16) * kp * 32;
     const int64_t nj = std::min<int64_t>(16, n - j0);
-    if (tb) {  // B^T stored n x k: pair p of column j is the 32-bit word p of row j
-      uint32_t* words = reinterpret_cast<uint32_t*>(panel);
-      const uint16_t* b0 = b + j0 * ldb;
-      transpose_words(reinterpret_cast<const char*>(b0), 2 * ldb, nj, k / 2, words);
-      if (k & 1) {  // the last element alone: no read past the row
-        for (int64_t jj = 0; jj < 16; ++jj) words[(kp - 1) * 16 + jj] = jj < nj ? b0[jj * ldb + k - 1] : 0u;
-      }
-    } else {  // B stored k x n: rows 2p and 2p + 1 interleaved
-      for (int64_t p = 0; p < kp; ++p) {
-        interleave_rows(b + 2 * p * ldb + j0, 2 * p + 1 < k ? b + (2 * p + 1) * ldb + j0 : nullptr, nj,
-                        panel + p * 32, true);
-      }
+    uint32_t* words = reinterpret_cast<uint32_t*>(panel);
+    const uint16_t* b0 = b + j0 * ldb;
+    transpose_words(reinterpret_cast<const char*>(b0), 2 * ldb, nj, k / 2, words);
+    if (k & 1) {  // the last element alone: no read past the row
+      for (int64_t jj = 0; jj < 16; ++jj) words[(kp - 1) * 16 + jj] = jj < nj ? b0[jj * ldb + k - 1] : 0u;
     }
   }
 }
@@ -414,6 +433,7 @@ FL_BF16_TARGET void bf16_product(bool ta, int64_t m, int64_t n, int64_t k, float
 
 void gemm_bf16_dp(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda,
                   const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (!ta && tb && m <= 16 && k >= 32 && use_amx()) return amx_few_rows_bt(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   thread_local std::vector<uint16_t> b_pack;  // grown once per thread, reused by every call
   const int64_t panel = (k + 1) / 2 * 32;
   b_pack.resize(static_cast<size_t>((n + 15) / 16 * panel));
@@ -605,6 +625,34 @@ void bf16_packed_product(bool ta, int64_t m, int64_t n, int64_t k, float alpha, 
     beta = 1.0f;
   }
   bf16_product(ta, m, n, k, alpha, a, lda, bp, panel, beta, c, ldc, row_max);
+}
+
+// C = alpha * A B^T + beta * C for few rows of A (m <= 16, B stored n x k, as K in decoding) on AMX as C^T = B A^T:
+// B's rows are read in place as AMX A tiles, and A^T is one packed panel, so that B is never transposed (packing
+// K^T for a product of a few rows cost more than the product). Each element of C is the same sum of the same pairs
+// as in the product the other way round, and C^T is transposed into C 16 x 16 floats at a time.
+FL_AMX_TARGET void amx_few_rows_bt(int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda,
+                                   const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  thread_local std::vector<uint16_t> a_pack;  // grown once per thread, reused by every call
+  thread_local std::vector<float> ct;
+  const int64_t panel = (k + 1) / 2 * 32;
+  a_pack.resize(static_cast<size_t>(panel));
+  pack_b_bf16(true, m, k, a, lda, a_pack.data());
+  ct.resize(static_cast<size_t>(n * 16));
+  bf16_packed_product(false, n, m, k, alpha, b, ldb, a_pack.data(), panel, 0.0f, ct.data(), 16, nullptr);
+  alignas(64) uint32_t block[16 * 16];
+  const __m512 vb = _mm512_set1_ps(beta);
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t nj = std::min<int64_t>(16, n - j0);
+    transpose_words(reinterpret_cast<const char*>(ct.data() + j0 * 16), 64, nj, m, block);
+    const __mmask16 live = nj >= 16 ? __mmask16(0xffff) : __mmask16((1u << nj) - 1u);
+    for (int64_t i = 0; i < m; ++i) {
+      float* const out = c + i * ldc + j0;
+      __m512 x = _mm512_castsi512_ps(_mm512_load_si512(block + 16 * i));
+      if (beta != 0.0f) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, out), vb, x);
+      _mm512_mask_storeu_ps(out, live, x);
+    }
+  }
 }
 
 // Rows up to which a product reads a B of whole panels (k x n stored, n a multiple of 16) in place: each tile
