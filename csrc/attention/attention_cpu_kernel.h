@@ -426,7 +426,7 @@ void forward(const AttentionParams& p) {
   const T* kp = static_cast<const T*>(p.k);
   const T* vp = static_cast<const T*>(p.v);
   // split-KV partials: per task, each row's O accumulator and state
-  std::unique_ptr<float[]> part_o(new float[splits > 1 ? n_tasks * task_rows * Dv : 1]);
+  auto part_o = aligned_array<float>(splits > 1 ? n_tasks * task_rows * Dv : 1);
   std::unique_ptr<SoftmaxState[]> part_st(new SoftmaxState[splits > 1 ? n_tasks * task_rows : 1]);
   // K and V packed once per (sequence, KV head) where several query blocks read them (per_head elements each)
   const int64_t k_panel = panel_stride<T>(D);
@@ -434,18 +434,18 @@ void forward(const AttentionParams& p) {
       packed_size(p.seqlen_k, D, k_panel) + packed_size(Dv, p.seqlen_k, panel_stride<T>(p.seqlen_k));
   const bool prepack = !decode && n_qblocks > 1 && can_pack<T>() &&
                        p.batch * p.heads_kv * per_head * static_cast<int64_t>(sizeof(T)) <= kPackBytes;
-  std::unique_ptr<T[]> kv_pack(new T[prepack ? p.batch * p.heads_kv * per_head : 1]);
+  auto kv_pack = aligned_array<T>(prepack ? p.batch * p.heads_kv * per_head : 1);
 
 // one thread when the scores are fewer than kParallelGrain
 #pragma omp parallel num_threads(threads) \
     if (n_tasks > 1 && p.batch * p.heads_q * p.seqlen_q * p.seqlen_k >= kParallelGrain && !omp_in_parallel())
   {
-    std::unique_ptr<float[]> s_buf(new float[task_rows * kBlockK]);  // S, then P
-    std::unique_ptr<float[]> o_buf(new float[task_rows * Dv]);       // O accumulator
-    std::unique_ptr<T[]> p_lowp(new T[std::is_same_v<T, float> ? 1 : task_rows * kBlockK]);  // P in T
-    std::unique_ptr<float[]> lane_max(new float[task_rows * kRowMaxLanes]);
+    auto s_buf = aligned_array<float>(task_rows * kBlockK);  // S, then P
+    auto o_buf = aligned_array<float>(task_rows * Dv);       // O accumulator
+    auto p_lowp = aligned_array<T>(std::is_same_v<T, float> ? 1 : task_rows * kBlockK);  // P in T
+    auto lane_max = aligned_array<float>(task_rows * kRowMaxLanes);
     const ForwardScratch<T> scratch{s_buf.get(), p_lowp.get(), lane_max.get()};
-    std::unique_ptr<T[]> q_stack(new T[decode && group > 1 ? task_rows * D : 1]);  // decode: the group's rows
+    auto q_stack = aligned_array<T>(decode && group > 1 ? task_rows * D : 1);  // decode: the group's rows
     std::vector<SoftmaxState> state(task_rows);
 
     if (prepack) {  // (the loop ends in a barrier: every packing is done before the first task)
@@ -560,15 +560,15 @@ void backward(const AttentionParams& p) {
     if (n_tasks > 1 && p.batch * p.heads_q * p.seqlen_q * p.seqlen_k >= kParallelGrain && !omp_in_parallel())
   {
     const int64_t nk_max = p.seqlen_k;
-    std::unique_ptr<float[]> dk_acc(new float[nk_max * D]);   // dK of this KV head, unscaled
-    std::unique_ptr<float[]> dv_acc(new float[nk_max * Dv]);  // dV of this KV head
-    std::unique_ptr<float[]> dq_acc(new float[kBlockQ * D]);  // dQ of one query block, unscaled
-    std::unique_ptr<float[]> P(new float[kBlockQ * kBlockK]);   // P, then dropout(P)
-    std::unique_ptr<float[]> dP(new float[kBlockQ * kBlockK]);  // dP, then dS
-    std::unique_ptr<T[]> t_buf(new T[lowp ? kBlockQ * kBlockK : 1]);  // GEMM operand in T
+    auto dk_acc = aligned_array<float>(nk_max * D);   // dK of this KV head, unscaled
+    auto dv_acc = aligned_array<float>(nk_max * Dv);  // dV of this KV head
+    auto dq_acc = aligned_array<float>(kBlockQ * D);  // dQ of one query block, unscaled
+    auto P = aligned_array<float>(kBlockQ * kBlockK);   // P, then dropout(P)
+    auto dP = aligned_array<float>(kBlockQ * kBlockK);  // dP, then dS
+    auto t_buf = aligned_array<T>(lowp ? kBlockQ * kBlockK : 1);  // GEMM operand in T
     const bool softcap = p.softcap > 0.0f;
-    std::unique_ptr<float[]> cap(new float[softcap ? kBlockQ * kBlockK : 1]);  // 1 - tanh^2(s / softcap)
-    std::unique_ptr<float[]> row_a(new float[std::max(D, Dv)]), row_b(new float[std::max(D, Dv)]);
+    auto cap = aligned_array<float>(softcap ? kBlockQ * kBlockK : 1);  // 1 - tanh^2(s / softcap)
+    auto row_a = aligned_array<float>(std::max(D, Dv)), row_b = aligned_array<float>(std::max(D, Dv));
     std::vector<double> delta_d(kBlockQ);
     std::vector<float> lse(kBlockQ), delta(kBlockQ), dlse(kBlockQ), row_m(kBlockQ), row_inv_l(kBlockQ);
     std::vector<char> exact(kBlockQ);
@@ -576,11 +576,11 @@ void backward(const AttentionParams& p) {
     // packed product operands (can_pack): K^T, V^T and K of the task's KV head, Q and dO of one query block
     const bool pack = can_pack<T>();
     const int64_t kt_panel = panel_stride<T>(D), vt_panel = panel_stride<T>(Dv);
-    std::unique_ptr<T[]> kt_pack(new T[pack ? packed_size(nk_max, D, kt_panel) : 1]);
-    std::unique_ptr<T[]> vt_pack(new T[pack ? packed_size(nk_max, Dv, vt_panel) : 1]);
-    std::unique_ptr<T[]> k_pack(new T[pack ? packed_size(D, nk_max, panel_stride<T>(nk_max)) : 1]);
-    std::unique_ptr<T[]> q_pack(new T[pack ? packed_size(D, kBlockQ, panel_stride<T>(kBlockQ)) : 1]);
-    std::unique_ptr<T[]> do_pack(new T[pack ? packed_size(Dv, kBlockQ, panel_stride<T>(kBlockQ)) : 1]);
+    auto kt_pack = aligned_array<T>(pack ? packed_size(nk_max, D, kt_panel) : 1);
+    auto vt_pack = aligned_array<T>(pack ? packed_size(nk_max, Dv, vt_panel) : 1);
+    auto k_pack = aligned_array<T>(pack ? packed_size(D, nk_max, panel_stride<T>(nk_max)) : 1);
+    auto q_pack = aligned_array<T>(pack ? packed_size(D, kBlockQ, panel_stride<T>(kBlockQ)) : 1);
+    auto do_pack = aligned_array<T>(pack ? packed_size(Dv, kBlockQ, panel_stride<T>(kBlockQ)) : 1);
 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n_tasks; ++task) {

@@ -413,7 +413,7 @@ FL_BF16_TARGET void pack_a_t(int64_t m, int64_t k, const uint16_t* a, int64_t ld
 FL_BF16_TARGET void bf16_product(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
                                  int64_t lda, const uint16_t* bp, int64_t panel, float beta, float* c, int64_t ldc,
                                  float* row_max) {
-  thread_local std::vector<uint16_t> a_pack;  // grown once per thread, reused by every call
+  thread_local AlignedVector<uint16_t> a_pack;  // grown once per thread, reused by every call
   const int64_t kp = (k + 1) / 2;
   const char* ap = reinterpret_cast<const char*>(a);
   int64_t a_rs = lda * 2, a_ps = 4;  // bytes from row to row and pair to pair
@@ -434,7 +434,7 @@ FL_BF16_TARGET void bf16_product(bool ta, int64_t m, int64_t n, int64_t k, float
 void gemm_bf16_dp(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda,
                   const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (!ta && tb && m <= 16 && k >= 32 && use_amx()) return amx_few_rows_bt(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  thread_local std::vector<uint16_t> b_pack;  // grown once per thread, reused by every call
+  thread_local AlignedVector<uint16_t> b_pack;  // grown once per thread, reused by every call
   const int64_t panel = (k + 1) / 2 * 32;
   b_pack.resize(static_cast<size_t>((n + 15) / 16 * panel));
   pack_b_bf16(tb, n, k, b, ldb, b_pack.data());
@@ -560,7 +560,7 @@ FL_AMX_TARGET void amx_finish(const float (*out)[16][16], const AmxBlock& blk, i
 FL_AMX_TARGET void amx_product(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
                                int64_t lda, const uint16_t* bp, int64_t panel, float beta, float* c, int64_t ldc,
                                float* row_max) {
-  thread_local std::vector<uint16_t> staged, pairs;  // grown once per thread, reused by every call
+  thread_local AlignedVector<uint16_t> staged, pairs;  // grown once per thread, reused by every call
   const int64_t m16 = (m + 15) / 16 * 16, kp = k / 2;
   // A's rows [i, i + 16) for k-steps from p (a multiple of kAmxK): base and stride of the tile load
   const uint16_t* a_base = a;
@@ -633,8 +633,8 @@ void bf16_packed_product(bool ta, int64_t m, int64_t n, int64_t k, float alpha, 
 // as in the product the other way round, and C^T is transposed into C 16 x 16 floats at a time.
 FL_AMX_TARGET void amx_few_rows_bt(int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda,
                                    const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  thread_local std::vector<uint16_t> a_pack;  // grown once per thread, reused by every call
-  thread_local std::vector<float> ct;
+  thread_local AlignedVector<uint16_t> a_pack;  // grown once per thread, reused by every call
+  thread_local AlignedVector<float> ct;
   const int64_t panel = (k + 1) / 2 * 32;
   a_pack.resize(static_cast<size_t>(panel));
   pack_b_bf16(true, m, k, a, lda, a_pack.data());
@@ -675,7 +675,7 @@ void gemm_f32_tiles(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alp
   if (!tb && n % 16 == 0 && m <= kInPlaceRows) {
     return f32_product(ta, m, n, k, alpha, a, lda, b, 16, ldb, beta, c, ldc, nullptr, cursor);
   }
-  thread_local std::vector<float> b_pack;  // grown once per thread, reused by every call
+  thread_local AlignedVector<float> b_pack;  // grown once per thread, reused by every call
   if (tb && m < 4) {  // few rows: each panel of B packed just before its product, in L1, the next one's rows fetched
     b_pack.resize(static_cast<size_t>(k * 16));
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
@@ -712,7 +712,7 @@ FL_F32_TARGET void half_to_float(const uint16_t* src, int64_t rows, int64_t cols
 // multiply-adds.
 void gemm_f16_on_f32_tiles(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
                            int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  thread_local std::vector<float> a32, b32;  // grown once per thread, reused by every call
+  thread_local AlignedVector<float> a32, b32;  // grown once per thread, reused by every call
   const int64_t a_rows = ta ? k : m, a_cols = ta ? m : k, b_rows = tb ? n : k, b_cols = tb ? k : n;
   a32.resize(static_cast<size_t>(a_rows * a_cols));
   b32.resize(static_cast<size_t>(b_rows * b_cols));

@@ -55,7 +55,7 @@ inline void add_row(float* z, const float* a, int64_t n) {
 
 // Per-thread scratch of `count` floats, grown once per thread and reused by every call.
 inline float* row_scratch(int64_t count) {
-  thread_local std::vector<float> buf;
+  thread_local AlignedVector<float> buf;  // 64-byte aligned: no vector access splits a cache line
   if (static_cast<int64_t>(buf.size()) < count) buf.resize(count);
   return buf.data();
 }
