@@ -600,6 +600,26 @@ def test_bf16_gemm_edges_without_amx():
     assert "bf16: AVX512-BF16 (vdpbf16ps)" in res.stdout, res.stdout
 
 
+def test_amx_alongside_torchs_own_amx_kernels():
+    """Where bf16 runs on AMX, calls of ours between torch's AMX kernels (SDPA's flash kernel, oneDNN's matmul) on the
+    same threads leave every result as it was: each product loads its own tile configuration and releases it, and
+    resets torch's record of the configuration it last loaded (torch skips reloading one it believes current)."""
+    if "AMX" not in ops._cpu_kernels_info():
+        pytest.skip("bf16 does not run on AMX here")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 256, 64, generator=gen).bfloat16() for _ in range(3))
+    a, b = torch.randn(256, 256, generator=gen).bfloat16(), torch.randn(256, 256, generator=gen).bfloat16()
+    with torch_threads(2):
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        ours = fusedlayers.attention(q, k, v, backend="cpu")
+        mm = a @ b
+        for _ in range(3):
+            assert torch.equal(fusedlayers.attention(q, k, v, backend="cpu"), ours)
+            assert torch.equal(torch.nn.functional.scaled_dot_product_attention(q, k, v), sdpa)
+            assert torch.equal(fusedlayers.attention(q, k, v, backend="cpu"), ours)
+            assert torch.equal(a @ b, mm)
+
+
 # ------------------------------------------------------------------ the outputs' cache (csrc/cpu/output_cache.cpp)
 
 

@@ -1,6 +1,8 @@
 // The CPU GEMMs: our AVX-512 and AVX512-BF16 tiles and the wrappers over the BLAS torch links (cpu_gemm.h).
 #include "common/cpu_gemm.h"
 
+#include <ATen/native/CPUBlas.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -608,7 +610,10 @@ FL_AMX_TARGET void amx_product(bool ta, int64_t m, int64_t n, int64_t k, float a
     }
   }
   amx_finish(out[1 - set], pending[1 - set], m, alpha, beta, c, ldc, row_max);
+  // Tiles released, and torch's own AMX GEMM told so: it keeps the tile configuration it last loaded per thread and
+  // skips reloading it while that is current (at::native::cpublas::brgemm), which this product has just replaced.
   _tile_release();
+  at::native::cpublas::brgemm_release();
 }
 
 // C = alpha * op(A) bp + beta * C for bf16 on the fastest tiles this CPU has: AMX for the k-steps of kAmxK, the rest
