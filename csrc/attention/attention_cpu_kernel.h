@@ -302,6 +302,15 @@ bool packed_keys(int64_t kb, int64_t nk, int64_t len_k) {
   return kb % 16 == 0 && (std::is_same_v<T, float> || nk % 2 == 0 || kb + nk == len_k);
 }
 
+// Whether a packed S = scale Q K^T is stored unscaled and each row scaled after (scale_row): bf16 on AMX at a head
+// dim of whole AMX steps (32), where the product's own epilogue (scale, row max) costs several times the tile
+// product and a product with none stores its tiles into S as they are. Each score is the same rounding of the same
+// sum either way, forward and backward.
+template <typename T>
+bool scales_rows(int64_t D) {
+  return std::is_same_v<T, c10::BFloat16> && D % 32 == 0 && bf16_on_amx();
+}
+
 // Largest packing of K and V the forward makes (beside the inputs) for its products; past it, each product packs
 // its own block.
 constexpr int64_t kPackBytes = int64_t{1} << 30;
@@ -348,11 +357,12 @@ void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows
   T* const p_lowp = scratch.p_lowp;
   const bool packed = kv.serves(kb, nk);
   const bool raw = !edge && p.alibi == nullptr && p.mask_kind == 0;
-  float* const lane_max = packed && raw ? scratch.lane_max : nullptr;
+  const bool scale_rows = packed && scales_rows<T>(D);
+  float* const lane_max = packed && raw && !scale_rows ? scratch.lane_max : nullptr;
   if (packed) {
     if (lane_max != nullptr) std::fill(lane_max, lane_max + m * kRowMaxLanes, -INFINITY);
-    mm_packed<T>(false, m, nk, D, p.scale, Q, lda, kv.k + packed_offset(kb, 0, kv.k_panel), kv.k_panel, 0.0f, S,
-                 kBlockK, lane_max);
+    mm_packed<T>(false, m, nk, D, scale_rows ? 1.0f : p.scale, Q, lda, kv.k + packed_offset(kb, 0, kv.k_panel),
+                 kv.k_panel, 0.0f, S, kBlockK, lane_max);
   } else {
     mm<T>(false, true, m, nk, D, p.scale, Q, lda, K + kb * p.k_rs, p.k_rs, 0.0f, S, kBlockK,
           prefetch_rows(V + kb * p.v_rs, nk, Dv, p.v_rs));
@@ -361,10 +371,17 @@ void forward_block(const AttentionParams& p, const Seq& sq, const TaskRows& rows
     float* s = S + i * kBlockK;
     const int64_t h = rows.head(i), r = rows.row(i);
     float block_max = lane_max != nullptr ? row_max(lane_max + i * kRowMaxLanes, kRowMaxLanes) : 0.0f;
+    bool have_max = lane_max != nullptr;
+    if (scale_rows && raw) {  // (raw: score_row at most caps the scores, as for lane_max)
+      block_max = scale_row_max(s, nk, p.scale);
+      have_max = true;
+    } else if (scale_rows) {
+      scale_row(s, nk, p.scale);
+    }
     score_row<T>(p, sq, rows.b, h, r, kb, nk, edge, s, nullptr);
-    if (lane_max != nullptr && p.softcap > 0.0f) softcap_row(&block_max, 1, p.softcap, nullptr);
+    if (have_max && p.softcap > 0.0f) softcap_row(&block_max, 1, p.softcap, nullptr);
     // (-inf from the epilogue: the row is -inf but for NaN it may have dropped, so read the row itself)
-    if (lane_max == nullptr || block_max == -INFINITY) block_max = row_max(s, nk);
+    if (!have_max || block_max == -INFINITY) block_max = row_max(s, nk);
     SoftmaxState& st = state[i];
     const float m_new = softmax_new_max(st, block_max);
     if (m_new == -INFINITY) {  // nothing visible yet: P = 0
@@ -647,9 +664,10 @@ void backward(const AttentionParams& p) {
             float* Pb = P.get();
             float* dPb = dP.get();
             const bool packed = pack && packed_keys<T>(kb, nk, sq.len_k);
+            const bool scale_rows = packed && scales_rows<T>(D);
             if (packed) {
-              mm_packed<T>(false, mq, nk, D, p.scale, Q, p.q_rs, kt_pack.get() + packed_offset(kb, 0, kt_panel),
-                           kt_panel, 0.0f, Pb, kBlockK);
+              mm_packed<T>(false, mq, nk, D, scale_rows ? 1.0f : p.scale, Q, p.q_rs,
+                           kt_pack.get() + packed_offset(kb, 0, kt_panel), kt_panel, 0.0f, Pb, kBlockK);
               mm_packed<T>(false, mq, nk, Dv, 1.0f, dO, p.o_rs, vt_pack.get() + packed_offset(kb, 0, vt_panel),
                            vt_panel, 0.0f, dPb, kBlockK);
             } else {
@@ -667,6 +685,7 @@ void backward(const AttentionParams& p) {
                 std::fill(dp, dp + nk, 0.0f);
                 continue;
               }
+              if (scale_rows) scale_row(s, nk, p.scale);
               score_row<T>(p, sq, b, h, r, kb, nk, edge, s, slope);
               if (exact[i]) {  // P = exp(S - m) / l
                 exp_sub_sum<lowp>(s, nk, row_m[i]);

@@ -16,6 +16,9 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #define FUSEDLAYERS_BF16_GEMM 1
+#if __GNUC__ >= 11  // AMX intrinsics
+#define FUSEDLAYERS_AMX_GEMM 1
+#endif
 #endif
 
 extern "C" {
@@ -470,6 +473,7 @@ bool use_f32_tiles() {
 // above is an AMX B tile as it lies: rows of 64 bytes, one per pair of k. Linux hands the tile state to a process
 // that asks for it (arch_prctl ARCH_REQ_XCOMP_PERM); where the CPU, the kernel or FUSEDLAYERS_CPU_GEMM (any value
 // but the default) says no, bf16 runs on vdpbf16ps.
+#ifdef FUSEDLAYERS_AMX_GEMM
 #define FL_AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
 
 bool cpu_has_amx_bf16() {
@@ -586,14 +590,33 @@ FL_AMX_TARGET void amx_product(bool ta, int64_t m, int64_t n, int64_t k, float a
   TileConfig cfg;
   _tile_loadconfig(&cfg);
   // Blocks of 16 x 32 (C in 2 tile registers), two sets of registers taken in turn: while the AMX unit works on a
-  // block, the vector units store the block before it (alpha, beta, row_max) from `out`.
+  // block, the vector units store the block before it (alpha, beta, row_max) from `out`; with none of those (direct)
+  // a whole block's tiles are stored into C as they are.
   alignas(64) float out[2][2][16][16];
   AmxBlock pending[2];
   int set = 0;
+  const bool direct = alpha == 1.0f && beta == 0.0f && row_max == nullptr;
   for (int64_t i0 = 0; i0 < m; i0 += 16) {
     for (int64_t j0 = 0; j0 < n; j0 += 32) {
       const int ncols = static_cast<int>(std::min<int64_t>(32, n - j0));
       const uint16_t* const b0 = bp + (j0 / 16) * panel;
+      if (direct && m - i0 >= 16 && ncols % 16 == 0) {  // C = the tiles: stored in place, no epilogue
+        float* const c0 = c + i0 * ldc + j0;
+        if (set == 0) {
+          amx_block0(av, i0, k, b0, panel, ncols > 16);
+          amx_finish(out[1], pending[1], m, alpha, beta, c, ldc, row_max);
+          _tile_stored(0, c0, ldc * 4);
+          if (ncols > 16) _tile_stored(1, c0 + 16, ldc * 4);
+        } else {
+          amx_block1(av, i0, k, b0, panel, ncols > 16);
+          amx_finish(out[0], pending[0], m, alpha, beta, c, ldc, row_max);
+          _tile_stored(2, c0, ldc * 4);
+          if (ncols > 16) _tile_stored(3, c0 + 16, ldc * 4);
+        }
+        pending[0] = pending[1] = AmxBlock{};
+        set = 1 - set;
+        continue;
+      }
       if (set == 0) {
         amx_block0(av, i0, k, b0, panel, ncols > 16);
         amx_finish(out[1], pending[1], m, alpha, beta, c, ldc, row_max);
@@ -605,6 +628,7 @@ FL_AMX_TARGET void amx_product(bool ta, int64_t m, int64_t n, int64_t k, float a
         _tile_stored(2, out[1][0], 64);
         if (ncols > 16) _tile_stored(3, out[1][1], 64);
       }
+      pending[1 - set] = AmxBlock{};
       pending[set] = AmxBlock{i0, j0, ncols};
       set = 1 - set;
     }
@@ -616,10 +640,13 @@ FL_AMX_TARGET void amx_product(bool ta, int64_t m, int64_t n, int64_t k, float a
   at::native::cpublas::brgemm_release();
 }
 
+#endif  // FUSEDLAYERS_AMX_GEMM
+
 // C = alpha * op(A) bp + beta * C for bf16 on the fastest tiles this CPU has: AMX for the k-steps of kAmxK, the rest
 // (and all of a product shorter than kAmxK) on vdpbf16ps, added to it.
 void bf16_packed_product(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda,
                          const uint16_t* bp, int64_t panel, float beta, float* c, int64_t ldc, float* row_max) {
+#ifdef FUSEDLAYERS_AMX_GEMM
   const int64_t k_amx = use_amx() ? k / kAmxK * kAmxK : 0;
   if (k_amx > 0) {
     amx_product(ta, m, n, k_amx, alpha, a, lda, bp, panel, beta, c, ldc, k_amx == k ? row_max : nullptr);
@@ -629,9 +656,11 @@ void bf16_packed_product(bool ta, int64_t m, int64_t n, int64_t k, float alpha, 
     k -= k_amx;
     beta = 1.0f;
   }
+#endif
   bf16_product(ta, m, n, k, alpha, a, lda, bp, panel, beta, c, ldc, row_max);
 }
 
+#ifdef FUSEDLAYERS_AMX_GEMM
 // C = alpha * A B^T + beta * C for few rows of A (m <= 16, B stored n x k, as K in decoding) on AMX as C^T = B A^T:
 // B's rows are read in place as AMX A tiles, and A^T is one packed panel, so that B is never transposed (packing
 // K^T for a product of a few rows cost more than the product). Each element of C is the same sum of the same pairs
@@ -659,6 +688,13 @@ FL_AMX_TARGET void amx_few_rows_bt(int64_t m, int64_t n, int64_t k, float alpha,
     }
   }
 }
+#else  // a compiler without AMX intrinsics: bf16 on vdpbf16ps
+bool use_amx() { return false; }
+void amx_few_rows_bt(int64_t, int64_t, int64_t, float, const uint16_t*, int64_t, const uint16_t*, int64_t, float,
+                     float*, int64_t) {
+  std::abort();
+}
+#endif  // FUSEDLAYERS_AMX_GEMM
 
 // Rows up to which a product reads a B of whole panels (k x n stored, n a multiple of 16) in place: each tile
 // then reads its rows of B once or twice, where packing would read and write them all first.
@@ -804,6 +840,14 @@ template <>
 void gemm_packed<c10::BFloat16>(bool, int64_t, int64_t, int64_t, float, const c10::BFloat16*, int64_t,
                                 const c10::BFloat16*, int64_t, float, float*, int64_t, float*) { std::abort(); }
 #endif
+
+bool bf16_on_amx() {
+#ifdef FUSEDLAYERS_BF16_GEMM
+  return use_amx();
+#else
+  return false;
+#endif
+}
 
 const char* gemm_backend() {
 #ifdef FUSEDLAYERS_BF16_GEMM

@@ -98,6 +98,11 @@ template <typename T>
 void gemm_packed(bool trans_a, int64_t m, int64_t n, int64_t k, float alpha, const T* a, int64_t lda, const T* bp,
                  int64_t panel, float beta, float* c, int64_t ldc, float* row_max = nullptr);
 
+// Whether gemm_packed<c10::BFloat16> runs on AMX. There a product with alpha 1, beta 0 and no row_max stores each
+// whole 16 x 16 tile of C straight from the tile registers; any other epilogue (alpha, beta, row_max) is vector work
+// on tiles stored to scratch first, which costs more than the tile product at a depth of 64 (Q K^T at head dim 64).
+bool bf16_on_amx();
+
 // Which BLAS serves gemm / gemm_lowp (for benchmarks and error messages).
 const char* gemm_backend();
 

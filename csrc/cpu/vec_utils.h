@@ -244,6 +244,27 @@ inline void axpy_row(float a, const float* x, int64_t n, float* y) {
   for (; j < n; ++j) y[j] += a * x[j];
 }
 
+// a[j] *= s, and max_j of the results as row_max gives it (NaN when any is NaN), in one pass over a.
+inline float scale_row_max(float* a, int64_t n, float s) {
+  int64_t j = 0;
+  const Vec vs(s);
+  Vec m0(-INFINITY), m1(-INFINITY);  // two chains: max has a latency
+  for (; j + 2 * kVec <= n; j += 2 * kVec) {
+    const Vec x0 = Vec::loadu(a + j) * vs, x1 = Vec::loadu(a + j + kVec) * vs;
+    x0.store(a + j);
+    x1.store(a + j + kVec);
+    m0 = at::vec::maximum(m0, x0);
+    m1 = at::vec::maximum(m1, x1);
+  }
+  float m = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); },
+                                           at::vec::maximum(m0, m1));
+  for (; j < n; ++j) {
+    a[j] *= s;
+    if (std::isnan(a[j]) || a[j] > m) m = std::isnan(m) ? m : a[j];
+  }
+  return m;
+}
+
 // max_j a[j]; NaN when any a[j] is NaN (a NaN score must not pass for a masked one).
 inline float row_max(const float* a, int64_t n) {
   int64_t j = 0;
