@@ -514,12 +514,18 @@ struct AmxA {
 };
 
 // A block of C (16 rows from i0, 32 columns, or 16 without two_cols) summed into the tile registers C0, C1 (A in
-// tile A, B in tiles 6, 7). GCC's tile intrinsics take register numbers as literals: one function per set.
+// tile A, B in tiles 6, 7), from 0 or from C's own block at c_in (ldc floats from row to row). GCC's tile
+// intrinsics take register numbers as literals: one function per set.
 #define FL_AMX_BLOCK(name, C0, C1, A)                                                                        \
   FL_AMX_TARGET inline void name(const AmxA& a, int64_t i0, int64_t k, const uint16_t* b0, int64_t panel,   \
-                                 bool two_cols) {                                                           \
-    _tile_zero(C0);                                                                                         \
-    _tile_zero(C1);                                                                                         \
+                                 bool two_cols, const float* c_in, int64_t ldc) {                           \
+    if (c_in != nullptr) {                                                                                  \
+      _tile_loadd(C0, c_in, ldc * 4);                                                                       \
+      if (two_cols) _tile_loadd(C1, c_in + 16, ldc * 4);                                                    \
+    } else {                                                                                                \
+      _tile_zero(C0);                                                                                       \
+      _tile_zero(C1);                                                                                       \
+    }                                                                                                       \
     const int64_t sa = a.stride_bytes(i0);                                                                  \
     for (int64_t p = 0; p < k; p += kAmxK) {                                                                \
       _tile_loadd(A, a.at(i0, p), sa);                                                                      \
@@ -595,20 +601,22 @@ FL_AMX_TARGET void amx_product(bool ta, int64_t m, int64_t n, int64_t k, float a
   alignas(64) float out[2][2][16][16];
   AmxBlock pending[2];
   int set = 0;
-  const bool direct = alpha == 1.0f && beta == 0.0f && row_max == nullptr;
+  // direct: C = the tiles, or C += the tiles summed onto C's own block (beta 1), rounded per step as a float32 sum
+  const bool direct = alpha == 1.0f && (beta == 0.0f || beta == 1.0f) && row_max == nullptr;
   for (int64_t i0 = 0; i0 < m; i0 += 16) {
     for (int64_t j0 = 0; j0 < n; j0 += 32) {
       const int ncols = static_cast<int>(std::min<int64_t>(32, n - j0));
       const uint16_t* const b0 = bp + (j0 / 16) * panel;
-      if (direct && m - i0 >= 16 && ncols % 16 == 0) {  // C = the tiles: stored in place, no epilogue
+      if (direct && m - i0 >= 16 && ncols % 16 == 0) {  // C = the tiles (+ C): stored in place, no epilogue
         float* const c0 = c + i0 * ldc + j0;
+        const float* const c_in = beta != 0.0f ? c0 : nullptr;
         if (set == 0) {
-          amx_block0(av, i0, k, b0, panel, ncols > 16);
+          amx_block0(av, i0, k, b0, panel, ncols > 16, c_in, ldc);
           amx_finish(out[1], pending[1], m, alpha, beta, c, ldc, row_max);
           _tile_stored(0, c0, ldc * 4);
           if (ncols > 16) _tile_stored(1, c0 + 16, ldc * 4);
         } else {
-          amx_block1(av, i0, k, b0, panel, ncols > 16);
+          amx_block1(av, i0, k, b0, panel, ncols > 16, c_in, ldc);
           amx_finish(out[0], pending[0], m, alpha, beta, c, ldc, row_max);
           _tile_stored(2, c0, ldc * 4);
           if (ncols > 16) _tile_stored(3, c0 + 16, ldc * 4);
@@ -618,12 +626,12 @@ FL_AMX_TARGET void amx_product(bool ta, int64_t m, int64_t n, int64_t k, float a
         continue;
       }
       if (set == 0) {
-        amx_block0(av, i0, k, b0, panel, ncols > 16);
+        amx_block0(av, i0, k, b0, panel, ncols > 16, nullptr, ldc);
         amx_finish(out[1], pending[1], m, alpha, beta, c, ldc, row_max);
         _tile_stored(0, out[0][0], 64);
         if (ncols > 16) _tile_stored(1, out[0][1], 64);
       } else {
-        amx_block1(av, i0, k, b0, panel, ncols > 16);
+        amx_block1(av, i0, k, b0, panel, ncols > 16, nullptr, ldc);
         amx_finish(out[0], pending[0], m, alpha, beta, c, ldc, row_max);
         _tile_stored(2, out[1][0], 64);
         if (ncols > 16) _tile_stored(3, out[1][1], 64);
