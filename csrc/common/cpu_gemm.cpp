@@ -1,4 +1,4 @@
-// The CPU GEMMs: our AVX-512 and AVX512-BF16 tiles and the wrappers over the BLAS torch links (cpu_gemm.h).
+// The CPU GEMMs: our AVX-512, AVX512-BF16 and AMX tiles and the wrappers over the BLAS torch links (cpu_gemm.h).
 #include "common/cpu_gemm.h"
 
 #include <ATen/native/CPUBlas.h>

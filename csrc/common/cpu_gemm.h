@@ -1,12 +1,13 @@
 // Row-major GEMM on tiles for the CPU kernels: C (m x n) = alpha * op(A) op(B) + beta * C,
 // op(X) = X or X^T, every matrix row-major with its leading dimension.
 //
-// bf16 runs on our AVX512-BF16 tiles (vdpbf16ps) where the CPU has them; float32 runs on our AVX-512 tiles (8 x
-// 32, FMA) where it has AVX-512, and fp16 there too, converted to float32 per product. Otherwise the BLAS that torch
-// itself links serves (MKL on x86-64 wheels: sgemm_, cblas_gemm_bf16bf16f32, cblas_gemm_f16f16f32, found as weak
-// symbols of libtorch_cpu at load time), and where torch links none of them a plain loop (correct, slow).
-// FUSEDLAYERS_CPU_GEMM=blas sends every product to the BLAS (for tests and comparisons). Called from inside our
-// OpenMP parallel regions, each call runs on the calling thread.
+// bf16 runs on AMX (tdpbf16ps) where the CPU and the OS allow it, else on our AVX512-BF16 tiles (vdpbf16ps) where
+// the CPU has them; float32 runs on our AVX-512 tiles (8 x 32, FMA) where it has AVX-512, and fp16 there too,
+// converted to float32 per product. Otherwise the BLAS that torch itself links serves (MKL on x86-64 wheels: sgemm_,
+// cblas_gemm_bf16bf16f32, cblas_gemm_f16f16f32, found as weak symbols of libtorch_cpu at load time), and where torch
+// links none of them a plain loop (correct, slow). FUSEDLAYERS_CPU_GEMM=blas sends every product to the BLAS (for
+// tests and comparisons), =avx512 keeps bf16 off AMX. Called from inside our OpenMP parallel regions, each call runs
+// on the calling thread.
 #pragma once
 
 #include <c10/util/BFloat16.h>
