@@ -576,6 +576,10 @@ _BF16_EDGES = [
     # tile), a GQA group stacking rows, strided inputs; a block of 17-31 rows (two tiles, the second partial)
     AttentionCase(b=1, hq=4, hkv=2, nq=200, nk=600, d=80, dv=48, causal="bottom_right", strided=True),
     AttentionCase(b=1, hq=1, hkv=1, nq=27, nk=96, d=128),
+    # K and V packed once (several query blocks), head dim 64: on AMX, S stored unscaled and each row scaled with
+    # its max (raw blocks), or scaled alone (the causal edge), or with a softcap on the max
+    AttentionCase(b=1, hq=2, hkv=1, nq=300, nk=700, d=64, causal="bottom_right"),
+    replace(AttentionCase(b=1, hq=2, hkv=2, nq=300, nk=600, d=64), softcap=30.0),
 ]
 
 

@@ -607,37 +607,26 @@ FL_AMX_TARGET void amx_product(bool ta, int64_t m, int64_t n, int64_t k, float a
     for (int64_t j0 = 0; j0 < n; j0 += 32) {
       const int ncols = static_cast<int>(std::min<int64_t>(32, n - j0));
       const uint16_t* const b0 = bp + (j0 / 16) * panel;
-      if (direct && m - i0 >= 16 && ncols % 16 == 0) {  // C = the tiles (+ C): stored in place, no epilogue
-        float* const c0 = c + i0 * ldc + j0;
-        const float* const c_in = beta != 0.0f ? c0 : nullptr;
-        if (set == 0) {
-          amx_block0(av, i0, k, b0, panel, ncols > 16, c_in, ldc);
-          amx_finish(out[1], pending[1], m, alpha, beta, c, ldc, row_max);
-          _tile_stored(0, c0, ldc * 4);
-          if (ncols > 16) _tile_stored(1, c0 + 16, ldc * 4);
-        } else {
-          amx_block1(av, i0, k, b0, panel, ncols > 16, c_in, ldc);
-          amx_finish(out[0], pending[0], m, alpha, beta, c, ldc, row_max);
-          _tile_stored(2, c0, ldc * 4);
-          if (ncols > 16) _tile_stored(3, c0 + 16, ldc * 4);
-        }
-        pending[0] = pending[1] = AmxBlock{};
-        set = 1 - set;
-        continue;
-      }
+      // a whole block without epilogue: its tiles summed from 0 or from C's block, stored into C as they are
+      const bool in_place = direct && m - i0 >= 16 && ncols % 16 == 0;
+      float* const c0 = c + i0 * ldc + j0;
+      const float* const c_in = in_place && beta != 0.0f ? c0 : nullptr;
+      float* const dst0 = in_place ? c0 : out[set][0][0];
+      float* const dst1 = in_place ? c0 + 16 : out[set][1][0];
+      const int64_t dst_stride = in_place ? ldc * 4 : 64;
       if (set == 0) {
-        amx_block0(av, i0, k, b0, panel, ncols > 16, nullptr, ldc);
+        amx_block0(av, i0, k, b0, panel, ncols > 16, c_in, ldc);
         amx_finish(out[1], pending[1], m, alpha, beta, c, ldc, row_max);
-        _tile_stored(0, out[0][0], 64);
-        if (ncols > 16) _tile_stored(1, out[0][1], 64);
+        _tile_stored(0, dst0, dst_stride);
+        if (ncols > 16) _tile_stored(1, dst1, dst_stride);
       } else {
-        amx_block1(av, i0, k, b0, panel, ncols > 16, nullptr, ldc);
+        amx_block1(av, i0, k, b0, panel, ncols > 16, c_in, ldc);
         amx_finish(out[0], pending[0], m, alpha, beta, c, ldc, row_max);
-        _tile_stored(2, out[1][0], 64);
-        if (ncols > 16) _tile_stored(3, out[1][1], 64);
+        _tile_stored(2, dst0, dst_stride);
+        if (ncols > 16) _tile_stored(3, dst1, dst_stride);
       }
       pending[1 - set] = AmxBlock{};
-      pending[set] = AmxBlock{i0, j0, ncols};
+      pending[set] = in_place ? AmxBlock{} : AmxBlock{i0, j0, ncols};
       set = 1 - set;
     }
   }
